@@ -207,6 +207,8 @@ def _blockwise_scale(x_N: jax.Array, block_size: int) -> tuple[jax.Array, jax.Ar
     pad = n_blocks * block_size - n
     x_KB = jnp.pad(x_N, (0, pad)).reshape(n_blocks, block_size)
     absmax_K = jnp.max(jnp.abs(x_KB), axis=1)
+    # A block holding NaN/Inf gets absmax NaN, so it dequantizes to NaN (XLA's max need not propagate NaN).
+    absmax_K = jnp.where(jnp.all(jnp.isfinite(x_KB), axis=1), absmax_K, jnp.nan)
     safe_K = jnp.maximum(absmax_K, _ABSMAX_FLOOR)
     scaled_KB = x_KB * (jnp.float32(1) / safe_K)[:, None]
     if pad:  # bitsandbytes divides the partial last block instead of multiplying by the reciprocal
@@ -296,7 +298,7 @@ def _quantize_jit(x, quant_type: str, block_size: int, double_quant: bool):
     index = _nearest(scaled_KB, mids).reshape(-1)[: n + n % 2]
     codes = jnp.asarray(order)[index] if quant_type != "nf4" else index
     packed = _pack_nibbles(codes)
-    n_bad = jnp.sum(~jnp.isfinite(absmax_K))  # a block's absmax is finite iff all its values are
+    n_bad = jnp.sum(~jnp.isfinite(x_N), dtype=jnp.int32)  # (a max-reduction need not propagate NaN, so count)
     if not double_quant:
         return packed, absmax_K, None, None, n_bad
     q_K, nested_M, offset = _double_quantize(absmax_K)

@@ -253,6 +253,8 @@ def test_bits_per_parameter_matches_storage():
     [
         (lambda: np.array([[1.0, np.nan], [0.5, 2.0]], np.float32), {}, "non-finite.*NaN/Inf.*index \\(0, 1\\)"),
         (lambda: np.array([1.0, np.inf, -np.inf], np.float32), {}, "2 NaN/Inf"),
+        (lambda: np.random.default_rng(0).standard_normal((128, 64)).astype(np.float32) * np.where(
+            np.arange(128 * 64).reshape(128, 64) == 517, np.nan, 1).astype(np.float32), {}, "1 NaN/Inf of 8192.*index \\(8, 5\\)"),
         (lambda: np.zeros((0, 64), np.float32), {}, "empty tensor"),
         (lambda: np.ones((4, 64), np.float32), {"block_size": 48}, "block size 48"),
         (lambda: np.ones((4, 64), np.float32), {"quant_type": "int4"}, "quant type 'int4'"),
@@ -293,3 +295,15 @@ def test_ties_on_midpoints_go_to_the_lower_code(quant_type, partial):
     packed, _ = F.quantize_4bit(torch.from_numpy(x), blocksize=64, quant_type=quant_type)
     q = quant.quantize(x, quant_type, block_size=64, double_quant=False)
     np.testing.assert_array_equal(np.asarray(q.codes), packed.numpy().reshape(-1))
+
+
+def test_non_finite_blocks_dequantize_to_nan_under_jit():
+    """Under jit the NaN check cannot raise; the bad block must then come back as NaN, never as plausible values."""
+    x = np.random.default_rng(1).standard_normal((4, 64)).astype(np.float32)
+    x[2, 7] = np.nan
+    for dq in (False, True):
+        q = jax.jit(lambda a: quant.quantize(a, "nf4", double_quant=dq))(x)
+        y = np.asarray(quant.dequantize(q))
+        assert np.isnan(y[2]).all()
+        if not dq:  # without double quantization the other blocks are untouched
+            assert np.isfinite(y[[0, 1, 3]]).all()

@@ -1,0 +1,469 @@
+"""Hugging Face checkpoints ⇄ jqlora's quantized parameters, streamed one tensor at a time.
+
+Reading (`Checkpoint`): a local model directory with `config.json` and single or sharded safetensors (with
+`model.safetensors.index.json`), or PyTorch `pytorch_model*.bin` (torch is imported only then), in bf16/fp16/fp32;
+or a bitsandbytes 4-bit checkpoint (`quantization_config.load_in_4bit`), whose NF4/FP4 weights are returned as
+`quant.QuantizedTensor` exactly as stored (no dequantize / requantize).
+
+Writing (`convert`): each tensor is read, quantized if it is a linear weight, and kept only in its quantized form,
+so peak host memory stays near the largest single tensor plus the quantized output. Two output formats:
+- ``jqlora``: `jqlora.json` (format version, quantization settings, the static fields of every quantized tensor)
+  + `model.safetensors` holding `<hf key>.codes|absmax|nested_absmax|offset` for quantized weights and `<hf key>`
+  for the rest, + the source `config.json`. Reloading reads arrays, nothing is requantized.
+- ``bnb``: a Hugging Face bitsandbytes-4bit checkpoint (config with `quantization_config`, the six tensors per
+  linear layer) that `transformers.AutoModelForCausalLM.from_pretrained` loads with bitsandbytes.
+Tokenizer files and the generation config travel along. Output is written to a temporary directory beside DST and
+renamed into place only when complete, so a failed conversion never leaves a DST that looks finished.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jqlora import quant
+
+FORMAT_VERSION = 1
+JQLORA_META = "jqlora.json"
+WEIGHTS = "model.safetensors"
+# Files copied along with the weights (tokenizer, chat template, generation config).
+_SIDE_FILES = (
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
+)
+_QUANT_SUFFIXES = (".absmax", ".quant_map", ".nested_absmax", ".nested_quant_map")
+# Linear layers that are quantized (bitsandbytes / transformers leave lm_head, embeddings and norms alone).
+LINEAR_WEIGHT = re.compile(r"^model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)\.weight$")
+
+
+class ConvertError(ValueError):
+    """A problem with a checkpoint or a conversion request; the message names the file and key."""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Reading
+
+
+def read_config(path: str | os.PathLike) -> dict[str, Any]:
+    """The model's `config.json` as a dict; a clear error when missing or unreadable."""
+    cfg = Path(path) / "config.json"
+    if not Path(path).is_dir():
+        raise ConvertError(f"{path}: not a directory (expected a Hugging Face model directory)")
+    if not cfg.is_file():
+        raise ConvertError(f"{cfg}: missing (a Hugging Face model directory has a config.json)")
+    try:
+        return json.loads(cfg.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConvertError(f"{cfg}: not valid JSON ({e})") from None
+
+
+def _bnb_settings(config: dict[str, Any], where: Path) -> dict[str, Any] | None:
+    qc = config.get("quantization_config")
+    if not qc:
+        return None
+    method = qc.get("quant_method")
+    if method != "bitsandbytes":
+        raise ConvertError(f"{where}: quantization_config.quant_method {method!r} is not supported (only bitsandbytes 4-bit)")
+    if qc.get("load_in_8bit") or qc.get("_load_in_8bit"):
+        raise ConvertError(f"{where}: 8-bit bitsandbytes checkpoints are not supported (only 4-bit)")
+    if not (qc.get("load_in_4bit") or qc.get("_load_in_4bit")):
+        raise ConvertError(f"{where}: quantization_config has neither load_in_4bit nor load_in_8bit")
+    return qc
+
+
+class Checkpoint:
+    """A Hugging Face model directory, read one tensor at a time.
+
+    `keys()` lists logical tensors (a bitsandbytes 4-bit weight's six stored tensors are one key); `get(key)`
+    returns a JAX array in the checkpoint's own dtype, or a `quant.QuantizedTensor` for a 4-bit weight.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self.config = read_config(self.path)
+        self.bnb = _bnb_settings(self.config, self.path / "config.json")
+        self._files: dict[str, Path] = {}  # stored key → file
+        self._handles: dict[Path, Any] = {}
+        self._torch_shards: dict[Path, dict[str, Any]] = {}
+        self._index()
+        stored = set(self._files)
+        self._quantized = {k.rsplit(".quant_state.", 1)[0] for k in stored if ".quant_state.bitsandbytes__" in k}
+        parts = {f"{k}{s}" for k in self._quantized for s in _QUANT_SUFFIXES}
+        parts |= {k for k in stored if ".quant_state.bitsandbytes__" in k}
+        self._keys = sorted(stored - parts, key=_natural_key)
+
+    # -- discovery
+    def _index(self) -> None:
+        p = self.path
+        for index_name, kind in (("model.safetensors.index.json", "st"), ("pytorch_model.bin.index.json", "bin")):
+            index = p / index_name
+            if index.is_file():
+                try:
+                    weight_map = json.loads(index.read_text())["weight_map"]
+                except (json.JSONDecodeError, KeyError, TypeError) as e:
+                    raise ConvertError(f"{index}: not a valid shard index ({e!s})") from None
+                for key, name in weight_map.items():
+                    f = p / name
+                    if not f.is_file():
+                        raise ConvertError(f"{index}: shard {name!r} (holding {key!r}) is missing")
+                    self._files[key] = f
+                self.kind = kind
+                self._check_bin_reader()
+                return
+        single_st = sorted(p.glob("*.safetensors"))
+        if single_st:
+            self.kind = "st"
+            for f in single_st:
+                for key in self._st_handle(f).keys():
+                    self._files[key] = f
+            return
+        single_bin = sorted(p.glob("pytorch_model*.bin"))
+        if single_bin:
+            self.kind = "bin"
+            self._check_bin_reader()
+            for f in single_bin:
+                for key in self._bin_shard(f):
+                    self._files[key] = f
+            return
+        raise ConvertError(f"{p}: no model weights (model.safetensors, a safetensors index, or pytorch_model.bin)")
+
+    def _check_bin_reader(self) -> None:
+        if self.kind != "bin":
+            return
+        try:
+            import torch  # noqa: F401
+        except ImportError:
+            raise ConvertError(
+                f"{self.path}: PyTorch .bin weights need torch to read (pip install torch), or convert them to "
+                "safetensors first"
+            ) from None
+
+    def _st_handle(self, f: Path):
+        if f not in self._handles:
+            from safetensors import SafetensorError, safe_open
+
+            try:
+                self._handles[f] = safe_open(str(f), framework="flax")
+            except (SafetensorError, OSError) as e:
+                raise ConvertError(f"{f}: unreadable safetensors file, truncated or corrupt ({e})") from None
+        return self._handles[f]
+
+    def _bin_shard(self, f: Path) -> dict[str, Any]:
+        if f not in self._torch_shards:
+            import torch
+
+            try:
+                self._torch_shards[f] = torch.load(str(f), map_location="cpu", weights_only=True, mmap=True)
+            except Exception as e:  # noqa: BLE001 - torch raises many types for a bad file
+                raise ConvertError(f"{f}: unreadable PyTorch checkpoint ({type(e).__name__}: {e})") from None
+        return self._torch_shards[f]
+
+    # -- access
+    def keys(self) -> list[str]:
+        return list(self._keys)
+
+    def is_quantized(self, key: str) -> bool:
+        return key in self._quantized
+
+    def file_of(self, key: str) -> Path:
+        return self._files[key]
+
+    def _raw(self, key: str):
+        if key not in self._files:
+            raise ConvertError(f"{self.path}: missing tensor {key!r}")
+        f = self._files[key]
+        if self.kind == "st":
+            try:
+                return self._st_handle(f).get_tensor(key)
+            except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
+                raise ConvertError(f"{f}: cannot read tensor {key!r} ({e})") from None
+        shard = self._bin_shard(f)
+        if key not in shard:
+            raise ConvertError(f"{f}: missing tensor {key!r} (listed in the index)")
+        return _torch_to_jax(shard[key], f, key)
+
+    def get(self, key: str) -> jax.Array | quant.QuantizedTensor:
+        if key in self._quantized:
+            parts = {k: self._raw(k) for k in self._files if k == key or k.startswith(key + ".")}
+            try:
+                return quant.from_bnb({k: np.asarray(v) for k, v in parts.items()}, key, where=str(self._files[key]))
+            except ValueError as e:
+                raise ConvertError(str(e)) from None
+        return self._raw(key)
+
+    def shape_of(self, key: str) -> tuple[int, ...]:
+        """The logical shape of a tensor without reading its data (safetensors only; else reads it)."""
+        if key in self._quantized:
+            return self.get(key).shape  # the quant state is small; the packed weight is read once
+        if self.kind == "st":
+            return tuple(self._st_handle(self._files[key]).get_slice(key).get_shape())
+        return tuple(self._raw(key).shape)
+
+    def close(self) -> None:
+        self._handles.clear()
+        self._torch_shards.clear()
+
+    def __enter__(self) -> "Checkpoint":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _natural_key(key: str) -> tuple:
+    return tuple(int(t) if t.isdigit() else t for t in re.split(r"(\d+)", key))
+
+
+def _torch_to_jax(t: Any, f: Path, key: str) -> jax.Array:
+    import torch
+
+    if not isinstance(t, torch.Tensor):
+        raise ConvertError(f"{f}: entry {key!r} is a {type(t).__name__}, not a tensor")
+    t = t.detach().contiguous()
+    if t.dtype == torch.bfloat16:
+        return jnp.asarray(t.view(torch.int16).numpy().view(jnp.bfloat16))
+    return jnp.asarray(t.numpy())
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Writing
+
+
+def _quantized_arrays(key: str, q: quant.QuantizedTensor) -> dict[str, np.ndarray]:
+    out = {f"{key}.codes": np.asarray(q.codes), f"{key}.absmax": np.asarray(q.absmax)}
+    if q.double_quant:
+        out[f"{key}.nested_absmax"] = np.asarray(q.nested_absmax)
+        out[f"{key}.offset"] = np.asarray(q.offset).reshape(1)
+    return out
+
+
+def _quantized_meta(q: quant.QuantizedTensor) -> dict[str, Any]:
+    return {"shape": list(q.shape), "dtype": q.dtype, "block_size": q.block_size, "quant_type": q.quant_type,
+            "double_quant": q.double_quant}
+
+
+def _save_safetensors(tensors: dict[str, Any], path: Path, metadata: dict[str, str] | None = None) -> None:
+    from safetensors.flax import save_file
+
+    save_file({k: jnp.asarray(v) for k, v in tensors.items()}, str(path), metadata=metadata)
+
+
+class _AtomicDir:
+    """Write into a temporary sibling of ``dst`` and rename it into place on success; remove it on failure."""
+
+    def __init__(self, dst: Path):
+        self.dst = dst
+
+    def __enter__(self) -> Path:
+        if self.dst.exists() and (not self.dst.is_dir() or any(self.dst.iterdir())):
+            raise ConvertError(f"{self.dst}: already exists and is not empty; choose a new output directory")
+        self.dst.parent.mkdir(parents=True, exist_ok=True)
+        if not os.access(self.dst.parent, os.W_OK):
+            raise ConvertError(f"{self.dst.parent}: not writable")
+        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.dst.name}.partial-", dir=self.dst.parent))
+        return self.tmp
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            return
+        if self.dst.exists():
+            self.dst.rmdir()  # empty (checked on entry)
+        os.replace(self.tmp, self.dst)
+
+
+def _progress(items: list[str], desc: str) -> Iterator[str]:
+    from tqdm.auto import tqdm
+
+    return iter(tqdm(items, desc=desc, unit="tensor", disable=None, dynamic_ncols=True))
+
+
+def convert(
+    src: str | os.PathLike,
+    dst: str | os.PathLike,
+    *,
+    quant_type: str = "nf4",
+    double_quant: bool = True,
+    block_size: int = 64,
+    dtype: str = "bfloat16",
+    fmt: str = "jqlora",
+    check: Callable[[dict[str, Any], Checkpoint], None] | None = None,
+) -> Path:
+    """Convert the HF checkpoint at ``src`` into ``dst`` (see the module docstring); returns ``dst``.
+
+    ``quant_type`` "none" keeps linear weights unquantized (cast to ``dtype``); ``dtype`` is the dtype of every
+    unquantized tensor written. ``check(config, checkpoint)`` may validate keys and shapes against a model before
+    anything is written.
+    """
+    if fmt not in ("jqlora", "bnb"):
+        raise ConvertError(f"--format {fmt!r}: expected jqlora or bnb")
+    if quant_type not in (*quant.QUANT_TYPES, "none"):
+        raise ConvertError(f"--quant {quant_type!r}: expected nf4, fp4 or none")
+    if fmt == "bnb" and quant_type == "none":
+        raise ConvertError("--format bnb needs --quant nf4 or fp4")
+    if dtype not in quant.DTYPES:
+        raise ConvertError(f"--dtype {dtype!r}: expected one of {', '.join(quant.DTYPES)}")
+    if block_size not in quant.BLOCK_SIZES:
+        raise ConvertError(f"--block-size {block_size}: expected one of {quant.BLOCK_SIZES}")
+    src, dst = Path(src), Path(dst)
+    ckpt = Checkpoint(src)
+    if check is not None:
+        check(ckpt.config, ckpt)
+    out_dtype = jnp.dtype(dtype)
+    tensors: dict[str, Any] = {}
+    metas: dict[str, dict[str, Any]] = {}
+    with ckpt, _AtomicDir(dst) as tmp:
+        for key in _progress(ckpt.keys(), f"converting {src.name}"):
+            value = ckpt.get(key)
+            if isinstance(value, quant.QuantizedTensor):  # already 4-bit (bitsandbytes checkpoint): as stored
+                q = value
+            elif LINEAR_WEIGHT.match(key) and quant_type != "none":
+                try:
+                    q = quant.quantize(value, quant_type, block_size=block_size, double_quant=double_quant)
+                except ValueError as e:
+                    raise ConvertError(f"{ckpt.file_of(key)}: {key}: {e}") from None
+            else:
+                if not jnp.issubdtype(value.dtype, jnp.floating):
+                    raise ConvertError(f"{ckpt.file_of(key)}: {key}: unexpected dtype {value.dtype}")
+                tensors[key] = np.asarray(value.astype(out_dtype))
+                continue
+            if fmt == "bnb":
+                tensors.update(quant.to_bnb(q, key))
+            else:
+                tensors.update(_quantized_arrays(key, q))
+                metas[key] = _quantized_meta(q)
+            del value
+        config = dict(ckpt.config)
+        if fmt == "bnb":
+            config["quantization_config"] = _bnb_quantization_config(quant_type, double_quant, dtype, ckpt, metas)
+            config["torch_dtype"] = dtype
+            _save_safetensors(tensors, tmp / WEIGHTS, metadata={"format": "pt"})
+        else:
+            _save_safetensors(tensors, tmp / WEIGHTS, metadata={"format": "jqlora"})
+            meta = {
+                "format": "jqlora",
+                "version": FORMAT_VERSION,
+                "source": str(src.resolve()),
+                "quant": quant_type if not ckpt.bnb else ckpt.bnb.get("bnb_4bit_quant_type", "nf4"),
+                "double_quant": double_quant,
+                "block_size": block_size,
+                "dtype": dtype,
+                "quantized": metas,
+            }
+            (tmp / JQLORA_META).write_text(json.dumps(meta, indent=1))
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        for name in _SIDE_FILES:
+            if (src / name).is_file():
+                shutil.copy2(src / name, tmp / name)
+    return dst
+
+
+def _bnb_quantization_config(quant_type, double_quant, dtype, ckpt: Checkpoint, metas) -> dict[str, Any]:
+    if ckpt.bnb:  # re-saving a bitsandbytes checkpoint keeps its settings
+        return dict(ckpt.bnb)
+    return {
+        "quant_method": "bitsandbytes",
+        "load_in_4bit": True,
+        "load_in_8bit": False,
+        "bnb_4bit_quant_type": quant_type,
+        "bnb_4bit_use_double_quant": double_quant,
+        "bnb_4bit_compute_dtype": dtype,
+        "bnb_4bit_quant_storage": "uint8",
+        "llm_int8_skip_modules": None,
+        "llm_int8_threshold": 6.0,
+        "llm_int8_has_fp16_weight": False,
+        "llm_int8_enable_fp32_cpu_offload": False,
+    }
+
+
+def load_jqlora(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Any], Callable[[str], Any], list[str]]:
+    """Open a jqlora-format directory: (HF config, jqlora meta, get(key) → array | QuantizedTensor, keys)."""
+    path = Path(path)
+    config = read_config(path)
+    meta_file = path / JQLORA_META
+    try:
+        meta = json.loads(meta_file.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ConvertError(f"{meta_file}: missing or unreadable ({e})") from None
+    if meta.get("format") != "jqlora" or meta.get("version") != FORMAT_VERSION:
+        raise ConvertError(f"{meta_file}: not a jqlora v{FORMAT_VERSION} checkpoint")
+    ckpt = Checkpoint(path)
+    quantized = meta["quantized"]
+    plain = [k for k in ckpt.keys() if not any(k.startswith(q + ".") for q in quantized)]
+
+    def get(key: str):
+        if key in quantized:
+            m = quantized[key]
+            arrays = {s: ckpt.get(f"{key}.{s}") for s in ("codes", "absmax")}
+            if m["double_quant"]:
+                arrays["nested_absmax"] = ckpt.get(f"{key}.nested_absmax")
+                arrays["offset"] = ckpt.get(f"{key}.offset").reshape(())
+            return quant.QuantizedTensor(
+                arrays["codes"], arrays["absmax"], arrays.get("nested_absmax"), arrays.get("offset"),
+                tuple(m["shape"]), m["dtype"], m["block_size"], m["quant_type"],
+            )
+        return ckpt.get(key)
+
+    return config, meta, get, sorted([*plain, *quantized], key=_natural_key)
+
+
+def is_jqlora_dir(path: str | os.PathLike) -> bool:
+    return (Path(path) / JQLORA_META).is_file()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# CLI
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m jqlora.convert", description=__doc__.split("\n\n")[0])
+    ap.add_argument("src", help="Hugging Face model directory (safetensors, .bin, or bitsandbytes 4-bit)")
+    ap.add_argument("dst", help="output directory (must not exist or be empty)")
+    ap.add_argument("--quant", default="nf4", choices=["nf4", "fp4", "none"])
+    ap.add_argument("--no-double-quant", action="store_true", help="keep float32 block scales")
+    ap.add_argument("--block-size", type=int, default=64)
+    ap.add_argument("--dtype", default="bfloat16", choices=list(quant.DTYPES), help="dtype of unquantized tensors")
+    ap.add_argument("--format", default="jqlora", choices=["jqlora", "bnb"], dest="fmt")
+    args = ap.parse_args(argv)
+    try:
+        dst = convert(
+            args.src, args.dst, quant_type=args.quant, double_quant=not args.no_double_quant,
+            block_size=args.block_size, dtype=args.dtype, fmt=args.fmt, check=_model_check(),
+        )
+    except (ConvertError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {dst}")
+    return 0
+
+
+def _model_check() -> Callable[[dict[str, Any], Checkpoint], None] | None:
+    """Validate keys and shapes against the model family's table (when the model module provides one)."""
+    try:
+        from jqlora.models import llama
+    except ImportError:
+        return None
+    return getattr(llama, "check_checkpoint", None)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

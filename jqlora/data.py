@@ -1,0 +1,609 @@
+"""Datasets to training rows: records -> rendered text -> token ids + trained-token flags -> packed rows -> batches.
+
+Formats (`data.format`, or `auto`: chosen from the first record's fields):
+- chat               {"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]}, any number of turns
+- prompt_completion  {"prompt": str, "completion": str}; the prompt may also be a list of messages (then the
+                     completion is the assistant's reply, a string, or a list of messages)
+- instruction        Alpaca: {"instruction": str, "input": str (optional), "output": str}
+- text               {"text": str}: plain text, every token trained, BOS (if the tokenizer adds one) + text + EOS
+
+Every format but `text` is rendered as a conversation through a chat template: the tokenizer's own, or
+`data.chat_template`, or (for tokenizers without one, e.g. base models) the built-in Zephyr-style DEFAULT_CHAT_TEMPLATE
+whose end of turn is the tokenizer's EOS. prompt/completion and Alpaca rows become one user turn (Alpaca:
+instruction + blank line + input) and one assistant turn, so a model trained on any format answers the same
+chat-formatted prompts that `jqlora.generate` sends.
+
+Loss masks (`data.train_on`): `completion` trains exactly the tokens of every assistant turn — its content and the
+template's end-of-turn marker (`<|im_end|>`, `<|eot_id|>`, `</s>`) — and nothing else: not the system/user turns,
+not the assistant header (`<|im_start|>assistant\\n`, which the generation prompt supplies at inference), not the
+whitespace a template puts after the end-of-turn marker. The spans are found by rendering prefixes of the
+conversation: turn i's trained text is render(messages[:i+1]) minus render(messages[:i], add_generation_prompt) with
+trailing whitespace stripped, where each is a prefix of the full rendering. Templates that rewrite earlier turns as
+the conversation grows (Mistral's system prompt in the last user turn) are handled by finding the turn's content
+plus end-of-turn text, as rendered when it is the last turn, in the full text, in order. The full text is tokenized once (as `apply_chat_template(tokenize=True)` would) and a token is
+trained when its character span overlaps a trained span. `all` trains every token.
+
+Batch contract (numpy, every array [B, S] with S = data.max_length):
+    input_ids    int32    token ids; padding holds the pad id
+    targets      int32    the next token within the same segment: targets[t] = input_ids[t+1]; 0 at a segment's
+                          last token and on padding
+    loss_mask    float32  1.0 where targets[t] is a trained token, else 0 (last token of each segment, padding,
+                          prompt tokens with train_on=completion)
+    segment_ids  int32    1..k for the k examples packed in a row, 0 on padding (attention stays within a segment)
+    positions    int32    0, 1, ... restarting in every segment; 0 on padding
+A row holds one example (data.packing=false) or several (best-fit decreasing by length); rows are built once and
+shuffled per epoch with a generator seeded by (seed, epoch). The last batch of an epoch is filled with padding rows
+(all-zero loss_mask) unless drop_last. `BatchIterator.state()` is a JSON-able position that `restore` resumes from
+exactly.
+
+Examples over max_length follow `data.overlong`: truncate (keep the first max_length tokens; an example left with no
+trained target is dropped), drop, or error. A dataset left with no trainable example is an error.
+"""
+
+from __future__ import annotations
+
+import bisect
+import dataclasses
+import json
+import logging
+import os
+from typing import Any, Iterable, Iterator, Sequence
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+ROLES = ("system", "user", "assistant")
+FORMATS = ("chat", "instruction", "prompt_completion", "text")
+BATCH_KEYS = ("input_ids", "targets", "loss_mask", "segment_ids", "positions")
+
+# Zephyr-style: "<|user|>\n...EOS\n<|assistant|>\n...EOS\n". Only needs the tokenizer's EOS (and BOS when it has one),
+# so it works for base-model tokenizers that ship no template; generation stops at EOS.
+DEFAULT_CHAT_TEMPLATE = (
+    "{% if bos_token %}{{ bos_token }}{% endif %}"
+    "{% for message in messages %}"
+    "{{ '<|' + message['role'] + '|>\n' + message['content'] + eos_token + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
+)
+
+_TOKENIZE_CHUNK = 512
+
+
+class DataError(ValueError):
+    """A problem with the user's data, named by file and line (or row) where there is one."""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Tokenizer
+
+
+def load_tokenizer(path: str, chat_template: str | None = None):
+    """`AutoTokenizer.from_pretrained(path)`, with an optional template override (Jinja text or a file path)."""
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise DataError(f"{path}: cannot load a tokenizer ({str(e).splitlines()[0]})") from None
+    if chat_template:
+        tokenizer.chat_template = read_chat_template(chat_template)
+    return tokenizer
+
+
+def read_chat_template(template: str) -> str:
+    """A template given as text, or as the path of a file holding it (.jinja, .j2, .txt or any existing file)."""
+    if "{" not in template and (os.path.isfile(template) or template.endswith((".jinja", ".j2"))):
+        if not os.path.isfile(template):
+            raise DataError(f"{template}: chat template file not found")
+        with open(template, encoding="utf-8") as f:
+            return f.read()
+    return template
+
+
+def _pad_id(tokenizer) -> int:
+    for tid in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if tid is not None:
+            return int(tid)
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Reading records
+
+
+@dataclasses.dataclass(frozen=True)
+class Record:
+    data: dict
+    where: str  # "file:line" for JSON lines, "name: row i" (0-based) otherwise
+
+
+def read_records(path: str, *, split: str = "train", subset: str | None = None) -> list[Record]:
+    """Every record of a local file (.jsonl/.json/.parquet/.csv), a local dataset directory, or a hub dataset."""
+    path = str(path)
+    lower = path.lower()
+    if os.path.isfile(path) and lower.endswith((".jsonl", ".json", ".ndjson")):
+        records = _read_json_file(path)
+    elif os.path.isfile(path) and lower.endswith((".parquet", ".csv", ".tsv")):
+        kind = "parquet" if lower.endswith(".parquet") else "csv"
+        kwargs = {"delimiter": "\t"} if lower.endswith(".tsv") else {}
+        records = _from_datasets(path, "train", lambda ds: ds.load_dataset(kind, data_files=path, split="train",
+                                                                             **kwargs))
+    elif os.path.isfile(path):
+        raise DataError(f"{path}: unsupported file type (use .jsonl, .json, .parquet or .csv)")
+    elif os.path.exists(path) or path.startswith((".", "/", "~")) or path.endswith((".jsonl", ".json", ".parquet",
+                                                                                   ".csv")):
+        if not os.path.isdir(path):
+            raise DataError(f"{path}: no such file or directory")
+        records = _from_datasets(path, split, lambda ds: ds.load_dataset(path, subset, split=split))
+    else:  # a hub dataset name such as "tatsu-lab/alpaca"
+        records = _from_datasets(path, split, lambda ds: ds.load_dataset(path, subset, split=split))
+    if not records:
+        raise DataError(f"{path}: no records (empty dataset)")
+    return records
+
+
+def _from_datasets(name: str, split: str, load) -> list[Record]:
+    import datasets
+
+    try:
+        ds = load(datasets)
+    except Exception as e:  # datasets raises many types (FileNotFoundError, DatasetNotFoundError, ValueError, ...)
+        raise DataError(f"{name}: cannot load split '{split}' ({type(e).__name__}: {str(e).splitlines()[0]})") \
+            from None
+    return [Record(dict(row), f"{name}: row {i}") for i, row in enumerate(ds)]
+
+
+def _read_json_file(path: str) -> list[Record]:
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    if path.lower().endswith(".json") and text.lstrip().startswith("["):  # a JSON array of records
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
+        out = []
+        for i, row in enumerate(rows):
+            if not isinstance(row, dict):
+                raise DataError(f"{path}: record {i}: expected a JSON object, got {type(row).__name__}")
+            out.append(Record(row, f"{path}: record {i}"))
+        return out
+    out = []  # JSON lines
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
+        if not isinstance(row, dict):
+            raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
+        out.append(Record(row, f"{path}:{lineno}"))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Formats
+
+
+def detect_format(record: Record, *, messages_field: str = "messages", text_field: str = "text") -> str:
+    keys = set(record.data)
+    if messages_field in keys:
+        return "chat"
+    if {"prompt", "completion"} <= keys:
+        return "prompt_completion"
+    if {"instruction", "output"} <= keys:
+        return "instruction"
+    if text_field in keys:
+        return "text"
+    raise DataError(
+        f"{record.where}: cannot tell the format from the fields {sorted(keys)}: expected '{messages_field}' (chat), "
+        f"'prompt'+'completion', 'instruction'+'output' or '{text_field}' (text); set data.format and the field names")
+
+
+def _field(record: Record, name: str, fmt: str) -> Any:
+    if name not in record.data or record.data[name] is None:
+        raise DataError(f"{record.where}: missing '{name}' (format {fmt})")
+    return record.data[name]
+
+
+def _string(record: Record, name: str, fmt: str, *, optional: bool = False) -> str:
+    if optional and record.data.get(name) is None:
+        return ""
+    value = _field(record, name, fmt)
+    if not isinstance(value, str):
+        raise DataError(f"{record.where}: '{name}' must be a string, got {type(value).__name__} (format {fmt})")
+    return value
+
+
+def _messages(record: Record, value: Any, name: str, fmt: str) -> list[dict]:
+    if not isinstance(value, (list, tuple)) or not value:
+        raise DataError(f"{record.where}: '{name}' must be a non-empty list of {{role, content}} (format {fmt})")
+    out = []
+    for i, m in enumerate(value):
+        if not isinstance(m, dict):
+            raise DataError(f"{record.where}: {name}[{i}] must be an object with 'role' and 'content'")
+        role, content = m.get("role"), m.get("content")
+        if role not in ROLES:
+            raise DataError(f"{record.where}: {name}[{i}]: role {role!r} is not one of {', '.join(ROLES)}")
+        if not isinstance(content, str):
+            raise DataError(f"{record.where}: {name}[{i}]: 'content' must be a string, got {type(content).__name__}")
+        out.append({"role": role, "content": content})
+    return out
+
+
+def to_messages(record: Record, fmt: str, *, messages_field: str = "messages") -> list[dict]:
+    """The conversation a chat / prompt_completion / instruction record stands for, validated."""
+    if fmt == "chat":
+        return _messages(record, _field(record, messages_field, fmt), messages_field, fmt)
+    if fmt == "prompt_completion":
+        prompt, completion = _field(record, "prompt", fmt), _field(record, "completion", fmt)
+        if isinstance(prompt, str):
+            prompt_msgs = [{"role": "user", "content": prompt}]
+        else:
+            prompt_msgs = _messages(record, prompt, "prompt", fmt)
+        if isinstance(completion, str):
+            completion_msgs = [{"role": "assistant", "content": completion}]
+        else:
+            completion_msgs = _messages(record, completion, "completion", fmt)
+        return prompt_msgs + completion_msgs
+    if fmt == "instruction":
+        instruction = _string(record, "instruction", fmt)
+        extra = _string(record, "input", fmt, optional=True)
+        output = _string(record, "output", fmt)
+        user = f"{instruction}\n\n{extra}" if extra.strip() else instruction
+        return [{"role": "user", "content": user}, {"role": "assistant", "content": output}]
+    raise ValueError(f"not a conversation format: {fmt}")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Rendering and tokenizing
+
+
+def render_chat(messages: list[dict], tokenizer, *, chat_template: str | None = None, train_on: str = "completion",
+                where: str = "") -> tuple[str, list[tuple[int, int]]]:
+    """The conversation's text and the character spans [start, end) that carry loss."""
+    template = chat_template or tokenizer.chat_template or DEFAULT_CHAT_TEMPLATE
+
+    def render(msgs, generation_prompt=False) -> str:
+        try:
+            return tokenizer.apply_chat_template(msgs, chat_template=template, tokenize=False,
+                                                 add_generation_prompt=generation_prompt)
+        except Exception as e:  # jinja2 TemplateError, raise_exception(...) in the template, ...
+            raise DataError(f"{where}: the chat template rejects this conversation ({str(e).splitlines()[0]})") \
+                from None
+
+    full = render(messages)
+    if train_on == "all":
+        return full, [(0, len(full))]
+    spans, pos = [], 0
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        head = render(messages[:i], generation_prompt=True) if i else _empty_head(render)
+        upto = render(messages[: i + 1])
+        if upto.startswith(head) and full.startswith(upto):
+            start, end = len(head), len(upto.rstrip())
+        else:
+            # Not prefix-stable (Mistral moves the system prompt into the last user turn, Qwen3 drops earlier
+            # reasoning): find this turn's content and end-of-turn text, as rendered last, in the full text.
+            k = upto.rfind(m["content"])
+            piece = m["content"] + upto[k + len(m["content"]):].rstrip() if k >= 0 else None
+            start = full.find(piece, pos) if piece else -1
+            if start < 0:
+                raise DataError(f"{where}: cannot locate assistant turn {i} in the chat template's rendering (the "
+                                "template changes earlier turns as the conversation grows); set data.chat_template "
+                                "or use data.train_on=all")
+            end = start + len(piece)
+        if end > start:
+            spans.append((start, end))
+            pos = end
+    if not spans:
+        raise DataError(f"{where}: no assistant message, nothing to train on with data.train_on=completion")
+    return full, spans
+
+
+def _empty_head(render) -> str:
+    try:  # a conversation opening with the assistant: the header alone, if the template can render no messages
+        return render([], generation_prompt=True)
+    except DataError:
+        return ""
+
+
+@dataclasses.dataclass(frozen=True)
+class Example:
+    ids: np.ndarray  # int32 [L]
+    trained: np.ndarray  # bool [L]: token t is a trained target (predicted from tokens < t)
+    where: str
+
+
+def _tokenize_spans(tokenizer, texts: list[str], spans: list[list[tuple[int, int]]]):
+    """Token ids and per-token trained flags: a token is trained when its characters overlap a trained span."""
+    if getattr(tokenizer, "is_fast", False):
+        enc = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
+        for ids, offsets, sp in zip(enc["input_ids"], enc["offset_mapping"], spans):
+            off = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
+            starts, ends = off[:, 0], np.maximum(off[:, 1], off[:, 0] + 1)  # zero-width tokens occupy their start
+            trained = np.zeros(len(ids), dtype=bool)
+            for s, e in sp:
+                trained |= (starts < e) & (ends > s)
+            yield np.asarray(ids, dtype=np.int32), trained
+        return
+    for text, sp in zip(texts, spans):  # slow tokenizers: tokenize the pieces between span boundaries separately
+        cuts = sorted({0, len(text), *[c for s in sp for c in s]})
+        ids, trained = [], []
+        for a, b in zip(cuts[:-1], cuts[1:]):
+            piece = tokenizer.encode(text[a:b], add_special_tokens=False)
+            inside = any(s <= a and b <= e for s, e in sp)
+            ids += piece
+            trained += [inside] * len(piece)
+        yield np.asarray(ids, dtype=np.int32), np.asarray(trained, dtype=bool)
+
+
+def encode_records(records: Sequence[Record], tokenizer, *, fmt: str = "auto", train_on: str = "completion",
+                   messages_field: str = "messages", text_field: str = "text",
+                   chat_template: str | None = None) -> tuple[list[Example], str]:
+    """Tokenize records (all of one format) into Examples, untruncated; returns them and the format used."""
+    if not records:
+        raise DataError("no records")
+    if fmt == "auto":
+        fmt = detect_format(records[0], messages_field=messages_field, text_field=text_field)
+    if fmt not in FORMATS:
+        raise DataError(f"unknown data format {fmt!r} (one of auto, {', '.join(FORMATS)})")
+    if chat_template:
+        chat_template = read_chat_template(chat_template)
+    out: list[Example] = []
+    for lo in range(0, len(records), _TOKENIZE_CHUNK):
+        chunk = records[lo: lo + _TOKENIZE_CHUNK]
+        if fmt == "text":
+            texts = [_string(r, text_field, fmt) for r in chunk]
+            enc = tokenizer(texts, add_special_tokens=True)["input_ids"]
+            eos = tokenizer.eos_token_id
+            for r, ids in zip(chunk, enc):
+                if eos is not None and (not ids or ids[-1] != eos):
+                    ids = list(ids) + [eos]
+                ids = np.asarray(ids, dtype=np.int32)
+                out.append(Example(ids, np.ones(len(ids), dtype=bool), r.where))
+            continue
+        texts, spans = [], []
+        for r in chunk:
+            msgs = to_messages(r, fmt, messages_field=messages_field)
+            text, sp = render_chat(msgs, tokenizer, chat_template=chat_template, train_on=train_on, where=r.where)
+            texts.append(text)
+            spans.append(sp)
+        for r, (ids, trained) in zip(chunk, _tokenize_spans(tokenizer, texts, spans)):
+            out.append(Example(ids, trained, r.where))
+    return out, fmt
+
+
+def fit_length(examples: Iterable[Example], max_length: int, overlong: str = "truncate", *,
+               name: str = "dataset") -> list[Example]:
+    """Apply the overlong policy; drop examples with no trained target. Raises if none is left."""
+    kept, dropped_long, dropped_empty, total = [], 0, 0, 0
+    for ex in examples:
+        total += 1
+        if len(ex.ids) > max_length:
+            if overlong == "error":
+                raise DataError(f"{ex.where}: {len(ex.ids)} tokens, more than data.max_length={max_length} "
+                                "(set data.overlong=truncate or drop)")
+            if overlong == "drop":
+                dropped_long += 1
+                continue
+            ex = Example(ex.ids[:max_length], ex.trained[:max_length], ex.where)
+        if not ex.trained[1:].any():  # the first token is never a target
+            dropped_empty += 1
+            continue
+        kept.append(ex)
+    if total == 0:
+        raise DataError(f"{name}: no examples")
+    if not kept:
+        raise DataError(f"{name}: none of the {total} examples has a trained token within data.max_length="
+                        f"{max_length} ({dropped_long} over the limit dropped, {dropped_empty} left with nothing to "
+                        "train on); raise data.max_length or check data.train_on")
+    if dropped_long or dropped_empty:
+        log.warning("%s: dropped %d of %d examples (%d over data.max_length=%d, %d with no trained token left)",
+                    name, dropped_long + dropped_empty, total, dropped_long, max_length, dropped_empty)
+    return kept
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Rows and batches
+
+
+def pack(lengths: Sequence[int], max_length: int) -> list[list[int]]:
+    """Best-fit decreasing: example indices grouped into rows of at most max_length tokens, deterministic."""
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    rows: list[list[int]] = []
+    free: list[tuple[int, int]] = []  # sorted (space left, row index)
+    for i in order:
+        n = lengths[i]
+        if n > max_length:
+            raise ValueError(f"example {i} has {n} tokens > {max_length}")
+        j = bisect.bisect_left(free, (n, -1))
+        if j < len(free):
+            space, r = free.pop(j)
+            rows[r].append(i)
+        else:
+            r, space = len(rows), max_length
+            rows.append([i])
+        if space - n > 0:
+            bisect.insort(free, (space - n, r))
+    return rows
+
+
+class TokenDataset:
+    """Tokenized examples arranged in rows of max_length tokens (one example per row, or packed)."""
+
+    def __init__(self, examples: list[Example], max_length: int, *, packing: bool, pad_id: int = 0):
+        self.examples = examples
+        self.max_length = max_length
+        self.pad_id = pad_id
+        if packing:
+            self.rows = pack([len(e.ids) for e in examples], max_length)
+        else:
+            self.rows = [[i] for i in range(len(examples))]
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    @property
+    def num_trained_tokens(self) -> int:
+        return int(sum(e.trained[1:].sum() for e in self.examples))
+
+    def row(self, r: int) -> dict[str, np.ndarray]:
+        """One row of the batch contract, each array [S]."""
+        S = self.max_length
+        input_ids = np.full(S, self.pad_id, np.int32)
+        targets = np.zeros(S, np.int32)
+        loss_mask = np.zeros(S, np.float32)
+        segment_ids = np.zeros(S, np.int32)
+        positions = np.zeros(S, np.int32)
+        at = 0
+        for k, i in enumerate(self.rows[r], start=1):
+            ex = self.examples[i]
+            n = len(ex.ids)
+            input_ids[at: at + n] = ex.ids
+            targets[at: at + n - 1] = ex.ids[1:]
+            loss_mask[at: at + n - 1] = ex.trained[1:]
+            segment_ids[at: at + n] = k
+            positions[at: at + n] = np.arange(n, dtype=np.int32)
+            at += n
+        assert at <= S, (at, S)
+        return dict(input_ids=input_ids, targets=targets, loss_mask=loss_mask, segment_ids=segment_ids,
+                    positions=positions)
+
+    def empty_row(self) -> dict[str, np.ndarray]:
+        S = self.max_length
+        return dict(input_ids=np.full(S, self.pad_id, np.int32), targets=np.zeros(S, np.int32),
+                    loss_mask=np.zeros(S, np.float32), segment_ids=np.zeros(S, np.int32),
+                    positions=np.zeros(S, np.int32))
+
+    def batch(self, rows: Sequence[int | None]) -> dict[str, np.ndarray]:
+        """Stack rows ([B, S] each); None stands for a padding row."""
+        parts = [self.row(r) if r is not None else self.empty_row() for r in rows]
+        return {k: np.stack([p[k] for p in parts]) for k in BATCH_KEYS}
+
+
+def epoch_order(num_rows: int, seed: int, epoch: int, shuffle: bool = True) -> np.ndarray:
+    """The row order of an epoch: a permutation drawn from (seed, epoch), or 0..n-1 without shuffling."""
+    if not shuffle:
+        return np.arange(num_rows)
+    return np.random.default_rng([int(seed), int(epoch)]).permutation(num_rows)
+
+
+class BatchIterator:
+    """Micro-batches of `batch_size` rows, epoch after epoch (forever when epochs is None), resumable.
+
+    state() is {"epoch", "index", "seed", "rows"}: the next batch starts at position `index` of epoch `epoch`'s
+    order. An epoch's last batch is padded with empty rows, or skipped when partial and drop_last.
+    """
+
+    def __init__(self, dataset: TokenDataset, batch_size: int, *, seed: int = 0, shuffle: bool = True,
+                 epochs: int | None = None, drop_last: bool = False):
+        if batch_size < 1:
+            raise ValueError(f"batch_size={batch_size} must be >= 1")
+        if drop_last and len(dataset) < batch_size:
+            raise DataError(f"{len(dataset)} rows make no full batch of {batch_size} (drop_last)")
+        self.dataset = dataset
+        self.batch_size = batch_size
+        self.seed = int(seed)
+        self.shuffle = shuffle
+        self.epochs = epochs
+        self.drop_last = drop_last
+        self.epoch = 0
+        self.index = 0
+        self._order_epoch, self._order = -1, None
+
+    @property
+    def batches_per_epoch(self) -> int:
+        n, b = len(self.dataset), self.batch_size
+        return n // b if self.drop_last else -(-n // b)
+
+    def state(self) -> dict:
+        return {"epoch": self.epoch, "index": self.index, "seed": self.seed, "rows": len(self.dataset)}
+
+    def restore(self, state: dict) -> None:
+        """Continue from a `state()`; its seed wins over the constructor's, so the data order carries on."""
+        rows = state.get("rows", len(self.dataset))
+        if rows != len(self.dataset):
+            raise DataError(f"cannot resume the data position: the checkpoint saw {rows} rows, the dataset now has "
+                            f"{len(self.dataset)} (changed data, max_length or packing?)")
+        self.epoch, self.index, self.seed = int(state["epoch"]), int(state["index"]), int(state["seed"])
+
+    def _epoch_order(self) -> np.ndarray:
+        if self._order_epoch != self.epoch:
+            self._order = epoch_order(len(self.dataset), self.seed, self.epoch, self.shuffle)
+            self._order_epoch = self.epoch
+        return self._order
+
+    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        n, b = len(self.dataset), self.batch_size
+        if self.drop_last and self.index + b > n:
+            self.epoch, self.index = self.epoch + 1, 0
+        if self.epochs is not None and self.epoch >= self.epochs:
+            raise StopIteration
+        order = self._epoch_order()
+        rows = [int(r) for r in order[self.index: self.index + b]]
+        rows += [None] * (b - len(rows))
+        self.index += b
+        if self.index >= n:
+            self.epoch, self.index = self.epoch + 1, 0
+        return self.dataset.batch(rows)
+
+
+def eval_batches(dataset: TokenDataset, batch_size: int, max_batches: int | None = None):
+    """The eval set in order, the last batch padded; at most max_batches."""
+    it = BatchIterator(dataset, batch_size, shuffle=False, epochs=1)
+    for k, batch in enumerate(it):
+        if max_batches is not None and k >= max_batches:
+            return
+        yield batch
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# From the config
+
+
+def split_records(records: list[Record], fraction: float, seed: int) -> tuple[list[Record], list[Record]]:
+    """Deterministic hold-out: round(fraction * n) records (at least 1 when fraction > 0) chosen by seed."""
+    if fraction <= 0:
+        return records, []
+    n = len(records)
+    n_eval = max(1, int(round(fraction * n)))
+    if n_eval >= n:
+        raise DataError(f"data.eval_fraction={fraction} leaves no training records out of {n}")
+    perm = np.random.default_rng([int(seed), 0x5E1]).permutation(n)
+    held = np.zeros(n, dtype=bool)
+    held[perm[:n_eval]] = True
+    return [r for r, h in zip(records, held) if not h], [r for r, h in zip(records, held) if h]
+
+
+def build_datasets(data_cfg, tokenizer, *, seed: int = 0) -> tuple[TokenDataset, TokenDataset | None]:
+    """Train and eval TokenDatasets for a `jqlora.config.DataConfig` (eval None when there is none)."""
+    train_records = read_records(data_cfg.path, split=data_cfg.split, subset=data_cfg.subset)
+    if data_cfg.eval_path:
+        eval_records = read_records(data_cfg.eval_path, split=data_cfg.eval_split or data_cfg.split,
+                                    subset=data_cfg.subset)
+    elif data_cfg.eval_split:
+        eval_records = read_records(data_cfg.path, split=data_cfg.eval_split, subset=data_cfg.subset)
+    else:
+        train_records, eval_records = split_records(train_records, data_cfg.eval_fraction, seed)
+
+    fmt = data_cfg.format
+    if fmt == "auto":
+        fmt = detect_format(train_records[0], messages_field=data_cfg.messages_field, text_field=data_cfg.text_field)
+    kwargs = dict(fmt=fmt, train_on=data_cfg.train_on, messages_field=data_cfg.messages_field,
+                  text_field=data_cfg.text_field, chat_template=data_cfg.chat_template)
+    pad = _pad_id(tokenizer)
+
+    def make(records, name):
+        examples, _ = encode_records(records, tokenizer, **kwargs)
+        examples = fit_length(examples, data_cfg.max_length, data_cfg.overlong, name=name)
+        return TokenDataset(examples, data_cfg.max_length, packing=data_cfg.packing, pad_id=pad)
+
+    train = make(train_records, str(data_cfg.path))
+    evals = make(eval_records, str(data_cfg.eval_path or data_cfg.path) + " (eval)") if eval_records else None
+    return train, evals

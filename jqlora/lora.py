@@ -1,0 +1,274 @@
+"""LoRA over a frozen, possibly 4-bit quantized, dense kernel (QLoRA).
+
+Math (Hu et al., "LoRA: Low-Rank Adaptation of Large Language Models", 2021; Dettmers et al., "QLoRA", 2023;
+Kalajdzievski, "A Rank Stabilization Scaling Factor for Fine-Tuning with LoRA", 2023 for rsLoRA):
+
+    y = x · Wᵀ (+ b)  +  s · ((dropout(x) · A) · B),      s = alpha / r   (alpha / √r with rsLoRA)
+
+W is the frozen base kernel in Hugging Face / bitsandbytes layout ``[out, in]``; with quantization it is stored as
+NF4/FP4 codes and block scales (``jqlora.quant``) and dequantized to the compute dtype inside the call. A ``[in, r]``
+starts as peft does (``kaiming_uniform_(a=√5)`` on its ``[r, in]`` weight, i.e. U(±1/√in)) and B ``[r, out]`` at 0,
+so a fresh adapter leaves the base model unchanged. peft stores the transposes (``lora_A.weight`` ``[r, in]``,
+``lora_B.weight`` ``[out, r]``); export transposes.
+
+Variables: adapters are ``nnx.LoRAParam`` (the only thing trained); every frozen array is a ``Frozen`` variable
+(not an ``nnx.Param``), and quantized data its subclass ``QuantData``, so ``nnx.state(model, nnx.LoRAParam)`` selects
+exactly the adapters and nothing frozen can get a gradient or optimizer state.
+
+Shape letters: B batch, S sequence, I in features, O out features, R LoRA rank.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from typing import Any, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jqlora import quant as q
+
+LINEAR_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+QUANTS = ("nf4", "fp4", "none")
+COMPUTE_DTYPES = ("bfloat16", "float16", "float32")
+
+
+class Frozen(nnx.Variable):
+    """A frozen base-model array (embedding, norm, bias, unquantized kernel): never trained, never in an optimizer."""
+
+
+class QuantData(Frozen):
+    """Frozen 4-bit quantized kernel data: packed codes, block scales, nested scales, offset."""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Settings
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraSpec:
+    """The resolved LoRA settings of one module."""
+
+    r: int
+    alpha: float
+    dropout: float = 0.0
+    rslora: bool = False
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / math.sqrt(self.r) if self.rslora else self.alpha / self.r
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraConfig:
+    """Which linear modules get adapters, and their rank / alpha / dropout (peft's names and defaults where shared).
+
+    ``rank_pattern`` / ``alpha_pattern`` override ``r`` / ``alpha`` per module, like peft: a key matches a module when
+    the module's dotted name inside a layer (e.g. ``self_attn.q_proj``) ends with it (regex, ``(.*\\.)?KEY$``).
+    Layers are stacked, so the rank can differ between module kinds but not between layers.
+    """
+
+    r: int = 16
+    alpha: float = 16
+    dropout: float = 0.0
+    targets: str | Sequence[str] = "all-linear"
+    rslora: bool = False
+    rank_pattern: Mapping[str, int] = dataclasses.field(default_factory=dict)
+    alpha_pattern: Mapping[str, float] = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self):
+        if isinstance(self.targets, str) and self.targets != "all-linear":
+            object.__setattr__(self, "targets", (self.targets,))
+        if not isinstance(self.targets, str):
+            object.__setattr__(self, "targets", tuple(self.targets))
+            unknown = [t for t in self.targets if t not in LINEAR_MODULES]
+            if unknown:
+                raise ValueError(
+                    f"unknown LoRA target module(s) {unknown}: expected 'all-linear' or names among {LINEAR_MODULES}"
+                )
+            if not self.targets:
+                raise ValueError("LoRA targets is empty: name at least one module or use 'all-linear'")
+        if not (isinstance(self.r, int) and self.r > 0):
+            raise ValueError(f"LoRA rank r must be a positive integer, got {self.r!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"LoRA dropout must be in [0, 1), got {self.dropout!r}")
+        for key, value in self.rank_pattern.items():
+            if not (isinstance(value, int) and value > 0):
+                raise ValueError(f"rank_pattern[{key!r}] must be a positive integer, got {value!r}")
+
+    @property
+    def target_modules(self) -> tuple[str, ...]:
+        return LINEAR_MODULES if self.targets == "all-linear" else tuple(self.targets)
+
+    def for_module(self, name: str) -> LoraSpec | None:
+        """The settings for the module ``name`` (e.g. ``self_attn.q_proj``), or None if it gets no adapter."""
+        short = name.rsplit(".", 1)[-1]
+        if short not in self.target_modules:
+            return None
+        r = _match_pattern(self.rank_pattern, name, self.r)
+        alpha = _match_pattern(self.alpha_pattern, name, self.alpha)
+        return LoraSpec(r=int(r), alpha=float(alpha), dropout=float(self.dropout), rslora=bool(self.rslora))
+
+
+def _match_pattern(pattern: Mapping[str, Any], name: str, default: Any) -> Any:
+    for key, value in pattern.items():
+        if re.match(rf"(.*\.)?{key}$", name):
+            return value
+    return default
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantSpec:
+    """How frozen linear kernels are stored: ``nf4`` / ``fp4`` (bitsandbytes blockwise 4-bit) or ``none``."""
+
+    quant: str = "nf4"
+    double_quant: bool = True
+    block_size: int = 64
+
+    def __post_init__(self):
+        if self.quant not in QUANTS:
+            raise ValueError(f"unsupported quant {self.quant!r}: expected one of {', '.join(QUANTS)}")
+        if self.quant != "none" and self.block_size not in q.BLOCK_SIZES:
+            raise ValueError(f"unsupported quant block size {self.block_size!r}: expected one of {q.BLOCK_SIZES}")
+
+    @property
+    def enabled(self) -> bool:
+        return self.quant != "none"
+
+
+def compute_dtype(dtype: Any) -> jnp.dtype:
+    """A checked compute dtype from a name or dtype (bfloat16, float16, float32)."""
+    name = jnp.dtype(dtype).name if not isinstance(dtype, str) else dtype
+    if name not in COMPUTE_DTYPES:
+        raise ValueError(f"unsupported dtype {dtype!r}: expected one of {', '.join(COMPUTE_DTYPES)}")
+    return jnp.dtype(name)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The layer
+
+
+def lora_a_init(key: jax.Array, shape: Sequence[int], in_features: int, dtype: Any = jnp.float32) -> jax.Array:
+    """peft's default A init: ``kaiming_uniform_(a=√5)`` on ``[r, in]`` is U(±1/√in), here laid out ``[..., in, r]``."""
+    bound = 1.0 / math.sqrt(in_features)
+    return jax.random.uniform(key, tuple(shape), dtype=jnp.dtype(dtype), minval=-bound, maxval=bound)
+
+
+class LoraLinear(nnx.Module):
+    """``y = x Wᵀ (+ b) + s (dropout(x) A) B`` with a frozen (optionally 4-bit) kernel ``W [out, in]``.
+
+    Variables: ``weight`` (Frozen ``[O, I]``) when unquantized, else ``codes`` / ``absmax`` (/ ``nested_absmax`` /
+    ``offset`` with double quantization) as QuantData plus plain attributes ``quant_shape``, ``quant_dtype``,
+    ``block_size``, ``quant_type``; ``bias`` (Frozen ``[O]``) if ``use_bias``; ``lora_a`` ``[I, R]`` and ``lora_b``
+    ``[R, O]`` (nnx.LoRAParam in ``param_dtype``) if ``lora`` is given. Arrays may carry leading axes (stacked layers).
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        lora: LoraSpec | None = None,
+        quant: QuantSpec = QuantSpec("none"),
+        use_bias: bool = False,
+        dtype: Any = jnp.float32,
+        param_dtype: Any = jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        self.in_features = in_features
+        self.out_features = out_features
+        self.dtype = compute_dtype(dtype)
+        self.param_dtype = jnp.dtype(param_dtype)
+        self.spec = lora
+        self.quant = quant
+        # A random base kernel (HF's normal(0, 0.02) init); real weights are loaded over it.
+        w_OI = 0.02 * jax.random.normal(rngs.params(), (out_features, in_features), jnp.float32)
+        if quant.enabled:
+            self.set_quantized(q.quantize(w_OI.astype(self.dtype), quant.quant, block_size=quant.block_size,
+                                          double_quant=quant.double_quant))
+        else:
+            self.weight = Frozen(w_OI.astype(self.dtype))
+        self.bias = Frozen(jnp.zeros((out_features,), self.dtype)) if use_bias else None
+        if lora is not None:
+            self.lora_a = nnx.LoRAParam(lora_a_init(rngs.params(), (in_features, lora.r), in_features, param_dtype))
+            self.lora_b = nnx.LoRAParam(jnp.zeros((lora.r, out_features), self.param_dtype))
+        else:
+            self.lora_a = self.lora_b = None
+
+    # -- the frozen kernel ------------------------------------------------------------------------------------------
+
+    def set_quantized(self, t: q.QuantizedTensor) -> None:
+        """Store ``t`` (possibly stacked) as this layer's kernel; its static fields become plain attributes."""
+        if t.shape != (self.out_features, self.in_features):
+            raise ValueError(f"quantized kernel shape {t.shape}, expected {(self.out_features, self.in_features)}")
+        self.codes = QuantData(t.codes)
+        self.absmax = QuantData(t.absmax)
+        self.nested_absmax = QuantData(t.nested_absmax) if t.double_quant else None
+        self.offset = QuantData(t.offset) if t.double_quant else None
+        self.quant_shape = t.shape
+        self.quant_dtype = t.dtype
+        self.block_size = t.block_size
+        self.quant_type = t.quant_type
+
+    def quantized(self) -> q.QuantizedTensor:
+        """The kernel as a ``quant.QuantizedTensor`` (array fields keep any leading stacked axes)."""
+        nested = self.nested_absmax[...] if self.nested_absmax is not None else None
+        offset = self.offset[...] if self.offset is not None else None
+        return q.QuantizedTensor(self.codes[...], self.absmax[...], nested, offset, self.quant_shape,
+                                 self.quant_dtype, self.block_size, self.quant_type)
+
+    def kernel(self) -> jax.Array:
+        """The base kernel ``[..., O, I]`` in the compute dtype (dequantized if quantized)."""
+        if self.quant.enabled:
+            return q.dequantize(self.quantized(), self.dtype)
+        return self.weight[...].astype(self.dtype)
+
+    @property
+    def scaling(self) -> float:
+        return self.spec.scaling if self.spec is not None else 0.0
+
+    def merged_kernel(self) -> jax.Array:
+        """float32 ``W + s (A B)ᵀ`` ``[..., O, I]``: the kernel a merged Hugging Face checkpoint stores."""
+        w = self.kernel().astype(jnp.float32)
+        if self.lora_a is None:
+            return w
+        delta_IO = jnp.matmul(self.lora_a[...].astype(jnp.float32), self.lora_b[...].astype(jnp.float32))
+        return w + self.scaling * jnp.swapaxes(delta_IO, -1, -2)
+
+    def reset_lora(self, key: jax.Array) -> None:
+        """Re-initialize the adapter as peft does (A uniform, B zero), keeping shapes and any stacked axes."""
+        if self.lora_a is None:
+            return
+        self.lora_a.set_value(lora_a_init(key, self.lora_a.shape, self.in_features, self.param_dtype))
+        self.lora_b.set_value(jnp.zeros(self.lora_b.shape, self.param_dtype))
+
+    # -- the call ---------------------------------------------------------------------------------------------------
+
+    def __call__(self, x_BSI: jax.Array, *, deterministic: bool = True, key: jax.Array | None = None) -> jax.Array:
+        """``x [..., I]`` → ``y [..., O]`` in the compute dtype; ``key`` drives LoRA dropout when not deterministic."""
+        x = x_BSI.astype(self.dtype)
+        w_OI = self.kernel()
+        y = jax.lax.dot_general(x, w_OI, (((x.ndim - 1,), (1,)), ((), ())))
+        if self.bias is not None:
+            y = y + self.bias[...].astype(self.dtype)
+        if self.lora_a is None:
+            return y
+        h = x
+        if self.spec.dropout > 0.0 and not deterministic:
+            if key is None:
+                raise ValueError("LoRA dropout needs a PRNG key when deterministic=False")
+            keep = jax.random.bernoulli(key, 1.0 - self.spec.dropout, h.shape)
+            h = jnp.where(keep, h / jnp.asarray(1.0 - self.spec.dropout, h.dtype), jnp.zeros((), h.dtype))
+        a_IR = self.lora_a[...].astype(self.dtype)
+        b_RO = self.lora_b[...].astype(self.dtype)
+        delta = jnp.matmul(jnp.matmul(h, a_IR), b_RO)
+        return y + delta * jnp.asarray(self.scaling, self.dtype)
+
+
+def count_params(tree: Any) -> int:
+    """Number of array elements in a pytree of arrays / Variables / states."""
+    return int(sum(np.prod(np.shape(x), dtype=np.int64) for x in jax.tree_util.tree_leaves(tree)))

@@ -1,0 +1,66 @@
+"""Tiny random Hugging Face models made by transformers at test time (nothing is downloaded)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import transformers
+
+BASE = dict(
+    vocab_size=128,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+)
+
+FAMILIES = {
+    "llama": (transformers.LlamaConfig, {}),
+    "mistral": (transformers.MistralConfig, {"sliding_window": 16}),
+    "qwen2": (transformers.Qwen2Config, {}),
+    "qwen3": (transformers.Qwen3Config, {"head_dim": 32}),
+}
+
+
+def make_model(path: Path, family: str = "llama", dtype: torch.dtype = torch.float32, seed: int = 0,
+               save_kwargs: dict | None = None, **overrides) -> Path:
+    """Save a tiny random ``family`` model to ``path``; returns ``path``."""
+    cls, extra = FAMILIES[family]
+    config = cls(**{**BASE, **extra, **overrides})
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(config).to(dtype).eval()
+    with torch.no_grad():  # break symmetry in norms so a wrong mapping shows up
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight") or name.endswith("layernorm.weight"):
+                p.add_(0.1 * torch.randn_like(p))
+            elif name.endswith(".bias"):
+                p.copy_(0.05 * torch.randn_like(p))
+    save_kwargs = dict(save_kwargs or {})
+    as_bin = save_kwargs.pop("safe_serialization", True) is False
+    model.save_pretrained(path, **save_kwargs)
+    if as_bin:  # transformers 5 writes only safetensors: rewrite each shard as a PyTorch pickle
+        _to_bin(Path(path))
+    return Path(path)
+
+
+def _to_bin(path: Path) -> None:
+    import json
+
+    from safetensors.torch import load_file
+
+    index = path / "model.safetensors.index.json"
+    shards = sorted(path.glob("*.safetensors"))
+    names = {}
+    for i, shard in enumerate(shards):
+        name = "pytorch_model.bin" if len(shards) == 1 else f"pytorch_model-{i + 1:05d}-of-{len(shards):05d}.bin"
+        torch.save(load_file(str(shard)), path / name)
+        names[shard.name] = name
+        shard.unlink()
+    if index.exists():
+        data = json.loads(index.read_text())
+        data["weight_map"] = {k: names[v] for k, v in data["weight_map"].items()}
+        (path / "pytorch_model.bin.index.json").write_text(json.dumps(data))
+        index.unlink()
