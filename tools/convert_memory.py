@@ -1,0 +1,107 @@
+"""Peak host memory of `jqlora.convert` on a synthetic checkpoint (default ≈2 GB of bf16 Llama-shaped weights).
+
+Writes a random Llama-architecture checkpoint (sharded safetensors, written one shard at a time) to a temporary
+directory, then converts it in a fresh process and reports peak RSS growth during the conversion against the
+checkpoint size, the largest tensor and the quantized output.
+
+    python tools/convert_memory.py                 # ≈2 GB: hidden 2048, 12 layers, vocab 32000
+    python tools/convert_memory.py --layers 2      # smaller
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import textwrap
+from pathlib import Path
+
+import numpy as np
+
+
+def write_checkpoint(path: Path, hidden: int, inter: int, layers: int, vocab: int) -> tuple[int, int]:
+    import jax.numpy as jnp
+    from safetensors.flax import save_file
+
+    heads = hidden // 128
+    config = dict(model_type="llama", architectures=["LlamaForCausalLM"], hidden_size=hidden, intermediate_size=inter,
+                  num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads, vocab_size=vocab,
+                  rms_norm_eps=1e-5, rope_theta=10000.0, max_position_embeddings=4096, tie_word_embeddings=False,
+                  hidden_act="silu", torch_dtype="bfloat16")
+    (path / "config.json").write_text(json.dumps(config))
+    rng = np.random.default_rng(0)
+
+    def w(*shape):
+        return jnp.asarray(rng.standard_normal(shape, dtype=np.float32) * 0.02, dtype=jnp.bfloat16)
+
+    weight_map, total, largest = {}, 0, 0
+    shards = [{"model.embed_tokens.weight": w(vocab, hidden)}]
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        shards.append({
+            p + "self_attn.q_proj.weight": w(hidden, hidden), p + "self_attn.k_proj.weight": w(hidden, hidden),
+            p + "self_attn.v_proj.weight": w(hidden, hidden), p + "self_attn.o_proj.weight": w(hidden, hidden),
+            p + "mlp.gate_proj.weight": w(inter, hidden), p + "mlp.up_proj.weight": w(inter, hidden),
+            p + "mlp.down_proj.weight": w(hidden, inter),
+            p + "input_layernorm.weight": jnp.ones(hidden, jnp.bfloat16),
+            p + "post_attention_layernorm.weight": jnp.ones(hidden, jnp.bfloat16),
+        })
+    shards.append({"model.norm.weight": jnp.ones(hidden, jnp.bfloat16), "lm_head.weight": w(vocab, hidden)})
+    for n, shard in enumerate(shards):
+        name = f"model-{n + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(path / name), metadata={"format": "pt"})
+        for k, v in shard.items():
+            weight_map[k] = name
+            total += v.nbytes
+            largest = max(largest, v.nbytes)
+    (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total},
+                                                                   "weight_map": weight_map}))
+    return total, largest
+
+
+MEASURE = textwrap.dedent("""
+    import json, resource, sys, time
+    import jax.numpy as jnp
+    from jqlora import convert, quant
+    src, dst, shapes = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+    for shape in shapes:  # compile first so compilation is not counted
+        quant.quantize(jnp.ones(shape, jnp.bfloat16))
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    t0 = time.perf_counter()
+    convert.convert(src, dst)
+    print(json.dumps({"base_kb": base, "peak_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+                      "seconds": time.perf_counter() - t0}))
+""")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--hidden", type=int, default=2048)
+    ap.add_argument("--intermediate", type=int, default=5632)
+    ap.add_argument("--layers", type=int, default=12)
+    ap.add_argument("--vocab", type=int, default=32000)
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        src, dst = Path(tmp) / "src", Path(tmp) / "dst"
+        src.mkdir()
+        total, largest = write_checkpoint(src, args.hidden, args.intermediate, args.layers, args.vocab)
+        shapes = [[args.hidden, args.hidden], [args.intermediate, args.hidden], [args.hidden, args.intermediate]]
+        r = subprocess.run([sys.executable, "-c", MEASURE, str(src), str(dst), json.dumps(shapes)],
+                           capture_output=True, text=True)
+        if r.returncode:
+            sys.exit(r.stderr)
+        m = json.loads(r.stdout.strip().splitlines()[-1])
+        out = (dst / "model.safetensors").stat().st_size
+        growth = (m["peak_kb"] - m["base_kb"]) * 1024
+        mib = 2**20
+        print(f"checkpoint {total / mib:.0f} MiB bf16 ({args.layers} layers, hidden {args.hidden}); "
+              f"largest tensor {largest / mib:.0f} MiB; output {out / mib:.0f} MiB")
+        print(f"peak RSS growth during conversion: {growth / mib:.0f} MiB "
+              f"({growth / total:.2f}x the checkpoint, {(growth - out) / largest:.2f}x the largest tensor beyond "
+              f"the output); {m['seconds']:.1f} s")
+
+
+if __name__ == "__main__":
+    main()
