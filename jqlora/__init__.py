@@ -1,3 +1,13 @@
 """jqlora: QLoRA fine-tuning in JAX/Flax with bitsandbytes-compatible NF4 weights and peft-compatible adapters."""
 
 __version__ = "0.1.0"
+__all__ = ["load_model"]
+
+
+def __getattr__(name: str):
+    # Lazy, so that `python -m jqlora.convert` and the quantization library do not import Flax up front.
+    if name == "load_model":
+        from jqlora.models import load_model
+
+        return load_model
+    raise AttributeError(f"module 'jqlora' has no attribute {name!r}")

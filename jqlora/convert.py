@@ -51,8 +51,6 @@ _SIDE_FILES = (
     "chat_template.json",
 )
 _QUANT_SUFFIXES = (".absmax", ".quant_map", ".nested_absmax", ".nested_quant_map")
-# Linear layers that are quantized (bitsandbytes / transformers leave lm_head, embeddings and norms alone).
-LINEAR_WEIGHT = re.compile(r"^model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)\.weight$")
 
 
 class ConvertError(ValueError):
@@ -306,13 +304,13 @@ def convert(
     block_size: int = 64,
     dtype: str = "bfloat16",
     fmt: str = "jqlora",
-    check: Callable[[dict[str, Any], Checkpoint], None] | None = None,
+
 ) -> Path:
     """Convert the HF checkpoint at ``src`` into ``dst`` (see the module docstring); returns ``dst``.
 
     ``quant_type`` "none" keeps linear weights unquantized (cast to ``dtype``); ``dtype`` is the dtype of every
-    unquantized tensor written. ``check(config, checkpoint)`` may validate keys and shapes against a model before
-    anything is written.
+    unquantized tensor written. Keys and shapes are checked against the model family's table (from `config.json`)
+    before anything is written; only the tensors the model uses are written (linear kernels quantized).
     """
     if fmt not in ("jqlora", "bnb"):
         raise ConvertError(f"--format {fmt!r}: expected jqlora or bnb")
@@ -326,17 +324,17 @@ def convert(
         raise ConvertError(f"--block-size {block_size}: expected one of {quant.BLOCK_SIZES}")
     src, dst = Path(src), Path(dst)
     ckpt = Checkpoint(src)
-    if check is not None:
-        check(ckpt.config, ckpt)
+    table = check_checkpoint(ckpt)
     out_dtype = jnp.dtype(dtype)
     tensors: dict[str, Any] = {}
     metas: dict[str, dict[str, Any]] = {}
     with ckpt, _AtomicDir(dst) as tmp:
-        for key in _progress(ckpt.keys(), f"converting {src.name}"):
+        for entry in _progress(table, f"converting {src.name}"):
+            key = entry.key
             value = ckpt.get(key)
             if isinstance(value, quant.QuantizedTensor):  # already 4-bit (bitsandbytes checkpoint): as stored
                 q = value
-            elif LINEAR_WEIGHT.match(key) and quant_type != "none":
+            elif entry.kind == "linear" and quant_type != "none":
                 try:
                     q = quant.quantize(value, quant_type, block_size=block_size, double_quant=double_quant)
                 except ValueError as e:
@@ -447,7 +445,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         dst = convert(
             args.src, args.dst, quant_type=args.quant, double_quant=not args.no_double_quant,
-            block_size=args.block_size, dtype=args.dtype, fmt=args.fmt, check=_model_check(),
+            block_size=args.block_size, dtype=args.dtype, fmt=args.fmt,
         )
     except (ConvertError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -456,13 +454,27 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _model_check() -> Callable[[dict[str, Any], Checkpoint], None] | None:
-    """Validate keys and shapes against the model family's table (when the model module provides one)."""
+def check_checkpoint(ckpt: Checkpoint) -> list:
+    """The model table's entries for ``ckpt``, after checking that every key is present with its config's shape."""
+    from jqlora.models import llama
+
+    where = ckpt.path / "config.json"
     try:
-        from jqlora.models import llama
-    except ImportError:
-        return None
-    return getattr(llama, "check_checkpoint", None)
+        cfg = llama.ModelConfig.from_hf(ckpt.config)
+    except ValueError as e:
+        raise ConvertError(f"{where}: {e}") from None
+    table = llama.hf_key_table(cfg)
+    present = set(ckpt.keys())
+    for entry in table:
+        if entry.key not in present:
+            raise ConvertError(f"{ckpt.path}: missing tensor {entry.key!r} (required by {cfg.model_type} config)")
+        shape = ckpt.shape_of(entry.key)
+        if tuple(shape) != tuple(entry.shape):
+            raise ConvertError(
+                f"{ckpt.file_of(entry.key)}: {entry.key} has shape {tuple(shape)}, expected {tuple(entry.shape)} "
+                "from config.json"
+            )
+    return table
 
 
 if __name__ == "__main__":
