@@ -265,6 +265,47 @@ def _save_safetensors(tensors: dict[str, Any], path: Path, metadata: dict[str, s
     save_file({k: jnp.asarray(v) for k, v in tensors.items()}, str(path), metadata=metadata)
 
 
+class _ShardWriter:
+    """Collects output tensors and writes a safetensors shard whenever ``max_bytes`` is reached, so host memory holds
+    at most one shard; `finish` names the shards as Hugging Face does and writes the index (or one model.safetensors).
+    """
+
+    def __init__(self, directory: Path, max_bytes: int, metadata: dict[str, str]):
+        self.directory, self.max_bytes, self.metadata = directory, max_bytes, metadata
+        self.pending: dict[str, np.ndarray] = {}
+        self.pending_bytes = 0
+        self.shards: list[tuple[Path, list[str]]] = []
+        self.total = 0
+
+    def add(self, tensors: dict[str, np.ndarray]) -> None:
+        self.pending.update(tensors)
+        self.pending_bytes += sum(v.nbytes for v in tensors.values())
+        if self.pending_bytes >= self.max_bytes:
+            self._flush()
+
+    def _flush(self) -> None:
+        if not self.pending:
+            return
+        path = self.directory / f".shard-{len(self.shards):05d}.safetensors"
+        _save_safetensors(self.pending, path, self.metadata)
+        self.shards.append((path, list(self.pending)))
+        self.total += self.pending_bytes
+        self.pending, self.pending_bytes = {}, 0
+
+    def finish(self) -> None:
+        self._flush()
+        if len(self.shards) == 1:
+            os.replace(self.shards[0][0], self.directory / WEIGHTS)
+            return
+        n, weight_map = len(self.shards), {}
+        for i, (path, keys) in enumerate(self.shards):
+            name = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+            os.replace(path, self.directory / name)
+            weight_map.update({k: name for k in keys})
+        index = {"metadata": {"total_size": self.total}, "weight_map": weight_map}
+        (self.directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+
+
 class _AtomicDir:
     """Write into a temporary sibling of ``dst`` and rename it into place on success; remove it on failure."""
 
@@ -304,7 +345,7 @@ def convert(
     block_size: int = 64,
     dtype: str = "bfloat16",
     fmt: str = "jqlora",
-
+    max_shard_bytes: int = 2 * 10**9,
 ) -> Path:
     """Convert the HF checkpoint at ``src`` into ``dst`` (see the module docstring); returns ``dst``.
 
@@ -326,9 +367,9 @@ def convert(
     ckpt = Checkpoint(src)
     table = check_checkpoint(ckpt)
     out_dtype = jnp.dtype(dtype)
-    tensors: dict[str, Any] = {}
     metas: dict[str, dict[str, Any]] = {}
     with ckpt, _AtomicDir(dst) as tmp:
+        out = _ShardWriter(tmp, max_shard_bytes, {"format": "pt" if fmt == "bnb" else "jqlora"})
         for entry in _progress(table, f"converting {src.name}"):
             key = entry.key
             value = ckpt.get(key)
@@ -342,21 +383,20 @@ def convert(
             else:
                 if not jnp.issubdtype(value.dtype, jnp.floating):
                     raise ConvertError(f"{ckpt.file_of(key)}: {key}: unexpected dtype {value.dtype}")
-                tensors[key] = np.asarray(value.astype(out_dtype))
+                out.add({key: np.asarray(value.astype(out_dtype))})
                 continue
             if fmt == "bnb":
-                tensors.update(quant.to_bnb(q, key))
+                out.add(quant.to_bnb(q, key))
             else:
-                tensors.update(_quantized_arrays(key, q))
+                out.add(_quantized_arrays(key, q))
                 metas[key] = _quantized_meta(q)
             del value
+        out.finish()
         config = dict(ckpt.config)
         if fmt == "bnb":
             config["quantization_config"] = _bnb_quantization_config(quant_type, double_quant, dtype, ckpt, metas)
             config["torch_dtype"] = dtype
-            _save_safetensors(tensors, tmp / WEIGHTS, metadata={"format": "pt"})
         else:
-            _save_safetensors(tensors, tmp / WEIGHTS, metadata={"format": "jqlora"})
             meta = {
                 "format": "jqlora",
                 "version": FORMAT_VERSION,
@@ -441,17 +481,32 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--block-size", type=int, default=64)
     ap.add_argument("--dtype", default="bfloat16", choices=list(quant.DTYPES), help="dtype of unquantized tensors")
     ap.add_argument("--format", default="jqlora", choices=["jqlora", "bnb"], dest="fmt")
+    ap.add_argument("--max-shard-size", default="2GB", help="largest output shard, e.g. 500MB, 5GB (default 2GB)")
     args = ap.parse_args(argv)
+    try:
+        shard_bytes = _parse_size(args.max_shard_size)
+    except ValueError:
+        print(f"error: --max-shard-size {args.max_shard_size!r}: expected a size such as 500MB or 5GB", file=sys.stderr)
+        return 2
     try:
         dst = convert(
             args.src, args.dst, quant_type=args.quant, double_quant=not args.no_double_quant,
-            block_size=args.block_size, dtype=args.dtype, fmt=args.fmt,
+            block_size=args.block_size, dtype=args.dtype, fmt=args.fmt, max_shard_bytes=shard_bytes,
         )
     except (ConvertError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"wrote {dst}")
     return 0
+
+
+def _parse_size(text: str) -> int:
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]i?B)?\s*", text, flags=re.IGNORECASE)
+    if not m:
+        raise ValueError(text)
+    unit = (m.group(2) or "B").upper()
+    scale = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}[unit]
+    return int(float(m.group(1)) * scale)
 
 
 def check_checkpoint(ckpt: Checkpoint) -> list:

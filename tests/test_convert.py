@@ -198,3 +198,24 @@ def test_streaming_peak_memory_stays_near_one_tensor(tmp_path):
     assert model_bytes > 200 * 2**20
     assert growth < 0.5 * model_bytes, (growth, model_bytes)
     assert growth < out_bytes + 16 * largest, (growth, out_bytes)
+
+
+def test_sharded_output_equals_single_file_and_loads(tiny_bf16, tmp_path):
+    one = convert.convert(tiny_bf16, tmp_path / "one")
+    many = convert.convert(tiny_bf16, tmp_path / "many", max_shard_bytes=20_000)
+    shards = sorted(many.glob("model-*-of-*.safetensors"))
+    assert len(shards) > 2 and (many / "model.safetensors.index.json").is_file()
+    assert not (many / convert.WEIGHTS).exists() and not list(many.glob(".shard-*"))
+    _, _, get_one, keys_one = convert.load_jqlora(one)
+    _, _, get_many, keys_many = convert.load_jqlora(many)
+    assert keys_one == keys_many
+    for key in keys_one:
+        a, b = get_one(key), get_many(key)
+        a = quant.dequantize(a) if isinstance(a, quant.QuantizedTensor) else a
+        b = quant.dequantize(b) if isinstance(b, quant.QuantizedTensor) else b
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=key)
+    # A sharded --format bnb checkpoint loads in transformers too.
+    bnb = convert.convert(tiny_bf16, tmp_path / "bnb", fmt="bnb", max_shard_bytes=20_000)
+    assert (bnb / "model.safetensors.index.json").is_file()
+    model = AutoModelForCausalLM.from_pretrained(bnb)
+    assert type(model.model.layers[1].mlp.up_proj.weight).__name__ == "Params4bit"

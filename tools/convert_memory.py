@@ -65,12 +65,12 @@ MEASURE = textwrap.dedent("""
     import json, resource, sys, time
     import jax.numpy as jnp
     from jqlora import convert, quant
-    src, dst, shapes = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+    src, dst, shapes, shard = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), int(sys.argv[4])
     for shape in shapes:  # compile first so compilation is not counted
         quant.quantize(jnp.ones(shape, jnp.bfloat16))
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     t0 = time.perf_counter()
-    convert.convert(src, dst)
+    convert.convert(src, dst, max_shard_bytes=shard)
     print(json.dumps({"base_kb": base, "peak_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
                       "seconds": time.perf_counter() - t0}))
 """)
@@ -82,25 +82,28 @@ def main() -> None:
     ap.add_argument("--intermediate", type=int, default=5632)
     ap.add_argument("--layers", type=int, default=12)
     ap.add_argument("--vocab", type=int, default=32000)
+    ap.add_argument("--shard-mb", type=int, default=2000, help="output shard size (convert's --max-shard-size)")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         src, dst = Path(tmp) / "src", Path(tmp) / "dst"
         src.mkdir()
         total, largest = write_checkpoint(src, args.hidden, args.intermediate, args.layers, args.vocab)
         shapes = [[args.hidden, args.hidden], [args.intermediate, args.hidden], [args.hidden, args.intermediate]]
-        r = subprocess.run([sys.executable, "-c", MEASURE, str(src), str(dst), json.dumps(shapes)],
+        r = subprocess.run([sys.executable, "-c", MEASURE, str(src), str(dst), json.dumps(shapes),
+                            str(args.shard_mb * 10**6)],
                            capture_output=True, text=True)
         if r.returncode:
             sys.exit(r.stderr)
         m = json.loads(r.stdout.strip().splitlines()[-1])
-        out = (dst / "model.safetensors").stat().st_size
+        out = sum(f.stat().st_size for f in dst.glob("*.safetensors"))
         growth = (m["peak_kb"] - m["base_kb"]) * 1024
         mib = 2**20
+        print(f"output shards of {args.shard_mb} MB: {len(list(dst.glob('*.safetensors')))} file(s)")
         print(f"checkpoint {total / mib:.0f} MiB bf16 ({args.layers} layers, hidden {args.hidden}); "
               f"largest tensor {largest / mib:.0f} MiB; output {out / mib:.0f} MiB")
         print(f"peak RSS growth during conversion: {growth / mib:.0f} MiB "
-              f"({growth / total:.2f}x the checkpoint, {(growth - out) / largest:.2f}x the largest tensor beyond "
-              f"the output); {m['seconds']:.1f} s")
+              f"= {growth / total:.2f}x the checkpoint, {growth / (largest + min(out, args.shard_mb * 10**6)):.2f}x "
+              f"(largest tensor + one output shard); {m['seconds']:.1f} s")
 
 
 if __name__ == "__main__":
