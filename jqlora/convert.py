@@ -22,9 +22,7 @@ import argparse
 import json
 import os
 import re
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -33,23 +31,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from jqlora import quant
+from jqlora.io import ShardWriter, atomic_directory, copy_side_files
 
 FORMAT_VERSION = 1
 JQLORA_META = "jqlora.json"
-WEIGHTS = "model.safetensors"
-# Files copied along with the weights (tokenizer, chat template, generation config).
-_SIDE_FILES = (
-    "generation_config.json",
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "tokenizer.model",
-    "vocab.json",
-    "merges.txt",
-    "added_tokens.json",
-    "chat_template.jinja",
-    "chat_template.json",
-)
 _QUANT_SUFFIXES = (".absmax", ".quant_map", ".nested_absmax", ".nested_quant_map")
 
 
@@ -259,77 +244,6 @@ def _quantized_meta(q: quant.QuantizedTensor) -> dict[str, Any]:
             "double_quant": q.double_quant}
 
 
-def _save_safetensors(tensors: dict[str, Any], path: Path, metadata: dict[str, str] | None = None) -> None:
-    from safetensors.flax import save_file
-
-    save_file({k: jnp.asarray(v) for k, v in tensors.items()}, str(path), metadata=metadata)
-
-
-class _ShardWriter:
-    """Collects output tensors and writes a safetensors shard whenever ``max_bytes`` is reached, so host memory holds
-    at most one shard; `finish` names the shards as Hugging Face does and writes the index (or one model.safetensors).
-    """
-
-    def __init__(self, directory: Path, max_bytes: int, metadata: dict[str, str]):
-        self.directory, self.max_bytes, self.metadata = directory, max_bytes, metadata
-        self.pending: dict[str, np.ndarray] = {}
-        self.pending_bytes = 0
-        self.shards: list[tuple[Path, list[str]]] = []
-        self.total = 0
-
-    def add(self, tensors: dict[str, np.ndarray]) -> None:
-        self.pending.update(tensors)
-        self.pending_bytes += sum(v.nbytes for v in tensors.values())
-        if self.pending_bytes >= self.max_bytes:
-            self._flush()
-
-    def _flush(self) -> None:
-        if not self.pending:
-            return
-        path = self.directory / f".shard-{len(self.shards):05d}.safetensors"
-        _save_safetensors(self.pending, path, self.metadata)
-        self.shards.append((path, list(self.pending)))
-        self.total += self.pending_bytes
-        self.pending, self.pending_bytes = {}, 0
-
-    def finish(self) -> None:
-        self._flush()
-        if len(self.shards) == 1:
-            os.replace(self.shards[0][0], self.directory / WEIGHTS)
-            return
-        n, weight_map = len(self.shards), {}
-        for i, (path, keys) in enumerate(self.shards):
-            name = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
-            os.replace(path, self.directory / name)
-            weight_map.update({k: name for k in keys})
-        index = {"metadata": {"total_size": self.total}, "weight_map": weight_map}
-        (self.directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-
-
-class _AtomicDir:
-    """Write into a temporary sibling of ``dst`` and rename it into place on success; remove it on failure."""
-
-    def __init__(self, dst: Path):
-        self.dst = dst
-
-    def __enter__(self) -> Path:
-        if self.dst.exists() and (not self.dst.is_dir() or any(self.dst.iterdir())):
-            raise ConvertError(f"{self.dst}: already exists and is not empty; choose a new output directory")
-        self.dst.parent.mkdir(parents=True, exist_ok=True)
-        if not os.access(self.dst.parent, os.W_OK):
-            raise ConvertError(f"{self.dst.parent}: not writable")
-        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.dst.name}.partial-", dir=self.dst.parent))
-        return self.tmp
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is not None:
-            shutil.rmtree(self.tmp, ignore_errors=True)
-            return
-        if self.dst.exists():
-            self.dst.rmdir()  # empty (checked on entry)
-        os.replace(self.tmp, self.dst)
-
-
 def _progress(items: list[str], desc: str) -> Iterator[str]:
     from tqdm.auto import tqdm
 
@@ -368,8 +282,8 @@ def convert(
     table = check_checkpoint(ckpt)
     out_dtype = jnp.dtype(dtype)
     metas: dict[str, dict[str, Any]] = {}
-    with ckpt, _AtomicDir(dst) as tmp:
-        out = _ShardWriter(tmp, max_shard_bytes, {"format": "pt" if fmt == "bnb" else "jqlora"})
+    with ckpt, atomic_directory(dst, error=ConvertError) as tmp:
+        out = ShardWriter(tmp, max_shard_bytes, {"format": "pt" if fmt == "bnb" else "jqlora"})
         for entry in _progress(table, f"converting {src.name}"):
             key = entry.key
             value = ckpt.get(key)
@@ -409,9 +323,7 @@ def convert(
             }
             (tmp / JQLORA_META).write_text(json.dumps(meta, indent=1))
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
-        for name in _SIDE_FILES:
-            if (src / name).is_file():
-                shutil.copy2(src / name, tmp / name)
+        copy_side_files(src, tmp)
     return dst
 
 

@@ -16,6 +16,7 @@ from tiny import make_model
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
 from jqlora import convert, quant
+from jqlora.io import WEIGHTS
 
 LINEARS = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
            "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
@@ -78,7 +79,7 @@ def test_bnb_checkpoint_is_read_as_stored(tiny_bf16, tmp_path):
 
 
 def _all_tensors(path: Path) -> dict[str, np.ndarray]:
-    with safe_open(str(path / convert.WEIGHTS), "flax") as f:
+    with safe_open(str(path / WEIGHTS), "flax") as f:
         return {k: np.asarray(f.get_tensor(k)) for k in f.keys()}
 
 
@@ -192,7 +193,7 @@ def test_streaming_peak_memory_stays_near_one_tensor(tmp_path):
     """)
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     growth = json.loads(r.stdout.strip().splitlines()[-1])["growth_kb"] * 1024
-    out_bytes = (tmp_path / "out" / convert.WEIGHTS).stat().st_size
+    out_bytes = (tmp_path / "out" / WEIGHTS).stat().st_size
     largest = 4096 * 1024 * 2
     print(f"model {model_bytes / 2**20:.0f} MiB, output {out_bytes / 2**20:.0f} MiB, RSS growth {growth / 2**20:.0f} MiB")
     assert model_bytes > 200 * 2**20
@@ -205,7 +206,7 @@ def test_sharded_output_equals_single_file_and_loads(tiny_bf16, tmp_path):
     many = convert.convert(tiny_bf16, tmp_path / "many", max_shard_bytes=20_000)
     shards = sorted(many.glob("model-*-of-*.safetensors"))
     assert len(shards) > 2 and (many / "model.safetensors.index.json").is_file()
-    assert not (many / convert.WEIGHTS).exists() and not list(many.glob(".shard-*"))
+    assert not (many / WEIGHTS).exists() and not list(many.glob(".shard-*"))
     _, _, get_one, keys_one = convert.load_jqlora(one)
     _, _, get_many, keys_many = convert.load_jqlora(many)
     assert keys_one == keys_many

@@ -72,6 +72,11 @@ def load(path: str, **kw):
     return from_hf_tensors(ModelConfig.from_hf(path), tensors.__getitem__, **kw)
 
 
+@nnx.jit
+def forward(model, ids, segs=None):
+    return model(ids, segs)
+
+
 def token_ids(batch: int, seq: int, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, TINY["vocab_size"], (batch, seq)).astype(np.int32)
 
@@ -91,7 +96,7 @@ def test_logits_match_transformers(model_type, overrides, seq):
     ids = token_ids(2, seq)
     with torch.no_grad():
         ref = hf(torch.from_numpy(ids).long()).logits.numpy()
-    got = np.asarray(load(path, remat="none")(jnp.asarray(ids)))
+    got = np.asarray(forward(load(path, remat="none"), jnp.asarray(ids)))
     assert got.dtype == np.float32 and got.shape == ref.shape
     assert np.abs(ref).max() > 1.0  # logits large enough for the comparison to mean something
     np.testing.assert_allclose(got, ref, atol=1e-4, rtol=0)
@@ -132,9 +137,9 @@ def test_config_reads_what_transformers_reads(tmp_path):
 def test_lora_with_zero_b_equals_base(llama):
     _, path = llama
     ids = jnp.asarray(token_ids(2, 16))
-    base = load(path)(ids)
+    base = forward(load(path), ids)
     adapted = load(path, lora=LoraConfig(r=4, alpha=8))
-    assert np.array_equal(np.asarray(adapted(ids)), np.asarray(base))
+    assert np.array_equal(np.asarray(forward(adapted, ids)), np.asarray(base))
 
 
 @pytest.mark.parametrize("rslora", [False, True])
@@ -163,7 +168,7 @@ def test_lora_matches_peft(llama, rslora):
     with torch.no_grad():
         ref = pm(torch.from_numpy(ids).long()).logits.numpy()
         base = hf(torch.from_numpy(ids).long()).logits.numpy()
-    got = np.asarray(model(jnp.asarray(ids)))
+    got = np.asarray(forward(model, jnp.asarray(ids)))
     assert np.abs(ref - base).max() > 0.1  # the adapter changes the output
     np.testing.assert_allclose(got, ref, atol=1e-4, rtol=0)
 
@@ -196,9 +201,9 @@ def test_packed_segments_equal_separate_runs(llama):
     a, b = token_ids(1, 9, seed=1), token_ids(1, 11, seed=2)
     packed = np.concatenate([a, b, np.zeros((1, 4), np.int32)], axis=1)  # two documents and padding
     segs = np.array([[1] * 9 + [2] * 11 + [0] * 4], np.int32)
-    out = np.asarray(model(jnp.asarray(packed), jnp.asarray(segs)))
-    alone_a = np.asarray(model(jnp.asarray(a)))
-    alone_b = np.asarray(model(jnp.asarray(b)))
+    out = np.asarray(forward(model, jnp.asarray(packed), jnp.asarray(segs)))
+    alone_a = np.asarray(forward(model, jnp.asarray(a)))
+    alone_b = np.asarray(forward(model, jnp.asarray(b)))
     np.testing.assert_allclose(out[:, :9], alone_a, atol=2e-5, rtol=0)
     np.testing.assert_allclose(out[:, 9:20], alone_b, atol=2e-5, rtol=0)
     assert np.all(np.isfinite(out))
@@ -213,11 +218,13 @@ def _loss_and_grads(model, ids, segs):
         logits = m(ids, segs)
         return jnp.mean(jax.nn.log_softmax(logits)[..., 3]), logits
 
-    (loss, logits), grads = jax.value_and_grad(f, has_aux=True)(lora_state)
+    (_, logits), grads = jax.value_and_grad(f, has_aux=True)(lora_state)
     return logits, grads
 
 
-def test_remat_and_unrolled_equal_plain_scan(llama):
+@pytest.fixture(scope="module")
+def remat_reference(llama):
+    """A LoRA model with nonzero B, its inputs, and its plain-scan (no remat) logits and LoRA gradients."""
     _, path = llama
     model = load(path, lora=LoraConfig(r=4, alpha=8), remat="none")
     rng = np.random.default_rng(3)
@@ -226,25 +233,32 @@ def test_remat_and_unrolled_equal_plain_scan(llama):
             m.lora_b.set_value(jnp.asarray(rng.normal(0, 0.1, m.lora_b.shape).astype(np.float32)))
     ids = jnp.asarray(token_ids(2, 12))
     segs = jnp.asarray(np.array([[1] * 12, [1] * 5 + [2] * 7], np.int32))
-    ref_logits, ref_grads = _loss_and_grads(model, ids, segs)
-    assert max(float(jnp.abs(g).max()) for g in jax.tree_util.tree_leaves(ref_grads)) > 0
-    for scan in (True, False):
-        for policy in REMAT_POLICIES:
-            model.remat, model.scan_layers = policy, scan
-            logits, grads = _loss_and_grads(model, ids, segs)
-            np.testing.assert_allclose(logits, ref_logits, atol=1e-6, rtol=0, err_msg=f"{policy} scan={scan}")
-            for g, r in zip(jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(ref_grads)):
-                np.testing.assert_allclose(g, r, atol=1e-6, rtol=1e-5, err_msg=f"{policy} scan={scan}")
+    logits, grads = _loss_and_grads(model, ids, segs)
+    assert min(float(jnp.abs(g).max()) for g in jax.tree_util.tree_leaves(grads)) > 1e-3
+    return model, ids, segs, logits, grads
 
 
-def test_dropout_needs_a_key_and_leaves_base_alone(llama):
+@pytest.mark.parametrize("policy,scan", [(p, True) for p in REMAT_POLICIES if p != "none"]
+                         + [("none", False), ("full", False)])
+def test_remat_and_unrolled_equal_plain_scan(remat_reference, policy, scan):
+    model, ids, segs, ref_logits, ref_grads = remat_reference
+    model.remat, model.scan_layers = policy, scan
+    try:
+        logits, grads = _loss_and_grads(model, ids, segs)
+    finally:
+        model.remat, model.scan_layers = "none", True
+    # float32 rounding only: XLA fuses a rematerialized or unrolled body differently (|logits| ≈ 4, |grads| ≈ 0.6)
+    np.testing.assert_allclose(logits, ref_logits, atol=1e-5, rtol=0)
+    assert jax.tree_util.tree_structure(grads) == jax.tree_util.tree_structure(ref_grads)
+    for g, r in zip(jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(ref_grads)):
+        np.testing.assert_allclose(g, r, atol=1e-6, rtol=0)
+
+
+def test_dropout_needs_a_key(llama):
     _, path = llama
     model = load(path, lora=LoraConfig(r=4, dropout=0.5))
-    ids = jnp.asarray(token_ids(1, 8))
-    with pytest.raises(ValueError, match="key"):
-        model(ids, deterministic=False)
-    # B = 0: dropout on the LoRA input cannot change the output
-    np.testing.assert_array_equal(model(ids, deterministic=False, key=jax.random.key(0)), model(ids))
+    with pytest.raises(ValueError, match="PRNG key"):
+        model(jnp.asarray(token_ids(1, 8)), deterministic=False)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -271,7 +285,7 @@ def test_quantized_kernels_and_logits(llama, qtype, dq, block):
     # The quantized model computes what an unquantized model of the dequantized weights computes.
     ref = from_hf_tensors(cfg, lambda k: deq.get(k, tensors[k]), quant="none", dtype="float32")
     ids = jnp.asarray(token_ids(2, 12))
-    np.testing.assert_allclose(model(ids), ref(ids), atol=1e-5, rtol=0)
+    np.testing.assert_allclose(forward(model, ids), forward(ref, ids), atol=1e-5, rtol=0)
 
 
 def test_prequantized_tensors_are_used_as_is(llama):

@@ -9,9 +9,20 @@ import os
 from typing import Any
 
 from jqlora.lora import LoraConfig
-from jqlora.models.llama import LlamaForCausalLM, ModelConfig, from_hf_tensors, hf_key_table
+from jqlora.models.llama import (
+    REMAT_POLICIES,
+    HFKey,
+    LlamaForCausalLM,
+    ModelConfig,
+    RopeConfig,
+    from_hf_tensors,
+    hf_key_table,
+)
 
-__all__ = ["LlamaForCausalLM", "ModelConfig", "from_hf_tensors", "hf_key_table", "load_model"]
+__all__ = [
+    "REMAT_POLICIES", "HFKey", "LlamaForCausalLM", "ModelConfig", "RopeConfig", "from_hf_tensors", "hf_key_table",
+    "load_model",
+]
 
 
 def load_model(
@@ -31,13 +42,20 @@ def load_model(
     A Hugging Face directory may hold safetensors (single or sharded), PyTorch .bin, or a bitsandbytes 4-bit
     checkpoint (whose 4-bit weights are used as stored). A jqlora directory is loaded with the quantization it was
     converted with (``quant``/``double_quant``/``block_size`` are then taken from it). ``lora`` adds fresh adapters
-    (peft initialization). The model maps int32 ``input_ids[B, S]`` (optionally ``segment_ids``, ``positions``) to
+    (peft initialization); ``adapter`` loads a peft LoRA adapter directory (its config sets the LoRA settings).
+    The model maps int32 ``input_ids[B, S]`` (optionally ``segment_ids``, ``positions``) to
     float32 logits ``[B, S, V]``.
     """
     from jqlora import convert
 
     if adapter is not None:
-        raise NotImplementedError("loading a peft adapter arrives with jqlora.peft (issue 4)")
+        from jqlora import peft
+
+        if lora is not None:
+            raise ValueError("pass either adapter= or lora=, not both: the adapter defines its LoRA settings")
+        model = load_model(path, quant=quant, double_quant=double_quant, block_size=block_size, dtype=dtype,
+                           lora=peft.read_adapter_config(adapter), seed=seed, remat=remat)
+        return peft.load_adapter(model, adapter)
     if convert.is_jqlora_dir(path):
         config, meta, get, _ = convert.load_jqlora(path)
         quant, double_quant, block_size = meta["quant"], meta["double_quant"], meta["block_size"]

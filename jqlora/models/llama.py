@@ -37,7 +37,7 @@ import numpy as np
 from flax import nnx
 
 from jqlora import quant as q
-from jqlora.lora import Frozen, LoraConfig, LoraLinear, QuantData, QuantSpec, compute_dtype
+from jqlora.lora import Frozen, LoraConfig, LoraLinear, QuantSpec, compute_dtype
 
 MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn")
@@ -442,10 +442,17 @@ def _remat_policy(name: str):
     if name == "save_dots_no_batch":
         return jax.checkpoint_policies.dots_with_no_batch_dims_saveable
     if name == "offload":
-        if jax.default_backend() == "cpu":  # no separate host memory space to offload to: keep the dots on "device"
+        if not _has_pinned_host():  # nowhere to offload to: keep the dots on the device instead
             return jax.checkpoint_policies.dots_with_no_batch_dims_saveable
         return jax.checkpoint_policies.offload_dot_with_no_batch_dims("device", "pinned_host")
     raise ValueError(f"unknown remat policy {name!r}: expected one of {', '.join(REMAT_POLICIES)}")
+
+
+def _has_pinned_host() -> bool:
+    try:
+        return any(m.kind == "pinned_host" for m in jax.devices()[0].addressable_memories())
+    except Exception:  # noqa: BLE001 - a backend without memory spaces
+        return False
 
 
 def segment_positions(segment_ids_BS: jax.Array) -> jax.Array:

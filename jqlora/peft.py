@@ -1,0 +1,436 @@
+"""LoRA adapters in the Hugging Face ``peft`` format: export, import, and loading a base model with an adapter.
+
+A peft LoRA adapter directory holds ``adapter_config.json`` and ``adapter_model.safetensors`` with, for every
+adapted module ``M`` of layer ``i``, ``base_model.model.model.layers.{i}.M.lora_A.weight`` ``[r, in]`` and
+``...lora_B.weight`` ``[out, r]`` (peft may insert the adapter name: ``lora_A.default.weight``). peft computes
+``y = x Wᵀ + s · x Aᵀ Bᵀ`` with ``s = alpha / r`` (``alpha / √r`` with rsLoRA); jqlora keeps ``A [in, r]`` and
+``B [r, out]`` stacked over layers (leading axis L), so export transposes and un-stacks, import stacks and
+transposes. Per-module ``rank_pattern`` / ``alpha_pattern`` are resolved the way peft resolves them (the first
+pattern key ``K`` with ``re.match(rf"(.*\\.)?({K})$", module_name)``); because layers are stacked, a module kind
+must have the same rank and alpha in every layer.
+
+Shape letters: L layers, I in features, O out features, R LoRA rank.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from collections import Counter
+from pathlib import Path
+from typing import Any, Mapping
+
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jqlora.io import atomic_directory
+from jqlora.lora import LINEAR_MODULES, LoraConfig, LoraLinear
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+WEIGHTS_NAME_BIN = "adapter_model.bin"
+PREFIX = "base_model.model."
+SAVE_DTYPES = ("float32", "bfloat16", "float16")
+# peft names the LoRA weights of a module ``<module>.lora_A[.<adapter name>].weight``.
+_KEY_RE = re.compile(r"^(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.(?P<adapter>[^.]+))?\.weight$")
+_LAYER_RE = re.compile(r"^model\.layers\.(?P<layer>\d+)\.(?P<sub>.+)$")
+
+
+class AdapterError(ValueError):
+    """An adapter directory that cannot be read into (or written from) this model; the message says where and why."""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Export
+
+
+def _lora_modules(model: nnx.Module) -> list[tuple[str, LoraLinear]]:
+    """``(dotted name inside a layer, module)`` for every stacked LoraLinear with an adapter, in model order."""
+    out = []
+    for path, module in nnx.iter_modules(model):
+        if isinstance(module, LoraLinear) and module.lora_a is not None:
+            path = tuple(map(str, path))
+            if path[:2] != ("model", "layers"):
+                raise AdapterError(f"adapter on {'.'.join(path)}: only decoder-layer modules can be exported")
+            out.append((".".join(path[2:]), module))
+    return out
+
+
+def _num(x: float) -> int | float:
+    return int(x) if float(x).is_integer() else float(x)
+
+
+def adapter_config_dict(model: nnx.Module, lora_config: LoraConfig, base_model_name_or_path: str = "") -> dict:
+    """The ``adapter_config.json`` contents for ``model``'s adapters (the keys current peft writes, sorted)."""
+    modules = _lora_modules(model)
+    if not modules:
+        raise AdapterError("the model has no LoRA adapters to export (build it with a LoraConfig)")
+    r, alpha = int(lora_config.r), float(lora_config.alpha)
+    rank_pattern: dict[str, int] = {}
+    alpha_pattern: dict[str, int | float] = {}
+    for name, m in modules:
+        if m.spec.rslora != bool(lora_config.rslora):
+            raise AdapterError(f"{name}: use_rslora={m.spec.rslora} differs from the LoraConfig's {lora_config.rslora}")
+        if m.spec.r != r:
+            rank_pattern[name] = int(m.spec.r)
+        if not math.isclose(m.spec.alpha, alpha):
+            alpha_pattern[name] = _num(m.spec.alpha)
+    cfg = {
+        "alora_invocation_tokens": None,
+        "alpha_pattern": alpha_pattern,
+        "arrow_config": None,
+        "auto_mapping": None,
+        "base_model_name_or_path": str(base_model_name_or_path or ""),
+        "bias": "none",
+        "corda_config": None,
+        "ensure_weight_tying": False,
+        "eva_config": None,
+        "exclude_modules": None,
+        "fan_in_fan_out": False,
+        "inference_mode": True,
+        "init_lora_weights": True,
+        "kasa_config": None,
+        "layer_replication": None,
+        "layers_pattern": None,
+        "layers_to_transform": None,
+        "loftq_config": {},
+        "lora_alpha": _num(alpha),
+        "lora_bias": False,
+        "lora_dropout": float(lora_config.dropout),
+        "lora_ga_config": None,
+        "megatron_config": None,
+        "megatron_core": "megatron.core",
+        "modules_to_save": None,
+        "monteclora_config": None,
+        "peft_type": "LORA",
+        "qalora_group_size": 16,
+        "r": r,
+        "rank_pattern": rank_pattern,
+        "revision": None,
+        "target_modules": sorted({name.rsplit(".", 1)[-1] for name, _ in modules}),
+        "target_parameters": None,
+        "task_type": "CAUSAL_LM",
+        "trainable_token_indices": None,
+        "use_bdlora": None,
+        "use_dora": False,
+        "use_qalora": False,
+        "use_rslora": bool(lora_config.rslora),
+        "velora_config": None,
+    }
+    return cfg
+
+
+def adapter_tensors(model: nnx.Module, dtype: str = "float32") -> dict[str, np.ndarray]:
+    """peft's state dict of ``model``'s adapters: ``lora_A.weight [R, I]`` and ``lora_B.weight [O, R]`` per layer."""
+    if dtype not in SAVE_DTYPES:
+        raise AdapterError(f"unsupported adapter dtype {dtype!r}: expected one of {', '.join(SAVE_DTYPES)}")
+    out: dict[str, np.ndarray] = {}
+    for name, m in _lora_modules(model):
+        a_LIR = np.asarray(m.lora_a[...].astype(jnp.float32))
+        b_LRO = np.asarray(m.lora_b[...].astype(jnp.float32))
+        for i in range(a_LIR.shape[0]):
+            stem = f"{PREFIX}model.layers.{i}.{name}"
+            out[f"{stem}.lora_A.weight"] = np.ascontiguousarray(a_LIR[i].T)
+            out[f"{stem}.lora_B.weight"] = np.ascontiguousarray(b_LRO[i].T)
+    return out
+
+
+def _model_card(base: str, card: Mapping[str, Any] | None) -> str:
+    card = dict(card or {})
+    lines = ["---"]
+    if base:
+        lines.append(f"base_model: {base}")
+    lines += ["library_name: peft", "pipeline_tag: text-generation", "tags:"]
+    if base:
+        lines.append(f"- base_model:adapter:{base}")
+    lines += ["- lora", "- qlora", "- jqlora", "- transformers", "---", "",
+              f"# LoRA adapter{' for ' + base if base else ''}", "",
+              "A LoRA adapter trained with jqlora (JAX QLoRA) in the peft format. Load it with",
+              "`peft.PeftModel.from_pretrained(base_model, this_dir)`.", ""]
+    rows = [("Base model", base or card.pop("base_model", None))]
+    for label, key in (("Data", "data"), ("Steps", "steps"), ("Final loss", "final_loss")):
+        rows.append((label, card.pop(key, None)))
+    rows += [(str(k).replace("_", " ").capitalize(), v) for k, v in card.items()]
+    for label, value in rows:
+        if value is not None and value != "":
+            if isinstance(value, float):
+                value = f"{value:.4f}"
+            lines.append(f"- **{label}:** {value}")
+    return "\n".join(lines) + "\n"
+
+
+def save_adapter(
+    model: nnx.Module,
+    out_dir: str | os.PathLike,
+    *,
+    lora_config: LoraConfig | None = None,
+    base_model_name_or_path: str = "",
+    dtype: str = "float32",
+    card: Mapping[str, Any] | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write ``model``'s adapters as a peft LoRA adapter directory; returns its path.
+
+    The directory is written to a temporary sibling and renamed into place, so a reader never sees half an adapter.
+    An existing non-empty ``out_dir`` is an error unless ``overwrite``. ``card`` fills the README model card
+    (``data``, ``steps``, ``final_loss`` and any other key: value rows).
+    """
+    from safetensors.numpy import save_file
+
+    lora_config = lora_config if lora_config is not None else getattr(model, "lora_config", None)
+    if lora_config is None:
+        raise AdapterError("save_adapter needs the LoraConfig the model was built with (lora_config=...)")
+    out = Path(out_dir)
+    config = adapter_config_dict(model, lora_config, base_model_name_or_path)
+    tensors = adapter_tensors(model, dtype)
+    if dtype != "float32":  # numpy has no bfloat16 of its own; ml_dtypes (a JAX dependency) provides it
+        tensors = {k: np.asarray(jnp.asarray(v).astype(dtype)) for k, v in tensors.items()}
+    with atomic_directory(out, overwrite=overwrite, error=AdapterError) as tmp:
+        save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+        (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        (tmp / "README.md").write_text(_model_card(str(base_model_name_or_path or ""), card))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Import
+
+
+def _read_config(adapter_dir: Path) -> dict:
+    path = adapter_dir / CONFIG_NAME
+    if not adapter_dir.is_dir():
+        raise AdapterError(f"{adapter_dir}: not a directory (expected a peft adapter directory)")
+    if not path.is_file():
+        raise AdapterError(f"{path}: missing; {adapter_dir} is not a peft adapter directory")
+    try:
+        cfg = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise AdapterError(f"{path}: cannot read JSON ({e})") from None
+    if not isinstance(cfg, dict):
+        raise AdapterError(f"{path}: expected a JSON object")
+    peft_type = cfg.get("peft_type")
+    if peft_type != "LORA":
+        raise AdapterError(f"{path}: peft_type {peft_type!r} is not supported; jqlora reads LORA adapters only")
+    unsupported = {  # settings jqlora cannot represent: anything but null / false / empty is refused
+        "use_dora": "DoRA adapters (use_dora=true)",
+        "fan_in_fan_out": "fan_in_fan_out=true (Conv1D models)",
+        "lora_bias": "LoRA biases (lora_bias=true)",
+        "modules_to_save": "modules_to_save (fully trained extra modules)",
+        "trainable_token_indices": "trainable_token_indices",
+        "layer_replication": "layer_replication",
+        "target_parameters": "target_parameters",
+        "use_qalora": "QA-LoRA (use_qalora=true)",
+        "alora_invocation_tokens": "activated LoRA (alora_invocation_tokens)",
+    }
+    for key, what in unsupported.items():
+        if cfg.get(key) not in (None, False, [], {}):
+            raise AdapterError(f"{path}: {what} is not supported by jqlora ({key}={cfg.get(key)!r})")
+    if cfg.get("bias", "none") != "none":
+        raise AdapterError(f"{path}: bias={cfg.get('bias')!r} is not supported by jqlora (only 'none')")
+    task = cfg.get("task_type")
+    if task not in (None, "CAUSAL_LM"):
+        raise AdapterError(f"{path}: task_type {task!r} is not supported; jqlora reads CAUSAL_LM adapters")
+    if cfg.get("layers_to_transform") not in (None, []):
+        raise AdapterError(f"{path}: layers_to_transform={cfg['layers_to_transform']!r} is not supported: jqlora "
+                           "stacks layers, so a module kind is adapted in every layer or in none")
+    for key in ("r", "lora_alpha"):
+        if not isinstance(cfg.get(key), (int, float)) or isinstance(cfg.get(key), bool) or cfg[key] <= 0:
+            raise AdapterError(f"{path}: {key} must be a positive number, got {cfg.get(key)!r}")
+    return cfg
+
+
+def _weights_file(adapter_dir: Path) -> Path:
+    for name in (WEIGHTS_NAME, WEIGHTS_NAME_BIN):
+        if (adapter_dir / name).is_file():
+            return adapter_dir / name
+    raise AdapterError(f"{adapter_dir / WEIGHTS_NAME}: missing (no adapter weights in {adapter_dir})")
+
+
+def _read_tensors(path: Path) -> dict[str, np.ndarray]:
+    """All tensors of an adapter weights file as float32 numpy arrays."""
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors import safe_open
+
+            out = {}
+            with safe_open(str(path), framework="flax") as f:
+                for k in f.keys():
+                    out[k] = np.asarray(f.get_tensor(k).astype(jnp.float32))
+            return out
+        import torch  # a legacy .bin adapter
+
+        sd = torch.load(str(path), map_location="cpu", weights_only=True)
+        return {k: v.detach().float().numpy() for k, v in sd.items()}
+    except AdapterError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a corrupt file: say which
+        raise AdapterError(f"{path}: cannot read adapter weights ({type(e).__name__}: {e})") from None
+
+
+def _read_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), framework="numpy") as f:
+                return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+        except Exception as e:  # noqa: BLE001
+            raise AdapterError(f"{path}: cannot read adapter weights ({type(e).__name__}: {e})") from None
+    return {k: tuple(v.shape) for k, v in _read_tensors(path).items()}
+
+
+def _parse_key(key: str, where: Path) -> tuple[str, str, str | None]:
+    """``(module name inside the base model, 'A' | 'B', adapter name)`` of a peft LoRA key."""
+    m = _KEY_RE.match(key)
+    if m is None:
+        raise AdapterError(f"{where}: unexpected key {key!r} (not a LoRA lora_A / lora_B weight)")
+    module = m["module"]
+    if module.startswith(PREFIX):
+        module = module[len(PREFIX):]
+    return module, m["ab"], m["adapter"]
+
+
+def _pattern_value(pattern: Mapping[str, Any] | None, module: str, default: Any) -> Any:
+    """peft's rule: the first key K with ``re.match(rf"(.*\\.)?({K})$", module)`` decides."""
+    for key, value in (pattern or {}).items():
+        if re.match(rf"(.*\.)?({key})$", module):
+            return value
+    return default
+
+
+def _adapted_modules(adapter_dir: Path, cfg: dict) -> dict[str, dict[int, tuple[int, float]]]:
+    """``{name inside a layer: {layer: (r, alpha)}}`` from the weight keys (ranks from A's shape)."""
+    path = _weights_file(adapter_dir)
+    shapes = _read_shapes(path)
+    adapters = {_parse_key(k, path)[2] for k in shapes}
+    if len(adapters) > 1:
+        raise AdapterError(f"{path}: holds several adapters {sorted(map(str, adapters))}; jqlora loads one")
+    found: dict[str, dict[int, tuple[int, float]]] = {}
+    for key, shape in shapes.items():
+        module, ab, _ = _parse_key(key, path)
+        if ab != "A":
+            continue
+        m = _LAYER_RE.match(module)
+        if m is None or m["sub"] not in {f"{p}.{n}" for p, ns in _PARENTS.items() for n in ns}:
+            raise AdapterError(f"{path}: unexpected key {key!r}: no such adaptable module in a Llama-family model "
+                               f"(an adapter for another architecture?)")
+        if len(shape) != 2:
+            raise AdapterError(f"{path}: {key} has shape {shape}, expected [r, in]")
+        r = int(shape[0])
+        alpha = float(_pattern_value(cfg.get("alpha_pattern"), module, cfg["lora_alpha"]))
+        found.setdefault(m["sub"], {})[int(m["layer"])] = (r, alpha)
+    if not found:
+        raise AdapterError(f"{path}: no LoRA weights in the adapter")
+    return found
+
+
+_PARENTS = {"self_attn": ("q_proj", "k_proj", "v_proj", "o_proj"), "mlp": ("gate_proj", "up_proj", "down_proj")}
+
+
+def read_adapter_config(adapter_dir: str | os.PathLike, *, dropout: float | None = None) -> LoraConfig:
+    """The jqlora `LoraConfig` that builds a model able to hold the peft adapter in ``adapter_dir``.
+
+    Targets and per-module ranks come from the adapter's weights (so subsets and ``rank_pattern`` are honoured);
+    alpha from ``lora_alpha`` / ``alpha_pattern`` as peft resolves them. A module kind whose rank or alpha differs
+    between layers, or that is adapted in some layers only, is an `AdapterError` (jqlora stacks layers).
+    """
+    adapter_dir = Path(adapter_dir)
+    cfg = _read_config(adapter_dir)
+    found = _adapted_modules(adapter_dir, cfg)
+    layers = sorted({i for per_layer in found.values() for i in per_layer})
+    specs: dict[str, tuple[int, float]] = {}
+    for name, per_layer in sorted(found.items()):
+        missing = [i for i in layers if i not in per_layer]
+        if missing:
+            raise AdapterError(f"{adapter_dir}: {name} is adapted in layers {sorted(per_layer)} but not in {missing}; "
+                               "jqlora stacks layers, so a module kind is adapted in every layer or in none")
+        values = set(per_layer.values())
+        if len(values) > 1:
+            detail = ", ".join(f"layer {i}: r={r}, alpha={_num(a)}" for i, (r, a) in sorted(per_layer.items()))
+            raise AdapterError(f"{adapter_dir}: {name} has different rank/alpha per layer ({detail}); jqlora stacks "
+                               "layers and needs one rank and alpha per module kind")
+        specs[name] = values.pop()
+    r = Counter(r for r, _ in specs.values()).most_common(1)[0][0]
+    r = int(cfg["r"]) if int(cfg["r"]) in {s[0] for s in specs.values()} else r
+    alpha = float(cfg["lora_alpha"])
+    targets = tuple(n for n in LINEAR_MODULES if any(name.endswith("." + n) for name in specs))
+    return LoraConfig(
+        r=r,
+        alpha=alpha,
+        dropout=float(cfg.get("lora_dropout") or 0.0) if dropout is None else dropout,
+        targets="all-linear" if targets == LINEAR_MODULES else targets,
+        rslora=bool(cfg.get("use_rslora", False)),
+        rank_pattern={name: s[0] for name, s in specs.items() if s[0] != r},
+        alpha_pattern={name: _num(s[1]) for name, s in specs.items() if not math.isclose(s[1], alpha)},
+    )
+
+
+def load_adapter(model: nnx.Module, adapter_dir: str | os.PathLike) -> nnx.Module:
+    """Fill ``model``'s LoRA A/B from the peft adapter in ``adapter_dir`` (in place; returns ``model``).
+
+    ``model`` must be built with ``read_adapter_config(adapter_dir)`` (or an equivalent LoraConfig): every adapted
+    module of the adapter must exist in the model with the same rank and scaling, and every adapter of the model
+    must be in the file. Missing or unexpected keys and shapes that do not fit raise `AdapterError` naming the key.
+    """
+    adapter_dir = Path(adapter_dir)
+    cfg = _read_config(adapter_dir)
+    path = _weights_file(adapter_dir)
+    tensors = _read_tensors(path)
+    by_module: dict[tuple[str, str], tuple[str, np.ndarray]] = {}
+    adapters = set()
+    for key, value in tensors.items():
+        module, ab, adapter = _parse_key(key, path)
+        adapters.add(adapter)
+        by_module[(module, ab)] = (key, value)
+    if len(adapters) > 1:
+        raise AdapterError(f"{path}: holds several adapters {sorted(map(str, adapters))}; jqlora loads one")
+    suffix = "" if adapters == {None} else f".{adapters.pop()}"
+    rslora = bool(cfg.get("use_rslora", False))
+    modules = _lora_modules(model)
+    if not modules:
+        raise AdapterError(f"{adapter_dir}: the model has no LoRA adapters to fill; build it with "
+                           "lora=jqlora.peft.read_adapter_config(adapter_dir)")
+    used: set[tuple[str, str]] = set()
+    updates = []
+    for name, m in modules:
+        L = m.lora_a.shape[0]
+        r, I, O = m.spec.r, m.in_features, m.out_features
+        a_LIR = np.zeros((L, I, r), np.float32)
+        b_LRO = np.zeros((L, r, O), np.float32)
+        for i in range(L):
+            module = f"model.layers.{i}.{name}"
+            for ab, expected, buf in (("A", (r, I), a_LIR), ("B", (O, r), b_LRO)):
+                key = f"{PREFIX}{module}.lora_{ab}{suffix}.weight"
+                if (module, ab) not in by_module:
+                    raise AdapterError(f"{path}: missing key {key!r} (the model adapts {name} with r={r})")
+                key, value = by_module[(module, ab)]
+                if tuple(value.shape) != expected:
+                    raise AdapterError(f"{path}: {key} has shape {tuple(value.shape)}, expected {expected}")
+                buf[i] = value.T
+                used.add((module, ab))
+            alpha = float(_pattern_value(cfg.get("alpha_pattern"), module, cfg["lora_alpha"]))
+            scaling = alpha / math.sqrt(r) if rslora else alpha / r
+            if not math.isclose(scaling, m.scaling, rel_tol=1e-6):
+                raise AdapterError(f"{adapter_dir}: {module} has LoRA scaling {scaling:g} in the adapter "
+                                   f"(alpha={_num(alpha)}, r={r}, rslora={rslora}) but {m.scaling:g} in the model; "
+                                   "build the model with lora=jqlora.peft.read_adapter_config(adapter_dir)")
+        updates.append((m, a_LIR, b_LRO))
+    unexpected = sorted(by_module[k][0] for k in by_module if k not in used)
+    if unexpected:
+        more = f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""
+        raise AdapterError(f"{path}: unexpected key {unexpected[0]!r}{more}: the model has no adapter there; build "
+                           "it with lora=jqlora.peft.read_adapter_config(adapter_dir)")
+    for m, a_LIR, b_LRO in updates:
+        m.lora_a.set_value(jnp.asarray(a_LIR, m.lora_a.dtype))
+        m.lora_b.set_value(jnp.asarray(b_LRO, m.lora_b.dtype))
+    return model
+
+
+def load_model_with_adapter(path: str | os.PathLike, adapter_dir: str | os.PathLike, **kw: Any) -> nnx.Module:
+    """`jqlora.load_model(path, adapter=adapter_dir, ...)`: ranks and targets come from the adapter."""
+    import jqlora
+
+    return jqlora.load_model(path, adapter=adapter_dir, **kw)
