@@ -84,8 +84,8 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class LoraConfig:
-    r: int = 8  # adapter rank
-    alpha: float = 16.0  # scaling alpha / r (alpha / sqrt(r) with rslora)
+    r: int = 16  # adapter rank
+    alpha: float = 32.0  # scaling alpha / r (alpha / sqrt(r) with rslora)
     dropout: float = 0.05  # dropout on the adapter input
     targets: Any = "all-linear"  # "all-linear" or a list of module names (q_proj, ..., down_proj)
     rslora: bool = False  # rank-stabilized scaling (Kalajdzievski 2023)
@@ -149,9 +149,9 @@ class DataConfig:
 class TrainConfig:
     batch_size: int = 8  # rows per micro-batch (one forward/backward)
     grad_accum_steps: int = 2  # micro-batches per optimizer step
-    max_steps: Optional[int] = 60  # optimizer steps; null: train.epochs over the data
+    max_steps: Optional[int] = 100  # optimizer steps; null: train.epochs over the data
     epochs: float = 1.0  # passes over the training rows when max_steps is null
-    learning_rate: float = 1e-3  # peak learning rate
+    learning_rate: float = 5e-3  # peak learning rate
     lr_schedule: str = "cosine"  # cosine | linear | constant (after warmup), decaying to min_lr_ratio * peak
     warmup_steps: int = 5  # linear warmup from 0, in optimizer steps (clamped to the run's length)
     min_lr_ratio: float = 0.0  # final learning rate as a fraction of the peak (cosine, linear)
@@ -163,7 +163,7 @@ class TrainConfig:
     seed: int = 0  # LoRA init, dropout, data shuffling and the eval split
     remat: str = "full"  # none | full | save_dots | offload: what the scanned layer body keeps for backward
     log_every: int = 10  # optimizer steps between metric lines
-    eval_every: int = 20  # optimizer steps between evaluations; 0: only at the end
+    eval_every: int = 25  # optimizer steps between evaluations; 0: only at the end
     eval_batches: Optional[int] = None  # micro-batches per evaluation; null: the whole eval set
     eval_batch_size: Optional[int] = None  # defaults to train.batch_size
     save_every: int = 0  # optimizer steps between checkpoints; 0: only at the end

@@ -1,0 +1,77 @@
+"""The optimizer: linear warmup then cosine / linear / constant decay, global-norm clipping, AdamW, all inside
+`optax.MultiSteps` for gradient accumulation.
+
+    lr(t) = peak · t / W                                                  t < W (warmup, W capped at the run length)
+    lr(t) = peak · (m + (1 - m) · ½ (1 + cos(π p)))   cosine,    p = (t - W) / (T - W) ∈ [0, 1], m = min_lr_ratio
+    lr(t) = peak · (m + (1 - m) · (1 - p))            linear
+    lr(t) = peak                                      constant
+
+AdamW (Loshchilov & Hutter, "Decoupled Weight Decay Regularization", 2019) is applied to whatever tree it is given;
+the train step gives it the LoRA parameters only (`nnx.split(model, nnx.LoRAParam, ...)`), so the frozen base model
+has no optimizer state at all. `optax.MultiSteps(every_k_schedule=k)` averages k micro-step gradients and applies
+the inner chain every k-th call; t counts optimizer steps (not micro-steps).
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import numpy as np
+import optax
+
+
+def make_schedule(train_cfg, total_steps: int) -> optax.Schedule:
+    """The learning rate as a function of the optimizer step (0-based) for a `jqlora.config.TrainConfig`."""
+    peak = float(train_cfg.learning_rate)
+    total = max(int(total_steps), 1)
+    warmup = min(int(train_cfg.warmup_steps), total)
+    floor = peak * float(train_cfg.min_lr_ratio)
+    decay = max(total - warmup, 1)
+    kind = train_cfg.lr_schedule
+    if kind == "cosine":
+        after = optax.cosine_decay_schedule(peak, decay, alpha=float(train_cfg.min_lr_ratio))
+    elif kind == "linear":
+        after = optax.linear_schedule(peak, floor, decay)
+    elif kind == "constant":
+        after = optax.constant_schedule(peak)
+    else:
+        raise ValueError(f"unknown lr_schedule {kind!r}")
+    if warmup == 0:
+        return after
+    return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), after], [warmup])
+
+
+def make_optimizer(train_cfg, total_steps: int) -> tuple[optax.MultiSteps, optax.Schedule]:
+    """``MultiSteps(clip ∘ AdamW, every_k_schedule=grad_accum_steps)`` and its learning-rate schedule."""
+    schedule = make_schedule(train_cfg, total_steps)
+    parts = []
+    if train_cfg.max_grad_norm > 0:
+        parts.append(optax.clip_by_global_norm(float(train_cfg.max_grad_norm)))
+    parts.append(optax.adamw(schedule, b1=float(train_cfg.adam_b1), b2=float(train_cfg.adam_b2),
+                             eps=float(train_cfg.adam_eps), weight_decay=float(train_cfg.weight_decay)))
+    inner = optax.chain(*parts)
+    return optax.MultiSteps(inner, every_k_schedule=int(train_cfg.grad_accum_steps)), schedule
+
+
+def total_optimizer_steps(train_cfg, batches_per_epoch: int) -> int:
+    """train.max_steps, or enough optimizer steps for train.epochs passes over the data."""
+    if train_cfg.max_steps is not None:
+        return int(train_cfg.max_steps)
+    micro = math.ceil(float(train_cfg.epochs) * batches_per_epoch)
+    return max(1, math.ceil(micro / int(train_cfg.grad_accum_steps)))
+
+
+def check_state_is_lora_only(opt_state, params) -> int:
+    """Assert that every non-scalar optimizer leaf has the shape of a trained parameter; returns how many there are.
+
+    With MultiSteps ∘ (clip, AdamW) that is 3 per parameter: the accumulated gradient, Adam's mu and nu.
+    """
+    param_shapes = [tuple(np.shape(x)) for x in jax.tree.leaves(params)]
+    allowed = set(param_shapes)
+    state_shapes = [tuple(np.shape(x)) for x in jax.tree.leaves(opt_state) if np.ndim(x) > 0]
+    stray = [s for s in state_shapes if s not in allowed]
+    assert not stray, f"optimizer state holds non-LoRA leaves of shapes {stray[:5]}"
+    expected = 3 * len(param_shapes)
+    assert len(state_shapes) == expected, (len(state_shapes), expected)
+    return len(state_shapes)
