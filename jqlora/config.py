@@ -169,6 +169,7 @@ class TrainConfig:
     save_every: int = 0  # optimizer steps between checkpoints; 0: only at the end
     keep_checkpoints: int = 2  # most recent checkpoints kept
     resume: bool = True  # continue from the newest checkpoint in output_dir if there is one
+    stop_at_step: Optional[int] = None  # save and stop after this step (the schedule still spans max_steps); rerun to go on
 
     def __post_init__(self):
         _check(self.batch_size >= 1, "train.batch_size", self.batch_size, "must be >= 1")
@@ -194,6 +195,36 @@ class TrainConfig:
             _check(self.eval_batch_size >= 1, "train.eval_batch_size", self.eval_batch_size, "must be >= 1")
         _check(self.save_every >= 0, "train.save_every", self.save_every, "must be >= 0 (0: only at the end)")
         _check(self.keep_checkpoints >= 1, "train.keep_checkpoints", self.keep_checkpoints, "must be >= 1")
+        if self.stop_at_step is not None:
+            _check(self.stop_at_step >= 1, "train.stop_at_step", self.stop_at_step, "must be >= 1 (or null)")
+
+
+def _mesh_size(value: Any, key: str) -> Any:
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return "auto"
+    if isinstance(value, str):
+        try:
+            value = int(value)
+        except ValueError:
+            pass
+    _check(isinstance(value, int) and not isinstance(value, bool) and value >= 1, key, value,
+           "must be a positive integer or 'auto'")
+    return value
+
+
+@dataclass(frozen=True)
+class MeshConfig:
+    data: Any = 1  # data-parallel axis: batch split, weights replicated (int or "auto")
+    fsdp: Any = "auto"  # fully-sharded data parallel: batch and weights/adapters/optimizer state split
+    tensor: Any = 1  # tensor parallel: kernels split inside a layer (must divide the heads and the MLP width)
+
+    def __post_init__(self):
+        for name in ("data", "fsdp", "tensor"):
+            object.__setattr__(self, name, _mesh_size(getattr(self, name), f"mesh.{name}"))
+        autos = [n for n in ("data", "fsdp", "tensor") if getattr(self, n) == "auto"]
+        if len(autos) > 1:
+            raise _Invalid(f"mesh.{autos[-1]}", f"mesh: at most one axis may be 'auto', got "
+                           + ", ".join(f"mesh.{n}=auto" for n in autos))
 
 
 @dataclass(frozen=True)
@@ -202,6 +233,7 @@ class Config:
     lora: LoraConfig = field(default_factory=LoraConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    mesh: MeshConfig = field(default_factory=MeshConfig)
     output_dir: str = "runs/demo"  # checkpoints, metrics, the resolved config and the exported adapter
 
     def __post_init__(self):

@@ -463,11 +463,12 @@ class Trainer:
                 evaluated_at = self.step
             if tc.save_every and self.step % tc.save_every == 0:
                 self.save()
-            if self._stop_signal is not None:
+            stop_at = tc.stop_at_step is not None and self.step >= tc.stop_at_step and self.step < self.total_steps
+            if self._stop_signal is not None or stop_at:
                 bar.close()
                 self.save()
-                name = signal.Signals(self._stop_signal).name
-                print(f"{name}: stopped at step {self.step}; checkpoint saved in {self.out}/checkpoints, "
+                why = signal.Signals(self._stop_signal).name if self._stop_signal is not None else "train.stop_at_step"
+                print(f"{why}: stopped at step {self.step}; checkpoint saved in {self.out}/checkpoints, "
                       "run again to resume", file=sys.stderr)
                 return 0
         bar.close()

@@ -7,7 +7,10 @@ import os
 os.environ.setdefault("TORCH_COMPILE_DISABLE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import json  # noqa: E402
 import logging  # noqa: E402
+import shutil  # noqa: E402
+from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 
@@ -22,3 +25,38 @@ def pytest_sessionfinish(session, exitstatus):
     if skipped and session.exitstatus == 0:
         reporter.write_line(f"CI: {skipped} skipped test(s) count as not run; failing the run", red=True)
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+REPO = Path(__file__).resolve().parents[1]
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
+
+
+def _chat(user: str, answer: str) -> str:
+    return json.dumps({"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]})
+
+
+@pytest.fixture(scope="session")
+def assets(tmp_path_factory):
+    """A tiny random Llama with the demo tokenizer (vocab 512) and a small chat set for training runs."""
+    import torch
+    from tiny import make_model
+
+    root = tmp_path_factory.mktemp("train")
+    model = make_model(root / "model", "llama", torch.float32, vocab_size=512, hidden_size=64, intermediate_size=128,
+                       max_position_embeddings=128)
+    for name in TOKENIZER_FILES:
+        shutil.copy(REPO / "assets" / "demo" / "model" / name, model / name)
+    # Rows with very different numbers of trained tokens: one-word answers next to long ones.
+    rows = []
+    for i in range(12):
+        if i % 3 == 0:
+            rows.append(_chat(f"Say {i}.", f"{i}"))
+        elif i % 3 == 1:
+            rows.append(_chat("Reverse the word river.", "revir " * (3 + i)))
+        else:
+            rows.append(_chat(f"What is {i} plus {i}?", f"{i} plus {i} is {2 * i}."))
+    (root / "train.jsonl").write_text("\n".join(rows) + "\n")
+    (root / "eval.jsonl").write_text("\n".join(rows[:3]) + "\n")
+    return root
+
+

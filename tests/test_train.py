@@ -7,7 +7,6 @@ A tiny random Llama (tests/tiny.py) with the demo tokenizer (vocab 512) and a sm
 """
 
 import json
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -21,14 +20,8 @@ import torch
 from jqlora import optim
 from jqlora import train as T
 from jqlora.config import load_config
-from tiny import make_model
 
 REPO = Path(__file__).resolve().parents[1]
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
-
-
-def _chat(user: str, answer: str) -> str:
-    return json.dumps({"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]})
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -43,27 +36,6 @@ def compilation_cache(tmp_path_factory):
     yield
     for k, v in old.items():
         jax.config.update(k, v)
-
-
-@pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    root = tmp_path_factory.mktemp("train")
-    model = make_model(root / "model", "llama", torch.float32, vocab_size=512, hidden_size=64, intermediate_size=128,
-                       max_position_embeddings=128)
-    for name in TOKENIZER_FILES:
-        shutil.copy(REPO / "assets" / "demo" / "model" / name, model / name)
-    # Rows with very different numbers of trained tokens: one-word answers next to long ones.
-    rows = []
-    for i in range(12):
-        if i % 3 == 0:
-            rows.append(_chat(f"Say {i}.", f"{i}"))
-        elif i % 3 == 1:
-            rows.append(_chat("Reverse the word river.", "revir " * (3 + i)))
-        else:
-            rows.append(_chat(f"What is {i} plus {i}?", f"{i} plus {i} is {2 * i}."))
-    (root / "train.jsonl").write_text("\n".join(rows) + "\n")
-    (root / "eval.jsonl").write_text("\n".join(rows[:3]) + "\n")
-    return root
 
 
 def _cfg(assets, out, *overrides):
