@@ -169,6 +169,7 @@ class TrainConfig:
     save_every: int = 0  # optimizer steps between checkpoints; 0: only at the end
     keep_checkpoints: int = 2  # most recent checkpoints kept
     resume: bool = True  # continue from the newest checkpoint in output_dir if there is one
+    sample_prompt: Optional[str] = "What is the capital of France?"  # generated from before and after training
     stop_at_step: Optional[int] = None  # save and stop after this step (the schedule still spans max_steps); rerun to go on
 
     def __post_init__(self):

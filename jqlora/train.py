@@ -38,6 +38,7 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from jqlora import optim
@@ -274,7 +275,7 @@ class Trainer:
         _check_output_dir(self.out)
 
         self.model = build_model(cfg)
-        tokenizer = load_tokenizer(cfg.model.tokenizer_path or cfg.model.path)
+        self.tokenizer = tokenizer = load_tokenizer(cfg.model.tokenizer_path or cfg.model.path)
         self.train_ds, self.eval_ds = build_datasets(cfg.data, tokenizer, seed=self.tc.seed)
         self.iterator = BatchIterator(self.train_ds, self.tc.batch_size, seed=self.tc.seed, shuffle=cfg.data.shuffle)
         self.total_steps = optim.total_optimizer_steps(self.tc, self.iterator.batches_per_epoch)
@@ -432,6 +433,8 @@ class Trainer:
                    dynamic_ncols=True)
         window_loss, window_steps, window_tokens, window_t0 = 0.0, 0, 0, time.perf_counter()
         evaluated_at = None
+        if self.step == 0:
+            self.print_sample("before training")
         if self.step == 0 and self.eval_ds is not None:  # the held-out loss before any training
             self._log({"step": 0, "eval_loss": self.evaluate()})
             evaluated_at = 0
@@ -476,9 +479,28 @@ class Trainer:
             self._log({"step": self.step, "eval_loss": self.evaluate()})
         self.save()
         self.plot()
+        self.print_sample(f"after {self.step} steps")
         if self.export:
             self.export_adapter()
         return 0
+
+    def sample(self, max_new_tokens: int = 32) -> str | None:
+        """The model's greedy reply to ``train.sample_prompt`` (None without a prompt or a chat template)."""
+        prompt = self.tc.sample_prompt
+        if not prompt or not getattr(self.tokenizer, "chat_template", None):
+            return None
+        from jqlora.generate import generate
+
+        ids = self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                                 tokenize=True, return_dict=True)["input_ids"]
+        out = generate(self.split.model(self.lora), np.asarray(ids, np.int32), max_new_tokens=max_new_tokens,
+                       eos_token_id=self.tokenizer.eos_token_id)
+        return self.tokenizer.decode(out, skip_special_tokens=True).strip()
+
+    def print_sample(self, when: str) -> None:
+        reply = self.sample()
+        if reply is not None:
+            print(f"[{when}] {self.tc.sample_prompt!r} -> {reply!r}", flush=True)
 
     def export_adapter(self) -> None:
         from jqlora import peft

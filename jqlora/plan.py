@@ -1,0 +1,286 @@
+"""An analytic per-device memory plan for a QLoRA run: will it fit, and where do the bytes go?
+
+    python -m jqlora.plan --model llama3-70b --seq 2048 --batch 1 --fsdp 2 --remat full
+    python -m jqlora.plan --model-config path/to/config.json --seq 2048 --batch 1
+    python -m jqlora.plan --config configs/llama3-8b.yaml [key.sub=value ...] [--devices 8]
+
+Rows (bytes per device; B = rows per device, S = sequence, T = B·S tokens, D hidden, F MLP width, N/K query/KV heads
+of size H, L layers, V vocabulary, r LoRA rank, c = bytes of the compute dtype, P = fsdp × tensor):
+
+    base weights        exact storage of the frozen model: per linear kernel of n values ceil(n/2) code bytes +
+                        n/block absmax (1 byte with double quantization, else 4) + ceil(blocks/256)·4 nested scales
+                        + 4 offset bytes (≈ 4.127 bits/param at block 64), embeddings / lm_head / norms in the
+                        compute dtype; split over P (norms replicated), as `jqlora.sharding` places them
+    gathered layer      FSDP only: one layer's 4-bit kernels all-gathered, twice (the next layer is prefetched)
+    LoRA + AdamW        fp32 adapters + gradient + accumulated gradient (optax.MultiSteps) + 2 moments = 20 B/param,
+                        split over fsdp
+    residual stream     remat full / save_dots: the scanned layer input, L · T·D·c
+    saved matmuls       save_dots: every dot output of every layer (base, LoRA A and B, attention scores and values)
+    layer working set   one layer recomputed for its backward: activations T·(6D + 2NH + 2KH + 3F)·c, attention
+                        scores and probabilities B·N·S²·(2c) (XLA attention, no flash kernel), and the layer's
+                        kernels dequantized to c; with remat none every layer keeps all of this (× L)
+    cross-entropy       one chunk of 1024 tokens of float32 logits and their gradient, 2 · 1024·V·4, plus the final
+                        hidden states and their gradient 2·T·D·c
+
+Not counted: XLA's temporary buffers and fragmentation, the CUDA context (~0.5 GB), the batch itself.
+The tensor axis divides the per-layer working set and saved matmuls (heads and MLP are split), not the residuals.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import sys
+from typing import Any
+
+LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+NESTED = 256
+CE_CHUNK = 1024
+DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
+REMATS = ("none", "full", "save_dots", "offload")
+WEIGHTS_ROW = "base weights (4-bit + bf16)"
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelShape:
+    """The few numbers of a Llama-family config.json the plan needs."""
+
+    name: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    tie_word_embeddings: bool = False
+    qkv_bias: bool = False
+    qk_norm: bool = False
+
+    @classmethod
+    def from_config(cls, cfg: Any, name: str = "model") -> "ModelShape":
+        """From a `jqlora.models.ModelConfig` or a Hugging Face config dict."""
+        get = (lambda k, d=None: cfg.get(k, d)) if isinstance(cfg, dict) else (lambda k, d=None: getattr(cfg, k, d))
+        heads = int(get("num_attention_heads"))
+        head_dim = get("head_dim") or int(get("hidden_size")) // heads
+        return cls(name, int(get("vocab_size")), int(get("hidden_size")), int(get("intermediate_size")),
+                   int(get("num_hidden_layers")), heads, int(get("num_key_value_heads") or heads), int(head_dim),
+                   bool(get("tie_word_embeddings", False)),
+                   bool(get("qkv_bias", False) or get("attention_bias", False)), bool(get("qk_norm", False)))
+
+    def linear_shapes(self) -> dict[str, tuple[int, int]]:
+        """[out, in] of each linear kernel of one layer."""
+        D, F, N, K, H = (self.hidden_size, self.intermediate_size, self.num_attention_heads,
+                         self.num_key_value_heads, self.head_dim)
+        return {"q_proj": (N * H, D), "k_proj": (K * H, D), "v_proj": (K * H, D), "o_proj": (D, N * H),
+                "gate_proj": (F, D), "up_proj": (F, D), "down_proj": (D, F)}
+
+
+# Published config.json values (meta-llama/Meta-Llama-3-8B and -70B; 3.1 has the same shapes).
+BUILTIN = {
+    "llama3-8b": ModelShape("Llama-3-8B", 128256, 4096, 14336, 32, 32, 8, 128),
+    "llama3-70b": ModelShape("Llama-3-70B", 128256, 8192, 28672, 80, 64, 8, 128),
+}
+
+
+def quantized_bytes(n: int, block_size: int = 64, double_quant: bool = True) -> int:
+    """Exact storage of one 4-bit tensor of n values: codes, absmax, nested absmax and offset."""
+    blocks = -(-n // block_size)
+    if double_quant:
+        return -(-n // 2) + blocks + 4 * -(-blocks // NESTED) + 4
+    return -(-n // 2) + 4 * blocks
+
+
+def weight_bytes(shape: ModelShape, *, quant: str = "nf4", double_quant: bool = True, block_size: int = 64,
+                 dtype_bytes: int = 2) -> dict[str, int]:
+    """Bytes of the whole frozen model: {'quantized', 'unquantized', 'norms', 'per_layer_quantized', 'total'}."""
+    L, D, V = shape.num_hidden_layers, shape.hidden_size, shape.vocab_size
+    per_layer = 0
+    for O, I in shape.linear_shapes().values():
+        per_layer += quantized_bytes(O * I, block_size, double_quant) if quant != "none" else O * I * dtype_bytes
+    biases = (shape.num_attention_heads + 2 * shape.num_key_value_heads) * shape.head_dim if shape.qkv_bias else 0
+    norms = L * (2 * D + (2 * shape.head_dim if shape.qk_norm else 0) + biases) + D
+    embed = V * D * (1 if shape.tie_word_embeddings else 2)
+    quantized = L * per_layer if quant != "none" else 0
+    unquantized = (embed + norms) * dtype_bytes + (L * per_layer if quant == "none" else 0)
+    return {"quantized": quantized, "unquantized": unquantized, "norms": norms * dtype_bytes,
+            "per_layer_quantized": per_layer, "total": quantized + unquantized}
+
+
+def lora_param_count(shape: ModelShape, r: int = 16, targets: tuple[str, ...] = LINEARS) -> int:
+    return shape.num_hidden_layers * sum(r * (O + I) for name, (O, I) in shape.linear_shapes().items()
+                                         if name in targets)
+
+
+@dataclasses.dataclass
+class Plan:
+    title: str
+    rows: dict[str, float]
+    total_weight_bytes: int
+    notes: list[str]
+
+    @property
+    def total(self) -> float:
+        return float(sum(self.rows.values()))
+
+    def table(self) -> str:
+        width = max(len(k) for k in list(self.rows) + ["total per device"])
+        lines = [self.title, "-" * (width + 14)]
+        for k, v in self.rows.items():
+            lines.append(f"{k:<{width}}  {v / 1e9:>9.2f} GB")
+        lines.append("-" * (width + 14))
+        lines.append(f"{'total per device':<{width}}  {self.total / 1e9:>9.2f} GB")
+        lines += [f"  {n}" for n in self.notes]
+        return "\n".join(lines)
+
+
+def memory_plan(shape: ModelShape, *, seq: int, batch: int = 1, data: int = 1, fsdp: int = 1, tensor: int = 1,
+                remat: str = "full", r: int = 16, targets: tuple[str, ...] = LINEARS, quant: str = "nf4",
+                double_quant: bool = True, block_size: int = 64, dtype: str = "bfloat16",
+                ce_chunk: int = CE_CHUNK) -> Plan:
+    """Bytes per device; ``batch`` is rows per device (each device of the data × fsdp axes sees its own rows)."""
+    if remat not in REMATS:
+        raise ValueError(f"remat {remat!r}: expected one of {', '.join(REMATS)}")
+    c = DTYPE_BYTES[dtype]
+    P = fsdp * tensor
+    L, D, F = shape.num_hidden_layers, shape.hidden_size, shape.intermediate_size
+    N, K, H, V = shape.num_attention_heads, shape.num_key_value_heads, shape.head_dim, shape.vocab_size
+    B, S = batch, seq
+    T = B * S
+    w = weight_bytes(shape, quant=quant, double_quant=double_quant, block_size=block_size, dtype_bytes=c)
+    rows: dict[str, float] = {}
+    rows[WEIGHTS_ROW] = (w["total"] - w["norms"]) / P + w["norms"]
+    if P > 1:
+        rows["gathered layer (fsdp prefetch, x2)"] = 2 * w["per_layer_quantized"] * (1 - 1 / P)
+    n_lora = lora_param_count(shape, r, targets)
+    rows["LoRA params+grad+acc+AdamW (fp32)"] = 20 * n_lora / fsdp
+    residual = L * T * D * c
+    acts = T * (6 * D + 2 * N * H + 2 * K * H + 3 * F) * c / tensor
+    scores = 2 * B * N * S * S * c / tensor
+    kernels = sum(O * I for O, I in shape.linear_shapes().values()) * c / tensor
+    outs = T * (N * H + 2 * K * H + D + 2 * F + D) * c
+    n_lin = len(targets)
+    dots = (2 * outs + T * r * n_lin * c + B * N * S * S * c + T * N * H * c) / tensor
+    if remat == "none":
+        rows["all layers' activations (no remat)"] = L * (acts + scores)
+        rows["all layers' dequantized kernels"] = L * kernels
+    else:
+        rows["residual stream checkpoints"] = residual
+        if remat in ("save_dots", "offload"):
+            rows["saved matmul outputs"] = L * dots
+        rows["layer working set (recomputed)"] = acts + scores + kernels
+    rows["cross-entropy chunk + final hidden"] = 2 * min(ce_chunk, T) * V * 4 + 2 * T * D * c
+    notes = [f"{w['quantized'] * 8 / max(1, sum(O * I for O, I in shape.linear_shapes().values()) * L):.3f} "
+             f"bits/param for the linear kernels; {n_lora / 1e6:.1f} M LoRA params (r={r})",
+             f"all devices together hold {w['total'] / 1e9:.2f} GB of base weights"]
+    if remat == "offload":
+        notes.append("offload: the saved matmuls go to pinned host memory on GPU (counted here as if on device)")
+    title = (f"{shape.name}: seq={S} batch={B}/device data={data} fsdp={fsdp} tensor={tensor} remat={remat} "
+             f"r={r} {quant}{'+dq' if double_quant else ''} {dtype}")
+    return Plan(title, rows, w["total"], notes)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# CLI
+
+
+class _Usage(Exception):
+    pass
+
+
+def _resolve_axis(value: Any, name: str, devices: int, others: int) -> int:
+    if value == "auto":
+        if devices % others:
+            raise _Usage(f"mesh.{name}=auto: {devices} devices do not divide by the other axes ({others})")
+        return devices // others
+    return int(value)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m jqlora.plan", description=__doc__.split("\n")[0])
+    src = ap.add_mutually_exclusive_group()
+    src.add_argument("--model", help=f"a built-in shape: {', '.join(BUILTIN)}")
+    src.add_argument("--model-config", help="a Hugging Face config.json (or its directory)")
+    src.add_argument("--config", help="a jqlora run config (YAML); overrides may follow")
+    ap.add_argument("overrides", nargs="*", help="key.sub=value overrides of --config")
+    ap.add_argument("--seq", type=int)
+    ap.add_argument("--batch", type=int, help="rows per device")
+    ap.add_argument("--data", default=None)
+    ap.add_argument("--fsdp", default=None)
+    ap.add_argument("--tensor", default=None)
+    ap.add_argument("--devices", type=int, default=None, help="device count for 'auto' mesh axes (default 1)")
+    ap.add_argument("--remat", choices=REMATS)
+    ap.add_argument("--r", type=int)
+    ap.add_argument("--dtype", choices=tuple(DTYPE_BYTES))
+    ap.add_argument("--quant", choices=("nf4", "fp4", "none"))
+    args = ap.parse_args(argv)
+    try:
+        settings: dict[str, Any] = dict(seq=2048, batch=1, data=1, fsdp=1, tensor=1, remat="full", r=16,
+                                        dtype="bfloat16", quant="nf4", double_quant=True, block_size=64,
+                                        targets=LINEARS)
+        if args.overrides and not args.config:
+            raise _Usage(f"overrides {args.overrides} need --config")
+        if args.config:
+            from jqlora.config import ConfigError, load_config
+
+            try:
+                cfg = load_config(args.config, args.overrides)
+            except ConfigError as e:
+                raise _Usage(str(e)) from None
+            path = os.path.join(cfg.model.path, "config.json")
+            if not os.path.isfile(path):
+                raise _Usage(f"model.path {cfg.model.path}: no config.json (use --model or --model-config with "
+                             f"--config for the shape)")
+            shape = ModelShape.from_config(json.load(open(path)), os.path.basename(cfg.model.path.rstrip("/")))
+            settings.update(seq=cfg.data.max_length, batch=cfg.train.batch_size, remat=cfg.train.remat,
+                            r=cfg.lora.r, dtype=cfg.model.dtype, quant=cfg.model.quant,
+                            double_quant=cfg.model.double_quant, block_size=cfg.model.block_size,
+                            targets=tuple(cfg.lora.target_modules), data=cfg.mesh.data, fsdp=cfg.mesh.fsdp,
+                            tensor=cfg.mesh.tensor)
+        elif args.model_config:
+            path = args.model_config
+            if os.path.isdir(path):
+                path = os.path.join(path, "config.json")
+            if not os.path.isfile(path):
+                raise _Usage(f"{path}: no such file")
+            try:
+                shape = ModelShape.from_config(json.load(open(path)), os.path.basename(os.path.dirname(
+                    os.path.abspath(path))))
+            except (ValueError, TypeError, KeyError) as e:
+                raise _Usage(f"{path}: not a usable config.json ({e!r})") from None
+        else:
+            name = args.model or "llama3-8b"
+            if name not in BUILTIN:
+                raise _Usage(f"--model {name}: unknown; expected one of {', '.join(BUILTIN)}")
+            shape = BUILTIN[name]
+        for key in ("seq", "batch", "remat", "r", "dtype", "quant", "data", "fsdp", "tensor"):
+            if getattr(args, key) is not None:
+                settings[key] = getattr(args, key)
+        devices = args.devices or 1
+        axes = {}
+        for name in ("data", "fsdp", "tensor"):
+            v = settings[name]
+            axes[name] = v if v == "auto" else int(v)
+        fixed = math.prod(v for v in axes.values() if v != "auto")
+        for name, v in axes.items():
+            if v == "auto":
+                axes[name] = _resolve_axis("auto", name, devices, fixed)
+        settings.update(axes)
+        if settings["quant"] == "none":
+            settings["double_quant"] = False
+        plan = memory_plan(shape, **settings)
+    except _Usage as e:
+        print(f"jqlora.plan: {e}", file=sys.stderr)
+        return 2
+    except ValueError as e:
+        print(f"jqlora.plan: {str(e).splitlines()[0]}", file=sys.stderr)
+        return 2
+    print(plan.table())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
