@@ -174,7 +174,7 @@ def test_peft_loads_our_adapter_float32(hf_dirs, tmp_path, family):
     np.testing.assert_array_equal(jq_logits(again, x), expected)
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2"])
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "qwen3"])
 def test_peft_loads_our_adapter_on_bnb_4bit(hf_dirs, tmp_path, family):
     src, lora = hf_dirs[family], ROUND_TRIP[family]
     ours = jqlora.load_model(src, quant="nf4", double_quant=True, dtype="float32", lora=lora)
