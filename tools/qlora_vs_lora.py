@@ -39,7 +39,7 @@ def run(quant: str, data: Path, out: Path, steps: int, extra: list[str]) -> list
     cfg = load_config(None, [
         f"model.quant={quant}", f"data.path={data}", f"data.eval_path={data}", f"output_dir={out}",
         f"train.max_steps={steps}", "train.log_every=5", f"train.eval_every={max(steps // 6, 1)}", "train.save_every=0",
-        "train.batch_size=8", "train.grad_accum_steps=1", "lora.dropout=0.0", "train.learning_rate=5e-3", *extra,
+        "train.batch_size=8", "train.grad_accum_steps=1", "lora.dropout=0.0", "train.learning_rate=5e-3", "train.sample_prompt=null", *extra,
     ])
     trainer = train.Trainer(cfg, progress=False, export=False)
     code = trainer.run()
