@@ -35,7 +35,7 @@ DATA_FORMATS = ("auto", "chat", "instruction", "prompt_completion", "text")
 TRAIN_ON = ("completion", "all")
 OVERLONG = ("truncate", "drop", "error")
 LR_SCHEDULES = ("cosine", "linear", "constant")
-REMAT_POLICIES = ("none", "full", "save_dots", "offload")
+REMAT_POLICIES = ("none", "full", "save_dots", "save_dots_no_batch", "offload")  # = models.llama.REMAT_POLICIES
 
 COMMAND_LINE = "command line"
 
@@ -161,7 +161,7 @@ class TrainConfig:
     adam_eps: float = 1e-8
     max_grad_norm: float = 1.0  # global-norm gradient clipping; 0 disables
     seed: int = 0  # LoRA init, dropout, data shuffling and the eval split
-    remat: str = "full"  # none | full | save_dots | offload: what the scanned layer body keeps for backward
+    remat: str = "full"  # none | full | save_dots | save_dots_no_batch | offload: what the scanned layer body keeps for backward
     log_every: int = 10  # optimizer steps between metric lines
     eval_every: int = 25  # optimizer steps between evaluations; 0: only at the end
     eval_batches: Optional[int] = None  # micro-batches per evaluation; null: the whole eval set

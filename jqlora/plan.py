@@ -30,13 +30,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import math
 import os
 import sys
 from typing import Any
 
-LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+from jqlora.lora import LINEAR_MODULES as LINEARS
+from jqlora.models.llama import ModelConfig, hf_key_table
+
 NESTED = 256
 CE_CHUNK = 1024
 DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
@@ -44,46 +45,39 @@ REMATS = ("none", "full", "save_dots", "offload")
 WEIGHTS_ROW = "base weights (4-bit + bf16)"
 
 
-@dataclasses.dataclass(frozen=True)
-class ModelShape:
-    """The few numbers of a Llama-family config.json the plan needs."""
-
-    name: str
-    vocab_size: int
-    hidden_size: int
-    intermediate_size: int
-    num_hidden_layers: int
-    num_attention_heads: int
-    num_key_value_heads: int
-    head_dim: int
-    tie_word_embeddings: bool = False
-    qkv_bias: bool = False
-    qk_norm: bool = False
-
-    @classmethod
-    def from_config(cls, cfg: Any, name: str = "model") -> "ModelShape":
-        """From a `jqlora.models.ModelConfig` or a Hugging Face config dict."""
-        get = (lambda k, d=None: cfg.get(k, d)) if isinstance(cfg, dict) else (lambda k, d=None: getattr(cfg, k, d))
-        heads = int(get("num_attention_heads"))
-        head_dim = get("head_dim") or int(get("hidden_size")) // heads
-        return cls(name, int(get("vocab_size")), int(get("hidden_size")), int(get("intermediate_size")),
-                   int(get("num_hidden_layers")), heads, int(get("num_key_value_heads") or heads), int(head_dim),
-                   bool(get("tie_word_embeddings", False)),
-                   bool(get("qkv_bias", False) or get("attention_bias", False)), bool(get("qk_norm", False)))
-
-    def linear_shapes(self) -> dict[str, tuple[int, int]]:
-        """[out, in] of each linear kernel of one layer."""
-        D, F, N, K, H = (self.hidden_size, self.intermediate_size, self.num_attention_heads,
-                         self.num_key_value_heads, self.head_dim)
-        return {"q_proj": (N * H, D), "k_proj": (K * H, D), "v_proj": (K * H, D), "o_proj": (D, N * H),
-                "gate_proj": (F, D), "up_proj": (F, D), "down_proj": (D, F)}
-
-
-# Published config.json values (meta-llama/Meta-Llama-3-8B and -70B; 3.1 has the same shapes).
-BUILTIN = {
-    "llama3-8b": ModelShape("Llama-3-8B", 128256, 4096, 14336, 32, 32, 8, 128),
-    "llama3-70b": ModelShape("Llama-3-70B", 128256, 8192, 28672, 80, 64, 8, 128),
+# Published config.json values (the fields that shape memory and compute), shared with tools/bench.py.
+PUBLISHED: dict[str, dict[str, Any]] = {
+    "llama3-8b": {  # meta-llama/Meta-Llama-3-8B (3.1 has the same shapes)
+        "model_type": "llama", "vocab_size": 128256, "hidden_size": 4096, "intermediate_size": 14336,
+        "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8, "rope_theta": 500000.0,
+        "rms_norm_eps": 1e-5, "max_position_embeddings": 8192, "tie_word_embeddings": False, "hidden_act": "silu",
+    },
+    "llama3-70b": {  # meta-llama/Meta-Llama-3-70B
+        "model_type": "llama", "vocab_size": 128256, "hidden_size": 8192, "intermediate_size": 28672,
+        "num_hidden_layers": 80, "num_attention_heads": 64, "num_key_value_heads": 8, "rope_theta": 500000.0,
+        "rms_norm_eps": 1e-5, "max_position_embeddings": 8192, "tie_word_embeddings": False, "hidden_act": "silu",
+    },
+    "mistral-7b": {  # mistralai/Mistral-7B-v0.1
+        "model_type": "mistral", "vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 14336,
+        "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8, "rope_theta": 10000.0,
+        "rms_norm_eps": 1e-5, "max_position_embeddings": 32768, "sliding_window": 4096,
+        "tie_word_embeddings": False, "hidden_act": "silu",
+    },
+    "qwen2.5-7b": {  # Qwen/Qwen2.5-7B (q/k/v biases)
+        "model_type": "qwen2", "vocab_size": 152064, "hidden_size": 3584, "intermediate_size": 18944,
+        "num_hidden_layers": 28, "num_attention_heads": 28, "num_key_value_heads": 4, "rope_theta": 1000000.0,
+        "rms_norm_eps": 1e-6, "max_position_embeddings": 131072, "use_sliding_window": False,
+        "sliding_window": 131072, "max_window_layers": 28, "tie_word_embeddings": False, "hidden_act": "silu",
+    },
 }
+NAMES = {"llama3-8b": "Llama-3-8B", "llama3-70b": "Llama-3-70B", "mistral-7b": "Mistral-7B",
+         "qwen2.5-7b": "Qwen2.5-7B"}
+BUILTIN: dict[str, ModelConfig] = {k: ModelConfig.from_hf(v) for k, v in PUBLISHED.items()}
+
+
+def linear_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """[out, in] of each linear kernel of one layer, from the model's own HF key table."""
+    return {e.path[-1]: e.shape for e in hf_key_table(cfg) if e.kind == "linear" and e.layer == 0}
 
 
 def quantized_bytes(n: int, block_size: int = 64, double_quant: bool = True) -> int:
@@ -94,12 +88,12 @@ def quantized_bytes(n: int, block_size: int = 64, double_quant: bool = True) -> 
     return -(-n // 2) + 4 * blocks
 
 
-def weight_bytes(shape: ModelShape, *, quant: str = "nf4", double_quant: bool = True, block_size: int = 64,
+def weight_bytes(shape: ModelConfig, *, quant: str = "nf4", double_quant: bool = True, block_size: int = 64,
                  dtype_bytes: int = 2) -> dict[str, int]:
     """Bytes of the whole frozen model: {'quantized', 'unquantized', 'norms', 'per_layer_quantized', 'total'}."""
     L, D, V = shape.num_hidden_layers, shape.hidden_size, shape.vocab_size
     per_layer = 0
-    for O, I in shape.linear_shapes().values():
+    for O, I in linear_shapes(shape).values():
         per_layer += quantized_bytes(O * I, block_size, double_quant) if quant != "none" else O * I * dtype_bytes
     biases = (shape.num_attention_heads + 2 * shape.num_key_value_heads) * shape.head_dim if shape.qkv_bias else 0
     norms = L * (2 * D + (2 * shape.head_dim if shape.qk_norm else 0) + biases) + D
@@ -110,8 +104,8 @@ def weight_bytes(shape: ModelShape, *, quant: str = "nf4", double_quant: bool = 
             "per_layer_quantized": per_layer, "total": quantized + unquantized}
 
 
-def lora_param_count(shape: ModelShape, r: int = 16, targets: tuple[str, ...] = LINEARS) -> int:
-    return shape.num_hidden_layers * sum(r * (O + I) for name, (O, I) in shape.linear_shapes().items()
+def lora_param_count(shape: ModelConfig, r: int = 16, targets: tuple[str, ...] = LINEARS) -> int:
+    return shape.num_hidden_layers * sum(r * (O + I) for name, (O, I) in linear_shapes(shape).items()
                                          if name in targets)
 
 
@@ -137,10 +131,17 @@ class Plan:
         return "\n".join(lines)
 
 
-def memory_plan(shape: ModelShape, *, seq: int, batch: int = 1, data: int = 1, fsdp: int = 1, tensor: int = 1,
+def _model_config(path: str) -> ModelConfig:
+    try:
+        return ModelConfig.from_hf(path)
+    except (ValueError, TypeError, KeyError, OSError) as e:
+        raise _Usage(f"{path}: not a usable config.json ({e})") from None
+
+
+def memory_plan(shape: ModelConfig, *, seq: int, batch: int = 1, data: int = 1, fsdp: int = 1, tensor: int = 1,
                 remat: str = "full", r: int = 16, targets: tuple[str, ...] = LINEARS, quant: str = "nf4",
                 double_quant: bool = True, block_size: int = 64, dtype: str = "bfloat16",
-                ce_chunk: int = CE_CHUNK) -> Plan:
+                ce_chunk: int = CE_CHUNK, name: str = "model") -> Plan:
     """Bytes per device; ``batch`` is rows per device (each device of the data × fsdp axes sees its own rows)."""
     if remat not in REMATS:
         raise ValueError(f"remat {remat!r}: expected one of {', '.join(REMATS)}")
@@ -160,7 +161,7 @@ def memory_plan(shape: ModelShape, *, seq: int, batch: int = 1, data: int = 1, f
     residual = L * T * D * c
     acts = T * (6 * D + 2 * N * H + 2 * K * H + 3 * F) * c / tensor
     scores = 2 * B * N * S * S * c / tensor
-    kernels = sum(O * I for O, I in shape.linear_shapes().values()) * c / tensor
+    kernels = sum(O * I for O, I in linear_shapes(shape).values()) * c / tensor
     outs = T * (N * H + 2 * K * H + D + 2 * F + D) * c
     n_lin = len(targets)
     dots = (2 * outs + T * r * n_lin * c + B * N * S * S * c + T * N * H * c) / tensor
@@ -173,12 +174,12 @@ def memory_plan(shape: ModelShape, *, seq: int, batch: int = 1, data: int = 1, f
             rows["saved matmul outputs"] = L * dots
         rows["layer working set (recomputed)"] = acts + scores + kernels
     rows["cross-entropy chunk + final hidden"] = 2 * min(ce_chunk, T) * V * 4 + 2 * T * D * c
-    notes = [f"{w['quantized'] * 8 / max(1, sum(O * I for O, I in shape.linear_shapes().values()) * L):.3f} "
+    notes = [f"{w['quantized'] * 8 / max(1, sum(O * I for O, I in linear_shapes(shape).values()) * L):.3f} "
              f"bits/param for the linear kernels; {n_lora / 1e6:.1f} M LoRA params (r={r})",
              f"all devices together hold {w['total'] / 1e9:.2f} GB of base weights"]
     if remat == "offload":
         notes.append("offload: the saved matmuls go to pinned host memory on GPU (counted here as if on device)")
-    title = (f"{shape.name}: seq={S} batch={B}/device data={data} fsdp={fsdp} tensor={tensor} remat={remat} "
+    title = (f"{name}: seq={S} batch={B}/device data={data} fsdp={fsdp} tensor={tensor} remat={remat} "
              f"r={r} {quant}{'+dq' if double_quant else ''} {dtype}")
     return Plan(title, rows, w["total"], notes)
 
@@ -234,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
             if not os.path.isfile(path):
                 raise _Usage(f"model.path {cfg.model.path}: no config.json (use --model or --model-config with "
                              f"--config for the shape)")
-            shape = ModelShape.from_config(json.load(open(path)), os.path.basename(cfg.model.path.rstrip("/")))
+            shape, name = _model_config(path), os.path.basename(cfg.model.path.rstrip("/"))
             settings.update(seq=cfg.data.max_length, batch=cfg.train.batch_size, remat=cfg.train.remat,
                             r=cfg.lora.r, dtype=cfg.model.dtype, quant=cfg.model.quant,
                             double_quant=cfg.model.double_quant, block_size=cfg.model.block_size,
@@ -246,16 +247,12 @@ def main(argv: list[str] | None = None) -> int:
                 path = os.path.join(path, "config.json")
             if not os.path.isfile(path):
                 raise _Usage(f"{path}: no such file")
-            try:
-                shape = ModelShape.from_config(json.load(open(path)), os.path.basename(os.path.dirname(
-                    os.path.abspath(path))))
-            except (ValueError, TypeError, KeyError) as e:
-                raise _Usage(f"{path}: not a usable config.json ({e!r})") from None
+            shape, name = _model_config(path), os.path.basename(os.path.dirname(os.path.abspath(path)))
         else:
             name = args.model or "llama3-8b"
             if name not in BUILTIN:
                 raise _Usage(f"--model {name}: unknown; expected one of {', '.join(BUILTIN)}")
-            shape = BUILTIN[name]
+            shape, name = BUILTIN[name], NAMES[name]
         for key in ("seq", "batch", "remat", "r", "dtype", "quant", "data", "fsdp", "tensor"):
             if getattr(args, key) is not None:
                 settings[key] = getattr(args, key)
@@ -271,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
         settings.update(axes)
         if settings["quant"] == "none":
             settings["double_quant"] = False
-        plan = memory_plan(shape, **settings)
+        plan = memory_plan(shape, name=name, **settings)
     except _Usage as e:
         print(f"jqlora.plan: {e}", file=sys.stderr)
         return 2

@@ -120,7 +120,7 @@ def test_wrong_types(override, message):
     ("data.max_length=1", "data.max_length=1 must be >= 2"),
     ("train.learning_rate=0", "train.learning_rate=0.0 must be > 0"),
     ("train.lr_schedule=step", "train.lr_schedule='step' must be one of cosine, linear, constant"),
-    ("train.remat=some", "train.remat='some' must be one of none, full, save_dots, offload"),
+    ("train.remat=some", "train.remat='some' must be one of none, full, save_dots, save_dots_no_batch, offload"),
     ("train.batch_size=0", "train.batch_size=0 must be >= 1"),
     ("train.warmup_steps=-1", "train.warmup_steps=-1 must be >= 0"),
     ("train.keep_checkpoints=0", "train.keep_checkpoints=0 must be >= 1"),
@@ -157,3 +157,13 @@ def test_sections_validate_when_built_in_code():
         LoraConfig(r=0)
     with pytest.raises(ConfigError, match="train.batch_size=-1"):
         dataclasses.replace(Config().train, batch_size=-1)
+
+
+def test_config_choices_match_the_model():
+    """config.py imports nothing heavy, so its copies of the model's choices are pinned here."""
+    from jqlora import config
+    from jqlora.lora import LINEAR_MODULES
+    from jqlora.models.llama import REMAT_POLICIES
+
+    assert config.REMAT_POLICIES == REMAT_POLICIES
+    assert tuple(config.LORA_MODULES) == LINEAR_MODULES

@@ -390,7 +390,7 @@ def test_plan_weight_bytes_equal_a_quantized_model():
     from jqlora.models.llama import ModelConfig
 
     split = T.SplitModel.of(_tiny_model())
-    got = plan.weight_bytes(plan.ModelShape.from_config(ModelConfig(**TINY)), quant="nf4", double_quant=True,
+    got = plan.weight_bytes(ModelConfig(**TINY), quant="nf4", double_quant=True,
                             block_size=64, dtype_bytes=4)
     real = sum(int(x.nbytes) for x in jax.tree.leaves(split.frozen))
     assert got["total"] == real, (got, real)
@@ -398,7 +398,7 @@ def test_plan_weight_bytes_equal_a_quantized_model():
                      if any(getattr(k, "key", None) in ("codes", "absmax", "nested_absmax", "offset") for k in p))
     assert got["quantized"] == quant_real
     lora_real = sum(int(x.nbytes) for x in jax.tree.leaves(split.lora))
-    assert plan.lora_param_count(plan.ModelShape.from_config(ModelConfig(**TINY)), r=4) * 4 == lora_real
+    assert plan.lora_param_count(ModelConfig(**TINY), r=4) * 4 == lora_real
 
 
 def test_plan_70b_fsdp2():

@@ -70,36 +70,19 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from jqlora.plan import PUBLISHED  # noqa: E402
+
 LORA_R, LORA_ALPHA = 16, 32.0
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 LEARNING_RATE = 1e-4
 MAX_GRAD_NORM = 1.0
 INIT_STD = 0.02
 
-# Published config.json values (the fields that shape the compute).
+# Published config.json values live in jqlora.plan (one table for the plan and the benchmark).
 MODELS: dict[str, dict] = {
-    "llama3-8b": {  # meta-llama/Meta-Llama-3-8B
-        "model_type": "llama", "vocab_size": 128256, "hidden_size": 4096, "intermediate_size": 14336,
-        "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8, "rope_theta": 500000.0,
-        "rms_norm_eps": 1e-5, "max_position_embeddings": 8192, "tie_word_embeddings": False, "hidden_act": "silu",
-    },
-    "mistral-7b": {  # mistralai/Mistral-7B-v0.1
-        "model_type": "mistral", "vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 14336,
-        "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8, "rope_theta": 10000.0,
-        "rms_norm_eps": 1e-5, "max_position_embeddings": 32768, "sliding_window": 4096,
-        "tie_word_embeddings": False, "hidden_act": "silu",
-    },
-    "qwen2.5-7b": {  # Qwen/Qwen2.5-7B (q/k/v biases)
-        "model_type": "qwen2", "vocab_size": 152064, "hidden_size": 3584, "intermediate_size": 18944,
-        "num_hidden_layers": 28, "num_attention_heads": 28, "num_key_value_heads": 4, "rope_theta": 1000000.0,
-        "rms_norm_eps": 1e-6, "max_position_embeddings": 131072, "use_sliding_window": False,
-        "sliding_window": 131072, "max_window_layers": 28, "tie_word_embeddings": False, "hidden_act": "silu",
-    },
-    "llama3-70b-4layers": {  # meta-llama/Meta-Llama-3-70B, only the first --layers layers (default 4)
-        "model_type": "llama", "vocab_size": 128256, "hidden_size": 8192, "intermediate_size": 28672,
-        "num_hidden_layers": 4, "num_attention_heads": 64, "num_key_value_heads": 8, "rope_theta": 500000.0,
-        "rms_norm_eps": 1e-5, "max_position_embeddings": 8192, "tie_word_embeddings": False, "hidden_act": "silu",
-    },
+    **{k: v for k, v in PUBLISHED.items() if k != "llama3-70b"},
+    # meta-llama/Meta-Llama-3-70B, only the first --layers layers (default 4)
+    "llama3-70b-4layers": {**PUBLISHED["llama3-70b"], "num_hidden_layers": 4},
     "tiny": {  # a smoke-test shape, Llama layout
         "model_type": "llama", "vocab_size": 1024, "hidden_size": 128, "intermediate_size": 256,
         "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "rope_theta": 10000.0,
