@@ -161,7 +161,9 @@ class TrainConfig:
     adam_eps: float = 1e-8
     max_grad_norm: float = 1.0  # global-norm gradient clipping; 0 disables
     seed: int = 0  # LoRA init, dropout, data shuffling and the eval split
-    remat: str = "full"  # none | full | save_dots | save_dots_no_batch | offload: what the scanned layer body keeps for backward
+    # none | full | save_dots | save_dots_no_batch | offload: what the scanned layer body keeps for backward;
+    # auto: the fastest of none, save_dots, save_dots_no_batch, full whose memory plan fits the device (jqlora.plan)
+    remat: str = "full"
     log_every: int = 10  # optimizer steps between metric lines
     eval_every: int = 25  # optimizer steps between evaluations; 0: only at the end
     eval_batches: Optional[int] = None  # micro-batches per evaluation; null: the whole eval set
@@ -187,7 +189,7 @@ class TrainConfig:
         _check(0.0 <= self.adam_b2 < 1.0, "train.adam_b2", self.adam_b2, "must be in [0, 1)")
         _check(self.adam_eps > 0, "train.adam_eps", self.adam_eps, "must be > 0")
         _check(self.max_grad_norm >= 0, "train.max_grad_norm", self.max_grad_norm, "must be >= 0 (0 disables)")
-        _one_of(self.remat, "train.remat", REMAT_POLICIES)
+        _one_of(self.remat, "train.remat", REMAT_POLICIES + ("auto",))
         _check(self.log_every >= 1, "train.log_every", self.log_every, "must be >= 1")
         _check(self.eval_every >= 0, "train.eval_every", self.eval_every, "must be >= 0 (0: only at the end)")
         if self.eval_batches is not None:

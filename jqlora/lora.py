@@ -21,6 +21,7 @@ Shape letters: B batch, S sequence, I in features, O out features, R LoRA rank.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import re
 from typing import Any, Mapping, Sequence
@@ -29,10 +30,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from jqlora import quant as q
 
 LINEAR_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+FROZEN_MATMUL = "frozen_matmul"  # checkpoint name of a quantized kernel's matmul output
 QUANTS = ("nf4", "fp4", "none")
 COMPUTE_DTYPES = ("bfloat16", "float16", "float32")
 
@@ -251,8 +254,12 @@ class LoraLinear(nnx.Module):
     def __call__(self, x_BSI: jax.Array, *, deterministic: bool = True, key: jax.Array | None = None) -> jax.Array:
         """``x [..., I]`` → ``y [..., O]`` in the compute dtype; ``key`` drives LoRA dropout when not deterministic."""
         x = x_BSI.astype(self.dtype)
-        w_OI = self.kernel()
-        y = jax.lax.dot_general(x, w_OI, (((x.ndim - 1,), (1,)), ((), ())))
+        if self.quant.enabled:
+            # named so that the remat policies that save matmul outputs can still see this one (a custom_vjp hides
+            # the dot inside from dots_saveable)
+            y = checkpoint_name(quantized_matmul(x, self.quantized(), self.dtype), FROZEN_MATMUL)
+        else:
+            y = _dot_last(x, self.weight[...].astype(self.dtype))
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
         if self.lora_a is None:
@@ -267,6 +274,34 @@ class LoraLinear(nnx.Module):
         b_RO = self.lora_b[...].astype(self.dtype)
         delta = jnp.matmul(jnp.matmul(h, a_IR), b_RO)
         return y + delta * jnp.asarray(self.scaling, self.dtype)
+
+
+def _dot_last(x: jax.Array, w_OI: jax.Array) -> jax.Array:
+    """``x [..., I] · W [O, I]ᵀ`` → ``[..., O]``."""
+    return jax.lax.dot_general(x, w_OI, (((x.ndim - 1,), (1,)), ((), ())))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def quantized_matmul(x: jax.Array, t: q.QuantizedTensor, dtype: Any) -> jax.Array:
+    """``x · dequantize(t)ᵀ`` whose backward keeps the 4-bit kernel, not its dequantized copy (bitsandbytes'
+    ``MatMul4Bit`` does the same): the backward matmul dequantizes again. Without this rule autodiff saves the
+    dequantized kernel of every layer as a residual when nothing is rematerialized (a full bf16 copy of the model);
+    with it every remat policy dequantizes each kernel once in the forward pass and once in the backward pass
+    (checked on the compiled HLO in tests/test_lora.py)."""
+    return _dot_last(x, q.dequantize(t, dtype))
+
+
+def _quantized_matmul_fwd(x, t, dtype):
+    return quantized_matmul(x, t, dtype), t
+
+
+def _quantized_matmul_bwd(dtype, t, g):
+    w_OI = q.dequantize(t, dtype)
+    dx = jax.lax.dot_general(g, w_OI, (((g.ndim - 1,), (0,)), ((), ())))
+    return dx, jax.tree.map(lambda _: None, t)  # the frozen kernel gets no cotangent
+
+
+quantized_matmul.defvjp(_quantized_matmul_fwd, _quantized_matmul_bwd)
 
 
 def count_params(tree: Any) -> int:

@@ -14,11 +14,14 @@ of size H, L layers, V vocabulary, r LoRA rank, c = bytes of the compute dtype, 
     gathered layer      FSDP only: one layer's 4-bit kernels all-gathered, twice (the next layer is prefetched)
     LoRA + AdamW        fp32 adapters + gradient + accumulated gradient (optax.MultiSteps) + 2 moments = 20 B/param,
                         split over fsdp
-    residual stream     remat full / save_dots: the scanned layer input, L · T·D·c
-    saved matmuls       save_dots: every dot output of every layer (base, LoRA A and B, attention scores and values)
+    residual stream     every remat policy but none: the scanned layer input, L · T·D·c
+    saved matmuls       save_dots: every dot output of every layer (base, LoRA A and B, attention scores and values);
+                        save_dots_no_batch: the same without attention's (batched) dots; offload: those of
+                        save_dots_no_batch in pinned host memory (a host row, not in the device total)
     layer working set   one layer recomputed for its backward: activations T·(6D + 2NH + 2KH + 3F)·c, attention
                         scores and probabilities B·N·S²·(2c) (XLA attention, no flash kernel), and the layer's
-                        kernels dequantized to c; with remat none every layer keeps all of this (× L)
+                        kernels dequantized to c; with remat none every layer keeps its activations (× L) but not its
+                        dequantized kernels (the 4-bit matmul's backward dequantizes again, `lora.quantized_matmul`)
     cross-entropy       one chunk of 1024 tokens of float32 logits and their gradient, 2 · 1024·V·4, plus the final
                         hidden states and their gradient 2·T·D·c
 
@@ -41,8 +44,10 @@ from jqlora.models.llama import ModelConfig, hf_key_table
 NESTED = 256
 CE_CHUNK = 1024
 DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
-REMATS = ("none", "full", "save_dots", "offload")
+REMATS = ("none", "full", "save_dots", "save_dots_no_batch", "offload")  # = jqlora.config.REMAT_POLICIES
+AUTO_ORDER = ("none", "save_dots", "save_dots_no_batch", "full")  # fastest first: what `train.remat=auto` tries
 WEIGHTS_ROW = "base weights (4-bit + bf16)"
+HEADROOM = 0.85  # share of a device's memory the plan may fill: XLA temporaries, fragmentation, CUDA context
 
 
 # Published config.json values (the fields that shape memory and compute), shared with tools/bench.py.
@@ -115,6 +120,7 @@ class Plan:
     rows: dict[str, float]
     total_weight_bytes: int
     notes: list[str]
+    host_rows: dict[str, float] = dataclasses.field(default_factory=dict)  # pinned host memory, not on the device
 
     @property
     def total(self) -> float:
@@ -127,6 +133,8 @@ class Plan:
             lines.append(f"{k:<{width}}  {v / 1e9:>9.2f} GB")
         lines.append("-" * (width + 14))
         lines.append(f"{'total per device':<{width}}  {self.total / 1e9:>9.2f} GB")
+        for k, v in self.host_rows.items():
+            lines.append(f"{k + ' (host)':<{width}}  {v / 1e9:>9.2f} GB")
         lines += [f"  {n}" for n in self.notes]
         return "\n".join(lines)
 
@@ -164,24 +172,74 @@ def memory_plan(shape: ModelConfig, *, seq: int, batch: int = 1, data: int = 1, 
     kernels = sum(O * I for O, I in linear_shapes(shape).values()) * c / tensor
     outs = T * (N * H + 2 * K * H + D + 2 * F + D) * c
     n_lin = len(targets)
-    dots = (2 * outs + T * r * n_lin * c + B * N * S * S * c + T * N * H * c) / tensor
+    no_batch_dots = (2 * outs + T * r * n_lin * c) / tensor  # base and LoRA B outputs, LoRA A outputs
+    dots = no_batch_dots + (B * N * S * S * c + T * N * H * c) / tensor  # + attention scores and values
+    host: dict[str, float] = {}
     if remat == "none":
         rows["all layers' activations (no remat)"] = L * (acts + scores)
-        rows["all layers' dequantized kernels"] = L * kernels
+        rows["one layer's dequantized kernels"] = kernels
     else:
         rows["residual stream checkpoints"] = residual
-        if remat in ("save_dots", "offload"):
+        if remat == "save_dots":
             rows["saved matmul outputs"] = L * dots
+        elif remat == "save_dots_no_batch":
+            rows["saved matmul outputs (no attention)"] = L * no_batch_dots
+        elif remat == "offload":
+            host["saved matmul outputs (no attention)"] = L * no_batch_dots
         rows["layer working set (recomputed)"] = acts + scores + kernels
     rows["cross-entropy chunk + final hidden"] = 2 * min(ce_chunk, T) * V * 4 + 2 * T * D * c
     notes = [f"{w['quantized'] * 8 / max(1, sum(O * I for O, I in linear_shapes(shape).values()) * L):.3f} "
              f"bits/param for the linear kernels; {n_lora / 1e6:.1f} M LoRA params (r={r})",
              f"all devices together hold {w['total'] / 1e9:.2f} GB of base weights"]
     if remat == "offload":
-        notes.append("offload: the saved matmuls go to pinned host memory on GPU (counted here as if on device)")
+        notes.append("offload: the saved matmuls live in pinned host memory (GPU; on a backend without it they stay "
+                     "on the device, as save_dots_no_batch)")
     title = (f"{name}: seq={S} batch={B}/device data={data} fsdp={fsdp} tensor={tensor} remat={remat} "
              f"r={r} {quant}{'+dq' if double_quant else ''} {dtype}")
-    return Plan(title, rows, w["total"], notes)
+    return Plan(title, rows, w["total"], notes, host)
+
+
+def choose_remat(shape: ModelConfig, budget: float, *, headroom: float = HEADROOM,
+                 **settings: Any) -> tuple[str, Plan]:
+    """The fastest policy of `AUTO_ORDER` whose plan fits ``headroom × budget`` bytes per device, and its plan; the
+    least-memory policy (full) and its plan when none fits. ``settings`` are `memory_plan`'s other arguments."""
+    for policy in AUTO_ORDER:
+        p = memory_plan(shape, remat=policy, **settings)
+        if p.total <= headroom * budget:
+            return policy, p
+    return "full", memory_plan(shape, remat="full", **settings)
+
+
+def device_budget() -> int | None:
+    """Bytes one accelerator can hold (XLA's ``bytes_limit``); None where the backend does not say (CPU)."""
+    import jax
+
+    stats = jax.local_devices()[0].memory_stats() or {}
+    return stats.get("bytes_limit")
+
+
+def settings_from_config(cfg: Any, axes: dict[str, int] | None = None) -> dict[str, Any]:
+    """`memory_plan`'s settings from a run config; ``axes``: resolved mesh sizes (default: the config's, auto = 1)."""
+    if axes is None:
+        axes = {n: 1 if getattr(cfg.mesh, n) == "auto" else int(getattr(cfg.mesh, n)) for n in ("data", "fsdp",
+                                                                                               "tensor")}
+    return dict(seq=cfg.data.max_length, batch=cfg.train.batch_size, r=cfg.lora.r, dtype=cfg.model.dtype,
+                quant=cfg.model.quant, double_quant=cfg.model.double_quant and cfg.model.quant != "none",
+                block_size=cfg.model.block_size, targets=tuple(cfg.lora.target_modules), **axes)
+
+
+def resolve_remat(cfg: Any, shape: ModelConfig, axes: dict[str, int] | None = None,
+                  budget: float | None = None) -> tuple[str, str]:
+    """``train.remat`` with ``auto`` resolved (`choose_remat` on the device's memory), and a line saying why."""
+    if cfg.train.remat != "auto":
+        return cfg.train.remat, f"remat {cfg.train.remat} (from the config)"
+    budget = budget if budget is not None else device_budget()
+    if budget is None:
+        return "full", "remat auto: the device does not report its memory (CPU), so full (the least memory)"
+    policy, p = choose_remat(shape, budget, **settings_from_config(cfg, axes))
+    fits = "fits" if p.total <= HEADROOM * budget else "does NOT fit"
+    return policy, (f"remat auto: {policy}, planned {p.total / 1e9:.2f} GB per device {fits} in {HEADROOM:.0%} of "
+                    f"{budget / 1e9:.2f} GB (python -m jqlora.plan for the rows)")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -205,7 +263,8 @@ def main(argv: list[str] | None = None) -> int:
     src = ap.add_mutually_exclusive_group()
     src.add_argument("--model", help=f"a built-in shape: {', '.join(BUILTIN)}")
     src.add_argument("--model-config", help="a Hugging Face config.json (or its directory)")
-    src.add_argument("--config", help="a jqlora run config (YAML); overrides may follow")
+    ap.add_argument("--config", help="a jqlora run config (YAML); overrides may follow. The shape comes from its "
+                                     "model.path, or from --model / --model-config when that is not on this machine")
     ap.add_argument("overrides", nargs="*", help="key.sub=value overrides of --config")
     ap.add_argument("--seq", type=int)
     ap.add_argument("--batch", type=int, help="rows per device")
@@ -213,7 +272,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--fsdp", default=None)
     ap.add_argument("--tensor", default=None)
     ap.add_argument("--devices", type=int, default=None, help="device count for 'auto' mesh axes (default 1)")
-    ap.add_argument("--remat", choices=REMATS)
+    ap.add_argument("--remat", choices=REMATS + ("auto",))
+    ap.add_argument("--memory", type=float, help="GB per device: say whether the plan fits (and pick remat auto)")
     ap.add_argument("--r", type=int)
     ap.add_argument("--dtype", choices=tuple(DTYPE_BYTES))
     ap.add_argument("--quant", choices=("nf4", "fp4", "none"))
@@ -224,6 +284,7 @@ def main(argv: list[str] | None = None) -> int:
                                         targets=LINEARS)
         if args.overrides and not args.config:
             raise _Usage(f"overrides {args.overrides} need --config")
+        shape = None
         if args.config:
             from jqlora.config import ConfigError, load_config
 
@@ -232,15 +293,15 @@ def main(argv: list[str] | None = None) -> int:
             except ConfigError as e:
                 raise _Usage(str(e)) from None
             path = os.path.join(cfg.model.path, "config.json")
-            if not os.path.isfile(path):
-                raise _Usage(f"model.path {cfg.model.path}: no config.json (use --model or --model-config with "
-                             f"--config for the shape)")
-            shape, name = _model_config(path), os.path.basename(cfg.model.path.rstrip("/"))
-            settings.update(seq=cfg.data.max_length, batch=cfg.train.batch_size, remat=cfg.train.remat,
-                            r=cfg.lora.r, dtype=cfg.model.dtype, quant=cfg.model.quant,
-                            double_quant=cfg.model.double_quant, block_size=cfg.model.block_size,
-                            targets=tuple(cfg.lora.target_modules), data=cfg.mesh.data, fsdp=cfg.mesh.fsdp,
-                            tensor=cfg.mesh.tensor)
+            if os.path.isfile(path):
+                shape, name = _model_config(path), os.path.basename(cfg.model.path.rstrip("/"))
+            elif not (args.model or args.model_config):
+                raise _Usage(f"model.path {cfg.model.path}: no config.json here; give the shape with --model or "
+                             f"--model-config")
+            settings.update(settings_from_config(cfg, {n: getattr(cfg.mesh, n) for n in ("data", "fsdp", "tensor")}),
+                            remat=cfg.train.remat)
+        if shape is not None:
+            pass
         elif args.model_config:
             path = args.model_config
             if os.path.isdir(path):
@@ -258,17 +319,26 @@ def main(argv: list[str] | None = None) -> int:
                 settings[key] = getattr(args, key)
         devices = args.devices or 1
         axes = {}
-        for name in ("data", "fsdp", "tensor"):
-            v = settings[name]
-            axes[name] = v if v == "auto" else int(v)
+        for axis in ("data", "fsdp", "tensor"):
+            v = settings[axis]
+            axes[axis] = v if v == "auto" else int(v)
         fixed = math.prod(v for v in axes.values() if v != "auto")
-        for name, v in axes.items():
+        for axis, v in axes.items():
             if v == "auto":
-                axes[name] = _resolve_axis("auto", name, devices, fixed)
+                axes[axis] = _resolve_axis("auto", axis, devices, fixed)
         settings.update(axes)
         if settings["quant"] == "none":
             settings["double_quant"] = False
-        plan = memory_plan(shape, name=name, **settings)
+        budget = args.memory * 1e9 if args.memory is not None else None
+        if settings["remat"] == "auto":
+            if budget is None:
+                raise _Usage("remat auto picks by the device's memory: give it with --memory GB")
+            settings.pop("remat")
+            chosen, plan = choose_remat(shape, budget, name=name, **settings)
+            print(f"remat auto -> {chosen} (the fastest of {', '.join(AUTO_ORDER)} whose plan fits "
+                  f"{HEADROOM:.0%} of {args.memory:g} GB)")
+        else:
+            plan = memory_plan(shape, name=name, **settings)
     except _Usage as e:
         print(f"jqlora.plan: {e}", file=sys.stderr)
         return 2
@@ -276,6 +346,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"jqlora.plan: {str(e).splitlines()[0]}", file=sys.stderr)
         return 2
     print(plan.table())
+    if budget is not None:
+        verdict = "fits" if plan.total <= HEADROOM * budget else "does NOT fit"
+        print(f"{verdict}: {plan.total / 1e9:.2f} GB planned, {HEADROOM:.0%} of {args.memory:g} GB = "
+              f"{HEADROOM * budget / 1e9:.2f} GB usable per device")
     return 0
 
 

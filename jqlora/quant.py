@@ -321,7 +321,8 @@ def dequantize(q: QuantizedTensor, dtype: Any = None) -> jax.Array:
         return jax.vmap(lambda t: dequantize(t, out_dtype))(q)
     n, bs = q.size, q.block_size
     absmax_K = block_absmax(q)
-    values_N = jnp.asarray(CODEBOOKS[q.quant_type])[_unpack_nibbles(q.codes, n).astype(jnp.int32)]
+    with jax.named_scope("dequantize_codes"):  # the codebook lookup: what tests/test_perf.py counts in compiled HLO
+        values_N = jnp.asarray(CODEBOOKS[q.quant_type])[_unpack_nibbles(q.codes, n).astype(jnp.int32)]
     n_blocks = absmax_K.shape[0]
     if n == n_blocks * bs:
         out = values_N.reshape(n_blocks, bs) * absmax_K[:, None]

@@ -120,7 +120,7 @@ def test_wrong_types(override, message):
     ("data.max_length=1", "data.max_length=1 must be >= 2"),
     ("train.learning_rate=0", "train.learning_rate=0.0 must be > 0"),
     ("train.lr_schedule=step", "train.lr_schedule='step' must be one of cosine, linear, constant"),
-    ("train.remat=some", "train.remat='some' must be one of none, full, save_dots, save_dots_no_batch, offload"),
+    ("train.remat=some", "train.remat='some' must be one of none, full, save_dots, save_dots_no_batch, offload, auto"),
     ("train.batch_size=0", "train.batch_size=0 must be >= 1"),
     ("train.warmup_steps=-1", "train.warmup_steps=-1 must be >= 0"),
     ("train.keep_checkpoints=0", "train.keep_checkpoints=0 must be >= 1"),

@@ -1,21 +1,31 @@
 """QLoRA (NF4 + double quantization) against plain LoRA on the unquantized base, on a task the base cannot know.
 
-The task is a fixed random mapping: "Code <key>?" → "<value>" for random 4-letter keys and values, so the only way
-to lower the loss is to learn the mapping into the adapter. Both runs share the demo base model, data order, seed
-and hyperparameters; only `model.quant` differs. The QLoRA paper's claim, at small scale: the 4-bit base reaches the
-same loss as the 16-bit one (here: the final loss within 5%).
+Two synthetic tasks, both "Code <key>?" → "<value>" with random 4-letter keys and values, so the only way to lower
+the loss is to learn the mapping into the adapter:
 
-    python tools/qlora_vs_lora.py [--steps 200] [--seeds 0,1,2] [--out runs/qlora_vs_lora]
+  pairs (default)  every key has two values and appears four times, twice with each: the best possible model puts
+                   1/2 on each value, so the optimal loss is known exactly — ln 2 per row over the row's trained
+                   tokens (the values of one key start with different tokens). The final losses are compared where
+                   they are well defined (both near a known, non-zero optimum), and the excess over that optimum is
+                   reported too.
+  mapping          one value per key (optimum 0): the final losses are small numbers whose ratio is dominated by how
+                   far each run got before the learning rate decayed; reported for completeness.
 
-prints, per seed, both loss curves (the loss over the whole mapping, measured every steps/6) and the final losses,
-then the means over seeds (run-to-run variance on this tiny random base is large, so one seed says little), and
-writes curves.json and curves.png (seed 0) to --out.
+Both runs share the demo base model, data order, seed and hyperparameters; only `model.quant` differs. The QLoRA
+paper's claim, at small scale: the 4-bit base reaches the same loss as the 16-bit one (here: within 5%).
+
+    python tools/qlora_vs_lora.py [--task pairs|mapping] [--steps 400] [--seeds 0,1,2] [--out runs/qlora_vs_lora]
+
+prints, per seed, both loss curves (the loss over the whole training set, measured every steps/6) and the final
+losses, then the means over seeds (run-to-run variance on this tiny random base is large, so one seed says little),
+and writes curves.json, summary.json and curves.png (seed 0) to --out.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import random
 import string
 import sys
@@ -25,13 +35,42 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
-def make_task(path: Path, n: int = 48, seed: int = 0) -> Path:
+def _word(rng: random.Random) -> str:
+    return "".join(rng.choice(string.ascii_lowercase) for _ in range(4))
+
+
+def _row(key: str, value: str) -> dict:
+    return {"messages": [{"role": "user", "content": f"Code {key}?"}, {"role": "assistant", "content": value}]}
+
+
+def make_task(path: Path, task: str = "pairs", n: int = 48, seed: int = 0) -> Path:
+    """Write the task's rows to ``path`` (jsonl): ``n`` keys (mapping) or ``n // 2`` keys × 4 rows (pairs)."""
     rng = random.Random(seed)
-    word = lambda: "".join(rng.choice(string.ascii_lowercase) for _ in range(4))  # noqa: E731
-    rows = [{"messages": [{"role": "user", "content": f"Code {word()}?"}, {"role": "assistant", "content": word()}]}
-            for _ in range(n)]
+    if task == "mapping":
+        rows = [_row(_word(rng), _word(rng)) for _ in range(n)]
+    else:
+        rows = []
+        for _ in range(n // 2):
+            key, a = _word(rng), _word(rng)
+            b = _word(rng)
+            while b[0] == a[0]:  # the two values part at their first token, so the ambiguity costs exactly ln 2
+                b = _word(rng)
+            rows += [_row(key, a), _row(key, b), _row(key, a), _row(key, b)]
+        rng.shuffle(rows)
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
+
+
+def optimal_loss(data: Path) -> float:
+    """The pairs task's optimum, in nats per trained token: ln 2 per row over all rows' trained tokens (counted by
+    the demo tokenizer through its chat template, as the trainer masks them: the assistant turn and its end token)."""
+    from jqlora.config import load_config
+    from jqlora.data import encode_records, load_tokenizer, read_records
+
+    cfg = load_config(None, [])
+    examples, _ = encode_records(read_records(str(data)), load_tokenizer(cfg.model.path))
+    trained = sum(int(ex.trained[1:].sum()) for ex in examples)  # a row's first token is never a target
+    return len(examples) * math.log(2) / trained
 
 
 def run(quant: str, data: Path, out: Path, steps: int, extra: list[str]) -> list[tuple[int, float]]:
@@ -53,37 +92,48 @@ def run(quant: str, data: Path, out: Path, steps: int, extra: list[str]) -> list
     return [(r["step"], r["eval_loss"]) for r in lines if "eval_loss" in r]
 
 
-def compare(steps: int, out: Path, extra: list[str] = ()) -> dict:
+def compare(task: str, steps: int, out: Path, extra: list[str] = ()) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
-        data = make_task(Path(tmp) / "mapping.jsonl")
+        data = make_task(Path(tmp) / f"{task}.jsonl", task)
+        floor = optimal_loss(data) if task == "pairs" else 0.0
         curves = {q: run(q, data, Path(tmp) / q, steps, list(extra)) for q in ("nf4", "none")}
     final = {q: c[-1][1] for q, c in curves.items()}  # loss over all rows after the last step
-    result = {"curves": curves, "final": final, "relative_gap": abs(final["nf4"] - final["none"]) / final["none"]}
+    result = {"task": task, "optimal_loss": floor, "curves": curves, "final": final,
+              "relative_gap": (final["nf4"] - final["none"]) / final["none"]}
     (out / "curves.json").write_text(json.dumps(result, indent=1))
     return result
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--steps", type=int, default=200)
+    ap.add_argument("--task", choices=("pairs", "mapping"), default="pairs")
+    ap.add_argument("--steps", type=int, default=400)
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--out", default=str(REPO / "runs" / "qlora_vs_lora"))
     args = ap.parse_args()
     out = Path(args.out)
     results = {}
     for seed in (int(x) for x in args.seeds.split(",")):
-        r = compare(args.steps, out / f"seed{seed}", [f"train.seed={seed}"])
+        r = compare(args.task, args.steps, out / f"seed{seed}", [f"train.seed={seed}"])
         results[seed] = r
-        print(f"seed {seed}: {'step':>6} {'QLoRA (nf4)':>12} {'LoRA (unquantized)':>19}")
+        print(f"seed {seed}: {'step':>6} {'QLoRA (nf4)':>12} {'LoRA (unquantized)':>19}", flush=True)
         for (s, a), (_, b) in zip(r["curves"]["nf4"], r["curves"]["none"]):
-            print(f"        {s:>6} {a:12.4f} {b:19.4f}")
+            print(f"        {s:>6} {a:12.4f} {b:19.4f}", flush=True)
+    floor = results[min(results)]["optimal_loss"]
     mean = {q: sum(r["final"][q] for r in results.values()) / len(results) for q in ("nf4", "none")}
-    gap = abs(mean["nf4"] - mean["none"]) / mean["none"]
+    gap = (mean["nf4"] - mean["none"]) / mean["none"]
+    print(f"task {args.task}, {args.steps} steps, optimal loss {floor:.4f}")
+    for s, r in results.items():
+        f = r["final"]
+        print(f"  seed {s}: QLoRA {f['nf4']:.4f}  LoRA {f['none']:.4f}  gap {r['relative_gap']:+.2%}  "
+              f"excess over optimum: QLoRA {f['nf4'] - floor:.4f}  LoRA {f['none'] - floor:.4f}")
     print(f"final loss, mean over seeds {sorted(results)}: QLoRA {mean['nf4']:.4f}, LoRA {mean['none']:.4f}, "
-          f"relative gap {gap:.2%}")
-    (out / "summary.json").write_text(json.dumps({"mean_final": mean, "relative_gap": gap,
-                                                  "final_by_seed": {s: r["final"] for s, r in results.items()}}))
+          f"relative gap {gap:+.2%}; excess over the optimum: QLoRA {mean['nf4'] - floor:.4f}, "
+          f"LoRA {mean['none'] - floor:.4f}")
+    (out / "summary.json").write_text(json.dumps({
+        "task": args.task, "steps": args.steps, "optimal_loss": floor, "mean_final": mean, "relative_gap": gap,
+        "final_by_seed": {s: r["final"] for s, r in results.items()}}))
     import matplotlib
 
     matplotlib.use("Agg")
@@ -93,9 +143,11 @@ def main() -> None:
     fig, ax = plt.subplots(figsize=(6, 4))
     for q, label in (("nf4", "QLoRA (NF4 + DQ)"), ("none", "LoRA (unquantized base)")):
         ax.plot(*zip(*first["curves"][q]), label=label)
+    if floor:
+        ax.axhline(floor, color="gray", linestyle=":", label=f"optimum {floor:.3f}")
     ax.set_xlabel("optimizer step")
-    ax.set_ylabel("loss over the whole mapping")
-    ax.set_title(f"random key→value mapping, demo base model, seed {min(results)}")
+    ax.set_ylabel("loss over the training set (nats/token)")
+    ax.set_title(f"{args.task} task, demo base model, seed {min(results)}")
     ax.legend()
     fig.tight_layout()
     fig.savefig(out / "curves.png", dpi=100)

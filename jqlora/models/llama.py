@@ -37,7 +37,7 @@ import numpy as np
 from flax import nnx
 
 from jqlora import quant as q
-from jqlora.lora import Frozen, LoraConfig, LoraLinear, QuantSpec, compute_dtype
+from jqlora.lora import FROZEN_MATMUL, Frozen, LoraConfig, LoraLinear, QuantSpec, compute_dtype
 
 MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn")
@@ -435,16 +435,24 @@ class LlamaModel(nnx.Module):
 
 
 def _remat_policy(name: str):
+    cp = jax.checkpoint_policies
+    frozen = cp.save_only_these_names(FROZEN_MATMUL)  # the 4-bit matmuls: a dot inside a custom_vjp, named
     if name == "full":
-        return jax.checkpoint_policies.nothing_saveable
+        return cp.nothing_saveable
     if name == "save_dots":
-        return jax.checkpoint_policies.dots_saveable
-    if name == "save_dots_no_batch":
-        return jax.checkpoint_policies.dots_with_no_batch_dims_saveable
+        return cp.save_from_both_policies(cp.dots_saveable, frozen)
+    if name == "save_dots_no_batch" or (name == "offload" and not _has_pinned_host()):
+        # offload with nowhere to offload to keeps the dots on the device instead
+        return cp.save_from_both_policies(cp.dots_with_no_batch_dims_saveable, frozen)
     if name == "offload":
-        if not _has_pinned_host():  # nowhere to offload to: keep the dots on the device instead
-            return jax.checkpoint_policies.dots_with_no_batch_dims_saveable
-        return jax.checkpoint_policies.offload_dot_with_no_batch_dims("device", "pinned_host")
+        dots = cp.offload_dot_with_no_batch_dims("device", "pinned_host")
+        names = cp.save_and_offload_only_these_names(names_which_can_be_saved=[], names_which_can_be_offloaded=[
+            FROZEN_MATMUL], offload_src="device", offload_dst="pinned_host")
+
+        def offload(prim, *args, **params):  # a checkpoint name decides by its name, every other op as a dot
+            return (names if prim.name == "name" else dots)(prim, *args, **params)
+
+        return offload
     raise ValueError(f"unknown remat policy {name!r}: expected one of {', '.join(REMAT_POLICIES)}")
 
 
