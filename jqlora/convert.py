@@ -3,7 +3,9 @@
 Reading (`Checkpoint`): a local model directory with `config.json` and single or sharded safetensors (with
 `model.safetensors.index.json`), or PyTorch `pytorch_model*.bin` (torch is imported only then), in bf16/fp16/fp32;
 or a bitsandbytes 4-bit checkpoint (`quantization_config.load_in_4bit`), whose NF4/FP4 weights are returned as
-`quant.QuantizedTensor` exactly as stored (no dequantize / requantize).
+`quant.QuantizedTensor` exactly as stored (no dequantize / requantize). `get` returns JAX arrays on the default
+device; `get_host` returns numpy arrays read into host memory without a memory map, for the sharded loader
+(`jqlora.load_model(..., mesh=)`), which places each tensor's shards on their devices itself.
 
 Writing (`convert`): each tensor is read, quantized if it is a linear weight, and kept only in its quantized form,
 so peak host memory stays near the largest single tensor plus the quantized output. Two output formats:
@@ -23,8 +25,9 @@ import json
 import os
 import re
 import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Self
 
 import jax
 import jax.numpy as jnp
@@ -86,6 +89,7 @@ class Checkpoint:
         self.bnb = _bnb_settings(self.config, self.path / "config.json")
         self._files: dict[str, Path] = {}  # stored key → file
         self._handles: dict[Path, Any] = {}
+        self._headers: dict[Path, dict[str, Any]] = {}  # safetensors headers, for reads without mmap
         self._torch_shards: dict[Path, dict[str, Any]] = {}
         self._index()
         stored = set(self._files)
@@ -116,7 +120,8 @@ class Checkpoint:
         if single_st:
             self.kind = "st"
             for f in single_st:
-                for key in self._st_handle(f).keys():
+                stored = self._st_handle(f).keys()
+                for key in stored:
                     self._files[key] = f
             return
         single_bin = sorted(p.glob("pytorch_model*.bin"))
@@ -149,6 +154,11 @@ class Checkpoint:
             except (SafetensorError, OSError) as e:
                 raise ConvertError(f"{f}: unreadable safetensors file, truncated or corrupt ({e})") from None
         return self._handles[f]
+
+    def _st_header(self, f: Path) -> dict[str, Any]:
+        if f not in self._headers:
+            self._headers[f] = _read_st_header(f)
+        return self._headers[f]
 
     def _bin_shard(self, f: Path) -> dict[str, Any]:
         if f not in self._torch_shards:
@@ -193,6 +203,23 @@ class Checkpoint:
                 raise ConvertError(str(e)) from None
         return self._raw(key)
 
+    def get_host(self, key: str) -> np.ndarray | quant.QuantizedTensor:
+        """Like `get`, but a plain tensor comes back as a numpy array in host memory (no device is touched), for
+        loaders that place each tensor's shards on their devices themselves. A safetensors tensor is read with
+        plain file reads, not through a memory map: a mapped file's pages stay resident (and count in the process's
+        RSS) while it is open, so reading a whole checkpoint that way holds all of it."""
+        if key in self._quantized:
+            return self.get(key)
+        if key not in self._files:
+            raise ConvertError(f"{self.path}: missing tensor {key!r}")
+        f = self._files[key]
+        if self.kind == "st":
+            return _read_st_tensor(f, self._st_header(f), key)
+        shard = self._bin_shard(f)
+        if key not in shard:
+            raise ConvertError(f"{f}: missing tensor {key!r} (listed in the index)")
+        return _torch_to_numpy(shard[key], f, key)
+
     def shape_of(self, key: str) -> tuple[int, ...]:
         """The logical shape of a tensor without reading its data (safetensors only; else reads it)."""
         if key in self._quantized:
@@ -203,9 +230,10 @@ class Checkpoint:
 
     def close(self) -> None:
         self._handles.clear()
+        self._headers.clear()
         self._torch_shards.clear()
 
-    def __enter__(self) -> "Checkpoint":
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -225,6 +253,62 @@ def _torch_to_jax(t: Any, f: Path, key: str) -> jax.Array:
     if t.dtype == torch.bfloat16:
         return jnp.asarray(t.view(torch.int16).numpy().view(jnp.bfloat16))
     return jnp.asarray(t.numpy())
+
+
+_ST_DTYPES = {"BF16": jnp.bfloat16, "F16": np.float16, "F32": np.float32, "F64": np.float64, "I8": np.int8,
+              "I16": np.int16, "I32": np.int32, "I64": np.int64, "U8": np.uint8, "U16": np.uint16, "U32": np.uint32,
+              "U64": np.uint64, "BOOL": np.bool_}
+
+
+def _read_st_header(f: Path) -> dict[str, Any]:
+    """The JSON header of a safetensors file (8-byte little-endian length, then the JSON), with "__start__" added:
+    the file offset where the tensor data begins."""
+    try:
+        with open(f, "rb") as fh:
+            size = int.from_bytes(fh.read(8), "little")
+            if size <= 0 or size > 100 * 2**20:
+                raise ValueError(f"header length {size}")
+            header = json.loads(fh.read(size))
+    except (OSError, ValueError, UnicodeDecodeError) as e:
+        raise ConvertError(f"{f}: unreadable safetensors file, truncated or corrupt ({e})") from None
+    if not isinstance(header, dict):
+        raise ConvertError(f"{f}: unreadable safetensors file (the header is not a JSON object)")
+    header["__start__"] = 8 + size
+    return header
+
+
+def _read_st_tensor(f: Path, header: dict[str, Any], key: str) -> np.ndarray:
+    """One tensor of a safetensors file, read into a fresh numpy array (no memory map)."""
+    info = header.get(key)
+    if not isinstance(info, dict):
+        raise ConvertError(f"{f}: missing tensor {key!r}")
+    try:
+        dtype = np.dtype(_ST_DTYPES[info["dtype"]])
+        shape = tuple(int(d) for d in info["shape"])
+        begin, end = (int(o) for o in info["data_offsets"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise ConvertError(f"{f}: cannot read tensor {key!r} (unsupported or malformed entry {info!r}: {e})") from None
+    n_bytes = end - begin
+    if n_bytes != int(np.prod(shape, dtype=np.int64)) * dtype.itemsize or begin < 0:
+        raise ConvertError(f"{f}: cannot read tensor {key!r} ({n_bytes} bytes for shape {shape} of {info['dtype']})")
+    buf = np.empty(n_bytes, np.uint8)
+    with open(f, "rb") as fh:
+        fh.seek(header["__start__"] + begin)
+        got = fh.readinto(memoryview(buf))
+    if got != n_bytes:
+        raise ConvertError(f"{f}: truncated: tensor {key!r} needs {n_bytes} bytes, the file holds {got}")
+    return buf.view(dtype).reshape(shape)
+
+
+def _torch_to_numpy(t: Any, f: Path, key: str) -> np.ndarray:
+    import torch
+
+    if not isinstance(t, torch.Tensor):
+        raise ConvertError(f"{f}: entry {key!r} is a {type(t).__name__}, not a tensor")
+    t = t.detach().contiguous()
+    if t.dtype == torch.bfloat16:
+        return t.view(torch.int16).numpy().view(jnp.bfloat16)
+    return t.numpy()
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -345,8 +429,12 @@ def _bnb_quantization_config(quant_type, double_quant, dtype, ckpt: Checkpoint, 
     }
 
 
-def load_jqlora(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Any], Callable[[str], Any], list[str]]:
-    """Open a jqlora-format directory: (HF config, jqlora meta, get(key) → array | QuantizedTensor, keys)."""
+def load_jqlora(path: str | os.PathLike, *, host: bool = False
+                ) -> tuple[dict[str, Any], dict[str, Any], Callable[[str], Any], list[str]]:
+    """Open a jqlora-format directory: (HF config, jqlora meta, get(key) → array | QuantizedTensor, keys).
+
+    ``host=True``: `get` returns numpy arrays (and QuantizedTensors of numpy arrays) read into host memory, not
+    JAX arrays on the default device."""
     path = Path(path)
     config = read_config(path)
     meta_file = path / JQLORA_META
@@ -358,20 +446,22 @@ def load_jqlora(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Any]
         raise ConvertError(f"{meta_file}: not a jqlora v{FORMAT_VERSION} checkpoint")
     ckpt = Checkpoint(path)
     quantized = meta["quantized"]
-    plain = [k for k in ckpt.keys() if not any(k.startswith(q + ".") for q in quantized)]
+    stored = ckpt.keys()
+    plain = [k for k in stored if not any(k.startswith(q + ".") for q in quantized)]
+    read = ckpt.get_host if host else ckpt.get
 
     def get(key: str):
         if key in quantized:
             m = quantized[key]
-            arrays = {s: ckpt.get(f"{key}.{s}") for s in ("codes", "absmax")}
+            arrays = {s: read(f"{key}.{s}") for s in ("codes", "absmax")}
             if m["double_quant"]:
-                arrays["nested_absmax"] = ckpt.get(f"{key}.nested_absmax")
-                arrays["offset"] = ckpt.get(f"{key}.offset").reshape(())
+                arrays["nested_absmax"] = read(f"{key}.nested_absmax")
+                arrays["offset"] = read(f"{key}.offset").reshape(())
             return quant.QuantizedTensor(
                 arrays["codes"], arrays["absmax"], arrays.get("nested_absmax"), arrays.get("offset"),
                 tuple(m["shape"]), m["dtype"], m["block_size"], m["quant_type"],
             )
-        return ckpt.get(key)
+        return read(key)
 
     return config, meta, get, sorted([*plain, *quantized], key=_natural_key)
 

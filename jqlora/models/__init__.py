@@ -1,28 +1,61 @@
 """Decoder model families and `load_model`, the entry point that turns a checkpoint directory into a model.
 
 `llama.py` covers Llama 2/3/3.1/3.2, Mistral, Qwen2/2.5 and Qwen3 by config flags.
+
+Sharded streaming load (`from_hf_tensors_sharded`, `load_model(..., mesh=)`): the model is built abstractly
+(`nnx.eval_shape`), `jqlora.sharding.partition_specs` plans a `NamedSharding` for every variable, and then the
+checkpoint is read one tensor at a time into host memory and each device receives only its shard of it:
+
+- a linear kernel W [O, I] is flattened row-major into blocks of ``block_size``; where its codes and absmax are
+  split over mesh axes (always at whole blocks, see sharding.py) and the split holds whole blocks, the flat W is
+  placed with that split and every device quantizes its own blocks (`jax.shard_map`), which is exact: codes and
+  absmax of a block depend on that block only. Double quantization needs the mean of every absmax of the tensor,
+  so the float32 absmax (1/32 of the bf16 tensor) is gathered to every device, the 8-bit step is computed there
+  the way `quant.quantize` computes it on one device (bit for bit the same), and each device keeps its part.
+  A kernel the rules keep whole (blocks that do not split evenly) is quantized on the default device instead.
+- everything else (embeddings, norms, biases, unquantized kernels) goes from host memory straight to its shards.
+- stacked layer variables [L, ...] are allocated once on their shards and filled layer by layer in place
+  (a jitted update that donates its buffer); the layer axis is never sharded. Each tensor's placement is waited
+  for before the next tensor is read, so reads cannot run ahead of the devices and pile up in host memory.
+- LoRA adapters are initialized as in the unsharded load (on one device; they are small) and then placed.
+
+Host memory stays near one checkpoint tensor (plus what the devices hold when the devices are the host's own), and
+no device ever holds more than one tensor in bf16. The values equal those of the unsharded load bit for bit.
 """
 
 from __future__ import annotations
 
+import functools
+import logging
 import os
 from typing import Any
 
-from jqlora.lora import LoraConfig
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from jqlora import quant as q
+from jqlora.lora import LoraConfig, LoraLinear, QuantSpec, compute_dtype
 from jqlora.models.llama import (
     REMAT_POLICIES,
     HFKey,
     LlamaForCausalLM,
     ModelConfig,
     RopeConfig,
+    TensorGetter,
     from_hf_tensors,
     hf_key_table,
 )
 
 __all__ = [
-    "REMAT_POLICIES", "HFKey", "LlamaForCausalLM", "ModelConfig", "RopeConfig", "from_hf_tensors", "hf_key_table",
-    "load_model",
+    "REMAT_POLICIES", "HFKey", "LlamaForCausalLM", "ModelConfig", "RopeConfig", "from_hf_tensors",
+    "from_hf_tensors_sharded", "hf_key_table", "load_model",
 ]
+
+log = logging.getLogger("jqlora.models")
 
 
 def load_model(
@@ -36,6 +69,7 @@ def load_model(
     lora: LoraConfig | None = None,
     seed: int = 0,
     remat: str = "full",
+    mesh: Mesh | None = None,
 ) -> LlamaForCausalLM:
     """Load a model from a Hugging Face directory (converted on the fly) or a `python -m jqlora.convert` output.
 
@@ -45,19 +79,28 @@ def load_model(
     (peft initialization); ``adapter`` loads a peft LoRA adapter directory (its config sets the LoRA settings).
     The model maps int32 ``input_ids[B, S]`` (optionally ``segment_ids``, ``positions``) to
     float32 logits ``[B, S, V]``.
+
+    ``mesh`` (a ("data", "fsdp", "tensor") mesh, `jqlora.sharding.make_mesh`): every variable is placed on the mesh
+    by `jqlora.sharding`'s partition rules while loading, one tensor at a time, so no device and no host ever holds
+    the whole model unquantized (see the module docstring); the values equal the unsharded load's bit for bit.
     """
     from jqlora import convert
 
+    if mesh is not None and not isinstance(mesh, Mesh):
+        raise TypeError(f"mesh must be a jax.sharding.Mesh (jqlora.sharding.make_mesh), got {type(mesh).__name__}")
     if adapter is not None:
         from jqlora import peft
 
         if lora is not None:
             raise ValueError("pass either adapter= or lora=, not both: the adapter defines its LoRA settings")
         model = load_model(path, quant=quant, double_quant=double_quant, block_size=block_size, dtype=dtype,
-                           lora=peft.read_adapter_config(adapter), seed=seed, remat=remat)
-        return peft.load_adapter(model, adapter)
+                           lora=peft.read_adapter_config(adapter), seed=seed, remat=remat, mesh=mesh)
+        model = peft.load_adapter(model, adapter)
+        return model if mesh is None else _place_lora(model, mesh)
+    build = from_hf_tensors if mesh is None else functools.partial(from_hf_tensors_sharded, mesh=mesh,
+                                                                   desc=f"loading {_name(path)}")
     if convert.is_jqlora_dir(path):
-        config, meta, get, _ = convert.load_jqlora(path)
+        config, meta, get, _ = convert.load_jqlora(path, host=mesh is not None)
         quant, double_quant, block_size = meta["quant"], meta["double_quant"], meta["block_size"]
         stored = {m["quant_type"] for m in meta["quantized"].values()}
         if stored:
@@ -67,8 +110,8 @@ def load_model(
         else:
             quant = "none"
         cfg = ModelConfig.from_hf(config)
-        return from_hf_tensors(cfg, get, lora=lora, quant=quant, double_quant=double_quant, block_size=block_size,
-                               dtype=dtype, seed=seed, remat=remat)
+        return build(cfg, get, lora=lora, quant=quant, double_quant=double_quant, block_size=block_size,
+                     dtype=dtype, seed=seed, remat=remat)
     with convert.Checkpoint(path) as ckpt:
         try:
             cfg = ModelConfig.from_hf(ckpt.config)
@@ -78,5 +121,249 @@ def load_model(
         if ckpt.bnb and quant != "none":  # a 4-bit checkpoint keeps its own quantization
             sample = ckpt.get(next(e.key for e in hf_key_table(cfg) if e.kind == "linear"))
             quant, double_quant, block_size = sample.quant_type, sample.double_quant, sample.block_size
-        return from_hf_tensors(cfg, ckpt.get, lora=lora, quant=quant, double_quant=double_quant,
-                               block_size=block_size, dtype=dtype, seed=seed, remat=remat)
+        return build(cfg, ckpt.get if mesh is None else ckpt.get_host, lora=lora, quant=quant,
+                     double_quant=double_quant, block_size=block_size, dtype=dtype, seed=seed, remat=remat)
+
+
+def _name(path: str | os.PathLike) -> str:
+    return os.path.basename(os.path.normpath(os.fspath(path)))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Sharded streaming load
+
+
+def from_hf_tensors_sharded(
+    cfg: ModelConfig,
+    get: TensorGetter,
+    mesh: Mesh,
+    *,
+    lora: LoraConfig | None = None,
+    quant: str = "nf4",
+    double_quant: bool = True,
+    block_size: int = 64,
+    dtype: Any = "bfloat16",
+    lora_dtype: Any = "float32",
+    seed: int = 0,
+    remat: str = "full",
+    scan_layers: bool = True,
+    desc: str = "loading",
+) -> LlamaForCausalLM:
+    """`from_hf_tensors` with every variable placed on ``mesh`` by `jqlora.sharding`'s partition rules while it is
+    read, one tensor at a time (see the module docstring). ``get`` should return host (numpy) arrays, e.g.
+    `convert.Checkpoint.get_host`. Same checks and errors as `from_hf_tensors`, and the same values bit for bit."""
+    from tqdm.auto import tqdm
+
+    from jqlora import sharding
+    from jqlora.models.llama import _check_filled, _host_array
+
+    sharding.check_model_fits(mesh, cfg)
+    qspec = QuantSpec(quant, double_quant, block_size)
+    cdtype = compute_dtype(dtype)
+    model = nnx.eval_shape(lambda: LlamaForCausalLM(cfg, lora, qspec, cdtype, rngs=nnx.Rngs(seed),
+                                                    lora_dtype=lora_dtype, remat=remat, scan_layers=scan_layers))
+    state = nnx.state(model)
+    specs, notes = sharding.partition_specs(state, mesh)
+    for note in notes:
+        log.info("sharding: %s", note)
+    placer = _Placer(mesh, {tuple(path): (var, spec) for (path, var), spec in zip(nnx.to_flat_state(state), specs)})
+    del state
+    quant_dtypes: dict[tuple[str, ...], tuple[str, str]] = {}  # module path -> (dtype name, first key)
+
+    for entry in tqdm(hf_key_table(cfg), desc=desc, unit="tensor", disable=None, dynamic_ncols=True):
+        try:
+            value = get(entry.key)
+        except KeyError:
+            value = None
+        if value is None:
+            raise ValueError(f"missing tensor {entry.key!r} in the checkpoint")
+        arr = None
+        if isinstance(value, q.QuantizedTensor):
+            if entry.kind != "linear":
+                raise ValueError(f"{entry.key}: a quantized tensor where a plain {entry.kind} weight is expected")
+            if value.shape != entry.shape or value.batch_shape:
+                raise ValueError(f"{entry.key}: shape {value.batch_shape + value.shape}, expected {entry.shape}")
+            qt = value
+        else:
+            arr = _host_array(value, entry.key)
+            if tuple(arr.shape) != entry.shape:
+                raise ValueError(f"{entry.key}: shape {tuple(arr.shape)}, expected {entry.shape}")
+            if arr.dtype.name not in q.DTYPES:
+                arr = arr.astype(np.float32)
+            qt = None
+            if entry.kind == "linear" and qspec.enabled:
+                qt = placer.quantize(entry, arr, qspec)
+        if entry.kind == "linear" and qspec.enabled:
+            got = (qt.quant_type, qt.block_size, qt.double_quant)
+            want = (qspec.quant, qspec.block_size, qspec.double_quant)
+            if got != want:
+                raise ValueError(
+                    f"{entry.key}: checkpoint is quantized as (quant, block_size, double_quant)={got}, but {want} "
+                    "was requested; load with matching quantization settings"
+                )
+            seen = quant_dtypes.setdefault(entry.path, (qt.dtype, entry.key))
+            if seen[0] != qt.dtype:
+                raise ValueError(f"{entry.key}: quantized from {qt.dtype}, but {seen[1]} from {seen[0]}")
+            placer.put(entry, "codes", qt.codes)
+            placer.put(entry, "absmax", qt.absmax)
+            if qt.double_quant:
+                placer.put(entry, "nested_absmax", qt.nested_absmax)
+                placer.put(entry, "offset", qt.offset)
+        else:
+            if qt is not None:  # a bnb-quantized kernel loaded unquantized
+                arr = np.asarray(q.dequantize(qt, cdtype))
+            placer.put(entry, entry.name, arr.astype(cdtype, copy=False))  # (no copy of a bf16 tensor)
+        del value, arr, qt  # the host copy goes before the next tensor is read
+
+    for path, value in placer.arrays.items():
+        _variable_at(model, path).set_value(value)
+    for path, (dtype_name, _) in quant_dtypes.items():
+        _variable_at(model, path).quant_dtype = dtype_name
+    _init_lora_sharded(model, seed, placer)
+    _check_filled(model)
+    return model
+
+
+class _Placer:
+    """Puts one checkpoint tensor at a time onto the shards its variable is planned to have."""
+
+    def __init__(self, mesh: Mesh, plan: dict[tuple, tuple[Any, P]]):
+        self.mesh = mesh
+        self.plan = plan  # variable path -> (abstract Variable, PartitionSpec)
+        self.arrays: dict[tuple, jax.Array] = {}  # variable path -> its (stacked) array on the mesh
+
+    def put(self, entry: HFKey, name: str, value: Any) -> None:
+        """``value`` (host or device array) becomes ``entry``'s slice of variable ``name`` on its shards."""
+        path = entry.path + (name,)
+        if path not in self.plan:
+            raise ValueError(f"{entry.key}: the model has no variable {'.'.join(path)}")
+        var, spec = self.plan[path]
+        stacked = entry.layer is not None
+        shape = tuple(var.shape[1:] if stacked else var.shape)
+        if tuple(np.shape(value)) != shape:
+            raise ValueError(f"{entry.key}: {name} has shape {tuple(np.shape(value))}, expected {shape}")
+        full = NamedSharding(self.mesh, spec)
+        if not stacked:
+            self.arrays[path] = jax.block_until_ready(_to_devices(value, full, var.dtype))
+            return
+        assert not spec or spec[0] is None, (path, spec)  # the layer axis is never split
+        part = _to_devices(value, NamedSharding(self.mesh, P(*spec[1:])), var.dtype)
+        buf = self.arrays.get(path)
+        if buf is None:
+            buf = _zeros(tuple(var.shape), np.dtype(var.dtype), full)()
+        self.arrays[path] = jax.block_until_ready(_layer_setter(full)(buf, part, np.int32(entry.layer)))
+
+    def quantize(self, entry: HFKey, arr: np.ndarray, qspec: QuantSpec) -> q.QuantizedTensor:
+        """``arr`` quantized; each device quantizes its own blocks where the plan splits the kernel at whole blocks."""
+        _, spec = self.plan[entry.path + ("codes",)]
+        axes = spec[1] if len(spec) > 1 else None
+        shards = _n_shards(self.mesh, axes)
+        if axes is None or arr.size % (shards * qspec.block_size):
+            try:  # kept whole (or blocks not evenly split): quantized on one device, as without a mesh
+                return q.quantize(arr, qspec.quant, block_size=qspec.block_size, double_quant=qspec.double_quant)
+            except ValueError as e:
+                raise ValueError(f"{entry.key}: {e}") from None
+        flat = arr.reshape(-1)
+        x = jax.make_array_from_callback(flat.shape, NamedSharding(self.mesh, P(axes)), lambda index: flat[index])
+        codes, absmax, bad = _block_quantizer(self.mesh, axes, qspec.quant, qspec.block_size)(x)
+        del x
+        if int(jnp.sum(bad)):
+            try:  # raises with the count and the first bad index
+                q.quantize(arr, qspec.quant, block_size=qspec.block_size, double_quant=False)
+            except ValueError as e:
+                raise ValueError(f"{entry.key}: {e}") from None
+            raise AssertionError(f"{entry.key}: non-finite values found per shard but not in the whole tensor")
+        nested = offset = None
+        if qspec.double_quant:  # needs the mean of every absmax: computed on every device from all of them
+            absmax, nested, offset = _double_quantizer()(jax.device_put(absmax, NamedSharding(self.mesh, P())))
+        return q.QuantizedTensor(codes, absmax, nested, offset, tuple(arr.shape), arr.dtype.name, qspec.block_size,
+                                 qspec.quant)
+
+
+def _to_devices(value: Any, target: NamedSharding, dtype: Any) -> jax.Array:
+    """``value`` (a host array, or a JAX array on this mesh or on one device) as ``dtype`` on ``target``'s shards;
+    from the host each device receives only its own slice."""
+    if isinstance(value, jax.Array):
+        if value.dtype != dtype:
+            value = value.astype(dtype)
+        on_mesh = isinstance(value.sharding, NamedSharding) and value.sharding.mesh == target.mesh
+        if on_mesh or (jax.process_count() == 1 and value.is_fully_addressable):
+            return jax.device_put(value, target)
+        value = np.asarray(value)  # a process-local array in a multi-process run: through the host
+    host = np.asarray(value)
+    dtype = np.dtype(dtype)
+    return jax.make_array_from_callback(host.shape, target, lambda index: np.asarray(host[index], dtype=dtype))
+
+
+def _n_shards(mesh: Mesh, axes: Any) -> int:
+    if axes is None:
+        return 1
+    axes = (axes,) if isinstance(axes, str) else tuple(axes)
+    return int(np.prod([mesh.shape[a] for a in axes], dtype=np.int64))
+
+
+@functools.cache
+def _block_quantizer(mesh: Mesh, axes: Any, quant_type: str, block_size: int):
+    """flat W split over ``axes`` at whole blocks → (codes, float32 absmax) split the same way, and the number of
+    non-finite values per shard; every device quantizes its own blocks (no double quantization)."""
+    spec = P(axes)
+
+    def local(x):
+        t = q.quantize(x, quant_type, block_size=block_size, double_quant=False)
+        bad = jnp.sum(~jnp.isfinite(x), dtype=jnp.int32).reshape(1)
+        return t.codes, t.absmax, bad
+
+    return jax.jit(jax.shard_map(local, mesh=mesh, in_specs=spec, out_specs=(spec, spec, spec)))
+
+
+@functools.cache
+def _double_quantizer():
+    # quant.quantize's own double-quantization step, jitted alone: on the same backend it gives the bits that the
+    # fused single-device quantize gives (checked against it in tests/test_load_sharded.py)
+    return jax.jit(q._double_quantize)
+
+
+@functools.cache
+def _zeros(shape: tuple[int, ...], dtype: np.dtype, sharding: NamedSharding):
+    return jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=sharding)
+
+
+@functools.cache
+def _layer_setter(sharding: NamedSharding):
+    """(stacked buffer, one layer's value, layer index) → the buffer with that layer set, in place (donated)."""
+    return jax.jit(lambda buf, value, i: jax.lax.dynamic_update_index_in_dim(buf, value, i, 0),
+                   out_shardings=sharding, donate_argnums=0)
+
+
+def _variable_at(model: nnx.Module, path: tuple) -> Any:
+    """The Variable (or, for a module path, the module) at an nnx path."""
+    node = model
+    for part in path:
+        node = node[part] if isinstance(part, int) else getattr(node, part)
+    return node
+
+
+def _init_lora_sharded(model: LlamaForCausalLM, seed: int, placer: _Placer) -> None:
+    """The adapters initialized exactly as `from_hf_tensors` does (zeros, then ``model.init_lora(key(seed))``, on
+    the default device), then moved onto their planned shardings. They are made whole on one device first (a few GB
+    for a 70B model at r=16): compiling the random-number generation for every sharding costs seconds per load."""
+    modules = [m for _, m in nnx.iter_modules(model) if isinstance(m, LoraLinear) and m.lora_a is not None]
+    if not modules:
+        return
+    for module in modules:
+        module.lora_a.set_value(jnp.zeros(module.lora_a.shape, module.lora_a.dtype))
+        module.lora_b.set_value(jnp.zeros(module.lora_b.shape, module.lora_b.dtype))
+    model.init_lora(jax.random.key(seed))
+    _place_lora(model, placer.mesh)
+
+
+def _place_lora(model: LlamaForCausalLM, mesh: Mesh) -> LlamaForCausalLM:
+    """Every adapter of ``model`` moved onto its planned sharding (after `peft.load_adapter` filled them)."""
+    from jqlora import sharding
+
+    lora_state = nnx.state(model, nnx.LoRAParam)
+    specs, _ = sharding.partition_specs(lora_state, mesh)
+    for (path, var), spec in zip(nnx.to_flat_state(lora_state), specs):
+        value = var.get_value()
+        _variable_at(model, tuple(path)).set_value(_to_devices(value, NamedSharding(mesh, spec), value.dtype))
+    return model
