@@ -223,7 +223,9 @@ def settings_from_config(cfg: Any, axes: dict[str, int] | None = None) -> dict[s
     if axes is None:
         axes = {n: 1 if getattr(cfg.mesh, n) == "auto" else int(getattr(cfg.mesh, n)) for n in ("data", "fsdp",
                                                                                                "tensor")}
-    return dict(seq=cfg.data.max_length, batch=cfg.train.batch_size, r=cfg.lora.r, dtype=cfg.model.dtype,
+    rows = axes["data"] * axes["fsdp"] if all(isinstance(axes[n], int) for n in ("data", "fsdp")) else 1
+    # train.batch_size is the global micro-batch: its rows are split over the data × fsdp devices
+    return dict(seq=cfg.data.max_length, batch=max(1, cfg.train.batch_size // rows), r=cfg.lora.r, dtype=cfg.model.dtype,
                 quant=cfg.model.quant, double_quant=cfg.model.double_quant and cfg.model.quant != "none",
                 block_size=cfg.model.block_size, targets=tuple(cfg.lora.target_modules), **axes)
 
@@ -267,7 +269,8 @@ def main(argv: list[str] | None = None) -> int:
                                      "model.path, or from --model / --model-config when that is not on this machine")
     ap.add_argument("overrides", nargs="*", help="key.sub=value overrides of --config")
     ap.add_argument("--seq", type=int)
-    ap.add_argument("--batch", type=int, help="rows per device")
+    ap.add_argument("--batch", type=int, help="rows per device (default: 1, or a --config's train.batch_size split "
+                                              "over its data × fsdp devices)")
     ap.add_argument("--data", default=None)
     ap.add_argument("--fsdp", default=None)
     ap.add_argument("--tensor", default=None)
@@ -327,6 +330,8 @@ def main(argv: list[str] | None = None) -> int:
             if v == "auto":
                 axes[axis] = _resolve_axis("auto", axis, devices, fixed)
         settings.update(axes)
+        if args.config and args.batch is None:  # the recipe's global micro-batch, split over data × fsdp
+            settings["batch"] = max(1, cfg.train.batch_size // (axes["data"] * axes["fsdp"]))
         if settings["quant"] == "none":
             settings["double_quant"] = False
         budget = args.memory * 1e9 if args.memory is not None else None

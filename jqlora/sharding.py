@@ -10,6 +10,12 @@ The mesh has three named axes (sizes multiply to the device count):
 Activations and the batch are sharded along the batch axis over ("data", "fsdp"); the layer axis L of the
 stacked layers is never sharded (the layer scan walks it).
 
+Processes. With `jax.distributed` (`initialize_distributed`, from the environment) the mesh spans the devices of
+every process. Each process builds only the batch rows its own devices hold (`assemble_batch`), places the frozen
+weights it loaded by the same rules (`jax.device_put` keeps just the local shards), and gathers sharded arrays to
+the host only when asked (`to_host`, which every process must call); `is_primary` picks the process that writes
+files and `any_process` lets all of them agree on a flag (a signal one of them received).
+
 Partition rules (by the variable's name and type; dims counted from the end so the leading L axis is ignored):
 
     QuantData codes [L, n/2], absmax [L, n_blocks]     flat last axis over ("fsdp", "tensor") — falling back to
@@ -45,11 +51,13 @@ import dataclasses
 import logging
 import math
 import os
-from typing import Any, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 log = logging.getLogger("jqlora.sharding")
 
@@ -118,8 +126,9 @@ def _size(mesh: Mesh, axes: tuple[str, ...]) -> int:
     return math.prod(mesh.shape[a] for a in axes)
 
 
-def check_model_fits(mesh: Mesh, model_config: Any, batch_size: int | None = None) -> None:
-    """ValueError naming the axis and sizes when the mesh cannot split the model (heads, MLP) or the batch.
+def check_model_fits(mesh: Mesh, model_config: Any, batch_size: int | None = None,
+                     eval_batch_size: int | None = None) -> None:
+    """ValueError naming the axis and sizes when the mesh cannot split the model (heads, MLP) or the batches.
 
     ``model_config`` is a `jqlora.models.ModelConfig` (or anything with its attribute names).
     """
@@ -129,10 +138,10 @@ def check_model_fits(mesh: Mesh, model_config: Any, batch_size: int | None = Non
             dim = int(getattr(model_config, attr))
             if dim % t:
                 raise ValueError(f"mesh.tensor={t} does not divide the model's {attr}={dim}")
-    if batch_size is not None:
-        n = _size(mesh, BATCH_AXES)
-        if batch_size % n:
-            raise ValueError(f"train.batch_size={batch_size} is not divisible by mesh data × fsdp = "
+    n = _size(mesh, BATCH_AXES)
+    for key, rows in (("train.batch_size", batch_size), ("train.eval_batch_size", eval_batch_size)):
+        if rows is not None and rows % n:
+            raise ValueError(f"{key}={rows} is not divisible by mesh data × fsdp = "
                              f"{mesh.shape['data']} × {mesh.shape['fsdp']} = {n}")
 
 
@@ -260,7 +269,6 @@ def _frozen_spec(path: tuple[str, ...], name: str, shape: tuple[int, ...], ctx: 
         return P()
     linear = module in COLUMN_PARALLEL or module in ROW_PARALLEL
     if linear and name == "weight" and len(shape) >= 2:
-        O, I = shape[-2], shape[-1]
         t_dim, f_dim = (-2, -1) if module in COLUMN_PARALLEL else (-1, -2)
         dims = {}
         for dim, axis in ((t_dim, "tensor"), (f_dim, "fsdp")):
@@ -270,7 +278,6 @@ def _frozen_spec(path: tuple[str, ...], name: str, shape: tuple[int, ...], ctx: 
                     dims[dim] = (axis,)
                 else:
                     ctx.notes.append(f"{where}: dim {size} not split over {axis}={mesh.shape[axis]} (replicated)")
-        del O, I
         return _spec(len(shape), dims)
     if linear and name == "bias" and module in COLUMN_PARALLEL:
         axes = _pick_dim(mesh, shape[-1], [("tensor",)])
@@ -399,6 +406,57 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 
 
+class RowIds:
+    """Stands in for a dataset in `jqlora.data.BatchIterator`: its "batches" are the row ids (None: a padding row), to
+    be built by `assemble_batch` on each process for its own devices only."""
+
+    def __init__(self, n: int):
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def batch(self, rows: Sequence[Any]) -> list[Any]:
+        return list(rows)
+
+
+@jax.jit
+def token_counts(masks: list[jax.Array], segments: list[jax.Array]) -> tuple[jax.Array, jax.Array]:
+    """(trained tokens, input tokens) in global micro-batches (loss masks, segment ids), replicated on every device."""
+    trained = sum(jax.numpy.sum(m.astype(np.float32)) for m in masks)
+    return trained, sum(jax.numpy.sum((s > 0).astype(np.int32)) for s in segments)
+
+
+def local_row_ranges(mesh: Mesh, n_rows: int) -> list[tuple[int, int]]:
+    """The [start, stop) row ranges of an ``n_rows`` batch that this process's devices hold (rows over data×fsdp)."""
+    index_map = batch_sharding(mesh, 1).addressable_devices_indices_map((n_rows,))
+    return sorted({idx[0].indices(n_rows)[:2] for idx in index_map.values()})
+
+
+def assemble_batch(rows: Sequence[Any], build: Callable[[Sequence[Any]], Mapping[str, np.ndarray]],
+                   mesh: Mesh) -> dict[str, jax.Array]:
+    """The global batch of ``rows`` (row ids) on ``mesh``, rows over ("data", "fsdp"), from the rows this process's
+    devices hold only: ``build(some_rows)`` returns arrays whose first dimension is those rows, and each process calls
+    it for its own row ranges (`jax.make_array_from_callback`), so in a multi-process run every process reads its part
+    of the batch and nothing else. On one process it is `shard_batch(build(rows), mesh)`."""
+    n = len(rows)
+    d = _size(mesh, BATCH_AXES)
+    if n % d:
+        raise ValueError(f"a batch of {n} rows is not divisible by mesh data × fsdp = "
+                         f"{mesh.shape['data']} × {mesh.shape['fsdp']} = {d}")
+    pieces = {(a, b): build(rows[a:b]) for a, b in local_row_ranges(mesh, n)}
+    first = next(iter(pieces.values()))
+    out = {}
+    for key, sample in first.items():
+        def part(index, key=key):
+            a, b, _ = index[0].indices(n)
+            return pieces[(a, b)][key][(slice(None),) + tuple(index[1:])]
+
+        shape = (n,) + tuple(np.shape(sample)[1:])
+        out[key] = jax.make_array_from_callback(shape, batch_sharding(mesh, len(shape)), part)
+    return out
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Measuring
 
@@ -417,11 +475,25 @@ def per_device_bytes(tree: Any) -> dict[Any, int]:
     return out
 
 
+def to_host(tree: Any) -> Any:
+    """``tree`` as numpy arrays holding the global values, also of arrays spread over several processes (then every
+    process must call it: the shards are gathered with `multihost_utils.process_allgather`)."""
+    if all(getattr(x, "is_fully_addressable", True) for x in jax.tree.leaves(tree)):
+        return jax.tree.map(np.asarray, tree)
+    from jax.experimental import multihost_utils
+
+    return multihost_utils.process_allgather(tree, tiled=True)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Multi-host
 
 
 _DISTRIBUTED = False
+
+
+class DistributedError(ValueError):
+    """The environment describes a multi-process run that cannot start (a bad variable, no coordinator)."""
 
 
 def _env_int(name: str) -> int | None:
@@ -431,7 +503,7 @@ def _env_int(name: str) -> int | None:
     try:
         return int(value)
     except ValueError:
-        raise ValueError(f"environment variable {name}={value!r} is not an integer") from None
+        raise DistributedError(f"environment variable {name}={value!r} is not an integer") from None
 
 
 def distributed_env() -> dict[str, Any] | None:
@@ -470,8 +542,27 @@ def initialize_distributed() -> bool:
     kwargs = distributed_env()
     if kwargs is None:
         return False
-    jax.distributed.initialize(**kwargs)
+    try:
+        jax.distributed.initialize(**kwargs)
+    except (RuntimeError, ValueError) as e:  # no coordinator, a wrong process id, ...: the environment's mistake
+        where = kwargs.get("coordinator_address", "the cluster environment")
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DistributedError(f"jax.distributed.initialize ({where}) failed: {first}") from None
     _DISTRIBUTED = True
     log.info("jax.distributed: process %d of %d, %d local / %d global devices", jax.process_index(),
              jax.process_count(), jax.local_device_count(), jax.device_count())
     return True
+
+
+def is_primary() -> bool:
+    """Whether this is process 0, the one that writes metrics, plots and exports (always, in a one-process run)."""
+    return jax.process_index() == 0
+
+
+def any_process(flag: bool) -> bool:
+    """Whether ``flag`` is true on any process (all processes must call it; a plain bool on one process)."""
+    if jax.process_count() == 1:
+        return bool(flag)
+    from jax.experimental import multihost_utils
+
+    return bool(np.any(multihost_utils.process_allgather(np.int32(bool(flag)))))

@@ -16,9 +16,18 @@ The step is `jax.jit(step, donate_argnums=(0, 1))(lora_params, opt_state, frozen
 lora_params is a plain nested dict (`nnx.State.to_pure_dict()` of the `nnx.LoRAParam` state), frozen_state the
 rest of the model (`nnx.split(model, nnx.LoRAParam, ...)`), so only LoRA leaves have gradients and optimizer state.
 
+Devices (`jqlora.sharding`): the trainer lays a ("data", "fsdp", "tensor") mesh from the `mesh` config section over
+every device of every process, places the frozen weights, LoRA params and optimizer state by the partition rules and
+each batch along its rows over data × fsdp; jit propagates those shardings through the step. On one device this is
+the plain single-device run. With several processes (`jax.distributed`, started from the environment by `main()`)
+each process builds only the batch rows of its own devices, all run the same loop, and process 0 alone writes
+metrics, the loss plot and the adapter.
+
 Checkpoints (orbax, output_dir/checkpoints/<step>): LoRA params, optimizer state, the base PRNG key, and JSON
-metadata (step, data iterator position). A run whose output_dir holds a checkpoint continues from it
-(train.resume), and continues exactly: the same batches, dropout keys and losses as an uninterrupted run.
+metadata (step, data iterator position). Arrays are saved shard by shard (every process writes its own shards) and
+restored onto the shardings of the current mesh, which may differ from the saving run's. A run whose output_dir holds
+a checkpoint continues from it (train.resume), and continues exactly: the same batches, dropout keys and losses as an
+uninterrupted run.
 """
 
 from __future__ import annotations
@@ -33,15 +42,16 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jqlora import optim
+from jqlora import optim, sharding
 from jqlora.config import ConfigError, load_config, save_config
 from jqlora.data import BatchIterator, DataError, build_datasets, eval_batches, load_tokenizer
 
@@ -111,7 +121,7 @@ class SplitModel:
     treedef: Any  # of the LoRA nnx.State, whose leaves are in the pure dict's leaf order
 
     @classmethod
-    def of(cls, model: nnx.Module) -> "SplitModel":
+    def of(cls, model: nnx.Module) -> SplitModel:
         graphdef, lora_state, frozen = nnx.split(model, nnx.LoRAParam, ...)
         pure = lora_state.to_pure_dict()
         state_paths = [tuple(getattr(k, "key", getattr(k, "name", k)) for k in p[:-1])
@@ -218,7 +228,7 @@ def ensure_demo_model(path: str) -> None:
 def _check_output_dir(out: str) -> None:
     try:
         os.makedirs(out, exist_ok=True)
-        probe = os.path.join(out, ".write_test")
+        probe = os.path.join(out, f".write_test.{jax.process_index()}")
         with open(probe, "w") as f:
             f.write("ok")
         os.remove(probe)
@@ -233,11 +243,15 @@ def _lora_config(cfg):
                       rslora=cfg.lora.rslora)
 
 
-def build_model(cfg):
-    """The quantized base model with fresh adapters, as the config says."""
-    from jqlora.convert import ConvertError
+def build_model(cfg, check: Callable[[Any], None] | None = None, mesh=None):
+    """The quantized base model with fresh adapters, as the config says; ``check(ModelConfig)`` runs before loading.
 
-    from jqlora.models import load_model
+    With a ``mesh`` of several devices in a single process, every tensor is loaded straight into its shards
+    (`load_model(mesh=)`); otherwise the model is loaded on the default device (and placed by the caller).
+    ``train.remat=auto`` is resolved here, from the memory plan of the model's shape on this mesh."""
+    from jqlora.convert import ConvertError
+    from jqlora.models import ModelConfig, load_model
+    from jqlora.plan import resolve_remat
 
     path = cfg.model.path
     if not os.path.isdir(path):
@@ -246,9 +260,20 @@ def build_model(cfg):
     if not os.path.isfile(os.path.join(path, "config.json")):
         raise UserError(f"model.path {path}: no config.json (not a Hugging Face checkpoint directory)")
     try:
+        shape = ModelConfig.from_hf(path)
+        if check is not None:
+            try:
+                check(shape)
+            except ValueError as e:
+                raise UserError(str(e).splitlines()[0]) from None
+        axes = {k: int(v) for k, v in mesh.shape.items()} if mesh is not None else None
+        remat, why = resolve_remat(cfg, shape, axes)
+        if cfg.train.remat == "auto":
+            log.info(why)
+        streamed = mesh is not None and mesh.size > 1 and jax.process_count() == 1
         return load_model(path, quant=cfg.model.quant, double_quant=cfg.model.double_quant,
                           block_size=cfg.model.block_size, dtype=cfg.model.dtype, lora=_lora_config(cfg),
-                          seed=cfg.train.seed, remat=cfg.train.remat)
+                          seed=cfg.train.seed, remat=remat, mesh=mesh if streamed else None)
     except (ConvertError, FileNotFoundError) as e:
         raise UserError(str(e).splitlines()[0]) from None
 
@@ -270,22 +295,31 @@ class Trainer:
         self.cfg = cfg
         self.tc = cfg.train
         self.out = cfg.output_dir
-        self.progress = sys.stderr.isatty() if progress is None else progress
+        self.primary = sharding.is_primary()
+        self.progress = (sys.stderr.isatty() if progress is None else progress) and self.primary
         self.export = export
         _check_output_dir(self.out)
 
-        self.model = build_model(cfg)
+        try:  # (a mesh that cannot be laid fails before the minutes of loading a large model)
+            self.mesh = sharding.mesh_from_config(cfg.mesh)
+        except ValueError as e:
+            raise UserError(str(e)) from None
+        self.model = build_model(cfg, lambda shape: sharding.check_model_fits(
+            self.mesh, shape, self.tc.batch_size, self.tc.eval_batch_size), mesh=self.mesh)
         self.tokenizer = tokenizer = load_tokenizer(cfg.model.tokenizer_path or cfg.model.path)
         self.train_ds, self.eval_ds = build_datasets(cfg.data, tokenizer, seed=self.tc.seed)
-        self.iterator = BatchIterator(self.train_ds, self.tc.batch_size, seed=self.tc.seed, shuffle=cfg.data.shuffle)
+        self.iterator = BatchIterator(sharding.RowIds(len(self.train_ds)), self.tc.batch_size, seed=self.tc.seed,
+                                      shuffle=cfg.data.shuffle)
         self.total_steps = optim.total_optimizer_steps(self.tc, self.iterator.batches_per_epoch)
         self.tx, self.schedule = optim.make_optimizer(self.tc, self.total_steps)
 
-        self.split = SplitModel.of(self.model)
+        # Placement: the model's own arrays are swapped for the placed ones, so no unsharded copy stays behind.
+        self.split = sharding.shard_model_state(SplitModel.of(self.model), self.mesh)
+        nnx.update(self.model, self.split.to_state(self.split.lora), self.split.frozen)
         self.lora = self.split.lora
-        self.opt_state = self.tx.init(self.lora)
+        self.opt_state = sharding.shard_optimizer_state(self.tx.init(self.lora), self.lora, self.mesh)
         self.opt_leaves = optim.check_state_is_lora_only(self.opt_state, self.lora)
-        self.rng = jax.random.PRNGKey(self.tc.seed)
+        self.rng = jax.device_put(jax.random.PRNGKey(self.tc.seed), sharding.replicated(self.mesh))
         self.step = 0
         self.train_step = make_train_step(self.split, self.tx, ce_chunk)
         self.eval_step = make_eval_step(self.split, ce_chunk)
@@ -323,6 +357,7 @@ class Trainer:
         latest = self.ckpt.latest_step() if self.tc.resume else None
         if latest is None:
             return False
+        # the placed arrays' shapes, dtypes and shardings: restored onto this run's mesh, whatever the saving run's was
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, self._ckpt_tree())
         restored = self.ckpt.restore(latest, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
                                                                       meta=ocp.args.JsonRestore()))
@@ -342,7 +377,7 @@ class Trainer:
 
     def _truncate_metrics(self, step: int) -> None:
         """Drop metric lines written after the checkpoint we resume from (they will be written again)."""
-        if not os.path.isfile(self.metrics_path):
+        if not self.primary or not os.path.isfile(self.metrics_path):
             return
         with open(self.metrics_path) as f:
             lines = [ln for ln in f if ln.strip() and json.loads(ln).get("step", 0) <= step]
@@ -350,6 +385,8 @@ class Trainer:
             f.writelines(lines)
 
     def _log(self, record: dict) -> None:
+        if not self.primary:
+            return
         with open(self.metrics_path, "a") as f:
             f.write(json.dumps(record) + "\n")
 
@@ -358,14 +395,14 @@ class Trainer:
             return None
         bs = self.tc.eval_batch_size or self.tc.batch_size
         total, count = 0.0, 0.0
-        for batch in eval_batches(self.eval_ds, bs, self.tc.eval_batches):
-            s, n = self.eval_step(self.lora, self.split.frozen, step_batch(batch))
+        for rows in eval_batches(sharding.RowIds(len(self.eval_ds)), bs, self.tc.eval_batches):
+            s, n = self.eval_step(self.lora, self.split.frozen, self.place_batch(self.eval_ds, rows))
             total += float(s)
             count += float(n)
         return total / max(count, 1.0)
 
     def plot(self) -> None:
-        if not os.path.isfile(self.metrics_path):
+        if not self.primary or not os.path.isfile(self.metrics_path):
             return
         import matplotlib
 
@@ -390,18 +427,22 @@ class Trainer:
 
     # -- the loop ---------------------------------------------------------------------------------------------------
 
+    def place_batch(self, dataset, rows) -> dict[str, jax.Array]:
+        """The step inputs of ``rows`` of ``dataset`` on the mesh (this process builds only its own devices' rows)."""
+        return sharding.assemble_batch(rows, lambda some: step_batch(dataset.batch(some)), self.mesh)
+
     def one_step(self) -> tuple[float, int, int]:
         """One optimizer step (k micro-steps); returns (mean loss over its trained tokens, trained, input tokens)."""
         k = self.tc.grad_accum_steps
-        micro = [next(self.iterator) for _ in range(k)]
-        n_trained = int(sum(float(b["loss_mask"].sum()) for b in micro))
-        n_tokens = int(sum(int((b["segment_ids"] > 0).sum()) for b in micro))
+        micro = [self.place_batch(self.train_ds, next(self.iterator)) for _ in range(k)]
+        trained, tokens = sharding.token_counts([b["loss_mask"] for b in micro], [b["segment_ids"] for b in micro])
+        n_trained, n_tokens = int(trained), int(tokens)
         grad_scale = jnp.float32(k / max(n_trained, 1))
         loss_sum = jnp.zeros((), jnp.float32)
         for j, batch in enumerate(micro):
             key = jax.random.fold_in(self.rng, self.step * k + j)
-            self.lora, self.opt_state, s = self.train_step(self.lora, self.opt_state, self.split.frozen,
-                                                           step_batch(batch), key, grad_scale)
+            self.lora, self.opt_state, s = self.train_step(self.lora, self.opt_state, self.split.frozen, batch, key,
+                                                           grad_scale)
             loss_sum = loss_sum + s
         self.step += 1
         return float(loss_sum) / max(n_trained, 1), n_trained, n_tokens
@@ -411,7 +452,8 @@ class Trainer:
 
     def run(self) -> int:
         self.maybe_resume()
-        save_config(self.cfg, os.path.join(self.out, "config.yaml"))
+        if self.primary:
+            save_config(self.cfg, os.path.join(self.out, "config.yaml"))
         handlers = {}
         for sig in (signal.SIGINT, signal.SIGTERM):
             try:
@@ -445,9 +487,10 @@ class Trainer:
                 bar.close()
                 last = self.ckpt.latest_step()
                 where = f"step {last} in {self.out}/checkpoints" if last is not None else "none saved"
-                print(f"error: the loss is {loss} at step {self.step}; stopping without saving "
-                      f"(last good checkpoint: {where}). Lower train.learning_rate or check the data.",
-                      file=sys.stderr)
+                if self.primary:
+                    print(f"error: the loss is {loss} at step {self.step}; stopping without saving "
+                          f"(last good checkpoint: {where}). Lower train.learning_rate or check the data.",
+                          file=sys.stderr)
                 return 1
             window_loss += loss
             window_steps += 1
@@ -467,12 +510,15 @@ class Trainer:
             if tc.save_every and self.step % tc.save_every == 0:
                 self.save()
             stop_at = tc.stop_at_step is not None and self.step >= tc.stop_at_step and self.step < self.total_steps
-            if self._stop_signal is not None or stop_at:
+            signalled = sharding.any_process(self._stop_signal is not None)  # every process stops at the same step
+            if signalled or stop_at:
                 bar.close()
                 self.save()
-                why = signal.Signals(self._stop_signal).name if self._stop_signal is not None else "train.stop_at_step"
-                print(f"{why}: stopped at step {self.step}; checkpoint saved in {self.out}/checkpoints, "
-                      "run again to resume", file=sys.stderr)
+                why = ("train.stop_at_step" if not signalled else signal.Signals(self._stop_signal).name
+                       if self._stop_signal is not None else "a signal to another process")
+                if self.primary:
+                    print(f"{why}: stopped at step {self.step}; checkpoint saved in {self.out}/checkpoints, "
+                          "run again to resume", file=sys.stderr)
                 return 0
         bar.close()
         if self.eval_ds is not None and evaluated_at != self.step:
@@ -487,8 +533,8 @@ class Trainer:
     def sample(self, max_new_tokens: int = 32) -> str | None:
         """The model's greedy reply to ``train.sample_prompt`` (None without a prompt or a chat template)."""
         prompt = self.tc.sample_prompt
-        if not prompt or not getattr(self.tokenizer, "chat_template", None):
-            return None
+        if not prompt or not getattr(self.tokenizer, "chat_template", None) or jax.process_count() > 1:
+            return None  # (generation is single-process)
         from jqlora.generate import generate
 
         ids = self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
@@ -505,9 +551,12 @@ class Trainer:
     def export_adapter(self) -> None:
         from jqlora import peft
 
+        lora = jax.tree.map(jnp.asarray, sharding.to_host(self.lora))  # (every process takes part in the gather)
+        if not self.primary:
+            return
         losses = [r["loss"] for r in _read_metrics(self.metrics_path) if "loss" in r]
         card = {"data": self.cfg.data.path, "steps": self.step, "final_loss": f"{losses[-1]:.4f}" if losses else "n/a"}
-        out = peft.save_adapter(self.split.model(self.lora), os.path.join(self.out, "adapter"),
+        out = peft.save_adapter(self.split.model(lora), os.path.join(self.out, "adapter"),
                                 lora_config=_lora_config(self.cfg), base_model_name_or_path=self.cfg.model.path,
                                 card=card, overwrite=True)
         log.info("adapter written to %s", out)
@@ -571,15 +620,17 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     log.setLevel(logging.INFO)
+    logging.getLogger("jqlora.sharding").setLevel(logging.INFO)  # the multi-process start, replicated weights
     for noisy in ("absl", "orbax", "jax"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     from jqlora.convert import ConvertError
 
     try:
+        sharding.initialize_distributed()  # before anything touches the devices
         cfg = load_config(args.config, args.overrides)
         trainer = Trainer(cfg, progress=False if args.no_progress else None)
         return trainer.run()
-    except (ConfigError, DataError, UserError, ConvertError) as e:
+    except (ConfigError, DataError, UserError, ConvertError, sharding.DistributedError) as e:
         print(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
         return 2
 

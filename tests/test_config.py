@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from jqlora.config import (Config, ConfigError, LoraConfig, config_to_dict, load_config, save_config)
+from jqlora.config import Config, ConfigError, LoraConfig, config_to_dict, load_config, save_config
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIGS = REPO / "configs"
@@ -167,3 +167,20 @@ def test_config_choices_match_the_model():
 
     assert config.REMAT_POLICIES == REMAT_POLICIES
     assert tuple(config.LORA_MODULES) == LINEAR_MODULES
+
+
+@pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
+def test_every_config_loads_and_validates(path):
+    """Every shipped recipe loads, round-trips, and its mesh can be laid: the fixed axis sizes give a device count
+    whose batch rows divide over data × fsdp (what the trainer checks before loading the model)."""
+    from jqlora import sharding
+
+    cfg = load_config(str(path), [])
+    assert load_config(str(path), ["output_dir=elsewhere"]).train == cfg.train
+    sizes = [v for v in (cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor) if v != "auto"]
+    devices = 1
+    for v in sizes:
+        devices *= v
+    data, fsdp, _ = sharding.resolve_mesh_shape(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, devices)
+    for rows in (cfg.train.batch_size, cfg.train.eval_batch_size or cfg.train.batch_size):
+        assert rows % (data * fsdp) == 0, (path.name, rows, data, fsdp)

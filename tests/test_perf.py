@@ -147,3 +147,17 @@ def test_gradients_with_the_4bit_matmul_rule_equal_autodiff():
     np.testing.assert_allclose(np.asarray(ours), np.asarray(ref), rtol=1e-6, atol=1e-7)
     ref64 = np.einsum("bso,oi->bsi", np.asarray(g, np.float64), np.asarray(dense, np.float64))
     np.testing.assert_allclose(np.asarray(ours), ref64, rtol=1e-5, atol=1e-6)
+
+
+def test_plan_of_a_recipe_counts_rows_per_device(capsys):
+    """train.batch_size is the global micro-batch; the plan splits it over data × fsdp (8 rows over fsdp=8: 1 each),
+    and gives the same bytes as the shape's plan at 1 row per device."""
+    import os
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    recipe = os.path.join(repo, "configs", "llama3-70b-fsdp8.yaml")
+    assert plan.main(["--config", recipe, "--model", "llama3-70b"]) == 0
+    out = capsys.readouterr().out
+    assert "batch=1/device" in out and "fsdp=8" in out, out
+    ref = plan.memory_plan(plan.BUILTIN["llama3-70b"], seq=2048, batch=1, fsdp=8, remat="full", r=16)
+    assert f"{ref.total / 1e9:>9.2f} GB" in out

@@ -170,6 +170,17 @@ def worker() -> dict:
         result["batch_error"] = None
     except ValueError as e:
         result["batch_error"] = str(e)
+    # assemble_batch builds each row range once (tensor replicas share theirs) and equals shard_batch of it all
+    mesh, built = sharding.make_mesh(2, 2, 2), []
+
+    def build(rows):
+        built.append((rows[0], len(rows)))
+        return {k: v[rows] for k, v in batch.items()}
+
+    got = sharding.assemble_batch(list(range(B)), build, mesh)
+    want = sharding.shard_batch(batch, mesh)
+    result["assemble"] = {"built": sorted(built), "same": all(
+        np.array_equal(np.asarray(got[k]), batch[k]) and got[k].sharding == want[k].sharding for k in batch)}
     return result
 
 
@@ -211,6 +222,11 @@ def test_frozen_bytes_shrink_with_fsdp(multi, mesh, n):
     lratio = r["lora_opt_bytes_max"] / r["single_lora_opt_bytes"]
     fsdp = MESHES[mesh][1]
     assert lratio < 1.1 / fsdp, (mesh, lratio)  # adapters + AdamW state split over fsdp
+
+
+def test_assemble_batch_builds_each_row_range_once(multi):
+    """data=2 × fsdp=2 × tensor=2: rows in 4 ranges of 2, each built once, placed as `shard_batch` places them."""
+    assert multi["assemble"] == {"built": [[0, 2], [2, 2], [4, 2], [6, 2]], "same": True}, multi["assemble"]
 
 
 def test_train_step_keeps_lora_sharded(multi):
@@ -414,6 +430,23 @@ def test_plan_70b_fsdp2():
     none = plan.memory_plan(plan.BUILTIN["llama3-8b"], seq=2048, batch=1, fsdp=1, remat="none")
     dots = plan.memory_plan(plan.BUILTIN["llama3-8b"], seq=2048, batch=1, fsdp=1, remat="save_dots")
     assert p8.total < dots.total < none.total
+
+
+@pytest.mark.parametrize("name, fsdp", [("llama3-70b-fsdp2", 2), ("llama3-70b-fsdp8", 8)])
+def test_70b_recipes_fit_80gb(name, fsdp):
+    """The 70B recipes: their mesh is the named FSDP size, 1 row per device, and the plan for them (the published
+    Llama-3-70B shapes) leaves room on an 80 GB GPU, also for the whole 4-bit model the loader puts on the first
+    device before splitting it."""
+    from jqlora import plan
+    from jqlora.config import load_config
+
+    cfg = load_config(str(REPO / "configs" / f"{name}.yaml"), [])
+    assert (cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor) == (1, fsdp, 1)
+    assert cfg.train.batch_size == fsdp and cfg.data.max_length == 2048
+    p = plan.memory_plan(plan.BUILTIN["llama3-70b"], seq=cfg.data.max_length, batch=cfg.train.batch_size // fsdp,
+                         fsdp=fsdp, remat=cfg.train.remat, r=cfg.lora.r, dtype=cfg.model.dtype)
+    assert p.total < 70e9, p.total
+    assert p.total_weight_bytes + p.rows["base weights (4-bit + bf16)"] < 70e9  # loading: whole model + its shard
 
 
 def test_plan_cli(tmp_path):
