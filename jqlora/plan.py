@@ -303,16 +303,14 @@ def main(argv: list[str] | None = None) -> int:
                              f"--model-config")
             settings.update(settings_from_config(cfg, {n: getattr(cfg.mesh, n) for n in ("data", "fsdp", "tensor")}),
                             remat=cfg.train.remat)
-        if shape is not None:
-            pass
-        elif args.model_config:
+        if shape is None and args.model_config:
             path = args.model_config
             if os.path.isdir(path):
                 path = os.path.join(path, "config.json")
             if not os.path.isfile(path):
                 raise _Usage(f"{path}: no such file")
             shape, name = _model_config(path), os.path.basename(os.path.dirname(os.path.abspath(path)))
-        else:
+        elif shape is None:
             name = args.model or "llama3-8b"
             if name not in BUILTIN:
                 raise _Usage(f"--model {name}: unknown; expected one of {', '.join(BUILTIN)}")

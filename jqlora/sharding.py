@@ -421,6 +421,7 @@ class RowIds:
 
 
 @jax.jit
+@jax.jit
 def token_counts(masks: list[jax.Array], segments: list[jax.Array]) -> tuple[jax.Array, jax.Array]:
     """(trained tokens, input tokens) in global micro-batches (loss masks, segment ids), replicated on every device."""
     trained = sum(jax.numpy.sum(m.astype(np.float32)) for m in masks)

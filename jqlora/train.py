@@ -436,8 +436,8 @@ class Trainer:
         k = self.tc.grad_accum_steps
         micro = [self.place_batch(self.train_ds, next(self.iterator)) for _ in range(k)]
         trained, tokens = sharding.token_counts([b["loss_mask"] for b in micro], [b["segment_ids"] for b in micro])
-        n_trained, n_tokens = int(trained), int(tokens)
-        grad_scale = jnp.float32(k / max(n_trained, 1))
+        # on the device: the micro-steps are dispatched without waiting for the counts
+        grad_scale = jnp.float32(k) / jnp.maximum(trained, 1.0)
         loss_sum = jnp.zeros((), jnp.float32)
         for j, batch in enumerate(micro):
             key = jax.random.fold_in(self.rng, self.step * k + j)
@@ -445,6 +445,7 @@ class Trainer:
                                                            grad_scale)
             loss_sum = loss_sum + s
         self.step += 1
+        n_trained, n_tokens = int(trained), int(tokens)
         return float(loss_sum) / max(n_trained, 1), n_trained, n_tokens
 
     def _on_signal(self, signum, frame) -> None:

@@ -18,48 +18,7 @@ import tempfile
 import textwrap
 from pathlib import Path
 
-import numpy as np
-
-
-def write_checkpoint(path: Path, hidden: int, inter: int, layers: int, vocab: int) -> tuple[int, int]:
-    import jax.numpy as jnp
-    from safetensors.flax import save_file
-
-    heads = hidden // 128
-    config = dict(model_type="llama", architectures=["LlamaForCausalLM"], hidden_size=hidden, intermediate_size=inter,
-                  num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads, vocab_size=vocab,
-                  rms_norm_eps=1e-5, rope_theta=10000.0, max_position_embeddings=4096, tie_word_embeddings=False,
-                  hidden_act="silu", torch_dtype="bfloat16")
-    (path / "config.json").write_text(json.dumps(config))
-    rng = np.random.default_rng(0)
-
-    def w(*shape):
-        return jnp.asarray(rng.standard_normal(shape, dtype=np.float32) * 0.02, dtype=jnp.bfloat16)
-
-    weight_map, total, largest = {}, 0, 0
-    shards = [{"model.embed_tokens.weight": w(vocab, hidden)}]
-    for i in range(layers):
-        p = f"model.layers.{i}."
-        shards.append({
-            p + "self_attn.q_proj.weight": w(hidden, hidden), p + "self_attn.k_proj.weight": w(hidden, hidden),
-            p + "self_attn.v_proj.weight": w(hidden, hidden), p + "self_attn.o_proj.weight": w(hidden, hidden),
-            p + "mlp.gate_proj.weight": w(inter, hidden), p + "mlp.up_proj.weight": w(inter, hidden),
-            p + "mlp.down_proj.weight": w(hidden, inter),
-            p + "input_layernorm.weight": jnp.ones(hidden, jnp.bfloat16),
-            p + "post_attention_layernorm.weight": jnp.ones(hidden, jnp.bfloat16),
-        })
-    shards.append({"model.norm.weight": jnp.ones(hidden, jnp.bfloat16), "lm_head.weight": w(vocab, hidden)})
-    for n, shard in enumerate(shards):
-        name = f"model-{n + 1:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, str(path / name), metadata={"format": "pt"})
-        for k, v in shard.items():
-            weight_map[k] = name
-            total += v.nbytes
-            largest = max(largest, v.nbytes)
-    (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total},
-                                                                   "weight_map": weight_map}))
-    return total, largest
-
+from load_memory import write_checkpoint  # (tools/ is this script's directory: the same synthetic checkpoint)
 
 MEASURE = textwrap.dedent("""
     import json, resource, sys, time

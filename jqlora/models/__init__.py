@@ -155,7 +155,7 @@ def from_hf_tensors_sharded(
     from tqdm.auto import tqdm
 
     from jqlora import sharding
-    from jqlora.models.llama import _check_filled, _host_array
+    from jqlora.models.llama import _check_filled, checkpoint_pieces
 
     sharding.check_model_fits(mesh, cfg)
     qspec = QuantSpec(quant, double_quant, block_size)
@@ -170,50 +170,17 @@ def from_hf_tensors_sharded(
     del state
     quant_dtypes: dict[tuple[str, ...], tuple[str, str]] = {}  # module path -> (dtype name, first key)
 
-    for entry in tqdm(hf_key_table(cfg), desc=desc, unit="tensor", disable=None, dynamic_ncols=True):
-        try:
-            value = get(entry.key)
-        except KeyError:
-            value = None
-        if value is None:
-            raise ValueError(f"missing tensor {entry.key!r} in the checkpoint")
-        arr = None
-        if isinstance(value, q.QuantizedTensor):
-            if entry.kind != "linear":
-                raise ValueError(f"{entry.key}: a quantized tensor where a plain {entry.kind} weight is expected")
-            if value.shape != entry.shape or value.batch_shape:
-                raise ValueError(f"{entry.key}: shape {value.batch_shape + value.shape}, expected {entry.shape}")
-            qt = value
-        else:
-            arr = _host_array(value, entry.key)
-            if tuple(arr.shape) != entry.shape:
-                raise ValueError(f"{entry.key}: shape {tuple(arr.shape)}, expected {entry.shape}")
-            if arr.dtype.name not in q.DTYPES:
-                arr = arr.astype(np.float32)
-            qt = None
-            if entry.kind == "linear" and qspec.enabled:
-                qt = placer.quantize(entry, arr, qspec)
-        if entry.kind == "linear" and qspec.enabled:
-            got = (qt.quant_type, qt.block_size, qt.double_quant)
-            want = (qspec.quant, qspec.block_size, qspec.double_quant)
-            if got != want:
-                raise ValueError(
-                    f"{entry.key}: checkpoint is quantized as (quant, block_size, double_quant)={got}, but {want} "
-                    "was requested; load with matching quantization settings"
-                )
-            seen = quant_dtypes.setdefault(entry.path, (qt.dtype, entry.key))
-            if seen[0] != qt.dtype:
-                raise ValueError(f"{entry.key}: quantized from {qt.dtype}, but {seen[1]} from {seen[0]}")
-            placer.put(entry, "codes", qt.codes)
-            placer.put(entry, "absmax", qt.absmax)
-            if qt.double_quant:
-                placer.put(entry, "nested_absmax", qt.nested_absmax)
-                placer.put(entry, "offset", qt.offset)
-        else:
-            if qt is not None:  # a bnb-quantized kernel loaded unquantized
-                arr = np.asarray(q.dequantize(qt, cdtype))
-            placer.put(entry, entry.name, arr.astype(cdtype, copy=False))  # (no copy of a bf16 tensor)
-        del value, arr, qt  # the host copy goes before the next tensor is read
+    pieces = checkpoint_pieces(cfg, get, qspec, cdtype, quant_dtypes,
+                               quantize=lambda entry, arr: placer.quantize(entry, arr, qspec))
+    bar = tqdm(total=len(hf_key_table(cfg)), desc=desc, unit="tensor", disable=None, dynamic_ncols=True)
+    last = None
+    for entry, name, value in pieces:
+        placer.put(entry, name, value)
+        del value  # (no reference outlives its placement)
+        if entry is not last:
+            bar.update()
+            last = entry
+    bar.close()
 
     for path, value in placer.arrays.items():
         _variable_at(model, path).set_value(value)

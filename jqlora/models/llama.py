@@ -658,6 +658,64 @@ def _host_array(value: Any, key: str) -> np.ndarray:
         raise ValueError(f"{key}: cannot read a {type(value).__name__} as an array ({e})") from None
 
 
+def checkpoint_pieces(cfg: ModelConfig, get: TensorGetter, qspec: QuantSpec, cdtype: Any,
+                      quant_dtypes: dict[tuple[str, ...], tuple[str, str]],
+                      quantize: Callable[[HFKey, np.ndarray], q.QuantizedTensor] | None = None):
+    """Every variable slice a checkpoint provides, checked, as ``(entry, variable name, value)``: a quantized kernel
+    as its codes / absmax (/ nested_absmax / offset), anything else as a host array in ``cdtype``. ``get(key)`` is
+    called once per key in `hf_key_table` order, and each tensor is dropped before the next is read. A missing key,
+    a wrong shape, a quantization other than ``qspec`` or kernels of one module quantized from different dtypes raise
+    ValueError naming the key; ``quant_dtypes`` (module path -> (dtype, first key)) is filled for the caller.
+    ``quantize(entry, host array)`` quantizes a kernel (default: `quant.quantize` on the default device)."""
+    if quantize is None:
+        def quantize(entry, arr):
+            return q.quantize(arr, qspec.quant, block_size=qspec.block_size, double_quant=qspec.double_quant)
+
+    for entry in hf_key_table(cfg):
+        try:
+            value = get(entry.key)
+        except KeyError:
+            value = None
+        if value is None:
+            raise ValueError(f"missing tensor {entry.key!r} in the checkpoint")
+        arr = qt = None
+        if isinstance(value, q.QuantizedTensor):
+            if entry.kind != "linear":
+                raise ValueError(f"{entry.key}: a quantized tensor where a plain {entry.kind} weight is expected")
+            if value.shape != entry.shape or value.batch_shape:
+                raise ValueError(f"{entry.key}: shape {value.batch_shape + value.shape}, expected {entry.shape}")
+            qt = value
+        else:
+            arr = _host_array(value, entry.key)
+            if tuple(arr.shape) != entry.shape:
+                raise ValueError(f"{entry.key}: shape {tuple(arr.shape)}, expected {entry.shape}")
+            if arr.dtype.name not in q.DTYPES:
+                arr = arr.astype(np.float32)
+            if entry.kind == "linear" and qspec.enabled:
+                qt = quantize(entry, arr)
+        if entry.kind == "linear" and qspec.enabled:
+            got = (qt.quant_type, qt.block_size, qt.double_quant)
+            want = (qspec.quant, qspec.block_size, qspec.double_quant)
+            if got != want:
+                raise ValueError(
+                    f"{entry.key}: checkpoint is quantized as (quant, block_size, double_quant)={got}, but {want} "
+                    "was requested; load with matching quantization settings"
+                )
+            seen = quant_dtypes.setdefault(entry.path, (qt.dtype, entry.key))
+            if seen[0] != qt.dtype:
+                raise ValueError(f"{entry.key}: quantized from {qt.dtype}, but {seen[1]} from {seen[0]}")
+            yield entry, "codes", qt.codes
+            yield entry, "absmax", qt.absmax
+            if qt.double_quant:
+                yield entry, "nested_absmax", qt.nested_absmax
+                yield entry, "offset", qt.offset
+        else:
+            if qt is not None:  # a bnb-quantized kernel loaded unquantized
+                arr = np.asarray(q.dequantize(qt, cdtype))
+            yield entry, entry.name, arr.astype(cdtype, copy=False)  # (no copy of a tensor already in cdtype)
+        del value, arr, qt  # the host copy goes before the next tensor is read
+
+
 def from_hf_tensors(
     cfg: ModelConfig,
     get: TensorGetter,
@@ -701,48 +759,8 @@ def from_hf_tensors(
             raise ValueError(f"{entry.key}: {name} has shape {value.shape}, expected {buf[index].shape}")
         buf[index] = value
 
-    for entry in hf_key_table(cfg):
-        try:
-            value = get(entry.key)
-        except KeyError:
-            value = None
-        if value is None:
-            raise ValueError(f"missing tensor {entry.key!r} in the checkpoint")
-        if isinstance(value, q.QuantizedTensor):
-            if entry.kind != "linear":
-                raise ValueError(f"{entry.key}: a quantized tensor where a plain {entry.kind} weight is expected")
-            if value.shape != entry.shape or value.batch_shape:
-                raise ValueError(f"{entry.key}: shape {value.batch_shape + value.shape}, expected {entry.shape}")
-            qt = value
-        else:
-            arr = _host_array(value, entry.key)
-            if tuple(arr.shape) != entry.shape:
-                raise ValueError(f"{entry.key}: shape {tuple(arr.shape)}, expected {entry.shape}")
-            if arr.dtype.name not in q.DTYPES:
-                arr = arr.astype(np.float32)
-            qt = None
-            if entry.kind == "linear" and qspec.enabled:
-                qt = q.quantize(arr, qspec.quant, block_size=qspec.block_size, double_quant=qspec.double_quant)
-        if entry.kind == "linear" and qspec.enabled:
-            got = (qt.quant_type, qt.block_size, qt.double_quant)
-            want = (qspec.quant, qspec.block_size, qspec.double_quant)
-            if got != want:
-                raise ValueError(
-                    f"{entry.key}: checkpoint is quantized as (quant, block_size, double_quant)={got}, but {want} "
-                    "was requested; load with matching quantization settings"
-                )
-            seen = quant_dtypes.setdefault(entry.path, (qt.dtype, entry.key))
-            if seen[0] != qt.dtype:
-                raise ValueError(f"{entry.key}: quantized from {qt.dtype}, but {seen[1]} from {seen[0]}")
-            put(entry, "codes", np.asarray(qt.codes))
-            put(entry, "absmax", np.asarray(qt.absmax))
-            if qt.double_quant:
-                put(entry, "nested_absmax", np.asarray(qt.nested_absmax))
-                put(entry, "offset", np.asarray(qt.offset))
-        else:
-            if qt is not None:  # a bnb-quantized kernel loaded unquantized
-                arr = np.asarray(q.dequantize(qt, cdtype))
-            put(entry, entry.name, arr.astype(cdtype))
+    for entry, name, value in checkpoint_pieces(cfg, get, qspec, cdtype, quant_dtypes):
+        put(entry, name, np.asarray(value))
 
     for (path, name), buf in buffers.items():
         getattr(_module_at(model, path), name).set_value(jnp.asarray(buf))
