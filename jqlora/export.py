@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 from jqlora import quant
 from jqlora.io import ShardWriter, atomic_directory, copy_side_files
 from jqlora.lora import LoraLinear
+from jqlora.rundir import find_run
 
 
 class ExportError(ValueError):
@@ -118,6 +119,39 @@ def _base_of_adapter(adapter: Path, base: str | None) -> Path:
     return Path(name)
 
 
+
+def restore_for_export(src: str | os.PathLike, *, step: int | None = None, quant: str | None = None):
+    """(model with the adapter of ``step`` (default latest), config, step) from a run dir or a checkpoint in it."""
+    import dataclasses
+
+    from jqlora import optim
+    from jqlora.config import load_config
+    from jqlora.loop import build_model
+    from jqlora.rundir import RunDir
+    from jqlora.step import SplitModel
+
+    src, step = find_run(src, step)
+    cfg = load_config(str(src / "config.yaml"), [])
+    if quant is not None:
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, quant=quant))
+    run = RunDir(src, create=False)
+    steps = run.steps()
+    if not steps:
+        raise ExportError(f"{run.checkpoints}: no complete checkpoint to export")
+    step = steps[-1] if step is None else step
+    if step not in steps:
+        raise ExportError(f"{run.checkpoints}: no checkpoint for step {step} (have {', '.join(map(str, steps))})")
+    meta = run.restore_meta(step)
+    model = build_model(cfg)
+    split = SplitModel.of(model)
+    tx, _ = optim.make_optimizer(cfg.train, int(meta["total_steps"]))
+    opt_leaves = jax.tree.leaves(tx.init(split.lora))
+    tree = {"lora": split.lora, "opt": {f"{i:05d}": x for i, x in enumerate(opt_leaves)},
+            "rng": jax.random.PRNGKey(0)}
+    state, _ = run.restore(step, tree)
+    return split.model(state["lora"]), cfg, step
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m jqlora.export", description=__doc__.split("\n\n")[0])
     ap.add_argument("src", help="a training run directory (or a checkpoint in it), or a peft adapter directory")
@@ -145,9 +179,7 @@ def main(argv: list[str] | None = None) -> int:
             model = jqlora.load_model(base, adapter=src, quant=args.quant or "nf4", dtype="float32")
             merge_to_hf(model, base, args.dst, dtype=args.dtype or "bfloat16")
         else:
-            from jqlora import train
-
-            model, cfg, step = train.restore_for_export(src, step=args.step, quant=args.quant)
+            model, cfg, step = restore_for_export(src, step=args.step, quant=args.quant)
             base = Path(args.base or cfg.model.path)
             if args.merge:
                 merge_to_hf(model, base, args.dst, dtype=args.dtype or "bfloat16")

@@ -170,9 +170,9 @@ def test_export_from_a_multi_process_checkpoint(runs):
     """`python -m jqlora.export`'s restore reads the step-6 checkpoint that both processes wrote (each its own shards)
     onto this process's single device: it holds exactly the adapter that process 0 exported."""
     from jqlora import peft
-    from jqlora import train as T
+    from jqlora import export as E
 
-    model, _, step = T.restore_for_export(runs["MP"], quant="none")  # (the base weights play no part here)
+    model, _, step = E.restore_for_export(runs["MP"], quant="none")  # (the base weights play no part here)
     assert step == 6
     got, want = peft.adapter_tensors(model), _adapter(runs["MP"])
     assert got.keys() == want.keys()

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jqlora import plan, train
+from jqlora import plan, step
 from jqlora.lora import LoraConfig, QuantSpec
 from jqlora.models.llama import REMAT_POLICIES, LlamaForCausalLM, ModelConfig
 
@@ -32,11 +32,11 @@ B, S = 2, 16
 def _compiled_grad_hlo(remat: str) -> str:
     model = LlamaForCausalLM(ModelConfig(**TINY), LoraConfig(r=4, alpha=8), QuantSpec("nf4"), "float32",
                              rngs=nnx.Rngs(0), remat=remat)
-    split = train.SplitModel.of(model)
+    split = step.SplitModel.of(model)
     batch = dict(input_ids=jnp.zeros((B, S), jnp.int32), targets=jnp.zeros((B, S), jnp.int32),
                  loss_mask=jnp.ones((B, S), jnp.float32), segment_ids=jnp.ones((B, S), jnp.int32),
                  positions=jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S)))
-    grad_fn = train.make_grad_fn(split, 16)
+    grad_fn = step.make_grad_fn(split, 16)
     return jax.jit(grad_fn).lower(split.lora, split.frozen, batch, jax.random.PRNGKey(0), 1.0).compile().as_text()
 
 

@@ -87,7 +87,7 @@ def worker() -> dict:
     import jax.numpy as jnp
 
     from jqlora import optim, sharding
-    from jqlora import train as T
+    from jqlora import step as T
     from jqlora.config import load_config
 
     assert jax.device_count() == N_DEVICES, jax.devices()
@@ -279,7 +279,7 @@ def _flat_shapes(tree):
 def test_rules_never_split_a_block():
     from jax.sharding import PartitionSpec as P
 
-    from jqlora import train as T
+    from jqlora import step as T
 
     split = T.SplitModel.of(_tiny_model())
     specs, notes = _specs(split.frozen, _FakeMesh(1, 8, 1))
@@ -321,7 +321,7 @@ def test_rules_partial_block_replicates():
 def test_rules_unquantized_and_lora():
     from jax.sharding import PartitionSpec as P
 
-    from jqlora import train as T
+    from jqlora import step as T
 
     split = T.SplitModel.of(_tiny_model(quant="none"))
     specs, _ = _specs(split.frozen, _FakeMesh(1, 4, 2))
@@ -341,7 +341,7 @@ def test_shard_on_this_process_devices():
     import jax
 
     from jqlora import sharding
-    from jqlora import train as T
+    from jqlora import step as T
 
     split = T.SplitModel.of(_tiny_model())
     mesh = sharding.make_mesh(1, "auto", 1)
@@ -402,7 +402,7 @@ def test_plan_weight_bytes_equal_a_quantized_model():
     import jax
 
     from jqlora import plan
-    from jqlora import train as T
+    from jqlora import step as T
     from jqlora.models.llama import ModelConfig
 
     split = T.SplitModel.of(_tiny_model())

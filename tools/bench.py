@@ -206,7 +206,7 @@ def run_jqlora(hf: dict, seq: int, batch: int, remat: str, steps: int, warmup: i
     from jqlora.config import TrainConfig
     from jqlora.lora import LoraConfig
     from jqlora.models.llama import ModelConfig, from_hf_tensors
-    from jqlora.train import SplitModel, make_train_step
+    from jqlora.step import SplitModel, make_train_step
 
     cfg = ModelConfig.from_hf(hf)
     t0 = time.perf_counter()

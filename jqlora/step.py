@@ -1,0 +1,153 @@
+"""The pure train step: chunked cross-entropy, the model cut into LoRA params and frozen state, jitted micro-steps.
+
+Loss normalization. An optimizer step sees k = train.grad_accum_steps micro-batches holding N trained tokens in all
+(the loop fetches the k micro-batches first and counts their loss_mask). The step loss is the mean over those N
+tokens, L = (1/N) Σ_tokens ℓ. Micro-step j computes the gradient of (k/N) Σ_{tokens in j} ℓ; `optax.MultiSteps`
+averages the k micro-gradients, (1/k) Σ_j (k/N) ∇Σ_j ℓ = ∇L, so k micro-batches give exactly the update of one
+k-times-larger batch, however the trained tokens are spread over the micro-batches.
+
+Cross-entropy is computed in chunks of `ce_chunk` tokens (a `jax.lax.scan` over a `jax.checkpoint`-ed chunk body):
+logits [chunk, V] in float32 exist for one chunk at a time, and are recomputed in the backward pass, so the
+[B·S, V] float32 logits are never materialized.
+
+The step is `jax.jit(step, donate_argnums=(0, 1))(lora_params, opt_state, frozen_state, batch, rng, grad_scale)`;
+lora_params is a plain nested dict (`nnx.State.to_pure_dict()` of the `nnx.LoRAParam` state), frozen_state the
+rest of the model (`nnx.split(model, nnx.LoRAParam, ...)`), so only LoRA leaves have gradients and optimizer state.
+Shapes: B batch rows, S sequence, D hidden, V vocabulary, T = B·S tokens, C tokens per chunk.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+CE_CHUNK = 1024  # tokens per cross-entropy chunk
+STEP_KEYS = ("input_ids", "targets", "loss_mask", "segment_ids", "positions")
+
+
+class NoLoraError(ValueError):
+    """The model has no LoRA parameters to train."""
+
+
+def chunked_ce_sum(h_BSD: jax.Array, w_VD: jax.Array, targets_BS: jax.Array, mask_BS: jax.Array,
+                   chunk: int = CE_CHUNK) -> jax.Array:
+    """Σ mask · (logsumexp(h wᵀ) - (h wᵀ)[target]) in float32, over chunks of `chunk` tokens (B S tokens in all)."""
+    D = h_BSD.shape[-1]
+    h_TD = h_BSD.reshape(-1, D)
+    t_T = targets_BS.reshape(-1).astype(jnp.int32)
+    m_T = mask_BS.reshape(-1).astype(jnp.float32)
+    T = h_TD.shape[0]
+    c = max(1, min(int(chunk), T))
+    n = -(-T // c)
+    pad = n * c - T
+    if pad:
+        h_TD = jnp.pad(h_TD, ((0, pad), (0, 0)))
+        t_T = jnp.pad(t_T, (0, pad))
+        m_T = jnp.pad(m_T, (0, pad))
+
+    @jax.checkpoint
+    def body(total, xs):
+        h_CD, t_C, m_C = xs
+        logits_CV = jax.lax.dot_general(h_CD, w_VD, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+        lse_C = jax.nn.logsumexp(logits_CV, axis=-1)
+        tgt_C = jnp.take_along_axis(logits_CV, t_C[:, None], axis=-1)[:, 0]
+        return total + jnp.sum((lse_C - tgt_C) * m_C), None
+
+    total, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32),
+                            (h_TD.reshape(n, c, D), t_T.reshape(n, c), m_T.reshape(n, c)))
+    return total
+
+
+def full_ce_sum(logits_BSV: jax.Array, targets_BS: jax.Array, mask_BS: jax.Array) -> jax.Array:
+    """The plain reference: Σ mask · cross-entropy from full logits."""
+    logp = jax.nn.log_softmax(logits_BSV.astype(jnp.float32), axis=-1)
+    nll = -jnp.take_along_axis(logp, targets_BS[..., None].astype(jnp.int32), axis=-1)[..., 0]
+    return jnp.sum(nll * mask_BS.astype(jnp.float32))
+
+
+@dataclasses.dataclass
+class SplitModel:
+    """A model cut into graphdef + LoRA params (pure dict) + frozen state, with the way back."""
+
+    graphdef: Any
+    lora: dict
+    frozen: Any
+    treedef: Any  # of the LoRA nnx.State, whose leaves are in the pure dict's leaf order
+
+    @classmethod
+    def of(cls, model: nnx.Module) -> SplitModel:
+        graphdef, lora_state, frozen = nnx.split(model, nnx.LoRAParam, ...)
+        pure = lora_state.to_pure_dict()
+        state_paths = [tuple(getattr(k, "key", getattr(k, "name", k)) for k in p[:-1])
+                       for p, _ in jax.tree_util.tree_leaves_with_path(lora_state)]
+        pure_paths = [tuple(k.key for k in p) for p, _ in jax.tree_util.tree_leaves_with_path(pure)]
+        assert state_paths == pure_paths, "LoRA state and its pure dict flatten in different orders"
+        if not pure_paths:
+            raise NoLoraError("the model has no LoRA parameters to train (check lora.targets)")
+        return cls(graphdef, pure, frozen, jax.tree.structure(lora_state))
+
+    def to_state(self, lora: dict):
+        return jax.tree.unflatten(self.treedef, jax.tree.leaves(lora))
+
+    def model(self, lora: dict | None = None) -> nnx.Module:
+        return nnx.merge(self.graphdef, self.to_state(self.lora if lora is None else lora), self.frozen)
+
+
+def make_loss_fn(split: SplitModel, ce_chunk: int = CE_CHUNK) -> Callable:
+    """loss_fn(lora, frozen, batch, rng, deterministic) -> (Σ token losses, number of trained tokens)."""
+
+    def loss_fn(lora, frozen, batch, rng, deterministic=False):
+        model = nnx.merge(split.graphdef, split.to_state(lora), frozen)
+        h_BSD = model.hidden_states(batch["input_ids"], batch["segment_ids"], batch["positions"],
+                                    deterministic=deterministic, key=rng)
+        loss_sum = chunked_ce_sum(h_BSD, model.lm_head_weight(), batch["targets"], batch["loss_mask"], ce_chunk)
+        return loss_sum, jnp.sum(batch["loss_mask"].astype(jnp.float32))
+
+    return loss_fn
+
+
+def make_grad_fn(split: SplitModel, ce_chunk: int = CE_CHUNK) -> Callable:
+    """grad_fn(lora, frozen, batch, rng, grad_scale) -> (grad_scale · ∇Σℓ, Σℓ); not jitted."""
+    loss_fn = make_loss_fn(split, ce_chunk)
+
+    def scaled(lora, frozen, batch, rng, grad_scale):
+        loss_sum, _ = loss_fn(lora, frozen, batch, rng)
+        return loss_sum * grad_scale, loss_sum
+
+    def grad_fn(lora, frozen, batch, rng, grad_scale):
+        grads, loss_sum = jax.grad(scaled, has_aux=True)(lora, frozen, batch, rng, grad_scale)
+        return grads, loss_sum
+
+    return grad_fn
+
+
+def make_train_step(split: SplitModel, tx, ce_chunk: int = CE_CHUNK) -> Callable:
+    """The jitted micro-step (lora, opt_state, frozen, batch, rng, grad_scale) -> (lora, opt_state, Σℓ)."""
+    grad_fn = make_grad_fn(split, ce_chunk)
+
+    def step(lora, opt_state, frozen, batch, rng, grad_scale):
+        grads, loss_sum = grad_fn(lora, frozen, batch, rng, grad_scale)
+        updates, opt_state = tx.update(grads, opt_state, lora)
+        return optax_apply(lora, updates), opt_state, loss_sum
+
+    return jax.jit(step, donate_argnums=(0, 1))
+
+
+def optax_apply(params, updates):
+    import optax
+
+    return optax.apply_updates(params, updates)
+
+
+def make_eval_step(split: SplitModel, ce_chunk: int = CE_CHUNK) -> Callable:
+    loss_fn = make_loss_fn(split, ce_chunk)
+    return jax.jit(lambda lora, frozen, batch: loss_fn(lora, frozen, batch, None, deterministic=True))
+
+
+def step_batch(batch: dict) -> dict:
+    return {k: batch[k] for k in STEP_KEYS}
