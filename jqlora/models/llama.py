@@ -9,9 +9,10 @@ RMSNorm(x) = w * (x / sqrt(mean(x²) + eps)), computed in float32 and cast back 
 (Su et al., "RoFormer", 2021) uses transformers' rotate-half layout: q' = q cos + rotate_half(q) sin with
 cos/sin = cos/sin(concat(p·f, p·f)) · attention_factor, f the inverse frequencies, optionally rescaled: linear
 (Chen et al. 2023), dynamic NTK (recomputed from the batch's largest position when it exceeds the trained length),
-llama3 (Llama 3.1 wavelength-banded), YaRN (Peng et al. 2023, with its attention factor 0.1 ln(s) + 1). Attention is
-softmax(q kᵀ / √head_dim) v with grouped KV heads (GQA/MQA), causal, restricted to tokens of the same segment
-(packed documents never see each other; segment 0 is padding) and, for sliding-window layers, to the last W tokens.
+llama3 (Llama 3.1 wavelength-banded), YaRN (Peng et al. 2023, with its attention factor 0.1 ln(s) + 1). Attention
+(`jqlora.models.attention`) is softmax(q kᵀ / √head_dim) v with grouped KV heads (GQA/MQA), causal, restricted to
+tokens of the same segment (packed documents never see each other; segment 0 is padding) and, for sliding-window
+layers, to the last W tokens.
 Qwen3 normalizes q and k per head (q_norm / k_norm); Qwen2 has q/k/v biases.
 
 Layers are stacked (every layer variable has a leading axis L) and run by `jax.lax.scan` over one layer body wrapped
@@ -37,12 +38,14 @@ import numpy as np
 from flax import nnx
 
 from jqlora import quant as q
+from jqlora.models.attention import IMPLEMENTATIONS as ATTENTION_IMPLEMENTATIONS
+from jqlora.models.attention import NO_WINDOW as _NO_WINDOW
+from jqlora.models.attention import attention
 from jqlora.lora import FROZEN_MATMUL, Frozen, LoraConfig, LoraLinear, QuantSpec, compute_dtype
 
 MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn")
 REMAT_POLICIES = ("none", "full", "save_dots", "save_dots_no_batch", "offload")
-_NO_WINDOW = 2**30  # a "sliding window" longer than any sequence
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -367,7 +370,8 @@ class Attention(nnx.Module):
         self.k_norm = RMSNorm(H, cfg.rms_norm_eps, dtype) if cfg.qk_norm else None
         self.num_heads, self.num_kv_heads, self.head_dim = N, K, H
 
-    def __call__(self, x_BSD, cos_BSH, sin_BSH, mask_BTS, *, deterministic: bool, keys) -> jax.Array:
+    def __call__(self, x_BSD, cos_BSH, sin_BSH, segment_ids_BS, window, *, implementation: str,
+                 deterministic: bool, keys) -> jax.Array:
         B, S, _ = x_BSD.shape
         N, K, H = self.num_heads, self.num_kv_heads, self.head_dim
         kw = lambda i: dict(deterministic=deterministic, key=None if keys is None else keys[i])  # noqa: E731
@@ -378,9 +382,8 @@ class Attention(nnx.Module):
             q_BSNH, k_BSKH = self.q_norm(q_BSNH), self.k_norm(k_BSKH)
         q_BSNH = _apply_rope(q_BSNH, cos_BSH, sin_BSH)
         k_BSKH = _apply_rope(k_BSKH, cos_BSH, sin_BSH)
-        out_BSNH = jax.nn.dot_product_attention(
-            q_BSNH, k_BSKH, v_BSKH, mask=mask_BTS[:, None, :, :], scale=H**-0.5
-        )
+        out_BSNH = attention(q_BSNH, k_BSKH, v_BSKH, scale=H**-0.5, q_segment_ids=segment_ids_BS,
+                             kv_segment_ids=segment_ids_BS, window=window, implementation=implementation)
         return self.o_proj(out_BSNH.reshape(B, S, N * H), **kw(3))
 
 
@@ -408,9 +411,11 @@ class DecoderLayer(nnx.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
 
-    def __call__(self, x_BSD, cos_BSH, sin_BSH, mask_BTS, *, deterministic: bool, key) -> jax.Array:
+    def __call__(self, x_BSD, cos_BSH, sin_BSH, segment_ids_BS, window, *, implementation: str,
+                 deterministic: bool, key) -> jax.Array:
         keys = None if key is None else jax.random.split(key, 7)
-        attn = self.self_attn(self.input_layernorm(x_BSD), cos_BSH, sin_BSH, mask_BTS, deterministic=deterministic,
+        attn = self.self_attn(self.input_layernorm(x_BSD), cos_BSH, sin_BSH, segment_ids_BS, window,
+                              implementation=implementation, deterministic=deterministic,
                               keys=None if keys is None else keys[:4])
         h_BSD = x_BSD + attn
         mlp = self.mlp(self.post_attention_layernorm(h_BSD), deterministic=deterministic,
@@ -476,7 +481,9 @@ def segment_positions(segment_ids_BS: jax.Array) -> jax.Array:
 class LlamaForCausalLM(nnx.Module):
     """Causal LM: ``model`` (embed_tokens, layers, norm) and ``lm_head`` (None with tied embeddings).
 
-    ``remat`` (one of `REMAT_POLICIES`) and ``scan_layers`` are plain attributes that may be changed between calls.
+    ``remat`` (one of `REMAT_POLICIES`), ``scan_layers`` and ``attention`` (one of `ATTENTION_IMPLEMENTATIONS`:
+    ``"auto"`` is cuDNN flash attention on a GPU backend, XLA elsewhere) are plain attributes that may be changed
+    between calls.
     """
 
     def __init__(
@@ -490,17 +497,22 @@ class LlamaForCausalLM(nnx.Module):
         lora_dtype: Any = "float32",
         remat: str = "full",
         scan_layers: bool = True,
+        attention: str = "auto",
     ):
         quant = quant if quant is not None else QuantSpec()
         dtype = compute_dtype(dtype)
         if remat not in REMAT_POLICIES:
             raise ValueError(f"unknown remat policy {remat!r}: expected one of {', '.join(REMAT_POLICIES)}")
+        if attention not in ATTENTION_IMPLEMENTATIONS:
+            raise ValueError(f"unknown attention implementation {attention!r}: expected one of "
+                             f"{', '.join(ATTENTION_IMPLEMENTATIONS)}")
         self.config = cfg
         self.lora_config = lora
         self.quant_spec = quant
         self.dtype = dtype
         self.remat = remat
         self.scan_layers = scan_layers
+        self.attention = attention
         self.model = LlamaModel(cfg, lora, quant, dtype, jnp.dtype(lora_dtype), rngs)
         self.lm_head = None if cfg.tie_word_embeddings else LMHead(cfg.vocab_size, cfg.hidden_size, dtype, rngs)
 
@@ -527,14 +539,9 @@ class LlamaForCausalLM(nnx.Module):
                          else jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S)))
         pos_BS = jnp.asarray(positions, jnp.int32)
         cos_BSH, sin_BSH = rope_cos_sin(cfg, pos_BS, self.dtype)
-        t = jnp.arange(S, dtype=jnp.int32)
-        mask_BTS = jnp.broadcast_to(t[:, None] >= t[None, :], (B, S, S))
-        if segment_ids is not None:
-            seg_BS = jnp.asarray(segment_ids)
-            mask_BTS = mask_BTS & (seg_BS[:, :, None] == seg_BS[:, None, :])
+        seg_BS = None if segment_ids is None else jnp.asarray(segment_ids)
         windows = [w if w is not None else _NO_WINDOW for w in cfg.sliding_windows]
         windowed = any(w < S for w in windows)
-        distance_TS = t[:, None] - t[None, :]
 
         h_BSD = self.model.embed_tokens(ids_BS)
         graphdef, state = nnx.split(self.model.layers)
@@ -546,8 +553,8 @@ class LlamaForCausalLM(nnx.Module):
         def body(h, xs):
             layer_state, window, layer_key = xs
             layer = nnx.merge(graphdef, layer_state)
-            mask = mask_BTS & (distance_TS < window) if windowed else mask_BTS
-            return layer(h, cos_BSH, sin_BSH, mask, deterministic=not use_dropout, key=layer_key), None
+            return layer(h, cos_BSH, sin_BSH, seg_BS, window if windowed else None, implementation=self.attention,
+                         deterministic=not use_dropout, key=layer_key), None
 
         if self.remat != "none":
             body = jax.checkpoint(body, policy=_remat_policy(self.remat), prevent_cse=not self.scan_layers)
