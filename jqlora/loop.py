@@ -188,7 +188,7 @@ class Trainer:
         self.eval_step = make_eval_step(self.split, ce_chunk)
         self._stop_signal: int | None = None
         self._saved_step: int | None = None
-        self.monitor = DivergenceMonitor()
+        self.monitor = DivergenceMonitor(uniform_loss=math.log(self.model.config.vocab_size))
 
     # -- checkpoints ------------------------------------------------------------------------------------------------
 
