@@ -31,10 +31,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jqlora import optim, sharding
+from jqlora import optim, report, sharding
 from jqlora.config import save_config
 from jqlora.data import BatchIterator, build_datasets, eval_batches, load_tokenizer
-from jqlora.rundir import RunDir, RunDirError
+from jqlora.rundir import RunDirError, open_run_dir
 from jqlora.step import CE_CHUNK, NoLoraError, SplitModel, make_eval_step, make_train_step, step_batch
 
 log = logging.getLogger("jqlora.train")
@@ -47,12 +47,14 @@ class UserError(ValueError):
     """A user mistake found by the trainer (missing model, unwritable output_dir, ...): one line, exit code 2."""
 
 
-def _resolve(path: str | None) -> str | None:
-    """A relative path that does not exist here but does in the repository (the demo assets) is taken from there."""
-    if path is None or os.path.isabs(path) or os.path.exists(path):
+def _absolute(path: str | None) -> str | None:
+    """A local path made absolute (so the saved config and the adapter name it from anywhere); hub names stay."""
+    if path is None or os.path.isabs(path) or not os.path.exists(path):
         return path
-    candidate = REPO_ROOT / path
-    return str(candidate) if candidate.exists() else path
+    return os.path.abspath(path)
+
+
+EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}  # 128 + the signal's number, as shells report them
 
 
 def _has_weights(path: str) -> bool:
@@ -126,20 +128,26 @@ class Trainer:
     def __init__(self, cfg, *, progress: bool | None = None, export: bool = True, ce_chunk: int = CE_CHUNK):
         cfg = dataclasses.replace(
             cfg,
-            model=dataclasses.replace(cfg.model, path=_resolve(cfg.model.path),
-                                      tokenizer_path=_resolve(cfg.model.tokenizer_path)),
-            data=dataclasses.replace(cfg.data, path=_resolve(cfg.data.path), eval_path=_resolve(cfg.data.eval_path)),
+            model=dataclasses.replace(cfg.model, path=_absolute(cfg.model.path),
+                                      tokenizer_path=_absolute(cfg.model.tokenizer_path)),
+            data=dataclasses.replace(cfg.data, path=_absolute(cfg.data.path), eval_path=_absolute(cfg.data.eval_path)),
         )
+        if cfg.model.path is None or cfg.data.path is None:
+            raise UserError(f"{'model.path' if cfg.model.path is None else 'data.path'} is not set")
+        self.started = time.perf_counter()  # (the CLI sets its own start: time to first step counts the imports)
         self.cfg = cfg
         self.tc = cfg.train
         self.out = cfg.output_dir
         self.primary = sharding.is_primary()
         self.progress = (sys.stderr.isatty() if progress is None else progress) and self.primary
         self.export = export
-        try:
-            self.run_dir = RunDir(self.out, keep=self.tc.keep_checkpoints, primary=self.primary)
+        try:  # before anything is loaded: a directory that is not this run's is refused (or moved aside)
+            self.run_dir, note = open_run_dir(cfg, primary=self.primary,
+                                              barrier=lambda: sharding.any_process(False))
         except RunDirError as e:
             raise UserError(str(e)) from None
+        if note and self.primary:
+            log.warning(note)
 
         try:  # (a mesh that cannot be laid fails before the minutes of loading a large model)
             self.mesh = sharding.mesh_from_config(cfg.mesh)
@@ -152,6 +160,9 @@ class Trainer:
         self.iterator = BatchIterator(sharding.RowIds(len(self.train_ds)), self.tc.batch_size, seed=self.tc.seed,
                                       shuffle=cfg.data.shuffle)
         self.total_steps = optim.total_optimizer_steps(self.tc, self.iterator.batches_per_epoch)
+        if self.primary:
+            for line in report.settings_warnings(cfg, self.train_ds, self.total_steps):
+                log.warning(line)
         self.tx, self.schedule = optim.make_optimizer(self.tc, self.total_steps)
 
         # Placement: the model's own arrays are swapped for the placed ones, so no unsharded copy stays behind.
@@ -166,6 +177,9 @@ class Trainer:
         self.opt_leaves = optim.check_state_is_lora_only(self.opt_state, self.lora)
         self.rng = jax.device_put(jax.random.PRNGKey(self.tc.seed), sharding.replicated(self.mesh))
         self.step = 0
+        self.trained_tokens = 0  # cumulative over the run (resumes included)
+        self.window = {"loss": 0.0, "steps": 0, "tokens": 0}  # the steps since the last log line
+        self.evaluated_at: int | None = None
         self.train_step = make_train_step(self.split, self.tx, ce_chunk)
         self.eval_step = make_eval_step(self.split, ce_chunk)
         self._stop_signal: int | None = None
@@ -180,7 +194,8 @@ class Trainer:
     def save(self) -> None:
         if self._saved_step == self.step:
             return
-        meta = {"step": self.step, "data": self.iterator.state(), "total_steps": self.total_steps}
+        meta = {"step": self.step, "data": self.iterator.state(), "total_steps": self.total_steps,
+                "trained_tokens": self.trained_tokens, "window": dict(self.window)}
         self.run_dir.save(self.step, self._ckpt_tree(), meta)
         self._saved_step = self.step
 
@@ -196,13 +211,25 @@ class Trainer:
         self.rng = state["rng"]
         self.step = int(meta["step"])
         self.iterator.restore(meta["data"])
+        self.trained_tokens = int(meta.get("trained_tokens", 0))
+        self.window = dict(meta.get("window", self.window))  # the first log line after a resume is a full window
         self._saved_step = self.step
         self.run_dir.truncate_metrics(self.step)
+        if any("eval_loss" in r and r["step"] == self.step for r in self.run_dir.read_metrics()):
+            self.evaluated_at = self.step  # (a finished run that is run again does not evaluate twice)
         log.info("resumed from %s at step %d", self.out, self.step)
         return True
 
     def _log(self, record: dict) -> None:
         self.run_dir.log(record)
+
+    def _log_eval(self) -> None:
+        loss = self.evaluate()
+        rec = {"step": self.step, "eval_loss": loss, "eval_perplexity": math.exp(min(loss, 700.0))}
+        self._log(rec)
+        if self.primary:
+            log.info(report.eval_line(rec))
+        self.evaluated_at = self.step
 
     def evaluate(self) -> float | None:
         if self.eval_ds is None:
@@ -236,12 +263,17 @@ class Trainer:
             loss_sum = loss_sum + s
         self.step += 1
         n_trained, n_tokens = int(trained), int(tokens)
+        self.trained_tokens += n_trained
         return float(loss_sum) / max(n_trained, 1), n_trained, n_tokens
 
     def _on_signal(self, signum, frame) -> None:
         self._stop_signal = signum
 
     def run(self) -> int:
+        """Train to the end (0), stop on train.stop_at_step (0) or a signal (130 SIGINT, 143 SIGTERM) with a
+        checkpoint, or stop on a non-finite loss (1)."""
+        from tqdm.contrib.logging import logging_redirect_tqdm
+
         self.maybe_resume()
         if self.primary:
             save_config(self.cfg, self.run_dir.config_path)
@@ -252,25 +284,42 @@ class Trainer:
             except ValueError:  # not the main thread
                 pass
         try:
-            return self._loop()
+            with logging_redirect_tqdm(loggers=[log]):  # log lines above the progress bar, not through it
+                return self._loop()
         finally:
             for sig, h in handlers.items():
                 signal.signal(sig, h)
             self.run_dir.wait()
 
+    def _log_train(self, lr: float, t0: float, start_step: int, window_t0: float, tokens: int) -> None:
+        w = self.window
+        now = time.perf_counter()
+        rate = (self.step - start_step) / max(now - t0, 1e-9)  # optimizer steps per second in this process
+        rec = {"step": self.step, "loss": w["loss"] / w["steps"], "lr": lr,
+               "grad_norm": float(optim.last_grad_norm(self.opt_state)),
+               "tokens_per_s": tokens / max(now - window_t0, 1e-9),
+               "trained_tokens": self.trained_tokens}
+        self._log(rec)
+        if self.primary:
+            log.info(report.progress_line(rec, self.total_steps, (self.total_steps - self.step) / max(rate, 1e-12)))
+        self.bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{lr:.2e}", tok_s=f"{rec['tokens_per_s']:.0f}")
+        self.window = {"loss": 0.0, "steps": 0, "tokens": 0}
+
     def _loop(self) -> int:
         from tqdm import tqdm
 
         tc = self.tc
-        bar = tqdm(total=self.total_steps, initial=self.step, disable=not self.progress, unit="step",
-                   dynamic_ncols=True)
-        window_loss, window_steps, window_tokens, window_t0 = 0.0, 0, 0, time.perf_counter()
-        evaluated_at = None
+        self.bar = bar = tqdm(total=self.total_steps, initial=self.step, disable=not self.progress, unit="step",
+                              dynamic_ncols=True)
+        if self.step >= self.total_steps and self.primary:
+            log.info("%s: the run already finished at step %d (raise train.max_steps to train on)", self.out,
+                     self.step)
         if self.step == 0:
             self.print_sample("before training")
-        if self.step == 0 and self.eval_ds is not None:  # the held-out loss before any training
-            self._log({"step": 0, "eval_loss": self.evaluate()})
-            evaluated_at = 0
+        if self.step == 0 and self.eval_ds is not None and self.evaluated_at is None:  # before any training
+            self._log_eval()
+        t0, start_step = time.perf_counter(), self.step
+        window_t0, session_tokens = t0, 0
         while self.step < self.total_steps:
             lr = float(self.schedule(self.step))
             loss, n_trained, n_tokens = self.one_step()
@@ -283,21 +332,18 @@ class Trainer:
                           f"(last good checkpoint: {where}). Lower train.learning_rate or check the data.",
                           file=sys.stderr)
                 return 1
-            window_loss += loss
-            window_steps += 1
-            window_tokens += n_tokens
+            self.window["loss"] += loss
+            self.window["steps"] += 1
+            self.window["tokens"] += n_tokens
+            session_tokens += n_tokens
+            if self.step == start_step + 1 and self.primary:
+                log.info("first step done %.1f s after start", time.perf_counter() - self.started)
             bar.update(1)
             if self.step % tc.log_every == 0 or self.step == self.total_steps:
-                elapsed = time.perf_counter() - window_t0
-                tps = window_tokens / max(elapsed, 1e-9)
-                rec = {"step": self.step, "loss": window_loss / window_steps, "lr": lr, "tokens_per_s": tps,
-                       "trained_tokens": n_trained}
-                self._log(rec)
-                bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{lr:.2e}", tok_s=f"{tps:.0f}")
-                window_loss, window_steps, window_tokens, window_t0 = 0.0, 0, 0, time.perf_counter()
+                self._log_train(lr, t0, start_step, window_t0, session_tokens)  # (this session's throughput)
+                window_t0, session_tokens = time.perf_counter(), 0
             if tc.eval_every and self.step % tc.eval_every == 0 and self.eval_ds is not None:
-                self._log({"step": self.step, "eval_loss": self.evaluate()})
-                evaluated_at = self.step
+                self._log_eval()
             if tc.save_every and self.step % tc.save_every == 0:
                 self.save()
             stop_at = tc.stop_at_step is not None and self.step >= tc.stop_at_step and self.step < self.total_steps
@@ -310,10 +356,12 @@ class Trainer:
                 if self.primary:
                     print(f"{why}: stopped at step {self.step}; checkpoint saved in {self.out}/checkpoints, "
                           "run again to resume", file=sys.stderr)
-                return 0
+                if not signalled:
+                    return 0
+                return EXIT_CODES.get(self._stop_signal, 130)
         bar.close()
-        if self.eval_ds is not None and evaluated_at != self.step:
-            self._log({"step": self.step, "eval_loss": self.evaluate()})
+        if self.eval_ds is not None and self.evaluated_at != self.step:
+            self._log_eval()
         self.save()
         self.run_dir.plot()
         self.print_sample(f"after {self.step} steps")
@@ -346,8 +394,13 @@ class Trainer:
         if not self.primary:
             return
         losses = [r["loss"] for r in self.run_dir.read_metrics() if "loss" in r]
+        from jqlora.convert import hf_source
+
         card = {"data": self.cfg.data.path, "steps": self.step, "final_loss": f"{losses[-1]:.4f}" if losses else "n/a"}
+        base = hf_source(self.cfg.model.path)  # the original HF checkpoint, also behind a converted base
+        if base != os.path.abspath(self.cfg.model.path):
+            card["trained_on"] = f"{os.path.abspath(self.cfg.model.path)} (jqlora's 4-bit copy of the base)"
         out = peft.save_adapter(self.split.model(lora), os.path.join(self.out, "adapter"),
-                                lora_config=_lora_config(self.cfg), base_model_name_or_path=self.cfg.model.path,
+                                lora_config=_lora_config(self.cfg), base_model_name_or_path=base,
                                 card=card, overwrite=True)
         log.info("adapter written to %s", out)

@@ -163,3 +163,102 @@ def find_run(src: str | os.PathLike, step: int | None = None) -> tuple[Path, int
     if not (src / "config.yaml").is_file():
         raise RunDirError(f"{src}: not a training run directory (no config.yaml)")
     return src, step
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Whose directory is it? (a run never writes into another run's or a stranger's directory)
+
+
+def _entries(out: str | os.PathLike) -> list[str]:
+    """The directory's entries, without this module's own write probes."""
+    if not os.path.isdir(out):
+        return []
+    return sorted(e for e in os.listdir(out) if not e.startswith(".write_test."))
+
+
+def dir_kind(out: str | os.PathLike) -> str:
+    """"empty" (missing or empty), "run" (a jqlora run: it has config.yaml) or "foreign" (anything else)."""
+    entries = _entries(out)
+    if not entries:
+        return "empty"
+    return "run" if "config.yaml" in entries else "foreign"
+
+
+def aside_name(out: str | os.PathLike) -> Path:
+    """A free sibling name for moving ``out`` aside: ``<out>.old-<UTC time>`` (``-2``, ``-3``, ... if taken)."""
+    import time
+
+    out = Path(os.path.abspath(out))
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    candidate, n = out.with_name(f"{out.name}.old-{stamp}"), 1
+    while candidate.exists():
+        n += 1
+        candidate = out.with_name(f"{out.name}.old-{stamp}-{n}")
+    return candidate
+
+
+def move_aside(out: str | os.PathLike) -> Path:
+    """Rename ``out`` to `aside_name` (nothing is deleted or copied) and return the new name."""
+    target = aside_name(out)
+    try:
+        os.rename(out, target)
+    except OSError as e:
+        raise RunDirError(f"output_dir {out}: cannot move it aside to {target} ({e.strerror or e})") from None
+    return target
+
+
+def read_saved_config(out: str | os.PathLike):
+    """The `Config` a run in ``out`` saved (config.yaml), or None when there is none."""
+    from jqlora.config import ConfigError, config_from_dict
+
+    path = os.path.join(out, "config.yaml")
+    if not os.path.isfile(path):
+        return None
+    import yaml
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            return config_from_dict(yaml.safe_load(f) or {}, source=path)
+    except (yaml.YAMLError, ConfigError) as e:
+        raise RunDirError(f"{path}: unreadable ({str(e).splitlines()[0]}); move it or set another output_dir") from None
+
+
+def open_run_dir(cfg, *, primary: bool = True, barrier=None) -> tuple[RunDir, str | None]:
+    """The `RunDir` of ``cfg.output_dir`` once it is this run's to write, and a note to print (or None).
+
+    An empty or missing directory is fresh. A directory holding a jqlora run is resumed when train.resume is on
+    and the config agrees with its config.yaml on every key that resuming depends on. Anything else (another
+    run, a changed config, a directory that is not a run) is refused, or with train.overwrite=true renamed aside
+    (``<output_dir>.old-<time>``), so nothing in it is ever changed or lost. Every process decides the same from
+    the same files; only the primary renames, and ``barrier()`` (if given) lets the others wait for it."""
+    from jqlora.config import resume_conflicts
+
+    out, tc = cfg.output_dir, cfg.train
+    kind, note, aside = dir_kind(out), None, False
+    if kind == "foreign":
+        if not tc.overwrite:
+            raise RunDirError(f"output_dir {out}: not empty and not a jqlora run (no config.yaml); choose a new "
+                              "output_dir, or set train.overwrite=true to move it aside")
+        aside = True
+    elif kind == "run":
+        saved = read_saved_config(out)
+        if tc.overwrite:
+            aside = True
+        elif not tc.resume:
+            raise RunDirError(f"output_dir {out}: holds a run and train.resume=false would mix two runs in it; "
+                              "choose a new output_dir, or set train.overwrite=true to move the old run aside")
+        else:
+            conflicts = resume_conflicts(saved, cfg)
+            if conflicts:
+                changes = ", ".join(f"{k} {a!r} -> {b!r}" for k, a, b in conflicts)
+                raise RunDirError(f"output_dir {out}: cannot resume with a changed config: {changes} (set them "
+                                  "back, choose a new output_dir, or set train.overwrite=true to move the old run "
+                                  "aside)")
+    if aside:
+        target = aside_name(out)
+        if primary:
+            target = move_aside(out)
+        note = f"output_dir {out}: train.overwrite=true, the old contents were moved to {target}"
+    if barrier is not None:
+        barrier()
+    return RunDir(out, keep=tc.keep_checkpoints, primary=primary), note
