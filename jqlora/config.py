@@ -177,6 +177,7 @@ class TrainConfig:
     resume: bool = True  # continue from the newest checkpoint in output_dir if there is one
     overwrite: bool = False  # start afresh in a non-empty output_dir: the old one is moved aside (never deleted)
     sample_prompt: Optional[str] = None  # greedy reply printed before and after training (null: none)
+    eval_samples: int = 0  # at each eval, greedy replies to the first N eval prompts, logged beside the eval loss
     stop_at_step: Optional[int] = None  # save and stop after this step (the schedule still spans max_steps); rerun to go on
 
     def __post_init__(self):
@@ -203,6 +204,7 @@ class TrainConfig:
             _check(self.eval_batch_size >= 1, "train.eval_batch_size", self.eval_batch_size, "must be >= 1")
         _check(self.save_every >= 0, "train.save_every", self.save_every, "must be >= 0 (0: only at the end)")
         _check(self.keep_checkpoints >= 1, "train.keep_checkpoints", self.keep_checkpoints, "must be >= 1")
+        _check(self.eval_samples >= 0, "train.eval_samples", self.eval_samples, "must be >= 0")
         if self.stop_at_step is not None:
             _check(self.stop_at_step >= 1, "train.stop_at_step", self.stop_at_step, "must be >= 1 (or null)")
 
@@ -236,12 +238,20 @@ class MeshConfig:
 
 
 @dataclass(frozen=True)
+class LogConfig:
+    tensorboard: bool = True  # TensorBoard event files in output_dir/tensorboard (tensorboardX)
+    wandb: bool = False  # also log to Weights & Biases (needs `pip install wandb`; WANDB_MODE=offline: no network)
+    wandb_project: Optional[str] = None  # W&B project; null: jqlora
+
+
+@dataclass(frozen=True)
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     mesh: MeshConfig = field(default_factory=MeshConfig)
+    log: LogConfig = field(default_factory=LogConfig)
     output_dir: str = "runs/run"  # checkpoints, metrics, the resolved config and the exported adapter
 
     def __post_init__(self):
@@ -577,7 +587,8 @@ RESUMABLE_KEYS = frozenset({
     "train.max_steps", "train.epochs", "train.stop_at_step", "train.log_every", "train.eval_every",
     "train.eval_batches", "train.eval_batch_size", "train.save_every", "train.keep_checkpoints", "train.resume",
     "train.overwrite", "train.sample_prompt", "train.remat", "data.eval_path", "data.eval_split",
-    "mesh.data", "mesh.fsdp", "mesh.tensor",
+    "mesh.data", "mesh.fsdp", "mesh.tensor", "log.tensorboard", "log.wandb", "log.wandb_project",
+    "train.eval_samples", "output_dir",  # (a run directory that was moved or copied is still that run)
 })
 
 

@@ -134,6 +134,9 @@ class Trainer:
         )
         if cfg.model.path is None or cfg.data.path is None:
             raise UserError(f"{'model.path' if cfg.model.path is None else 'data.path'} is not set")
+        if cfg.log.wandb and importlib.util.find_spec("wandb") is None:  # (before minutes of loading)
+            raise UserError("log.wandb=true needs the wandb package (pip install wandb), or set log.wandb=false")
+        self.writers = None
         self.started = time.perf_counter()  # (the CLI sets its own start: time to first step counts the imports)
         self.cfg = cfg
         self.tc = cfg.train
@@ -222,13 +225,20 @@ class Trainer:
 
     def _log(self, record: dict) -> None:
         self.run_dir.log(record)
+        if self.writers is not None:
+            self.writers.write(record)
 
     def _log_eval(self) -> None:
         loss = self.evaluate()
         rec = {"step": self.step, "eval_loss": loss, "eval_perplexity": math.exp(min(loss, 700.0))}
+        samples = self.eval_samples()
+        if samples:
+            rec["eval_samples"] = samples
         self._log(rec)
         if self.primary:
             log.info(report.eval_line(rec))
+            for x in samples:
+                log.info("  sample: %s -> %s", x["prompt"], x["reply"])
         self.evaluated_at = self.step
 
     def evaluate(self) -> float | None:
@@ -274,9 +284,15 @@ class Trainer:
         checkpoint, or stop on a non-finite loss (1)."""
         from tqdm.contrib.logging import logging_redirect_tqdm
 
+        from jqlora.writers import MetricWriters, WriterError
+
         self.maybe_resume()
         if self.primary:
             save_config(self.cfg, self.run_dir.config_path)
+        try:
+            self.writers = MetricWriters(self.cfg, self.out, primary=self.primary, start_step=self.step)
+        except WriterError as e:
+            raise UserError(str(e)) from None
         handlers = {}
         for sig in (signal.SIGINT, signal.SIGTERM):
             try:
@@ -290,6 +306,8 @@ class Trainer:
             for sig, h in handlers.items():
                 signal.signal(sig, h)
             self.run_dir.wait()
+            if self.writers is not None:
+                self.writers.close()
 
     def _log_train(self, lr: float, t0: float, start_step: int, window_t0: float, tokens: int) -> None:
         w = self.window
@@ -369,23 +387,41 @@ class Trainer:
             self.export_adapter()
         return 0
 
+    def _reply(self, ids, max_new_tokens: int = 32) -> str:
+        from jqlora.decode import generate
+
+        out = generate(self.split.model(self.lora), np.asarray(ids, np.int32), max_new_tokens=max_new_tokens,
+                       eos_token_id=self.tokenizer.eos_token_id)
+        return self.tokenizer.decode(out, skip_special_tokens=True).strip()
+
     def sample(self, max_new_tokens: int = 32) -> str | None:
         """The model's greedy reply to ``train.sample_prompt`` (None without a prompt or a chat template)."""
         prompt = self.tc.sample_prompt
         if not prompt or not getattr(self.tokenizer, "chat_template", None) or jax.process_count() > 1:
             return None  # (generation is single-process)
-        from jqlora.generate import generate
-
         ids = self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
                                                  tokenize=True, return_dict=True)["input_ids"]
-        out = generate(self.split.model(self.lora), np.asarray(ids, np.int32), max_new_tokens=max_new_tokens,
-                       eos_token_id=self.tokenizer.eos_token_id)
-        return self.tokenizer.decode(out, skip_special_tokens=True).strip()
+        return self._reply(ids, max_new_tokens)
+
+    def eval_samples(self) -> list[dict]:
+        """Greedy replies to the first ``train.eval_samples`` eval prompts (each example up to its first trained
+        token: the conversation so far, rendered as in training)."""
+        n = self.tc.eval_samples
+        if not n or self.eval_ds is None or jax.process_count() > 1:
+            return []
+        out = []
+        for ex in self.eval_ds.examples[:n]:
+            first = int(np.argmax(np.asarray(ex.trained)[1:] > 0)) + 1
+            ids = list(ex.ids[:first])
+            prompt = self.tokenizer.decode(ids, skip_special_tokens=True).strip().replace("\n", " ")
+            out.append({"prompt": prompt, "reply": self._reply(ids)})
+        return out
 
     def print_sample(self, when: str) -> None:
         reply = self.sample()
         if reply is not None:
-            print(f"[{when}] {self.tc.sample_prompt!r} -> {reply!r}", flush=True)
+            shown = "".join(c if c.isprintable() else " " for c in reply).strip() or "(nothing)"
+            print(f"[{when}] {self.tc.sample_prompt}\n    -> {shown}", flush=True)
 
     def export_adapter(self) -> None:
         from jqlora import peft

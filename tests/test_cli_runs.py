@@ -29,7 +29,8 @@ REPO = Path(__file__).resolve().parents[1]
 RECIPE = REPO / "configs" / "llama3-8b.yaml"
 ARGS = ["model.path=base-nf4", "data.path=chat.jsonl", "model.dtype=float32", "data.max_length=48",
         "data.packing=false", "train.batch_size=2", "train.grad_accum_steps=2", "train.max_steps=6",
-        "train.log_every=2", "train.eval_every=2", "train.save_every=1", "train.remat=none", "output_dir=run"]
+        "train.log_every=2", "train.eval_every=2", "train.save_every=1", "train.remat=none", "train.eval_samples=1",
+        "output_dir=run"]
 
 
 def _digest(path: Path) -> dict[str, str]:
@@ -96,6 +97,34 @@ def test_recipe_run_logs_resumes_and_reads_nothing_of_the_demo(work, interrupted
     for r in rows:
         if "eval_loss" in r:
             np.testing.assert_allclose(r["eval_perplexity"], np.exp(r["eval_loss"]), rtol=1e-12)
+    samples = [r["eval_samples"] for r in rows if "eval_loss" in r]
+    assert all(len(x) == 1 and x[0]["prompt"].startswith("user") and "reply" in x[0] for x in samples), samples
+    # TensorBoard: the same numbers as metrics.jsonl, once per step across the two sessions
+    tb = _tensorboard_scalars(work / "run" / "tensorboard")
+    assert sorted(tb["train/loss"]) == [2, 4, 6] and sorted(tb["eval/loss"]) == [0, 2, 4, 6]
+    for r in rows:
+        for key, tag in (("loss", "train/loss"), ("eval_loss", "eval/loss"), ("grad_norm", "train/grad_norm")):
+            if key in r:
+                np.testing.assert_allclose(tb[tag][r["step"]], r[key], rtol=1e-6)
+
+
+def _tensorboard_scalars(logdir: Path) -> dict[str, dict[int, float]]:
+    """Every scalar in the event files (TFRecord framing: length, crc, Event proto, crc), later files winning."""
+    import struct
+
+    from tensorboardX.proto import event_pb2
+
+    out: dict[str, dict[int, float]] = {}
+    for f in sorted(logdir.glob("events.out.tfevents.*")):
+        data, at = f.read_bytes(), 0
+        while at < len(data):
+            (n,) = struct.unpack("<Q", data[at:at + 8])
+            event = event_pb2.Event.FromString(data[at + 12:at + 12 + n])
+            at += 12 + n + 4
+            for v in event.summary.value:
+                if v.HasField("simple_value"):
+                    out.setdefault(v.tag, {})[event.step] = v.simple_value
+    return out
 
 
 def test_dry_run_shows_the_user_data_and_writes_nothing(work):
@@ -191,3 +220,12 @@ def test_help_lists_the_config_schema():
     for key in ("model.path = null", "train.learning_rate = 0.0002  -- peak learning rate", "train.overwrite = false",
                 "data.eval_fraction = 0.0"):
         assert key in proc.stdout, proc.stdout
+
+
+def test_wandb_asked_for_without_the_package_is_one_line(work, capsys, monkeypatch, tmp_path):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
+    rc, err = _main(capsys, work, monkeypatch, *ARGS[:-1], "log.wandb=true", f"output_dir={tmp_path / 'w'}")
+    assert rc == 2 and len(err.splitlines()) == 1 and "log.wandb=true needs the wandb package" in err, err
