@@ -173,6 +173,8 @@ class TrainConfig:
     resume: bool = True  # continue from the newest checkpoint in output_dir if there is one
     sample_prompt: Optional[str] = "What is the capital of France?"  # generated from before and after training
     stop_at_step: Optional[int] = None  # save and stop after this step (the schedule still spans max_steps); rerun to go on
+    # stop (saving nothing, exporting nothing) when the loss stays far above its early value (jqlora/divergence.py)
+    stop_on_divergence: bool = True
 
     def __post_init__(self):
         _check(self.batch_size >= 1, "train.batch_size", self.batch_size, "must be >= 1")

@@ -366,7 +366,8 @@ def convert(
     table = check_checkpoint(ckpt)
     out_dtype = jnp.dtype(dtype)
     metas: dict[str, dict[str, Any]] = {}
-    with ckpt, atomic_directory(dst, error=ConvertError) as tmp:
+    need = sum(_output_bytes(entry, ckpt, quant_type, block_size, double_quant, out_dtype.itemsize) for entry in table)
+    with ckpt, atomic_directory(dst, error=ConvertError, need=need) as tmp:
         out = ShardWriter(tmp, max_shard_bytes, {"format": "pt" if fmt == "bnb" else "jqlora"})
         for entry in _progress(table, f"converting {src.name}"):
             key = entry.key
@@ -409,6 +410,16 @@ def convert(
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
         copy_side_files(src, tmp)
     return dst
+
+
+def _output_bytes(entry, ckpt: Checkpoint, quant_type: str, block_size: int, double_quant: bool,
+                  itemsize: int) -> int:
+    """About how many bytes ``entry`` takes in the converted output."""
+    n = int(np.prod(entry.shape))
+    if ckpt.is_quantized(entry.key) or (entry.kind == "linear" and quant_type != "none"):
+        blocks = -(-n // block_size)
+        return (n + 1) // 2 + (blocks if double_quant else 4 * blocks) + 4 * (-(-blocks // 256))
+    return n * itemsize
 
 
 def _bnb_quantization_config(quant_type, double_quant, dtype, ckpt: Checkpoint, metas) -> dict[str, Any]:

@@ -85,7 +85,8 @@ def merge_to_hf(
     config["dtype"] = dtype
     table = hf_key_table(model.config)
     out_dtype = jnp.dtype(dtype)
-    with atomic_directory(dst, overwrite=overwrite, error=ExportError) as tmp:
+    need = sum(int(np.prod(entry.shape)) for entry in table) * out_dtype.itemsize
+    with atomic_directory(dst, overwrite=overwrite, error=ExportError, need=need) as tmp:
         writer = ShardWriter(tmp, max_shard_bytes, {"format": "pt"})
         for entry in tqdm(table, desc="merging", unit="tensor", disable=None, dynamic_ncols=True):
             value = merged_tensor(model, entry)
@@ -141,6 +142,9 @@ def restore_for_export(src: str | os.PathLike, *, step: int | None = None, quant
     step = steps[-1] if step is None else step
     if step not in steps:
         raise ExportError(f"{run.checkpoints}: no checkpoint for step {step} (have {', '.join(map(str, steps))})")
+    why = run.verify(step)
+    if why is not None:
+        raise ExportError(f"{run.step_dir(step)}: not usable ({why})")
     meta = run.restore_meta(step)
     model = build_model(cfg)
     split = SplitModel.of(model)

@@ -11,8 +11,9 @@ Slots and positions: row b of the prompt block is left-padded with ``pad[b]`` to
 only to ``s - s' < W`` (transformers' ``q_pos - k_pos < W``). RoPE cos/sin come from `rope.rope_tables` on the
 new tokens' positions (one table per RoPE; Gemma 3's local layers have their own), so dynamic NTK scaling grows
 with the sequence exactly as transformers' cached generation does (keys keep the frequencies they were rotated
-with). Soft-capping (Gemma 2) applies to the cached attention and the final logits as in the full forward. The layers' own submodules (projections with their
-LoRA adapters and quantized kernels, norms) do all the math; nothing is copied out of the model.
+with). Soft-capping (Gemma 2) applies to the cached attention and the final logits as in the full forward. The
+layers' own submodules (projections with their LoRA adapters and quantized kernels, norms) do all the math; nothing
+is copied out of the model.
 
 Sampling follows transformers' warpers in their order: logits / temperature, keep the top k, keep the smallest set
 of most likely tokens whose probability reaches top_p (nucleus sampling, Holtzman et al., "The Curious Case of
@@ -34,7 +35,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jqlora.models.llama import _NO_WINDOW, LlamaForCausalLM, _apply_rope, attend, rope_tables, softcap
+from jqlora.models.attention import NO_WINDOW, attention
+from jqlora.models.llama import LlamaForCausalLM, _apply_rope, rope_tables, softcap
 
 MIN_BUCKET = 16
 
@@ -58,7 +60,8 @@ def init_cache(model: LlamaForCausalLM, batch: int, max_len: int) -> dict[str, j
 # The cached forward pass
 
 
-def _layer_step(layer, h_BTD, cos_BTH, sin_BTH, k_BMKH, v_BMKH, start, mask_BTM):
+def _layer_step(layer, h_BTD, cos_BTH, sin_BTH, k_BMKH, v_BMKH, start, slot_T, live_BT, live_BM, window,
+                implementation):
     """One decoder layer over T new tokens written at cache slots ``[start, start + T)``."""
     attn = layer.self_attn
     N, K, H = attn.num_heads, attn.num_kv_heads, attn.head_dim
@@ -74,8 +77,11 @@ def _layer_step(layer, h_BTD, cos_BTH, sin_BTH, k_BMKH, v_BMKH, start, mask_BTM)
     zero = jnp.zeros((), jnp.int32)
     k_BMKH = jax.lax.dynamic_update_slice(k_BMKH, k_BTKH.astype(k_BMKH.dtype), (zero, start, zero, zero))
     v_BMKH = jax.lax.dynamic_update_slice(v_BMKH, v_BTKH.astype(v_BMKH.dtype), (zero, start, zero, zero))
-    out_BTNH = attend(q_BTNH, k_BMKH.astype(q_BTNH.dtype), v_BMKH.astype(q_BTNH.dtype), mask_BTM, attn.scale,
-                      attn.softcap)
+    # left padding is segment 0 and real tokens segment 1: a padding query sees only padding (its output is unused)
+    out_BTNH = attention(q_BTNH, k_BMKH.astype(q_BTNH.dtype), v_BMKH.astype(q_BTNH.dtype), scale=attn.scale,
+                         q_slots=slot_T, kv_slots=jnp.arange(k_BMKH.shape[1], dtype=jnp.int32),
+                         q_segment_ids=live_BT, kv_segment_ids=live_BM, window=window, implementation=implementation,
+                         logit_softcap=attn.softcap)
     h_BTD = layer.add_attention(h_BTD, attn.o_proj(out_BTNH.reshape(B, T, N * H)))
     h_BTD = layer.add_mlp(h_BTD, deterministic=True, keys=None)
     return h_BTD, k_BMKH, v_BMKH
@@ -96,10 +102,9 @@ def forward_cached(model: LlamaForCausalLM, cache: dict[str, jax.Array], ids_BT:
     slot_M = jnp.arange(M, dtype=jnp.int32)
     pos_BT = jnp.maximum(slot_T[None, :] - pad_B[:, None], 0)
     cos_RBTH, sin_RBTH = rope_tables(cfg, pos_BT, model.dtype)
-    distance_TM = slot_T[:, None] - slot_M[None, :]
-    live_BTM = (distance_TM >= 0)[None] & (slot_M[None, None, :] >= pad_B[:, None, None])
-    diag_TM = distance_TM == 0  # a padding query attends to itself only (its output is never used)
-    windows = jnp.asarray([w if w is not None else _NO_WINDOW for w in cfg.sliding_windows], jnp.int32)
+    live_BT = (slot_T[None, :] >= pad_B[:, None]).astype(jnp.int32)
+    live_BM = (slot_M[None, :] >= pad_B[:, None]).astype(jnp.int32)
+    windows = jnp.asarray([w if w is not None else NO_WINDOW for w in cfg.sliding_windows], jnp.int32)
 
     h_BTD = model.model.embed_tokens(jnp.asarray(ids_BT, jnp.int32))
     graphdef, state = nnx.split(model.model.layers)
@@ -107,8 +112,9 @@ def forward_cached(model: LlamaForCausalLM, cache: dict[str, jax.Array], ids_BT:
     def body(h, xs):
         layer_state, window, rope, k_BMKH, v_BMKH = xs
         layer = nnx.merge(graphdef, layer_state)
-        mask_BTM = (live_BTM & (distance_TM < window)[None]) | diag_TM[None]
-        h, k_BMKH, v_BMKH = _layer_step(layer, h, cos_RBTH[rope], sin_RBTH[rope], k_BMKH, v_BMKH, start, mask_BTM)
+        # XLA attention: T new queries at cache offset ``start`` are not the aligned causal pattern cuDNN's kernel has
+        h, k_BMKH, v_BMKH = _layer_step(layer, h, cos_RBTH[rope], sin_RBTH[rope], k_BMKH, v_BMKH, start, slot_T,
+                                        live_BT, live_BM, window, "xla")
         return h, (k_BMKH, v_BMKH)
 
     ropes = jnp.asarray(cfg.layer_ropes, jnp.int32)

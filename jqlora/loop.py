@@ -34,7 +34,8 @@ from flax import nnx
 from jqlora import optim, sharding
 from jqlora.config import save_config
 from jqlora.data import BatchIterator, build_datasets, eval_batches, load_tokenizer
-from jqlora.rundir import RunDir, RunDirError
+from jqlora.divergence import DivergenceMonitor
+from jqlora.rundir import RunDir, RunDirError, RunLockedError
 from jqlora.step import CE_CHUNK, NoLoraError, SplitModel, make_eval_step, make_train_step, step_batch
 
 log = logging.getLogger("jqlora.train")
@@ -79,6 +80,20 @@ def _lora_config(cfg):
 
     return LoraConfig(r=cfg.lora.r, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout, targets=cfg.lora.targets,
                       rslora=cfg.lora.rslora)
+
+
+def _open_run_dir(out: str, keep: int, primary: bool) -> RunDir:
+    """The run directory, locked by process 0; every process stops if another trainer holds it."""
+    error = None
+    try:
+        run_dir = RunDir(out, keep=keep, primary=primary)
+    except RunLockedError as e:
+        error = str(e)
+    except RunDirError as e:
+        raise UserError(str(e)) from None
+    if sharding.any_process(error is not None):
+        raise UserError(error or f"output_dir {out} is in use by another trainer (see process 0)")
+    return run_dir
 
 
 def build_model(cfg, check: Callable[[Any], None] | None = None, mesh=None):
@@ -136,11 +151,14 @@ class Trainer:
         self.primary = sharding.is_primary()
         self.progress = (sys.stderr.isatty() if progress is None else progress) and self.primary
         self.export = export
+        self.run_dir = _open_run_dir(self.out, self.tc.keep_checkpoints, self.primary)
         try:
-            self.run_dir = RunDir(self.out, keep=self.tc.keep_checkpoints, primary=self.primary)
-        except RunDirError as e:
-            raise UserError(str(e)) from None
+            self._setup(cfg, ce_chunk)
+        except BaseException:
+            self.run_dir.close()  # (a run that never started leaves the lock as it found it)
+            raise
 
+    def _setup(self, cfg, ce_chunk: int) -> None:
         try:  # (a mesh that cannot be laid fails before the minutes of loading a large model)
             self.mesh = sharding.mesh_from_config(cfg.mesh)
         except ValueError as e:
@@ -170,6 +188,7 @@ class Trainer:
         self.eval_step = make_eval_step(self.split, ce_chunk)
         self._stop_signal: int | None = None
         self._saved_step: int | None = None
+        self.monitor = DivergenceMonitor()
 
     # -- checkpoints ------------------------------------------------------------------------------------------------
 
@@ -180,22 +199,31 @@ class Trainer:
     def save(self) -> None:
         if self._saved_step == self.step:
             return
-        meta = {"step": self.step, "data": self.iterator.state(), "total_steps": self.total_steps}
-        self.run_dir.save(self.step, self._ckpt_tree(), meta)
+        meta = {"step": self.step, "data": self.iterator.state(), "total_steps": self.total_steps,
+                "divergence": self.monitor.state()}
+        try:
+            self.run_dir.save(self.step, self._ckpt_tree(), meta)
+        except RunDirError as e:
+            raise UserError(str(e)) from None
         self._saved_step = self.step
 
     def maybe_resume(self) -> bool:
-        latest = self.run_dir.latest_step() if self.tc.resume else None
+        latest = self.run_dir.latest_verified_step() if self.tc.resume else None
         if latest is None:
             return False
         # restored onto this run's placed arrays' shardings, whatever the saving run's mesh was
-        state, meta = self.run_dir.restore(latest, self._ckpt_tree())
+        try:
+            state, meta = self.run_dir.restore(latest, self._ckpt_tree())
+        except Exception as e:  # noqa: BLE001 - orbax's many types; the files are intact (verified): incompatible
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise UserError(f"{self.run_dir.step_dir(latest)}: cannot be restored into this run ({first})") from None
         self.lora = state["lora"]
         treedef = jax.tree.structure(self.opt_state)
         self.opt_state = jax.tree.unflatten(treedef, [state["opt"][k] for k in sorted(state["opt"])])
         self.rng = state["rng"]
         self.step = int(meta["step"])
         self.iterator.restore(meta["data"])
+        self.monitor.restore(meta.get("divergence"))
         self._saved_step = self.step
         self.run_dir.truncate_metrics(self.step)
         log.info("resumed from %s at step %d", self.out, self.step)
@@ -256,7 +284,7 @@ class Trainer:
         finally:
             for sig, h in handlers.items():
                 signal.signal(sig, h)
-            self.run_dir.wait()
+            self.run_dir.close()
 
     def _loop(self) -> int:
         from tqdm import tqdm
@@ -276,13 +304,8 @@ class Trainer:
             loss, n_trained, n_tokens = self.one_step()
             if not math.isfinite(loss):
                 bar.close()
-                last = self.run_dir.latest_step()
-                where = f"step {last} in {self.out}/checkpoints" if last is not None else "none saved"
-                if self.primary:
-                    print(f"error: the loss is {loss} at step {self.step}; stopping without saving "
-                          f"(last good checkpoint: {where}). Lower train.learning_rate or check the data.",
-                          file=sys.stderr)
-                return 1
+                # (the loss of step N is that of the state saved after step N-1: that state is the first bad one)
+                return self._stop_bad(f"the loss is {loss} at step {self.step}", bad_from=self.step - 1)
             window_loss += loss
             window_steps += 1
             window_tokens += n_tokens
@@ -294,12 +317,25 @@ class Trainer:
                        "trained_tokens": n_trained}
                 self._log(rec)
                 bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{lr:.2e}", tok_s=f"{tps:.0f}")
+                diverged = self.monitor.update(self.step, rec["loss"], self.step - window_steps)
                 window_loss, window_steps, window_tokens, window_t0 = 0.0, 0, 0, time.perf_counter()
+                if diverged is not None:
+                    if tc.stop_on_divergence:
+                        bar.close()
+                        return self._stop_bad(f"training diverged at step {self.step}: {diverged}",
+                                              bad_from=self.monitor.streak_start or self.step - 1)
+                    if self.monitor.streak == self.monitor.patience and self.primary:
+                        print(f"warning: training diverged at step {self.step}: {diverged}; going on "
+                              "(train.stop_on_divergence=false)", file=sys.stderr)
             if tc.eval_every and self.step % tc.eval_every == 0 and self.eval_ds is not None:
                 self._log({"step": self.step, "eval_loss": self.evaluate()})
                 evaluated_at = self.step
             if tc.save_every and self.step % tc.save_every == 0:
-                self.save()
+                if self.monitor.suspect:  # (the newest checkpoint stays one from before the loss went up)
+                    log.info("step %d: not saving a checkpoint while the loss is far above its early value",
+                             self.step)
+                else:
+                    self.save()
             stop_at = tc.stop_at_step is not None and self.step >= tc.stop_at_step and self.step < self.total_steps
             signalled = sharding.any_process(self._stop_signal is not None)  # every process stops at the same step
             if signalled or stop_at:
@@ -320,6 +356,19 @@ class Trainer:
         if self.export:
             self.export_adapter()
         return 0
+
+    def _stop_bad(self, why: str, bad_from: int) -> int:
+        """Stop a run whose state went bad from step ``bad_from`` on: nothing is saved or exported, checkpoints of
+        that step or later are moved to checkpoints.bad/ (so a resume cannot pick them), the last good one is named."""
+        moved = [self.run_dir.quarantine(s) for s in self.run_dir.steps() if s >= bad_from]
+        last = self.run_dir.latest_step()
+        where = f"step {last} in {self.run_dir.checkpoints}" if last is not None else "none saved"
+        if moved:
+            where += f"; {len(moved)} later one(s), saved as the loss went bad, moved to {self.run_dir.bad_dir}"
+        if self.primary:
+            print(f"error: {why}; stopped without saving (last good checkpoint: {where}). Lower "
+                  "train.learning_rate or check the data.", file=sys.stderr)
+        return 1
 
     def sample(self, max_new_tokens: int = 32) -> str | None:
         """The model's greedy reply to ``train.sample_prompt`` (None without a prompt or a chat template)."""

@@ -188,7 +188,8 @@ def save_adapter(
     tensors = adapter_tensors(model, dtype)
     if dtype != "float32":  # numpy has no bfloat16 of its own; ml_dtypes (a JAX dependency) provides it
         tensors = {k: np.asarray(jnp.asarray(v).astype(dtype)) for k, v in tensors.items()}
-    with atomic_directory(out, overwrite=overwrite, error=AdapterError) as tmp:
+    need = sum(int(v.nbytes) for v in tensors.values())
+    with atomic_directory(out, overwrite=overwrite, error=AdapterError, need=need) as tmp:
         save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         (tmp / "README.md").write_text(_model_card(str(base_model_name_or_path or ""), card))

@@ -4,28 +4,61 @@
       config.yaml          the resolved config of the run (written by process 0)
       metrics.jsonl        one JSON record per log / eval event, {"step": ..., "loss": ...} or {"eval_loss": ...}
       loss.png             train and eval loss against the optimizer step
-      checkpoints/<step>/  orbax: state (LoRA params, optimizer leaves, PRNG key) + meta (step, data position)
+      checkpoints/<step>/  orbax: state (LoRA params, optimizer leaves, PRNG key) + meta (step, data position),
+                           and CHECKSUMS (sha256 and size of every file of the checkpoint), written last
+      checkpoints.bad/     checkpoints that failed verification, moved aside (never deleted)
+      .lock                held by the running trainer (flock); holds its PID and host
 
 Arrays are saved shard by shard (every process writes its own shards) and restored onto the shardings the caller
 asks for, which may differ from the saving run's mesh. Only process 0 writes the metrics, the plot and the config.
+
+Trust. A checkpoint counts only once its CHECKSUMS file is written, after orbax has finished every other file, and
+it is restored only after every listed file is verified (size and sha256). One that fails (a missing, truncated or
+altered file, or no CHECKSUMS: a save cut short) is reported in one warning, moved to ``checkpoints.bad/`` and the
+next older one is tried. Rotation (``keep``) happens here, not in orbax: only after a new checkpoint is verified are
+older ones beyond ``keep`` removed, so the newest verified checkpoint is never removed first. Before a save, the
+free space is checked against the checkpoint's size; a full disk is one line naming the directory, the space needed
+and the space free, and the earlier checkpoints stay as they were.
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
+import hashlib
 import json
+import logging
 import os
+import shutil
+import socket
+import time
 from pathlib import Path
 from typing import Any
 
 import jax
+
+from jqlora.io import OutputError, check_free_space, is_disk_full
+
+log = logging.getLogger("jqlora.rundir")
+
+CHECKSUMS = "CHECKSUMS"  # inside checkpoints/<step>/, written last
+BAD_DIR = "checkpoints.bad"
+LOCK = ".lock"
 
 
 class RunDirError(ValueError):
     """A problem with the run directory (not writable, no checkpoint, ...): the message names the path."""
 
 
+class CheckpointError(RunDirError):
+    """A checkpoint that cannot be used (fails verification, or cannot be written)."""
+
+
 class RunDir:
-    """The files of one run; ``primary`` is whether this process writes the shared (non-checkpoint) files."""
+    """The files of one run; ``primary`` is whether this process writes the shared (non-checkpoint) files.
+
+    ``create``: a run that writes (the trainer) creates the directory, proves it writable and takes its lock
+    (`lock`); readers (export) pass ``create=False`` and take no lock."""
 
     def __init__(self, out: str | os.PathLike, *, keep: int | None = None, primary: bool = True,
                  create: bool = True):
@@ -34,11 +67,24 @@ class RunDir:
         self.metrics_path = os.path.join(self.out, "metrics.jsonl")
         self.config_path = os.path.join(self.out, "config.yaml")
         self.checkpoints = os.path.abspath(os.path.join(self.out, "checkpoints"))
+        self.bad_dir = os.path.abspath(os.path.join(self.out, BAD_DIR))
+        self._lock: RunLock | None = None
         if create:
             check_writable(self.out)
+            if primary:
+                self._lock = RunLock(self.out)
+                self._lock.acquire()
         self._keep = keep
         self._create = create
         self._manager = None
+        self._verified: dict[int, bool] = {}
+
+    def close(self) -> None:
+        """Wait for pending writes and release the lock."""
+        self.wait()
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
 
     # -- checkpoints ------------------------------------------------------------------------------------------------
 
@@ -47,27 +93,117 @@ class RunDir:
         if self._manager is None:
             import orbax.checkpoint as ocp
 
-            options = ocp.CheckpointManagerOptions(max_to_keep=self._keep, create=self._create)
+            # (no max_to_keep: rotation is ours, after the new checkpoint is verified)
+            options = ocp.CheckpointManagerOptions(create=self._create)
             self._manager = ocp.CheckpointManager(self.checkpoints, options=options)
         return self._manager
 
     def steps(self) -> list[int]:
-        """The steps of the complete checkpoints, oldest first."""
+        """The steps of the checkpoint directories, oldest first (complete or not: see `verify`). Read from the
+        directory itself: orbax does not list a step whose own metadata is damaged, yet will not save over it."""
         if not os.path.isdir(self.checkpoints):
             return []
-        return sorted(self.manager.all_steps())
+        return sorted(int(p.name) for p in Path(self.checkpoints).iterdir() if p.name.isdigit() and p.is_dir())
 
     def latest_step(self) -> int | None:
-        steps = self.steps()
-        return steps[-1] if steps else None
+        """The newest checkpoint that verifies (see `verify`); None if there is none."""
+        for step in reversed(self.steps()):
+            if self.verify(step) is None:
+                return step
+        return None
+
+    def step_dir(self, step: int) -> Path:
+        return Path(self.checkpoints) / str(step)
+
+    def verify(self, step: int) -> str | None:
+        """None if checkpoint ``step`` is complete and intact, else why not (one line)."""
+        return verify_checkpoint(self.step_dir(step))
+
+    def latest_verified_step(self) -> int | None:
+        """The newest checkpoint that verifies. Each newer one that fails is reported in one warning and moved to
+        ``checkpoints.bad/`` (by process 0; never deleted), so that a later save of the same step is possible."""
+        bad = []
+        found = None
+        for step in reversed(self.steps()):
+            why = self.verify(step)
+            if why is None:
+                found = step
+                break
+            bad.append((step, why))
+        for step, why in bad:
+            where = self.quarantine(step)
+            log.warning("warning: checkpoint %s is not usable (%s); moved to %s, trying the one before",
+                        self.step_dir(step), why, where)
+        return found
+
+    def quarantine(self, step: int) -> str:
+        """Move checkpoint ``step`` to ``checkpoints.bad/`` (process 0 only); returns where it went."""
+        src = self.step_dir(step)
+        dst = Path(self.bad_dir) / f"{step}-{time.strftime('%Y%m%d-%H%M%S')}"
+        if self.primary:
+            os.makedirs(self.bad_dir, exist_ok=True)
+            n = 0
+            while dst.exists():
+                n += 1
+                dst = dst.with_name(f"{dst.name.split('.')[0]}.{n}")
+            os.replace(src, dst)
+        self._refresh()
+        return str(dst)
+
+    def _refresh(self) -> None:
+        """After process 0 moved or removed step directories: every process re-reads the steps (orbax caches)."""
+        _barrier("jqlora-rundir-refresh")
+        if self._manager is not None:
+            self._manager.reload()
 
     def save(self, step: int, state: dict, meta: dict) -> None:
-        """Write checkpoint ``step`` (every process takes part) and wait until it is complete."""
+        """Write checkpoint ``step`` (every process takes part), wait until it is complete, write its checksums,
+        then rotate. Raises `CheckpointError` (one line) when the disk is full; the earlier checkpoints are kept."""
         import orbax.checkpoint as ocp
 
-        self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                        meta=ocp.args.JsonSave(meta)), force=True)
-        self.manager.wait_until_finished()
+        need = int(sum(getattr(x, "nbytes", 0) for x in jax.tree.leaves(state))) + (1 << 20)
+        os.makedirs(self.checkpoints, exist_ok=True)
+        try:
+            check_free_space(self.checkpoints, need, f"checkpoint {self.step_dir(step)}")
+        except OutputError as e:
+            raise CheckpointError(str(e)) from None
+        try:
+            self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                            meta=ocp.args.JsonSave(meta)), force=True)
+            self.manager.wait_until_finished()
+            if self.primary:
+                write_checksums(self.step_dir(step))
+        except Exception as e:  # noqa: BLE001 - orbax wraps the OSError of a full disk in its own types
+            if not is_disk_full(e):
+                raise
+            self._discard_partial(step)
+            free = shutil.disk_usage(self.checkpoints).free
+            raise CheckpointError(
+                f"no space left on device writing checkpoint {self.step_dir(step)}: it needs about "
+                f"{_mb(need)}, {_mb(free)} free; earlier checkpoints are intact") from None
+        self._rotate(step)
+
+    def _discard_partial(self, step: int) -> None:
+        """Remove what a failed save of ``step`` left (orbax's temporary directory, or a step without checksums)."""
+        if not self.primary:
+            return
+        for p in Path(self.checkpoints).iterdir():
+            if p.name.startswith(f"{step}.orbax-checkpoint-tmp") or (
+                    p.name == str(step) and not (p / CHECKSUMS).is_file()):
+                shutil.rmtree(p, ignore_errors=True)
+
+    def _rotate(self, newest: int) -> None:
+        """Keep the newest ``keep`` checkpoints; only called once ``newest`` is verified."""
+        if self._keep is None:
+            return
+        steps = self.steps()
+        old = [s for s in steps if s < newest][: max(0, len(steps) - self._keep)]
+        if not old:
+            return
+        if self.primary and self.verify(newest) is None:  # (never rotate away old ones for an unverified new one)
+            for step in old:
+                shutil.rmtree(self.step_dir(step), ignore_errors=True)
+        self._refresh()
 
     def restore_meta(self, step: int) -> dict:
         import orbax.checkpoint as ocp
@@ -132,6 +268,135 @@ class RunDir:
         fig.tight_layout()
         fig.savefig(os.path.join(self.out, "loss.png"), dpi=100)
         plt.close(fig)
+
+
+def _barrier(name: str) -> None:
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
+def _mb(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB"
+
+
+# -- checksums --------------------------------------------------------------------------------------------------
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _files(step_dir: Path) -> list[Path]:
+    return sorted(p for p in step_dir.rglob("*") if p.is_file() and p.name != CHECKSUMS)
+
+
+def write_checksums(step_dir: Path) -> None:
+    """Write ``step_dir/CHECKSUMS`` (size and sha256 of every other file), atomically, as the last file."""
+    entries = {str(p.relative_to(step_dir)): {"size": p.stat().st_size, "sha256": _sha256(p)}
+               for p in _files(step_dir)}
+    tmp = step_dir / f".{CHECKSUMS}.tmp"
+    with open(tmp, "w") as f:
+        json.dump({"algorithm": "sha256", "files": entries}, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, step_dir / CHECKSUMS)
+
+
+def verify_checkpoint(step_dir: Path) -> str | None:
+    """None if every file listed in ``step_dir/CHECKSUMS`` is there with its size and sha256, else why not."""
+    listing = step_dir / CHECKSUMS
+    if not listing.is_file():
+        return f"no {CHECKSUMS} file: the save did not finish"
+    try:
+        files = json.loads(listing.read_text())["files"]
+        assert isinstance(files, dict)
+    except (OSError, ValueError, KeyError, TypeError, AssertionError):
+        return f"{CHECKSUMS} is unreadable"
+    for name, want in files.items():
+        p = step_dir / name
+        if not p.is_file():
+            return f"{name} is missing"
+        size = p.stat().st_size
+        if size != want.get("size"):
+            return f"{name} has {size} bytes, {want.get('size')} were written"
+        if _sha256(p) != want.get("sha256"):
+            return f"{name} does not match its checksum (corrupted)"
+    extra = [str(p.relative_to(step_dir)) for p in _files(step_dir) if str(p.relative_to(step_dir)) not in files]
+    if extra:
+        return f"{extra[0]} was not part of the saved checkpoint"
+    return None
+
+
+# -- the run lock -----------------------------------------------------------------------------------------------
+
+
+class RunLockedError(RunDirError):
+    """Another live trainer holds the run directory."""
+
+
+class RunLock:
+    """An exclusive lock on a run directory: `flock` on ``output_dir/.lock``, which holds the owner's PID and host.
+
+    The kernel drops a flock when its process dies (kill -9 included), so a lock left by a dead trainer is simply
+    taken over (and said so); a live one makes `acquire` raise `RunLockedError` naming the PID and host."""
+
+    def __init__(self, out: str | os.PathLike):
+        self.path = os.path.join(os.fspath(out), LOCK)
+        self._file = None  # (a file object: if it is dropped unreleased, closing it drops the lock too)
+
+    def acquire(self) -> None:
+        f = open(self.path, "a+")
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            f.close()
+            if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise RunDirError(f"{self.path}: cannot lock the run directory ({e.strerror})") from None
+            raise RunLockedError(
+                f"output_dir {os.path.dirname(self.path)} is in use by another trainer ({_read_owner(self.path)}); "
+                "wait for it to finish, stop it, or choose another output_dir") from None
+        previous = _read_owner(self.path, raw=True)
+        me = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%d %H:%M:%S")}
+        f.seek(0)
+        f.truncate()
+        f.write(json.dumps(me))
+        f.flush()
+        os.fsync(f.fileno())
+        self._file = f
+        if previous and (previous.get("pid"), previous.get("host")) != (me["pid"], me["host"]):
+            log.warning("warning: took over the stale lock of %s (process %s on %s is gone)", self.path,
+                        previous.get("pid"), previous.get("host"))
+
+    def release(self) -> None:
+        if self._file is None:
+            return
+        try:
+            self._file.seek(0)
+            self._file.truncate()
+            self._file.flush()
+        finally:
+            fcntl.flock(self._file.fileno(), fcntl.LOCK_UN)
+            self._file.close()
+            self._file = None
+
+
+def _read_owner(path: str, raw: bool = False):
+    try:
+        with open(path) as f:
+            info = json.loads(f.read() or "null")
+    except (OSError, ValueError):
+        info = None
+    if raw:
+        return info if isinstance(info, dict) else None
+    if not isinstance(info, dict):
+        return "owner unknown"
+    return f"PID {info.get('pid')} on host {info.get('host')}, since {info.get('since')}"
 
 
 def read_metrics(path: str | os.PathLike) -> list[dict]:

@@ -110,8 +110,10 @@ def load_model(
         else:
             quant = "none"
         cfg = ModelConfig.from_hf(config)
-        return build(cfg, get, lora=lora, quant=quant, double_quant=double_quant, block_size=block_size,
-                     dtype=dtype, seed=seed, remat=remat)
+        where = os.path.join(os.fspath(path), "model.safetensors")
+        return _naming_the_tensor(build, cfg, get, lambda key: where, lora=lora, quant=quant,
+                                  double_quant=double_quant, block_size=block_size, dtype=dtype, seed=seed,
+                                  remat=remat)
     with convert.Checkpoint(path) as ckpt:
         try:
             cfg = ModelConfig.from_hf(ckpt.config)
@@ -121,8 +123,38 @@ def load_model(
         if ckpt.bnb and quant != "none":  # a 4-bit checkpoint keeps its own quantization
             sample = ckpt.get(next(e.key for e in hf_key_table(cfg) if e.kind == "linear"))
             quant, double_quant, block_size = sample.quant_type, sample.double_quant, sample.block_size
-        return build(cfg, ckpt.get if mesh is None else ckpt.get_host, lora=lora, quant=quant,
-                     double_quant=double_quant, block_size=block_size, dtype=dtype, seed=seed, remat=remat)
+        return _naming_the_tensor(build, cfg, ckpt.get if mesh is None else ckpt.get_host, ckpt.file_of, lora=lora,
+                                  quant=quant, double_quant=double_quant, block_size=block_size, dtype=dtype,
+                                  seed=seed, remat=remat)
+
+
+def _naming_the_tensor(build, cfg: ModelConfig, get: TensorGetter, file_of, **kwargs):
+    """``build(cfg, get, **kwargs)``, where a ValueError about a tensor's values (NaN/Inf weights, ...) becomes a
+    `convert.ConvertError` naming the checkpoint file and the key of the tensor it came from."""
+    from jqlora import convert
+
+    last: list[str | None] = [None]
+
+    def tracked(key: str):
+        last[0] = key
+        return get(key)
+
+    try:
+        return build(cfg, tracked, **kwargs)
+    except convert.ConvertError:
+        raise
+    except ValueError as e:
+        key = last[0]
+        if key is None:
+            raise
+        text = str(e).splitlines()[0]
+        if text.startswith(f"{key}:"):
+            text = text[len(key) + 1:].lstrip()
+        try:
+            where = file_of(key)
+        except (KeyError, ValueError):  # (a key the checkpoint does not hold)
+            raise e from None
+        raise convert.ConvertError(f"{where}: {key}: {text}") from None
 
 
 def _name(path: str | os.PathLike) -> str:

@@ -18,7 +18,6 @@ import jax.numpy as jnp
 from jqlora.models.config import ModelConfig, RopeConfig
 
 
-
 def rope_frequencies(cfg: ModelConfig, seq_len: jax.Array | int | None = None,
                      rope: RopeConfig | None = None) -> tuple[jax.Array, float]:
     """float32 inverse frequencies ``[H/2]`` and the attention factor, as transformers computes them.

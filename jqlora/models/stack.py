@@ -13,7 +13,6 @@ import jax.numpy as jnp
 from jqlora.lora import FROZEN_MATMUL
 
 REMAT_POLICIES = ("none", "full", "save_dots", "save_dots_no_batch", "offload")
-NO_WINDOW = 2**30  # a "sliding window" longer than any sequence
 
 
 def _remat_policy(name: str):

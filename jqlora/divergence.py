@@ -1,0 +1,54 @@
+"""Telling a run that diverges from one that is only noisy.
+
+A run diverges when the mean loss of a log window stays far above the run's early loss: above ``factor`` times the
+first window's mean (the early loss) for ``patience`` windows in a row. A single spike is not divergence; a NaN or
+Inf loss is handled by the loop at once. While a streak of high windows is under way the state is *suspect*: the
+loop saves no checkpoint then, so the newest checkpoint is always one taken before the trouble started.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+FACTOR = 3.0  # a window whose mean loss is this many times the early loss is "high"
+PATIENCE = 3  # this many high windows in a row are divergence
+
+
+@dataclasses.dataclass
+class DivergenceMonitor:
+    factor: float = FACTOR
+    patience: int = PATIENCE
+    early_loss: float | None = None  # the first log window's mean loss
+    streak: int = 0  # high windows in a row
+    streak_start: int | None = None  # the step the streak began after
+
+    @property
+    def suspect(self) -> bool:
+        return self.streak > 0
+
+    def update(self, step: int, window_loss: float, window_start: int) -> str | None:
+        """Feed one log window (its mean loss, ending at ``step``, starting after ``window_start``); returns why the
+        run diverged, or None."""
+        if not math.isfinite(window_loss):
+            return f"the loss is {window_loss}"
+        if self.early_loss is None:
+            self.early_loss = window_loss
+            return None
+        if window_loss > self.factor * self.early_loss:
+            if self.streak == 0:
+                self.streak_start = window_start
+            self.streak += 1
+        else:
+            self.streak, self.streak_start = 0, None
+        if self.streak >= self.patience:
+            return (f"the loss ({window_loss:.4g}) has been above {self.factor:g}x its early value "
+                    f"({self.early_loss:.4g}) for {self.streak} log windows since step {self.streak_start}")
+        return None
+
+    def state(self) -> dict:
+        return {"early_loss": self.early_loss}
+
+    def restore(self, state: dict | None) -> None:
+        self.early_loss = (state or {}).get("early_loss")
+        self.streak, self.streak_start = 0, None
