@@ -4,6 +4,8 @@ soft-caps that bind and, for Gemma 3, two RoPEs; `BINDING` shows each of them ch
 
 import dataclasses
 import json
+import math
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -23,6 +25,7 @@ from jqlora.lora import LoraConfig, LoraLinear
 from jqlora.models import ModelConfig, hf_key_table
 from jqlora.peft import load_model_with_adapter, save_adapter
 
+REPO = Path(__file__).resolve().parents[1]
 FAMILIES = list(FAMILY_CONFIGS)
 SEQ = 20  # > every tiny window (6)
 # family -> ModelConfig changes that must each change the logits (the feature is active in the test)
@@ -247,7 +250,31 @@ def test_training_invariants(fam):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Config errors
+# Recipes, published shapes, config errors
+
+
+@pytest.mark.parametrize("recipe,model,budget_gb", [("gemma2-9b", "gemma2-9b", 24)])
+def test_recipe_fits_its_gpu(recipe, model, budget_gb):
+    from jqlora import plan
+    from jqlora.config import load_config
+
+    cfg = load_config(str(REPO / "configs" / f"{recipe}.yaml"), [])
+    assert (cfg.model.quant, cfg.model.double_quant, cfg.lora.targets) == ("nf4", True, "all-linear")
+    p = plan.memory_plan(plan.BUILTIN[model], seq=cfg.data.max_length, batch=cfg.train.batch_size, fsdp=1,
+                         remat=cfg.train.remat, r=cfg.lora.r)
+    assert p.total < budget_gb * 1e9
+
+
+def test_published_shapes_have_the_published_parameter_counts():
+    from jqlora import plan
+
+    def params(name):  # every tensor of the checkpoint
+        return sum(math.prod(e.shape) for e in hf_key_table(plan.BUILTIN[name]))
+
+    assert round(params("gemma2-9b") / 1e9, 2) == 9.24  # google/gemma-2-9b: 9.24B
+    g3 = plan.BUILTIN["gemma3-12b"]
+    assert g3.sliding_windows.count(None) == 8 and g3.layer_ropes.count(0) == 8  # 5 local : 1 global of 48
+    assert (g3.rope.theta, g3.rope.factor, g3.rope_local.theta) == (1e6, 8.0, 1e4)
 
 
 @pytest.mark.parametrize("change,message", [
