@@ -8,10 +8,12 @@ writes its own key/value at slot ``t``. Shapes never change during a generation,
 
 Slots and positions: row b of the prompt block is left-padded with ``pad[b]`` tokens, so slot s holds position
 ``s - pad[b]``. A query at slot s attends to slots ``pad[b] <= s' <= s`` and, on a sliding-window layer of width W,
-only to ``s - s' < W`` (transformers' ``q_pos - k_pos < W``). RoPE cos/sin come from `llama.rope_cos_sin` on the
-new tokens' positions, so dynamic NTK scaling grows with the sequence exactly as transformers' cached generation
-does (keys keep the frequencies they were rotated with). The layers' own submodules (projections with their
-LoRA adapters and quantized kernels, norms) do all the math; nothing is copied out of the model.
+only to ``s - s' < W`` (transformers' ``q_pos - k_pos < W``). RoPE cos/sin come from `rope.rope_tables` on the
+new tokens' positions (one table per RoPE; Gemma 3's local layers have their own), so dynamic NTK scaling grows
+with the sequence exactly as transformers' cached generation does (keys keep the frequencies they were rotated
+with). Soft-capping (Gemma 2) applies to the cached attention and the final logits as in the full forward. The
+layers' own submodules (projections with their LoRA adapters and quantized kernels, norms) do all the math; nothing
+is copied out of the model.
 
 Sampling follows transformers' warpers in their order: logits / temperature, keep the top k, keep the smallest set
 of most likely tokens whose probability reaches top_p (nucleus sampling, Holtzman et al., "The Curious Case of
@@ -32,7 +34,7 @@ import numpy as np
 from flax import nnx
 
 from jqlora.models.attention import NO_WINDOW, attention
-from jqlora.models.llama import LlamaForCausalLM, _apply_rope, rope_cos_sin
+from jqlora.models.llama import LlamaForCausalLM, _apply_rope, rope_tables, softcap
 
 MIN_BUCKET = 16
 
@@ -74,11 +76,12 @@ def _layer_step(layer, h_BTD, cos_BTH, sin_BTH, k_BMKH, v_BMKH, start, slot_T, l
     k_BMKH = jax.lax.dynamic_update_slice(k_BMKH, k_BTKH.astype(k_BMKH.dtype), (zero, start, zero, zero))
     v_BMKH = jax.lax.dynamic_update_slice(v_BMKH, v_BTKH.astype(v_BMKH.dtype), (zero, start, zero, zero))
     # left padding is segment 0 and real tokens segment 1: a padding query sees only padding (its output is unused)
-    out_BTNH = attention(q_BTNH, k_BMKH.astype(q_BTNH.dtype), v_BMKH.astype(q_BTNH.dtype), scale=H**-0.5,
+    out_BTNH = attention(q_BTNH, k_BMKH.astype(q_BTNH.dtype), v_BMKH.astype(q_BTNH.dtype), scale=attn.scale,
                          q_slots=slot_T, kv_slots=jnp.arange(k_BMKH.shape[1], dtype=jnp.int32),
-                         q_segment_ids=live_BT, kv_segment_ids=live_BM, window=window, implementation=implementation)
-    h_BTD = h_BTD + attn.o_proj(out_BTNH.reshape(B, T, N * H))
-    h_BTD = h_BTD + layer.mlp(layer.post_attention_layernorm(h_BTD), deterministic=True, keys=None)
+                         q_segment_ids=live_BT, kv_segment_ids=live_BM, window=window, implementation=implementation,
+                         logit_softcap=attn.softcap)
+    h_BTD = layer.add_attention(h_BTD, attn.o_proj(out_BTNH.reshape(B, T, N * H)))
+    h_BTD = layer.add_mlp(h_BTD, deterministic=True, keys=None)
     return h_BTD, k_BMKH, v_BMKH
 
 
@@ -96,7 +99,7 @@ def forward_cached(model: LlamaForCausalLM, cache: dict[str, jax.Array], ids_BT:
     slot_T = start + jnp.arange(T, dtype=jnp.int32)
     slot_M = jnp.arange(M, dtype=jnp.int32)
     pos_BT = jnp.maximum(slot_T[None, :] - pad_B[:, None], 0)
-    cos_BTH, sin_BTH = rope_cos_sin(cfg, pos_BT, model.dtype)
+    cos_RBTH, sin_RBTH = rope_tables(cfg, pos_BT, model.dtype)
     live_BT = (slot_T[None, :] >= pad_B[:, None]).astype(jnp.int32)
     live_BM = (slot_M[None, :] >= pad_B[:, None]).astype(jnp.int32)
     windows = jnp.asarray([w if w is not None else NO_WINDOW for w in cfg.sliding_windows], jnp.int32)
@@ -105,18 +108,19 @@ def forward_cached(model: LlamaForCausalLM, cache: dict[str, jax.Array], ids_BT:
     graphdef, state = nnx.split(model.model.layers)
 
     def body(h, xs):
-        layer_state, window, k_BMKH, v_BMKH = xs
+        layer_state, window, rope, k_BMKH, v_BMKH = xs
         layer = nnx.merge(graphdef, layer_state)
         # XLA attention: T new queries at cache offset ``start`` are not the aligned causal pattern cuDNN's kernel has
-        h, k_BMKH, v_BMKH = _layer_step(layer, h, cos_BTH, sin_BTH, k_BMKH, v_BMKH, start, slot_T, live_BT, live_BM,
-                                        window, "xla")
+        h, k_BMKH, v_BMKH = _layer_step(layer, h, cos_RBTH[rope], sin_RBTH[rope], k_BMKH, v_BMKH, start, slot_T,
+                                        live_BT, live_BM, window, "xla")
         return h, (k_BMKH, v_BMKH)
 
-    h_BTD, (k, v) = jax.lax.scan(body, h_BTD, (state, windows, cache["k"], cache["v"]))
+    ropes = jnp.asarray(cfg.layer_ropes, jnp.int32)
+    h_BTD, (k, v) = jax.lax.scan(body, h_BTD, (state, windows, ropes, cache["k"], cache["v"]))
     h_BTD = model.model.norm(h_BTD)
     logits_BTV = jax.lax.dot_general(h_BTD, model.lm_head_weight(), (((2,), (1,)), ((), ())),
                                      preferred_element_type=jnp.float32)
-    return logits_BTV, {"k": k, "v": v}
+    return softcap(logits_BTV, cfg.final_softcap), {"k": k, "v": v}
 
 
 # ----------------------------------------------------------------------------------------------------------------

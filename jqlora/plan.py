@@ -74,9 +74,24 @@ PUBLISHED: dict[str, dict[str, Any]] = {
         "rms_norm_eps": 1e-6, "max_position_embeddings": 131072, "use_sliding_window": False,
         "sliding_window": 131072, "max_window_layers": 28, "tie_word_embeddings": False, "hidden_act": "silu",
     },
+    "gemma2-9b": {  # google/gemma-2-9b (1:1 local/global layers, soft-capping, tied 256k vocabulary)
+        "model_type": "gemma2", "vocab_size": 256000, "hidden_size": 3584, "intermediate_size": 14336,
+        "num_hidden_layers": 42, "num_attention_heads": 16, "num_key_value_heads": 8, "head_dim": 256,
+        "query_pre_attn_scalar": 256, "rope_theta": 10000.0, "rms_norm_eps": 1e-6, "max_position_embeddings": 8192,
+        "sliding_window": 4096, "attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0,
+        "tie_word_embeddings": True, "hidden_activation": "gelu_pytorch_tanh",
+    },
+    "gemma3-12b": {  # google/gemma-3-12b-pt, its text_config (5:1 local/global layers, two RoPE bases)
+        "model_type": "gemma3_text", "vocab_size": 262208, "hidden_size": 3840, "intermediate_size": 15360,
+        "num_hidden_layers": 48, "num_attention_heads": 16, "num_key_value_heads": 8, "head_dim": 256,
+        "query_pre_attn_scalar": 256, "rope_theta": 1000000.0, "rope_local_base_freq": 10000.0,
+        "rope_scaling": {"rope_type": "linear", "factor": 8.0}, "rms_norm_eps": 1e-6,
+        "max_position_embeddings": 131072, "sliding_window": 1024, "sliding_window_pattern": 6,
+        "tie_word_embeddings": True, "hidden_activation": "gelu_pytorch_tanh",
+    },
 }
 NAMES = {"llama3-8b": "Llama-3-8B", "llama3-70b": "Llama-3-70B", "mistral-7b": "Mistral-7B",
-         "qwen2.5-7b": "Qwen2.5-7B"}
+         "qwen2.5-7b": "Qwen2.5-7B", "gemma2-9b": "Gemma-2-9B", "gemma3-12b": "Gemma-3-12B"}
 BUILTIN: dict[str, ModelConfig] = {k: ModelConfig.from_hf(v) for k, v in PUBLISHED.items()}
 
 

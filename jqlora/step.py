@@ -35,8 +35,9 @@ class NoLoraError(ValueError):
 
 
 def chunked_ce_sum(h_BSD: jax.Array, w_VD: jax.Array, targets_BS: jax.Array, mask_BS: jax.Array,
-                   chunk: int = CE_CHUNK) -> jax.Array:
-    """Σ mask · (logsumexp(h wᵀ) - (h wᵀ)[target]) in float32, over chunks of `chunk` tokens (B S tokens in all)."""
+                   chunk: int = CE_CHUNK, logit_cap: float | None = None) -> jax.Array:
+    """Σ mask · (logsumexp(z) - z[target]) in float32 with z = h wᵀ (soft-capped to ``logit_cap`` · tanh(z /
+    ``logit_cap``) when given, Gemma 2's final logits), over chunks of `chunk` tokens (B S tokens in all)."""
     D = h_BSD.shape[-1]
     h_TD = h_BSD.reshape(-1, D)
     t_T = targets_BS.reshape(-1).astype(jnp.int32)
@@ -54,6 +55,8 @@ def chunked_ce_sum(h_BSD: jax.Array, w_VD: jax.Array, targets_BS: jax.Array, mas
     def body(total, xs):
         h_CD, t_C, m_C = xs
         logits_CV = jax.lax.dot_general(h_CD, w_VD, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+        if logit_cap is not None:
+            logits_CV = jnp.tanh(logits_CV / logit_cap) * logit_cap
         lse_C = jax.nn.logsumexp(logits_CV, axis=-1)
         tgt_C = jnp.take_along_axis(logits_CV, t_C[:, None], axis=-1)[:, 0]
         return total + jnp.sum((lse_C - tgt_C) * m_C), None
@@ -105,7 +108,8 @@ def make_loss_fn(split: SplitModel, ce_chunk: int = CE_CHUNK) -> Callable:
         model = nnx.merge(split.graphdef, split.to_state(lora), frozen)
         h_BSD = model.hidden_states(batch["input_ids"], batch["segment_ids"], batch["positions"],
                                     deterministic=deterministic, key=rng)
-        loss_sum = chunked_ce_sum(h_BSD, model.lm_head_weight(), batch["targets"], batch["loss_mask"], ce_chunk)
+        loss_sum = chunked_ce_sum(h_BSD, model.lm_head_weight(), batch["targets"], batch["loss_mask"], ce_chunk,
+                                  logit_cap=model.config.final_softcap)
         return loss_sum, jnp.sum(batch["loss_mask"].astype(jnp.float32))
 
     return loss_fn

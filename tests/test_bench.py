@@ -46,9 +46,11 @@ def test_flops_tiny_by_hand():
 
 @pytest.mark.parametrize("model", sorted(bench.MODELS))
 def test_flops_count_matches_key_table(model):
-    # N counts exactly the linear kernels + lm_head the model loads (biases, norms, embeddings excluded)
+    # N counts exactly the linear kernels + lm_head the model loads (biases, norms, embeddings excluded; a tied
+    # lm_head is the embedding)
     cfg = ModelConfig.from_hf(bench.hf_config(model))
-    n = sum(math.prod(e.shape) for e in hf_key_table(cfg) if e.kind in ("linear", "lm_head"))
+    head = ("linear", "lm_head", "embedding") if cfg.tie_word_embeddings else ("linear", "lm_head")
+    n = sum(math.prod(e.shape) for e in hf_key_table(cfg) if e.kind in head)
     f = bench.flops_per_token(cfg, 2048)
     assert f["n_linear"] == n
     assert f["attention"] == 6 * cfg.num_hidden_layers * 2048 * cfg.num_attention_heads * cfg.head_dim

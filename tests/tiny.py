@@ -64,3 +64,37 @@ def _to_bin(path: Path) -> None:
         data["weight_map"] = {k: names[v] for k, v in data["weight_map"].items()}
         (path / "pytorch_model.bin.index.json").write_text(json.dumps(data))
         index.unlink()
+
+
+# Families beyond Llama: configs that exercise what differs (windows shorter than the test sequences, soft-caps that
+# bind, a second RoPE), with every kernel width a multiple of 64 so bitsandbytes' CPU 4-bit path is a valid oracle.
+FAMILY_CONFIGS = {
+    "gemma2": (transformers.Gemma2Config, dict(
+        head_dim=16, sliding_window=6, query_pre_attn_scalar=24, attn_logit_softcapping=2.0,
+        final_logit_softcapping=3.0)),
+    "gemma3": (transformers.Gemma3TextConfig, dict(
+        head_dim=16, num_hidden_layers=3, sliding_window=6, sliding_window_pattern=3, query_pre_attn_scalar=24,
+        rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                         "full_attention": {"rope_type": "linear", "factor": 4.0, "rope_theta": 1_000_000.0}})),
+}
+
+
+def make_family_model(path: Path, family: str, seed: int = 0, **overrides):
+    """A tiny random ``family`` model (`FAMILY_CONFIGS`, eager attention, float32) with weights scaled so every term
+    matters (kernels ~ 1/sqrt(fan-in); norm weights off their neutral value), saved to ``path``.
+    Returns (the transformers model, ``path``)."""
+    cls, extra = FAMILY_CONFIGS[family]
+    config = cls(**{**BASE, **extra, **overrides})
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager").float().eval()
+    neutral = 0.0 if family.startswith("gemma") else 1.0  # Gemma norms scale by (1 + w)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(neutral + 0.3 * torch.randn_like(p))
+            elif name.endswith(".bias"):
+                p.copy_(0.3 * torch.randn_like(p))
+            else:
+                p.copy_(torch.randn_like(p) / p.shape[-1] ** 0.5)
+    model.save_pretrained(path)
+    return model, Path(path)

@@ -1,0 +1,167 @@
+"""`ModelConfig`: the architecture of one decoder checkpoint, read from a Hugging Face ``config.json``.
+
+One dataclass describes every supported family; what a family does differently is a field (an activation, a norm
+variant, soft-capping, ...) whose default is the Llama behaviour. Each family module (`llama`, `gemma`) maps its
+``config.json`` to these fields (`config_from_dict`) and owns its Hugging Face key table (`key_table`);
+`FAMILIES` says which module reads which ``model_type``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import json
+import os
+from typing import Any, Callable, Mapping
+
+ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn")
+ACTIVATIONS = ("silu", "gelu_pytorch_tanh")
+
+# model_type -> the family module (under jqlora.models) that reads its config and owns its key table
+FAMILIES: dict[str, str] = {
+    "llama": "llama", "mistral": "llama", "qwen2": "llama", "qwen3": "llama",
+    "gemma2": "gemma", "gemma3_text": "gemma",
+}
+MODEL_TYPES = tuple(FAMILIES)
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeConfig:
+    """Rotary embedding settings (transformers' ``rope_parameters``, normalized)."""
+
+    rope_type: str = "default"
+    theta: float = 10000.0
+    factor: float = 1.0
+    original_max_position_embeddings: int | None = None  # llama3 / yarn
+    low_freq_factor: float = 1.0  # llama3
+    high_freq_factor: float = 4.0  # llama3
+    attention_factor: float | None = None  # yarn (None: derived from factor / mscale)
+    beta_fast: float = 32.0  # yarn
+    beta_slow: float = 1.0  # yarn
+    mscale: float | None = None  # yarn
+    mscale_all_dim: float | None = None  # yarn
+    truncate: bool = True  # yarn
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """The architecture of one checkpoint (see `ModelConfig.from_hf`). Defaults are the Llama behaviour."""
+
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    rms_norm_eps: float = 1e-6
+    tie_word_embeddings: bool = False
+    qkv_bias: bool = False
+    o_bias: bool = False
+    qk_norm: bool = False
+    sliding_windows: tuple[int | None, ...] = ()  # per layer; None (or an empty tuple) = full causal attention
+    max_position_embeddings: int = 2048
+    rope: RopeConfig = RopeConfig()
+    # What other families do differently (defaults: Llama)
+    hidden_act: str = "silu"  # MLP activation: silu (SwiGLU) or gelu_pytorch_tanh (GeGLU, Gemma)
+    norm_unit_offset: bool = False  # Gemma: RMSNorm scales by (1 + w), multiplied in float32
+    sandwich_norms: bool = False  # Gemma 2/3: norms after attention and around the MLP (see gemma.py)
+    embed_scale: bool = False  # Gemma: embeddings times sqrt(hidden_size), rounded to the compute dtype
+    attn_scale: float | None = None  # attention logit scale; None = head_dim ** -0.5
+    attn_softcap: float | None = None  # Gemma 2: attention logits -> cap * tanh(logits / cap)
+    final_softcap: float | None = None  # Gemma 2: output logits -> cap * tanh(logits / cap)
+    rope_local: RopeConfig | None = None  # Gemma 3: RoPE of the sliding-window layers (None: `rope` everywhere)
+
+    def __post_init__(self):
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(
+                f"num_attention_heads {self.num_attention_heads} is not a multiple of "
+                f"num_key_value_heads {self.num_key_value_heads}"
+            )
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim {self.head_dim} must be even for rotary embeddings")
+        if not self.sliding_windows:
+            object.__setattr__(self, "sliding_windows", (None,) * self.num_hidden_layers)
+        if len(self.sliding_windows) != self.num_hidden_layers:
+            raise ValueError(
+                f"sliding_windows has {len(self.sliding_windows)} entries for {self.num_hidden_layers} layers"
+            )
+        if self.hidden_act not in ACTIVATIONS:
+            raise ValueError(f"unsupported hidden_act {self.hidden_act!r}: expected one of {', '.join(ACTIVATIONS)}")
+
+    @property
+    def layer_ropes(self) -> tuple[int, ...]:
+        """Per layer, which RoPE it uses: 0 = `rope`, 1 = `rope_local` (the sliding-window layers, when set)."""
+        if self.rope_local is None:
+            return (0,) * self.num_hidden_layers
+        return tuple(int(w is not None) for w in self.sliding_windows)
+
+    @classmethod
+    def from_hf(cls, source: str | os.PathLike | Mapping[str, Any]) -> "ModelConfig":
+        """Read a Hugging Face ``config.json`` (a checkpoint dir, the file, or its parsed dict)."""
+        where = "config"
+        if isinstance(source, Mapping):
+            d = dict(source)
+        else:
+            path = os.fspath(source)
+            if os.path.isdir(path):
+                path = os.path.join(path, "config.json")
+            where = path
+            with open(path) as f:
+                d = json.load(f)
+        model_type = d.get("model_type")
+        if model_type not in FAMILIES:
+            raise ValueError(f"{where}: unsupported model_type {model_type!r}: expected one of {', '.join(MODEL_TYPES)}")
+        return family(model_type).config_from_dict(d, where)
+
+
+def family(model_type: str):
+    """The family module for ``model_type`` (it has ``config_from_dict`` and ``key_table``)."""
+    return importlib.import_module(f"jqlora.models.{FAMILIES[model_type]}")
+
+
+def positive_ints(d: dict[str, Any], bad: Callable[[str], ValueError], *keys: str) -> None:
+    for key in keys:
+        if not isinstance(d.get(key), int) or isinstance(d.get(key), bool) or d[key] <= 0:
+            raise bad(f"{key} must be a positive integer, got {d.get(key)!r}")
+
+
+def rope_from_dict(params: dict[str, Any], d: dict[str, Any], max_pos: int,
+                   bad: Callable[[str], ValueError]) -> RopeConfig:
+    """One RoPE from its parameters (transformers 5 ``rope_parameters`` or the older ``rope_scaling``), with the
+    top-level ``rope_theta`` / ``original_max_position_embeddings`` of ``d`` as fallbacks."""
+    theta = params.get("rope_theta", d.get("rope_theta", 10000.0))
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    if rope_type not in ROPE_TYPES:
+        raise bad(f"unsupported rope type {rope_type!r}: expected one of {', '.join(ROPE_TYPES)}")
+    original = None
+    if rope_type in ("llama3", "yarn"):
+        original = int(d.get("original_max_position_embeddings") or params.get("original_max_position_embeddings")
+                       or max_pos)
+    factor = params.get("factor")
+    if factor is None:
+        if rope_type == "yarn":
+            factor = max_pos / original
+        elif rope_type != "default":
+            raise bad(f"rope type {rope_type!r} needs a 'factor'")
+        else:
+            factor = 1.0
+    if rope_type == "llama3":
+        for key in ("low_freq_factor", "high_freq_factor"):
+            if key not in params:
+                raise bad(f"rope type 'llama3' needs {key!r}")
+    return RopeConfig(
+        rope_type=rope_type,
+        theta=float(theta),
+        factor=float(factor),
+        original_max_position_embeddings=original,
+        low_freq_factor=float(params.get("low_freq_factor", 1.0)),
+        high_freq_factor=float(params.get("high_freq_factor", 4.0)),
+        attention_factor=params.get("attention_factor"),
+        beta_fast=float(params.get("beta_fast") or 32.0),
+        beta_slow=float(params.get("beta_slow") or 1.0),
+        mscale=params.get("mscale"),
+        mscale_all_dim=params.get("mscale_all_dim"),
+        truncate=bool(params.get("truncate", True)),
+    )

@@ -1,0 +1,240 @@
+"""The decoder every family shares, in Flax NNX: attention block, decoder layer, the scanned layer stack and the
+causal-LM head. What a family does differently is a `ModelConfig` field (see `config.py`); the family modules
+(`llama.py`, `gemma.py`) only map their configs and own their Hugging Face key tables.
+
+Per layer (pre-norm; Touvron et al., "LLaMA", 2023):
+
+    h  = x + o_proj(attn(rope(q_norm(q_proj(n))), rope(k_norm(k_proj(n))), v_proj(n))),   n = input_layernorm(x)
+    y  = h + down_proj(act(gate_proj(m)) * up_proj(m)),                                    m = post_attention_layernorm(h)
+
+and with ``sandwich_norms`` (Gemma 2/3) h = x + post_attention_layernorm(attn(...)), y = h +
+post_feedforward_layernorm(mlp(pre_feedforward_layernorm(h))). Attention (`attention.py`) is softmax(s(q kᵀ · scale)
++ mask) v over grouped KV heads, scale = head_dim^-½ or the family's (Gemma: query_pre_attn_scalar^-½), s the
+identity or soft-capping; causal, within a segment and, on sliding-window layers, within the last W tokens.
+
+Layers are stacked (every layer variable has a leading axis L) and run by `jax.lax.scan` over one layer body wrapped
+in `jax.checkpoint` with a named remat policy (`stack.REMAT_POLICIES`), or unrolled. What differs between layers is
+scanned with them as stacked per-layer values: the window width (int32 [L]) and which RoPE table the layer uses
+(int32 [L] into cos/sin [R, B, S, H]; see gemma.py for why one stack rather than two). Module and variable names are
+the Hugging Face ones (`model.layers.self_attn.q_proj`, ...), so checkpoint conversion and peft export never rename.
+
+Shape letters: B batch, S sequence, D hidden, N query heads, K key/value heads, H head dim, V vocabulary, L layers,
+R RoPE tables.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jqlora.lora import LoraConfig, LoraLinear, QuantSpec, compute_dtype
+from jqlora.models.attention import IMPLEMENTATIONS as ATTENTION_IMPLEMENTATIONS
+from jqlora.models.attention import NO_WINDOW, attention
+from jqlora.models.config import ModelConfig
+from jqlora.models.layers import MLP, Embed, LMHead, linear, rms_norm
+from jqlora.models.rope import apply_rope, rope_tables
+from jqlora.models.stack import REMAT_POLICIES, _remat_policy, segment_positions, softcap
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: ModelConfig, lora: LoraConfig | None, quant: QuantSpec, dtype: Any, lora_dtype: Any,
+                 rngs: nnx.Rngs):
+        D, N, K, H = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        kw = dict(quant=quant, dtype=dtype, lora_dtype=lora_dtype, rngs=rngs)
+        self.q_proj = linear(lora, "self_attn.q_proj", D, N * H, bias=cfg.qkv_bias, **kw)
+        self.k_proj = linear(lora, "self_attn.k_proj", D, K * H, bias=cfg.qkv_bias, **kw)
+        self.v_proj = linear(lora, "self_attn.v_proj", D, K * H, bias=cfg.qkv_bias, **kw)
+        self.o_proj = linear(lora, "self_attn.o_proj", N * H, D, bias=cfg.o_bias, **kw)
+        self.q_norm = rms_norm(cfg, H, dtype) if cfg.qk_norm else None
+        self.k_norm = rms_norm(cfg, H, dtype) if cfg.qk_norm else None
+        self.num_heads, self.num_kv_heads, self.head_dim = N, K, H
+        self.scale = cfg.attn_scale if cfg.attn_scale is not None else H**-0.5
+        self.softcap = cfg.attn_softcap
+
+    def __call__(self, x_BSD, cos_BSH, sin_BSH, segment_ids_BS, window, *, implementation: str,
+                 deterministic: bool, keys) -> jax.Array:
+        B, S, _ = x_BSD.shape
+        N, K, H = self.num_heads, self.num_kv_heads, self.head_dim
+        kw = lambda i: dict(deterministic=deterministic, key=None if keys is None else keys[i])  # noqa: E731
+        q_BSNH = self.q_proj(x_BSD, **kw(0)).reshape(B, S, N, H)
+        k_BSKH = self.k_proj(x_BSD, **kw(1)).reshape(B, S, K, H)
+        v_BSKH = self.v_proj(x_BSD, **kw(2)).reshape(B, S, K, H)
+        if self.q_norm is not None:
+            q_BSNH, k_BSKH = self.q_norm(q_BSNH), self.k_norm(k_BSKH)
+        q_BSNH = apply_rope(q_BSNH, cos_BSH, sin_BSH)
+        k_BSKH = apply_rope(k_BSKH, cos_BSH, sin_BSH)
+        out_BSNH = attention(q_BSNH, k_BSKH, v_BSKH, scale=self.scale, q_segment_ids=segment_ids_BS,
+                             kv_segment_ids=segment_ids_BS, window=window, implementation=implementation,
+                             logit_softcap=self.softcap)
+        return self.o_proj(out_BSNH.reshape(B, S, N * H), **kw(3))
+
+
+class DecoderLayer(nnx.Module):
+    """Pre-norm attention and MLP blocks; with ``sandwich_norms`` (Gemma 2/3) the attention and MLP outputs are
+    normalized too: h = x + post_attention_layernorm(attn(...)), y = h + post_feedforward_layernorm(mlp(
+    pre_feedforward_layernorm(h)))."""
+
+    def __init__(self, cfg: ModelConfig, lora: LoraConfig | None, quant: QuantSpec, dtype: Any, lora_dtype: Any,
+                 rngs: nnx.Rngs):
+        D = cfg.hidden_size
+        self.self_attn = Attention(cfg, lora, quant, dtype, lora_dtype, rngs)
+        self.mlp = MLP(cfg, lora, quant, dtype, lora_dtype, rngs)
+        self.input_layernorm = rms_norm(cfg, D, dtype)
+        self.post_attention_layernorm = rms_norm(cfg, D, dtype)
+        self.pre_feedforward_layernorm = rms_norm(cfg, D, dtype) if cfg.sandwich_norms else None
+        self.post_feedforward_layernorm = rms_norm(cfg, D, dtype) if cfg.sandwich_norms else None
+
+    def add_attention(self, x_BSD: jax.Array, attn_BSD: jax.Array) -> jax.Array:
+        """The residual stream after the attention block whose output is ``attn_BSD``."""
+        if self.pre_feedforward_layernorm is not None:
+            return x_BSD + self.post_attention_layernorm(attn_BSD)
+        return x_BSD + attn_BSD
+
+    def add_mlp(self, h_BSD: jax.Array, *, deterministic: bool, keys) -> jax.Array:
+        """The residual stream after the MLP block."""
+        if self.pre_feedforward_layernorm is not None:
+            mlp = self.mlp(self.pre_feedforward_layernorm(h_BSD), deterministic=deterministic, keys=keys)
+            return h_BSD + self.post_feedforward_layernorm(mlp)
+        return h_BSD + self.mlp(self.post_attention_layernorm(h_BSD), deterministic=deterministic, keys=keys)
+
+    def __call__(self, x_BSD, cos_BSH, sin_BSH, segment_ids_BS, window, *, implementation: str,
+                 deterministic: bool, key) -> jax.Array:
+        keys = None if key is None else jax.random.split(key, 7)
+        attn = self.self_attn(self.input_layernorm(x_BSD), cos_BSH, sin_BSH, segment_ids_BS, window,
+                              implementation=implementation, deterministic=deterministic,
+                              keys=None if keys is None else keys[:4])
+        h_BSD = self.add_attention(x_BSD, attn)
+        return self.add_mlp(h_BSD, deterministic=deterministic, keys=None if keys is None else keys[4:])
+
+
+class DecoderModel(nnx.Module):
+    """``embed_tokens``, stacked ``layers`` (leading axis L on every variable), final ``norm``."""
+
+    def __init__(self, cfg: ModelConfig, lora: LoraConfig | None, quant: QuantSpec, dtype: Any, lora_dtype: Any,
+                 rngs: nnx.Rngs):
+        self.embed_tokens = Embed(cfg.vocab_size, cfg.hidden_size, dtype, rngs, scale=cfg.embed_scale)
+
+        @nnx.split_rngs(splits=cfg.num_hidden_layers)
+        @nnx.vmap(in_axes=(0,), out_axes=0)
+        def make_layers(r: nnx.Rngs) -> DecoderLayer:
+            return DecoderLayer(cfg, lora, quant, dtype, lora_dtype, r)
+
+        self.layers = make_layers(rngs)
+        self.norm = rms_norm(cfg, cfg.hidden_size, dtype)
+
+
+class CausalLM(nnx.Module):
+    """Causal LM: ``model`` (embed_tokens, layers, norm) and ``lm_head`` (None with tied embeddings).
+
+    ``remat`` (one of `REMAT_POLICIES`), ``scan_layers`` and ``attention`` (one of `ATTENTION_IMPLEMENTATIONS`:
+    ``"auto"`` is cuDNN flash attention on a GPU backend, XLA elsewhere) are plain attributes that may be changed
+    between calls.
+    """
+
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        lora: LoraConfig | None = None,
+        quant: QuantSpec | None = None,
+        dtype: Any = "bfloat16",
+        *,
+        rngs: nnx.Rngs,
+        lora_dtype: Any = "float32",
+        remat: str = "full",
+        scan_layers: bool = True,
+        attention: str = "auto",
+    ):
+        quant = quant if quant is not None else QuantSpec()
+        dtype = compute_dtype(dtype)
+        if remat not in REMAT_POLICIES:
+            raise ValueError(f"unknown remat policy {remat!r}: expected one of {', '.join(REMAT_POLICIES)}")
+        if attention not in ATTENTION_IMPLEMENTATIONS:
+            raise ValueError(f"unknown attention implementation {attention!r}: expected one of "
+                             f"{', '.join(ATTENTION_IMPLEMENTATIONS)}")
+        self.config = cfg
+        self.lora_config = lora
+        self.quant_spec = quant
+        self.dtype = dtype
+        self.remat = remat
+        self.scan_layers = scan_layers
+        self.attention = attention
+        self.model = DecoderModel(cfg, lora, quant, dtype, jnp.dtype(lora_dtype), rngs)
+        self.lm_head = None if cfg.tie_word_embeddings else LMHead(cfg.vocab_size, cfg.hidden_size, dtype, rngs)
+
+    def lm_head_weight(self) -> jax.Array:
+        """``[V, D]`` in the compute dtype (the embedding matrix when tied)."""
+        head = self.model.embed_tokens if self.lm_head is None else self.lm_head
+        return head.weight[...]
+
+    def hidden_states(
+        self,
+        input_ids: jax.Array,
+        segment_ids: jax.Array | None = None,
+        positions: jax.Array | None = None,
+        *,
+        deterministic: bool = True,
+        key: jax.Array | None = None,
+    ) -> jax.Array:
+        """Final-norm hidden states ``[B, S, D]`` in the compute dtype."""
+        cfg = self.config
+        ids_BS = jnp.asarray(input_ids, jnp.int32)
+        B, S = ids_BS.shape
+        if positions is None:
+            positions = (segment_positions(jnp.asarray(segment_ids)) if segment_ids is not None
+                         else jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S)))
+        pos_BS = jnp.asarray(positions, jnp.int32)
+        cos_RBSH, sin_RBSH = rope_tables(cfg, pos_BS, self.dtype)
+        seg_BS = None if segment_ids is None else jnp.asarray(segment_ids)
+        windows = [w if w is not None else NO_WINDOW for w in cfg.sliding_windows]
+        windowed = any(w < S for w in windows)
+
+        h_BSD = self.model.embed_tokens(ids_BS)
+        graphdef, state = nnx.split(self.model.layers)
+        use_dropout = not deterministic and self.lora_config is not None and self.lora_config.dropout > 0
+        if use_dropout and key is None:
+            raise ValueError("LoRA dropout needs a PRNG key (key=...) when deterministic=False")
+        keys = jax.random.split(key, cfg.num_hidden_layers) if use_dropout else None
+
+        def body(h, xs):
+            layer_state, window, rope, layer_key = xs
+            layer = nnx.merge(graphdef, layer_state)
+            return layer(h, cos_RBSH[rope], sin_RBSH[rope], seg_BS, window if windowed else None,
+                         implementation=self.attention, deterministic=not use_dropout, key=layer_key), None
+
+        if self.remat != "none":
+            body = jax.checkpoint(body, policy=_remat_policy(self.remat), prevent_cse=not self.scan_layers)
+        xs = (state, jnp.asarray(windows, jnp.int32), jnp.asarray(cfg.layer_ropes, jnp.int32), keys)
+        if self.scan_layers:
+            h_BSD, _ = jax.lax.scan(body, h_BSD, xs)
+        else:
+            for i in range(cfg.num_hidden_layers):
+                h_BSD, _ = body(h_BSD, jax.tree_util.tree_map(lambda x, i=i: x[i], xs))
+        return self.model.norm(h_BSD)
+
+    def __call__(
+        self,
+        input_ids: jax.Array,
+        segment_ids: jax.Array | None = None,
+        positions: jax.Array | None = None,
+        *,
+        deterministic: bool = True,
+        key: jax.Array | None = None,
+    ) -> jax.Array:
+        """float32 logits ``[B, S, V]``; ``segment_ids`` (0 = padding) keep packed documents apart."""
+        h_BSD = self.hidden_states(input_ids, segment_ids, positions, deterministic=deterministic, key=key)
+        w_VD = self.lm_head_weight()
+        logits = jax.lax.dot_general(h_BSD, w_VD, (((2,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+        return softcap(logits, self.config.final_softcap)
+
+    def init_lora(self, key: jax.Array) -> None:
+        """(Re)initialize every adapter as peft does (A uniform, B zero); deterministic in ``key``."""
+        for i, (_, module) in enumerate(sorted(nnx.iter_modules(self), key=lambda pm: tuple(map(str, pm[0])))):
+            if isinstance(module, LoraLinear):
+                module.reset_lora(jax.random.fold_in(key, i))
+
+
+LlamaModel = DecoderModel  # the names these had when Llama was the only family
+LlamaForCausalLM = CausalLM

@@ -1,0 +1,86 @@
+"""The decoder's building blocks other than attention: RMSNorm (both variants), embeddings, the LM head, the
+LoRA-augmented linear and the gated MLP.
+
+RMSNorm(x) = x / sqrt(mean(x²) + eps) computed in float32 (Zhang & Sennrich 2019). Llama casts it back to the
+input dtype and then multiplies by w; Gemma multiplies by (1 + w) in float32 and casts after
+(``norm_unit_offset``). The MLP is gated (Shazeer, "GLU Variants Improve Transformer", 2020):
+down_proj(act(gate_proj(x)) * up_proj(x)) with act = SiLU (SwiGLU: Llama, Mistral, Qwen) or tanh-approximated GELU
+(GeGLU: Gemma).
+
+Shape letters: B batch, S sequence, D hidden, F MLP hidden, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jqlora.lora import Frozen, LoraConfig, LoraLinear, QuantSpec
+from jqlora.models.config import ModelConfig
+
+ACTIVATIONS = {"silu": jax.nn.silu, "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True)}
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, dim: int, eps: float, dtype: Any, unit_offset: bool = False):
+        self.weight = Frozen((jnp.zeros if unit_offset else jnp.ones)((dim,), dtype))
+        self.eps = eps
+        self.unit_offset = unit_offset
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        xf = x.astype(jnp.float32)
+        y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+        if self.unit_offset:  # Gemma: (1 + w) in float32, then cast
+            return (y * (1.0 + self.weight[...].astype(jnp.float32))).astype(x.dtype)
+        return self.weight[...] * y.astype(x.dtype)
+
+
+def rms_norm(cfg: ModelConfig, dim: int, dtype: Any) -> RMSNorm:
+    """The family's RMSNorm over ``dim`` features."""
+    return RMSNorm(dim, cfg.rms_norm_eps, dtype, cfg.norm_unit_offset)
+
+
+class Embed(nnx.Module):
+    def __init__(self, vocab: int, dim: int, dtype: Any, rngs: nnx.Rngs, scale: bool = False):
+        self.weight = Frozen((0.02 * jax.random.normal(rngs.params(), (vocab, dim), jnp.float32)).astype(dtype))
+        self.scale = math.sqrt(dim) if scale else None
+
+    def __call__(self, ids_BS: jax.Array) -> jax.Array:
+        h_BSD = jnp.take(self.weight[...], ids_BS, axis=0)
+        if self.scale is not None:  # Gemma: sqrt(D) rounded to the weight's dtype first, as transformers does
+            h_BSD = h_BSD * jnp.asarray(self.scale, h_BSD.dtype)
+        return h_BSD
+
+
+class LMHead(nnx.Module):
+    def __init__(self, vocab: int, dim: int, dtype: Any, rngs: nnx.Rngs):
+        self.weight = Frozen((0.02 * jax.random.normal(rngs.params(), (vocab, dim), jnp.float32)).astype(dtype))
+
+
+def linear(cfg_lora: LoraConfig | None, name: str, n_in: int, n_out: int, *, bias: bool, quant: QuantSpec,
+           dtype: Any, lora_dtype: Any, rngs: nnx.Rngs) -> LoraLinear:
+    """A (possibly quantized) frozen kernel with the adapter ``cfg_lora`` asks for at module ``name``."""
+    spec = cfg_lora.for_module(name) if cfg_lora is not None else None
+    return LoraLinear(n_in, n_out, lora=spec, quant=quant, use_bias=bias, dtype=dtype, param_dtype=lora_dtype,
+                      rngs=rngs)
+
+
+class MLP(nnx.Module):
+    def __init__(self, cfg: ModelConfig, lora: LoraConfig | None, quant: QuantSpec, dtype: Any, lora_dtype: Any,
+                 rngs: nnx.Rngs):
+        D, F = cfg.hidden_size, cfg.intermediate_size
+        kw = dict(bias=False, quant=quant, dtype=dtype, lora_dtype=lora_dtype, rngs=rngs)
+        self.gate_proj = linear(lora, "mlp.gate_proj", D, F, **kw)
+        self.up_proj = linear(lora, "mlp.up_proj", D, F, **kw)
+        self.down_proj = linear(lora, "mlp.down_proj", F, D, **kw)
+        self.act = cfg.hidden_act
+
+    def __call__(self, x_BSD, *, deterministic: bool, keys) -> jax.Array:
+        kw = lambda i: dict(deterministic=deterministic, key=None if keys is None else keys[i])  # noqa: E731
+        gate_BSF = self.gate_proj(x_BSD, **kw(0))
+        up_BSF = self.up_proj(x_BSD, **kw(1))
+        return self.down_proj(ACTIVATIONS[self.act](gate_BSF) * up_BSF, **kw(2))
