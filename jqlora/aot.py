@@ -187,3 +187,20 @@ def compile_step(shape, cfg, gpu: str | None = "h100-sxm", *, remat: str | None 
         traced = train_step.trace(*args)
     compiled = traced.lower().compile()
     return CompiledStep(compiled, gpu, _memory(compiled))
+
+
+def compiled(shape, cfg, gpu: str | None, remat: str, attention: str | None = None) -> CompiledStep:
+    """`compile_step` under ``remat``, compiled once per (shape, run config, GPU, policy) in this process."""
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, remat=remat))
+    return _compiled(shape, cfg, gpu, attention)
+
+
+@functools.lru_cache(maxsize=32)
+def _compiled(shape, cfg, gpu: str | None, attention: str | None) -> CompiledStep:
+    return compile_step(shape, cfg, gpu, attention=attention)
+
+
+def compiled_peak(shape, cfg, gpu: str | None, remat: str) -> dict[str, int]:
+    """The memory figures (and ``peak``) of the run's step under ``remat``."""
+    c = compiled(shape, cfg, gpu, remat)
+    return {**c.memory, "peak": c.peak_bytes}
