@@ -245,14 +245,56 @@ def settings_from_config(cfg: Any, axes: dict[str, int] | None = None) -> dict[s
                 block_size=cfg.model.block_size, targets=tuple(cfg.lora.target_modules), **axes)
 
 
+COMPILED_HEADROOM = 0.97  # share of the budget a compiled peak may fill (the compiler counts every buffer it plans)
+
+
+def choose_remat_compiled(shape: ModelConfig, cfg: Any, budget: float, gpu: str | None,
+                          headroom: float = COMPILED_HEADROOM) -> tuple[str, int, list[str]]:
+    """The fastest policy of `AUTO_ORDER` whose *compiled* step peak (`jqlora.aot`) fits ``headroom × budget``,
+    its peak, and one line per policy tried; full (the least memory) when none fits."""
+    from jqlora import aot
+
+    tried = []
+    peak = 0
+    for policy in AUTO_ORDER:
+        peak = aot.compiled_peak(shape, cfg, gpu, policy)["peak"]
+        tried.append(f"{policy} {peak / 1e9:.2f} GB")
+        if peak <= headroom * budget:
+            return policy, peak, tried
+    return "full", peak, tried
+
+
+def _compiled_auto(cfg: Any, shape: ModelConfig, axes: dict[str, int] | None, budget: float,
+                   gpu: str | None) -> tuple[str, str] | None:
+    """`resolve_remat` from compiled figures, or None where this step cannot be compiled for one device here."""
+    import jax
+
+    if axes is not None and any(int(v) != 1 for v in axes.values()):
+        return None  # the compiled figure covers one device; a mesh keeps the analytic plan
+    if gpu is None and jax.default_backend() != "gpu":
+        return None
+    policy, peak, tried = choose_remat_compiled(shape, cfg, budget, gpu)
+    fits = "fits" if peak <= COMPILED_HEADROOM * budget else "does NOT fit"
+    where = gpu or jax.devices()[0].device_kind
+    return policy, (f"remat auto: {policy}, compiled peak {peak / 1e9:.2f} GB per device on {where} {fits} in "
+                    f"{COMPILED_HEADROOM:.0%} of {budget / 1e9:.2f} GB (tried {', '.join(tried)})")
+
+
 def resolve_remat(cfg: Any, shape: ModelConfig, axes: dict[str, int] | None = None,
-                  budget: float | None = None) -> tuple[str, str]:
-    """``train.remat`` with ``auto`` resolved (`choose_remat` on the device's memory), and a line saying why."""
+                  budget: float | None = None, gpu: str | None = None) -> tuple[str, str]:
+    """``train.remat`` with ``auto`` resolved, and a line saying why.
+
+    On a GPU (or for a named ``gpu`` target, compiled deviceless) the choice comes from the compiled peak of the
+    run's own step for each policy (`choose_remat_compiled`); elsewhere, and on a mesh of several devices, from the
+    analytic plan (`choose_remat`)."""
     if cfg.train.remat != "auto":
         return cfg.train.remat, f"remat {cfg.train.remat} (from the config)"
     budget = budget if budget is not None else device_budget()
     if budget is None:
         return "full", "remat auto: the device does not report its memory (CPU), so full (the least memory)"
+    compiled = _compiled_auto(cfg, shape, axes, budget, gpu)
+    if compiled is not None:
+        return compiled
     policy, p = choose_remat(shape, budget, **settings_from_config(cfg, axes))
     fits = "fits" if p.total <= HEADROOM * budget else "does NOT fit"
     return policy, (f"remat auto: {policy}, planned {p.total / 1e9:.2f} GB per device {fits} in {HEADROOM:.0%} of "
@@ -357,6 +399,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--r", type=int)
     ap.add_argument("--dtype", choices=tuple(DTYPE_BYTES))
     ap.add_argument("--quant", choices=("nf4", "fp4", "none"))
+    ap.add_argument("--compile", action="store_true", help="also compile the run's real train step (jqlora.aot) and "
+                                                           "print the compiler's peak beside the plan")
+    ap.add_argument("--gpu", default=None, help="with --compile: the target GPU (h100-sxm, h200, a100-80gb, l4), "
+                                                "compiled deviceless; default: this machine's own device")
     args = ap.parse_args(argv)
     try:
         settings: dict[str, Any] = dict(seq=2048, batch=1, data=1, fsdp=1, tensor=1, remat="full", r=16,
@@ -410,13 +456,21 @@ def main(argv: list[str] | None = None) -> int:
         if settings["quant"] == "none":
             settings["double_quant"] = False
         budget = args.memory * 1e9 if args.memory is not None else None
-        if settings["remat"] == "auto":
+        if budget is None and args.compile and args.gpu is not None:
+            from jqlora.aot import GPUS
+
+            if args.gpu not in GPUS:
+                raise _Usage(f"--gpu {args.gpu}: unknown; expected one of {', '.join(GPUS)}")
+            budget = GPUS[args.gpu].memory_bytes
+        auto = settings["remat"] == "auto"
+        if auto:
             if budget is None:
                 raise _Usage("remat auto picks by the device's memory: give it with --memory GB")
             settings.pop("remat")
             chosen, plan = choose_remat(shape, budget, name=name, **settings)
             print(f"remat auto -> {chosen} (the fastest of {', '.join(AUTO_ORDER)} whose plan fits "
-                  f"{HEADROOM:.0%} of {args.memory:g} GB)")
+                  f"{HEADROOM:.0%} of {budget / 1e9:g} GB)")
+            settings["remat"] = chosen
         else:
             plan = memory_plan(shape, name=name, **settings)
     except _Usage as e:
@@ -430,6 +484,61 @@ def main(argv: list[str] | None = None) -> int:
         verdict = "fits" if plan.total <= HEADROOM * budget else "does NOT fit"
         print(f"{verdict}: {plan.total / 1e9:.2f} GB planned, {HEADROOM:.0%} of {args.memory:g} GB = "
               f"{HEADROOM * budget / 1e9:.2f} GB usable per device")
+    if args.compile:
+        try:
+            return _print_compiled(args, shape, name, settings, plan, budget, cfg if args.config else None, auto)
+        except _Usage as e:
+            print(f"jqlora.plan: {e}", file=sys.stderr)
+            return 2
+    return 0
+
+
+def _compile_run_config(settings: dict[str, Any], cfg: Any | None) -> Any:
+    """The run config whose step is compiled: the --config's (or the defaults), with the plan's settings."""
+    import dataclasses as dc
+
+    from jqlora.config import load_config
+
+    cfg = cfg if cfg is not None else load_config(None, [])
+    targets = settings["targets"]
+    lora_targets = "all-linear" if tuple(targets) == tuple(LINEARS) else tuple(targets)
+    return dc.replace(
+        cfg, data=dc.replace(cfg.data, max_length=settings["seq"]),
+        train=dc.replace(cfg.train, batch_size=settings["batch"]),
+        lora=dc.replace(cfg.lora, r=settings["r"], targets=lora_targets),
+        model=dc.replace(cfg.model, dtype=settings["dtype"], quant=settings["quant"],
+                         double_quant=settings["double_quant"], block_size=settings["block_size"]))
+
+
+def _print_compiled(args, shape: ModelConfig, name: str, settings: dict[str, Any], plan: Plan,
+                    budget: float | None, cfg: Any | None, auto: bool) -> int:
+    """--compile: the compiler's peak of the run's step beside the analytic plan (one device)."""
+    from jqlora import aot
+
+    if any(int(settings[a]) != 1 for a in ("data", "fsdp", "tensor")):
+        raise _Usage("--compile covers one device: use data=fsdp=tensor=1 (the analytic plan covers meshes)")
+    if args.gpu is not None and args.gpu not in aot.GPUS:
+        raise _Usage(f"--gpu {args.gpu}: unknown; expected one of {', '.join(aot.GPUS)}")
+    run = _compile_run_config(settings, cfg)
+    where = args.gpu or "this machine's device"
+    remat = settings["remat"]
+    try:
+        if auto:
+            remat, peak, tried = choose_remat_compiled(shape, run, budget, args.gpu)
+            print(f"remat auto (compiled) -> {remat}: tried {', '.join(tried)}")
+            plan = memory_plan(shape, name=name, **{**settings, "remat": remat})
+        figures = aot.compiled_peak(shape, run, args.gpu, remat)
+    except aot.AotError as e:
+        raise _Usage(str(e)) from None
+    peak = figures["peak"]
+    print(f"compiled for {where} ({name}, remat={remat}): peak {peak / 1e9:.2f} GB = arguments "
+          f"{figures['argument'] / 1e9:.2f} + temporaries {figures['temp'] / 1e9:.2f} + outputs "
+          f"{figures['output'] / 1e9:.2f} - aliased {figures['alias'] / 1e9:.2f}; plan {plan.total / 1e9:.2f} GB "
+          f"({(plan.total - peak) / peak:+.1%})")
+    if budget is not None:
+        verdict = "fits" if peak <= COMPILED_HEADROOM * budget else "does NOT fit"
+        print(f"{verdict}: compiled peak {peak / 1e9:.2f} GB, {COMPILED_HEADROOM:.0%} of {budget / 1e9:.2f} GB = "
+              f"{COMPILED_HEADROOM * budget / 1e9:.2f} GB usable")
     return 0
 
 

@@ -101,13 +101,17 @@ class SplitModel:
         return nnx.merge(self.graphdef, self.to_state(self.lora if lora is None else lora), self.frozen)
 
 
-def make_loss_fn(split: SplitModel, ce_chunk: int = CE_CHUNK) -> Callable:
-    """loss_fn(lora, frozen, batch, rng, deterministic) -> (Σ token losses, number of trained tokens)."""
+def make_loss_fn(split: SplitModel, ce_chunk: int = CE_CHUNK, packed: bool = True) -> Callable:
+    """loss_fn(lora, frozen, batch, rng, deterministic) -> (Σ token losses, number of trained tokens).
+
+    ``packed=False`` (rows of one right-padded example each, data.packing=false) leaves the segment ids out of
+    attention: causality alone keeps every real token from the padding after it, and padding carries no loss, so
+    the loss and its gradient are the same, with plain causal attention (cuDNN's cheapest mask)."""
 
     def loss_fn(lora, frozen, batch, rng, deterministic=False):
         model = nnx.merge(split.graphdef, split.to_state(lora), frozen)
-        h_BSD = model.hidden_states(batch["input_ids"], batch["segment_ids"], batch["positions"],
-                                    deterministic=deterministic, key=rng)
+        h_BSD = model.hidden_states(batch["input_ids"], batch["segment_ids"] if packed else None,
+                                    batch["positions"], deterministic=deterministic, key=rng)
         loss_sum = chunked_ce_sum(h_BSD, model.lm_head_weight(), batch["targets"], batch["loss_mask"], ce_chunk,
                                   logit_cap=model.config.final_softcap)
         return loss_sum, jnp.sum(batch["loss_mask"].astype(jnp.float32))
@@ -115,9 +119,9 @@ def make_loss_fn(split: SplitModel, ce_chunk: int = CE_CHUNK) -> Callable:
     return loss_fn
 
 
-def make_grad_fn(split: SplitModel, ce_chunk: int = CE_CHUNK) -> Callable:
+def make_grad_fn(split: SplitModel, ce_chunk: int = CE_CHUNK, packed: bool = True) -> Callable:
     """grad_fn(lora, frozen, batch, rng, grad_scale) -> (grad_scale · ∇Σℓ, Σℓ); not jitted."""
-    loss_fn = make_loss_fn(split, ce_chunk)
+    loss_fn = make_loss_fn(split, ce_chunk, packed)
 
     def scaled(lora, frozen, batch, rng, grad_scale):
         loss_sum, _ = loss_fn(lora, frozen, batch, rng)
@@ -130,9 +134,9 @@ def make_grad_fn(split: SplitModel, ce_chunk: int = CE_CHUNK) -> Callable:
     return grad_fn
 
 
-def make_train_step(split: SplitModel, tx, ce_chunk: int = CE_CHUNK) -> Callable:
+def make_train_step(split: SplitModel, tx, ce_chunk: int = CE_CHUNK, packed: bool = True) -> Callable:
     """The jitted micro-step (lora, opt_state, frozen, batch, rng, grad_scale) -> (lora, opt_state, Σℓ)."""
-    grad_fn = make_grad_fn(split, ce_chunk)
+    grad_fn = make_grad_fn(split, ce_chunk, packed)
 
     def step(lora, opt_state, frozen, batch, rng, grad_scale):
         grads, loss_sum = grad_fn(lora, frozen, batch, rng, grad_scale)

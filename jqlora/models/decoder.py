@@ -190,6 +190,8 @@ class CausalLM(nnx.Module):
         seg_BS = None if segment_ids is None else jnp.asarray(segment_ids)
         windows = [w if w is not None else NO_WINDOW for w in cfg.sliding_windows]
         windowed = any(w < S for w in windows)
+        # one window shared by every layer is a static int (cuDNN's window length must be), else it is scanned over
+        shared_window = windows[0] if len(set(windows)) == 1 else None
 
         h_BSD = self.model.embed_tokens(ids_BS)
         graphdef, state = nnx.split(self.model.layers)
@@ -201,7 +203,8 @@ class CausalLM(nnx.Module):
         def body(h, xs):
             layer_state, window, rope, layer_key = xs
             layer = nnx.merge(graphdef, layer_state)
-            return layer(h, cos_RBSH[rope], sin_RBSH[rope], seg_BS, window if windowed else None,
+            w = (window if shared_window is None else shared_window) if windowed else None
+            return layer(h, cos_RBSH[rope], sin_RBSH[rope], seg_BS, w,
                          implementation=self.attention, deterministic=not use_dropout, key=layer_key), None
 
         if self.remat != "none":

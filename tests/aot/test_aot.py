@@ -1,0 +1,132 @@
+"""Deviceless GPU compiles of the real train step (jqlora.aot), checked in the compiler's own output.
+
+These run in the Python 3.12 venv with jax[cuda13] that `.ci/run` makes (no GPU needed). The model is
+Llama-3-8B-shaped with 2 layers under scan (two, so the scanned layer loop stays a loop: with one layer XLA inlines
+it and merges the forward and backward passes), batch 1, seq 512, NF4 + double quantization, r=16 on all linears.
+
+(a) cuDNN fused attention custom calls in the forward and backward pass, with cuDNN's own masks (no dense bias):
+    causal for unpacked rows, the packed layout for packed rows, and the sliding window as cuDNN's window length.
+(c) every 4-bit kernel of the layer is dequantized exactly once in the forward pass and once in the backward pass
+    (rematerialized forward included) in the GPU HLO.
+(d) `train.remat=auto` never picks a policy whose compiled peak exceeds the budget, and picks the fastest that fits.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import json
+import re
+
+import pytest
+
+from jqlora import aot, plan
+from jqlora.config import load_config
+from jqlora.plan import AUTO_ORDER, BUILTIN, linear_shapes
+
+GPU = "h100-sxm"
+L, SEQ, WINDOW = 2, 512, 128
+SHAPE = dataclasses.replace(BUILTIN["llama3-8b"], num_hidden_layers=L, sliding_windows=(None,) * L)
+CASES = {
+    "plain": (SHAPE, ["data.packing=false"]),
+    "packed": (SHAPE, ["data.packing=true"]),
+    "window": (dataclasses.replace(SHAPE, sliding_windows=(WINDOW,) * L), ["data.packing=true"]),
+}
+
+
+def run_config(*overrides: str):
+    return load_config("configs/llama3-8b.yaml", ["model.path=/not/needed", f"data.max_length={SEQ}",
+                                                  "train.batch_size=1", *overrides])
+
+
+@pytest.fixture(scope="module")
+def hlo() -> dict[str, str]:
+    out = {}
+    for case, (shape, overrides) in CASES.items():
+        out[case] = aot.compiled(shape, run_config(*overrides), GPU, "full").hlo()
+    return out
+
+
+_INSTR = re.compile(r"^\s*(?:ROOT )?%\S+ = (\([^)]*\)|\S+) ([\w-]+)\((.*)$", re.M)
+
+
+def _instructions(text: str):
+    """(result type, opcode, rest of the line) of every HLO instruction."""
+    return [m.groups() for m in _INSTR.finditer(text)]
+
+
+def _attention_calls(text: str) -> list[tuple[str, dict, str]]:
+    """(target, backend config fields, op_name) of every cuDNN attention custom call."""
+    calls = []
+    for _, opcode, rest in _instructions(text):
+        target = re.search(r'custom_call_target="([^"]+)"', rest)
+        if opcode != "custom-call" or "fmha" not in target.group(1):
+            continue
+        fields = dict(re.findall(r'"(mask_type|sliding_window_length|fmha_scale)":\s*"?([\w.\-]+)"?', rest))
+        op_name = re.search(r'op_name="([^"]*)"', rest).group(1)
+        calls.append((target.group(1), fields, op_name))
+    return calls
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_cudnn_fused_attention_forward_and_backward(hlo, case):
+    calls = _attention_calls(hlo[case])
+    targets = collections.Counter(t for t, _, _ in calls)
+    # one forward kernel per scanned body pass (forward, rematerialized forward) and one backward kernel
+    assert targets["__cudnn$fmhaSoftmaxBackward"] == 1, targets
+    assert targets["__cudnn$fmhaSoftmax"] >= 1, targets
+    assert set(targets) == {"__cudnn$fmhaSoftmax", "__cudnn$fmhaSoftmaxBackward"}, targets  # no dense bias/mask
+    assert any("transpose(" not in name for t, _, name in calls if not t.endswith("Backward"))  # in the forward
+    want_mask = "CAUSAL" if case == "plain" else "PADDING_CAUSAL"
+    for target, config, _ in calls:
+        assert config["mask_type"] == want_mask, (target, config)
+        assert int(config.get("sliding_window_length", 0) or 0) == (WINDOW if case == "window" else 0), config
+        assert float(config["fmha_scale"]) == pytest.approx(SHAPE.head_dim ** -0.5)
+    # no [S, S] attention scores anywhere in the step
+    scores = re.compile(rf"\[(?:\d+,)+{SEQ},{SEQ}\]")
+    assert not [t for t, _, _ in _instructions(hlo[case]) if scores.search(t)]
+
+
+def _dequantizations(text: str) -> dict[str, collections.Counter]:
+    """Kernel sizes of every codebook lookup (a gather in the `dequantize_codes` scope), split by pass."""
+    out = {"forward": collections.Counter(), "backward": collections.Counter()}
+    for result, opcode, rest in _instructions(text):
+        name = re.search(r'op_name="([^"]*)"', rest)
+        if opcode != "gather" or not name or "dequantize_codes" not in name.group(1):
+            continue
+        n = 1
+        for d in re.match(r"\w+\[([\d,]*)\]", result).group(1).split(","):
+            n *= int(d)
+        out["backward" if "transpose(" in name.group(1) else "forward"][n] += 1
+    return out
+
+
+def test_each_4bit_kernel_dequantized_once_per_pass(hlo):
+    kernels = collections.Counter(o * i for o, i in linear_shapes(SHAPE).values())
+    assert sum(kernels.values()) == 7
+    lookups = _dequantizations(hlo["packed"])
+    assert lookups["forward"] == kernels, lookups
+    assert lookups["backward"] == kernels, lookups
+
+
+@pytest.fixture(scope="module")
+def peaks() -> dict[str, int]:
+    cfg = run_config("data.packing=true", "train.remat=auto")  # the "packed" case: its full compile is reused
+    return {p: aot.compiled_peak(SHAPE, cfg, GPU, p)["peak"] for p in AUTO_ORDER}
+
+
+def test_remat_auto_never_picks_a_policy_over_budget(peaks):
+    cfg = run_config("data.packing=true", "train.remat=auto")
+    assert peaks["full"] < peaks["save_dots_no_batch"] < peaks["none"]  # the compiler sees remat save memory
+    h = plan.COMPILED_HEADROOM
+    budgets = sorted({p / h for p in peaks.values()} | {p / h * 0.99 for p in peaks.values()} | {p / h * 1.01
+                                                                                                for p in peaks.values()})
+    for budget in budgets:
+        chosen, why = plan.resolve_remat(cfg, SHAPE, budget=budget, gpu=GPU)
+        fitting = [p for p in AUTO_ORDER if peaks[p] <= h * budget]
+        if fitting:
+            assert peaks[chosen] <= h * budget, (budget, chosen, why)
+            assert chosen == fitting[0], (budget, chosen, fitting)  # the fastest that fits
+        else:
+            assert chosen == "full", why
+        assert "compiled peak" in why
