@@ -393,7 +393,7 @@ class Trainer:
                 window_start = self.step - self.window["steps"]
                 rec = self._log_train(lr, t0, start_step, window_t0, session_tokens)  # (this session's throughput)
                 window_t0, session_tokens = time.perf_counter(), 0
-                diverged = self.monitor.update(self.step, rec["loss"], window_start)
+                diverged = self.monitor.update(self.step, rec["loss"], window_start, rec.get("grad_norm"))
                 if diverged is not None:
                     if tc.stop_on_divergence:
                         bar.close()

@@ -358,6 +358,11 @@ def test_divergence_monitor_tells_divergence_from_a_spike():
     assert m.update(1, 6.2650, 0) is None and m.update(2, 6.0600, 1) is None  # a random start is not uniform
     got = [m.update(3 + i, 6.2383, 2 + i) for i in range(3)]
     assert got[:2] == [None, None] and "uniform distribution" in got[2] and "since step 2" in got[2]
+    # a gradient-norm explosion with a loss that does not (yet) show it
+    m = DivergenceMonitor(factor=3.0, patience=3)
+    assert m.update(1, 2.0, 0, grad_norm=0.5) is None and m.update(2, 1.9, 1, grad_norm=40.0) is None  # 80x: fine
+    got = [m.update(3 + i, 1.9, 2 + i, grad_norm=g) for i, g in enumerate([60.0, 1e3, float("nan")])]
+    assert got[:2] == [None, None] and "gradient norm" in got[2] and "since step 2" in got[2]
 
 
 def test_a_diverging_run_stops_and_names_the_last_good_checkpoint(run_args, tmp_path):
