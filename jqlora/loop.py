@@ -35,7 +35,8 @@ from jqlora import optim, report, sharding
 from jqlora.config import save_config
 from jqlora.data import BatchIterator, build_datasets, eval_batches, load_tokenizer
 from jqlora.divergence import DivergenceMonitor
-from jqlora.rundir import RunDir, RunDirError, RunLock, RunLockedError, open_run_dir
+from jqlora.rundir import RunDir, RunDirError, open_run_dir
+from jqlora.runlock import LockError, RunLock
 from jqlora.step import CE_CHUNK, NoLoraError, SplitModel, make_eval_step, make_train_step, step_batch
 
 log = logging.getLogger("jqlora.train")
@@ -92,9 +93,7 @@ def _open_run_dir(cfg, primary: bool) -> RunDir:
         try:
             lock = RunLock(out)
             lock.acquire()
-        except RunLockedError as e:
-            error = str(e)
-        except RunDirError as e:
+        except LockError as e:  # (locked by another trainer, or not writable)
             error = str(e)
     if sharding.any_process(error is not None):  # (one collective, on every process)
         raise UserError(error or f"output_dir {out}: not usable (see process 0)")

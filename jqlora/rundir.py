@@ -23,27 +23,23 @@ and the space free, and the earlier checkpoints stay as they were.
 
 from __future__ import annotations
 
-import errno
-import fcntl
-import hashlib
 import json
 import logging
 import os
 import shutil
-import socket
 import time
 from pathlib import Path
 from typing import Any
 
 import jax
 
+from jqlora.checksums import CHECKSUMS, verify_checkpoint, write_checksums
 from jqlora.io import OutputError, check_free_space, is_disk_full
+from jqlora.runlock import LOCK, LockError, RunLock
 
 log = logging.getLogger("jqlora.rundir")
 
-CHECKSUMS = "CHECKSUMS"  # inside checkpoints/<step>/, written last
 BAD_DIR = "checkpoints.bad"
-LOCK = ".lock"
 
 
 class RunDirError(ValueError):
@@ -73,7 +69,10 @@ class RunDir:
             check_writable(self.out)
             if primary and lock is None:
                 self._lock = RunLock(self.out)
-                self._lock.acquire()
+                try:
+                    self._lock.acquire()
+                except LockError as e:
+                    raise RunDirError(str(e)) from None
         self._keep = keep
         self._create = create
         self._manager = None
@@ -279,125 +278,6 @@ def _barrier(name: str) -> None:
 
 def _mb(n: int) -> str:
     return f"{n / 2**20:.1f} MiB"
-
-
-# -- checksums --------------------------------------------------------------------------------------------------
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _files(step_dir: Path) -> list[Path]:
-    return sorted(p for p in step_dir.rglob("*") if p.is_file() and p.name != CHECKSUMS)
-
-
-def write_checksums(step_dir: Path) -> None:
-    """Write ``step_dir/CHECKSUMS`` (size and sha256 of every other file), atomically, as the last file."""
-    entries = {str(p.relative_to(step_dir)): {"size": p.stat().st_size, "sha256": _sha256(p)}
-               for p in _files(step_dir)}
-    tmp = step_dir / f".{CHECKSUMS}.tmp"
-    with open(tmp, "w") as f:
-        json.dump({"algorithm": "sha256", "files": entries}, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, step_dir / CHECKSUMS)
-
-
-def verify_checkpoint(step_dir: Path) -> str | None:
-    """None if every file listed in ``step_dir/CHECKSUMS`` is there with its size and sha256, else why not."""
-    listing = step_dir / CHECKSUMS
-    if not listing.is_file():
-        return f"no {CHECKSUMS} file: the save did not finish"
-    try:
-        files = json.loads(listing.read_text())["files"]
-        assert isinstance(files, dict)
-    except (OSError, ValueError, KeyError, TypeError, AssertionError):
-        return f"{CHECKSUMS} is unreadable"
-    for name, want in files.items():
-        p = step_dir / name
-        if not p.is_file():
-            return f"{name} is missing"
-        size = p.stat().st_size
-        if size != want.get("size"):
-            return f"{name} has {size} bytes, {want.get('size')} were written"
-        if _sha256(p) != want.get("sha256"):
-            return f"{name} does not match its checksum (corrupted)"
-    extra = [str(p.relative_to(step_dir)) for p in _files(step_dir) if str(p.relative_to(step_dir)) not in files]
-    if extra:
-        return f"{extra[0]} was not part of the saved checkpoint"
-    return None
-
-
-# -- the run lock -----------------------------------------------------------------------------------------------
-
-
-class RunLockedError(RunDirError):
-    """Another live trainer holds the run directory."""
-
-
-class RunLock:
-    """An exclusive lock on a run directory: `flock` on ``output_dir/.lock``, which holds the owner's PID and host.
-
-    The kernel drops a flock when its process dies (kill -9 included), so a lock left by a dead trainer is simply
-    taken over (and said so); a live one makes `acquire` raise `RunLockedError` naming the PID and host."""
-
-    def __init__(self, out: str | os.PathLike):
-        self.path = os.path.join(os.fspath(out), LOCK)
-        self._file = None  # (a file object: if it is dropped unreleased, closing it drops the lock too)
-
-    def acquire(self) -> None:
-        check_writable(os.path.dirname(self.path))
-        f = open(self.path, "a+")
-        try:
-            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as e:
-            f.close()
-            if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                raise RunDirError(f"{self.path}: cannot lock the run directory ({e.strerror})") from None
-            raise RunLockedError(
-                f"output_dir {os.path.dirname(self.path)} is in use by another trainer ({_read_owner(self.path)}); "
-                "wait for it to finish, stop it, or choose another output_dir") from None
-        previous = _read_owner(self.path, raw=True)
-        me = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%d %H:%M:%S")}
-        f.seek(0)
-        f.truncate()
-        f.write(json.dumps(me))
-        f.flush()
-        os.fsync(f.fileno())
-        self._file = f
-        if previous and (previous.get("pid"), previous.get("host")) != (me["pid"], me["host"]):
-            log.warning("warning: took over the stale lock of %s (process %s on %s is gone)", self.path,
-                        previous.get("pid"), previous.get("host"))
-
-    def release(self) -> None:
-        if self._file is None:
-            return
-        try:
-            self._file.seek(0)
-            self._file.truncate()
-            self._file.flush()
-        finally:
-            fcntl.flock(self._file.fileno(), fcntl.LOCK_UN)
-            self._file.close()
-            self._file = None
-
-
-def _read_owner(path: str, raw: bool = False):
-    try:
-        with open(path) as f:
-            info = json.loads(f.read() or "null")
-    except (OSError, ValueError):
-        info = None
-    if raw:
-        return info if isinstance(info, dict) else None
-    if not isinstance(info, dict):
-        return "owner unknown"
-    return f"PID {info.get('pid')} on host {info.get('host')}, since {info.get('since')}"
 
 
 def read_metrics(path: str | os.PathLike) -> list[dict]:
