@@ -76,7 +76,6 @@ class RunDir:
         self._keep = keep
         self._create = create
         self._manager = None
-        self._verified: dict[int, bool] = {}
 
     def close(self) -> None:
         """Wait for pending writes and release the lock."""
@@ -172,6 +171,7 @@ class RunDir:
             self.manager.wait_until_finished()
             if self.primary:
                 write_checksums(self.step_dir(step))
+            _barrier("jqlora-rundir-checksums")  # (every process sees a complete checkpoint from here on)
         except Exception as e:  # noqa: BLE001 - orbax wraps the OSError of a full disk in its own types
             if not is_disk_full(e):
                 raise
