@@ -7,7 +7,7 @@
       checkpoints/<step>/  orbax: state (LoRA params, optimizer leaves, PRNG key) + meta (step, data position),
                            and CHECKSUMS (sha256 and size of every file of the checkpoint), written last
       checkpoints.bad/     checkpoints that failed verification, moved aside (never deleted)
-      .lock                held by the running trainer (flock); holds its PID and host
+    (beside it: .<name>.lock, held by the running trainer (flock); it holds its PID and host)
 
 Arrays are saved shard by shard (every process writes its own shards) and restored onto the shardings the caller
 asks for, which may differ from the saving run's mesh. Only process 0 writes the metrics, the plot and the config.
@@ -35,7 +35,7 @@ import jax
 
 from jqlora.checksums import CHECKSUMS, verify_checkpoint, write_checksums
 from jqlora.io import OutputError, check_free_space, is_disk_full
-from jqlora.runlock import LOCK, LockError, RunLock
+from jqlora.runlock import LockError, RunLock
 
 log = logging.getLogger("jqlora.rundir")
 
@@ -316,10 +316,10 @@ def find_run(src: str | os.PathLike, step: int | None = None) -> tuple[Path, int
 
 
 def _entries(out: str | os.PathLike) -> list[str]:
-    """The directory's entries, without this module's own write probes and lock."""
+    """The directory's entries, without this module's own write probes."""
     if not os.path.isdir(out):
         return []
-    return sorted(e for e in os.listdir(out) if not e.startswith(".write_test.") and e != LOCK)
+    return sorted(e for e in os.listdir(out) if not e.startswith(".write_test."))
 
 
 def dir_kind(out: str | os.PathLike) -> str:
@@ -378,8 +378,8 @@ def open_run_dir(cfg, *, primary: bool = True, barrier=None, lock: RunLock | Non
     run, a changed config, a directory that is not a run) is refused, or with train.overwrite=true renamed aside
     (``<output_dir>.old-<time>``), so nothing in it is ever changed or lost. Every process decides the same from
     the same files; only the primary renames, and ``barrier()`` (if given) lets the others wait for it. ``lock``:
-    the primary's lock on ``output_dir``, taken before looking (so a live run is never judged or moved); when the
-    directory is moved aside, the lock is taken anew on the fresh one."""
+    the primary's lock on ``output_dir``, taken before looking, so a live run is never judged or moved (the lock is
+    beside the directory and stays with the path)."""
     from jqlora.config import resume_conflicts
 
     out, tc = cfg.output_dir, cfg.train
@@ -406,9 +406,6 @@ def open_run_dir(cfg, *, primary: bool = True, barrier=None, lock: RunLock | Non
     if aside:
         target = aside_name(out)
         if primary:
-            if lock is not None:
-                lock.release()
-                lock = None
             target = move_aside(out)
         note = f"output_dir {out}: train.overwrite=true, the old contents were moved to {target}"
     if barrier is not None:

@@ -1,7 +1,9 @@
 """An exclusive lock on a run directory, so that two trainers never write into one.
 
-`flock` on ``output_dir/.lock`` (advisory, held for the whole run by process 0). The file holds the owner's PID, host
-and start time, which a refused second trainer prints. The kernel drops a flock when its process dies, kill -9
+`flock` on ``.<name>.lock`` beside ``output_dir`` (advisory, held for the whole run by process 0). It sits beside the
+directory, not in it, so it locks the path: a directory that is refused stays exactly as it was, and one moved
+aside (train.overwrite) is moved while the lock is held. The file holds the owner's PID, host and start time, which a
+refused second trainer prints. The kernel drops a flock when its process dies, kill -9
 included, so a dead trainer's lock needs no clean-up: the next run takes it and says whose it was.
 """
 
@@ -17,7 +19,12 @@ import time
 
 log = logging.getLogger("jqlora.rundir")
 
-LOCK = ".lock"
+
+
+def lock_path(out: str | os.PathLike) -> str:
+    """``<parent>/.<name>.lock`` for the run directory ``out``."""
+    out = os.path.abspath(os.fspath(out))
+    return os.path.join(os.path.dirname(out), f".{os.path.basename(out)}.lock")
 
 
 class LockError(ValueError):
@@ -29,13 +36,14 @@ class RunLockedError(LockError):
 
 
 class RunLock:
-    """An exclusive lock on a run directory: `flock` on ``output_dir/.lock``, which holds the owner's PID and host.
+    """An exclusive lock on a run directory: `flock` on `lock_path`, which holds the owner's PID and host.
 
     The kernel drops a flock when its process dies (kill -9 included), so a lock left by a dead trainer is simply
     taken over (and said so); a live one makes `acquire` raise `RunLockedError` naming the PID and host."""
 
     def __init__(self, out: str | os.PathLike):
-        self.path = os.path.join(os.fspath(out), LOCK)
+        self.out = os.fspath(out)
+        self.path = lock_path(out)
         self._file = None  # (a file object: if it is dropped unreleased, closing it drops the lock too)
 
     def acquire(self) -> None:
@@ -43,7 +51,7 @@ class RunLock:
             os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
             f = open(self.path, "a+")
         except OSError as e:
-            raise LockError(f"output_dir {os.path.dirname(self.path)}: not writable ({e.strerror or e})") from None
+            raise LockError(f"output_dir {self.out}: cannot lock it ({self.path}: {e.strerror or e})") from None
         try:
             fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:
@@ -51,7 +59,7 @@ class RunLock:
             if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
                 raise LockError(f"{self.path}: cannot lock the run directory ({e.strerror})") from None
             raise RunLockedError(
-                f"output_dir {os.path.dirname(self.path)} is in use by another trainer ({_read_owner(self.path)}); "
+                f"output_dir {self.out} is in use by another trainer ({_read_owner(self.path)}); "
                 "wait for it to finish, stop it, or choose another output_dir") from None
         previous = _read_owner(self.path, raw=True)
         me = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%d %H:%M:%S")}

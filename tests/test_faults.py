@@ -183,7 +183,9 @@ def test_second_trainer_is_refused_and_a_stale_lock_is_taken_over(run_args, tmp_
         first.communicate()
     steps = [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines() if x.strip()]
     assert steps == sorted(set(steps)), steps  # one writer: no step logged twice
-    assert json.loads((out / ".lock").read_text())["pid"] == first.pid
+    from jqlora.runlock import lock_path
+
+    assert json.loads(Path(lock_path(out)).read_text())["pid"] == first.pid
     latest = RunDir(out, create=False).latest_step()
     assert latest is not None
     third = train(*long, f"output_dir={out}", f"train.stop_at_step={latest + 1}")
