@@ -18,7 +18,7 @@ class DryRunError(ValueError):
 
 
 def _output_dir_line(cfg) -> str:
-    from jqlora.runconfig import resume_conflicts
+    from jqlora.config import resume_conflicts
     from jqlora.rundir import RunDirError, dir_kind, read_saved_config
 
     out, tc = cfg.output_dir, cfg.train

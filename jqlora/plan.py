@@ -275,7 +275,7 @@ def lookup_shape(name: str) -> tuple[ModelConfig, str] | None:
     short = {hub.rsplit("/", 1)[-1]: v for hub, v in HUB_IDS.items()}
     found = HUB_IDS.get(key) or short.get(key.rsplit("/", 1)[-1])
     if found is None:
-        from jqlora.runconfig import REPO_ROOT
+        from jqlora.config import REPO_ROOT
 
         recipe = REPO_ROOT / "configs" / f"{key}.yaml"
         if recipe.is_file() and key != "demo":

@@ -231,7 +231,7 @@ def open_run_dir(cfg, *, primary: bool = True, barrier=None) -> tuple[RunDir, st
     run, a changed config, a directory that is not a run) is refused, or with train.overwrite=true renamed aside
     (``<output_dir>.old-<time>``), so nothing in it is ever changed or lost. Every process decides the same from
     the same files; only the primary renames, and ``barrier()`` (if given) lets the others wait for it."""
-    from jqlora.runconfig import resume_conflicts
+    from jqlora.config import resume_conflicts
 
     out, tc = cfg.output_dir, cfg.train
     kind, note, aside = dir_kind(out), None, False

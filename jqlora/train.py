@@ -25,7 +25,7 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
 
 def _epilog() -> str:
-    from jqlora.runconfig import schema_lines
+    from jqlora.config import schema_lines
 
     return ("config keys (key = default -- what it does); set them in the YAML file or as key.sub=value:\n"
             + "\n".join(schema_lines())
@@ -60,8 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     args = parse_args(sys.argv[1:] if argv is None else argv)
     _setup_logging()
-    from jqlora.config import ConfigError
-    from jqlora.runconfig import load_run_config
+    from jqlora.config import ConfigError, load_run_config
 
     try:
         cfg = load_run_config(args.config, args.overrides)

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from jqlora.config import Config, ConfigError, LoraConfig, config_to_dict, load_config, save_config
-from jqlora.runconfig import load_run_config, resume_conflicts, schema_lines
+from jqlora.config import (Config, ConfigError, LoraConfig, config_to_dict, load_config, load_run_config,
+                           resume_conflicts, save_config, schema_lines)
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIGS = REPO / "configs"

@@ -14,8 +14,7 @@ import numpy as np
 import pytest
 
 from jqlora import data as D
-from jqlora.config import load_config
-from jqlora.runconfig import demo_config
+from jqlora.config import demo_config, load_config
 
 CHATML = (
     "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>' + '\n' }}{% endfor %}"

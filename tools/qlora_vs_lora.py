@@ -64,7 +64,7 @@ def make_task(path: Path, task: str = "pairs", n: int = 48, seed: int = 0) -> Pa
 def optimal_loss(data: Path) -> float:
     """The pairs task's optimum, in nats per trained token: ln 2 per row over all rows' trained tokens (counted by
     the demo tokenizer through its chat template, as the trainer masks them: the assistant turn and its end token)."""
-    from jqlora.runconfig import demo_config
+    from jqlora.config import demo_config
     from jqlora.data import encode_records, load_tokenizer, read_records
 
     cfg = demo_config()
@@ -75,7 +75,7 @@ def optimal_loss(data: Path) -> float:
 
 def run(quant: str, data: Path, out: Path, steps: int, extra: list[str]) -> list[tuple[int, float]]:
     from jqlora import train
-    from jqlora.runconfig import demo_config
+    from jqlora.config import demo_config
 
     cfg = demo_config([
         f"model.quant={quant}", f"data.path={data}", f"data.eval_path={data}", f"output_dir={out}",
