@@ -119,6 +119,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             tokenizer = transformers.AutoTokenizer.from_pretrained(args.model)
         except Exception as e:  # noqa: BLE001 - whatever transformers raises for a missing/broken tokenizer
             raise UsageError(f"{args.model}: cannot load a tokenizer ({type(e).__name__}: {e})".splitlines()[0])
+        if not args.raw and not getattr(tokenizer, "chat_template", None):  # (before minutes of loading)
+            raise UsageError(f"{args.model}: the tokenizer has no chat template (use --prompt with --raw)")
         try:
             model = load_model(args.model, quant=args.quant, dtype=args.dtype, adapter=args.adapter)
         except (ValueError, OSError) as e:  # ConvertError / AdapterError are ValueErrors
@@ -130,8 +132,6 @@ def main(argv: Sequence[str] | None = None) -> int:
                 raise UsageError("--prompt is empty after tokenization")
             _stream_text(model, tokenizer, ids, args, eos, sys.stdout)
             return 0
-        if not getattr(tokenizer, "chat_template", None):
-            raise UsageError(f"{args.model}: the tokenizer has no chat template (use --prompt with --raw)")
         system = [{"role": "system", "content": args.system}] if args.system is not None else []
         if args.prompt is not None:
             ids = chat_ids(tokenizer, [*system, {"role": "user", "content": args.prompt}])

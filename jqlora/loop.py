@@ -37,7 +37,7 @@ from jqlora.data import BatchIterator, build_datasets, eval_batches, load_tokeni
 from jqlora.divergence import DivergenceMonitor
 from jqlora.rundir import RunDir, RunDirError, open_run_dir
 from jqlora.runlock import LockError, RunLock
-from jqlora.step import CE_CHUNK, NoLoraError, SplitModel, make_eval_step, make_train_step, step_batch
+from jqlora.step import CE_CHUNK, NoLoraError, SplitModel, make_eval_stats_step, make_train_step, step_batch
 
 log = logging.getLogger("jqlora.train")
 
@@ -57,6 +57,12 @@ def _absolute(path: str | None) -> str | None:
 
 
 EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}  # 128 + the signal's number, as shells report them
+
+
+def _readable(text: str) -> str:
+    """A reply fit to print: no control characters, no U+FFFD of bytes that are not UTF-8 (a random model's)."""
+    shown = "".join(c if c.isprintable() else " " for c in text.replace("\ufffd", ""))
+    return " ".join(shown.split()) or "(no text)"
 
 
 def _has_weights(path: str) -> bool:
@@ -208,8 +214,9 @@ class Trainer:
         self.trained_tokens = 0  # cumulative over the run (resumes included)
         self.window = {"loss": 0.0, "steps": 0, "tokens": 0}  # the steps since the last log line
         self.evaluated_at: int | None = None
-        self.train_step = make_train_step(self.split, self.tx, ce_chunk)
-        self.eval_step = make_eval_step(self.split, ce_chunk)
+        self.train_step = make_train_step(self.split, self.tx, ce_chunk, packed=cfg.data.packing)
+        self.eval_step = make_eval_stats_step(self.split, ce_chunk)
+        self.eval_accuracy: float | None = None  # of the last evaluate(): trained tokens predicted right (argmax)
         self._stop_signal: int | None = None
         self._saved_step: int | None = None
         self.monitor = DivergenceMonitor(uniform_loss=math.log(self.model.config.vocab_size))
@@ -234,7 +241,8 @@ class Trainer:
 
     def maybe_resume(self) -> bool:
         latest = self.run_dir.latest_verified_step() if self.tc.resume else None
-        if latest is None:
+        if latest is None:  # (this run's own directory, stopped before its first checkpoint: start it over)
+            self.run_dir.truncate_metrics(-1)
             return False
         # restored onto this run's placed arrays' shardings, whatever the saving run's mesh was
         try:
@@ -265,7 +273,8 @@ class Trainer:
 
     def _log_eval(self) -> None:
         loss = self.evaluate()
-        rec = {"step": self.step, "eval_loss": loss, "eval_perplexity": math.exp(min(loss, 700.0))}
+        rec = {"step": self.step, "eval_loss": loss, "eval_perplexity": math.exp(min(loss, 700.0)),
+               "eval_accuracy": self.eval_accuracy}
         samples = self.eval_samples()
         if samples:
             rec["eval_samples"] = samples
@@ -273,18 +282,20 @@ class Trainer:
         if self.primary:
             log.info(report.eval_line(rec))
             for x in samples:
-                log.info("  sample: %s -> %s", x["prompt"], x["reply"])
+                log.info("  sample: %s -> %s", x["prompt"], _readable(x["reply"]))
         self.evaluated_at = self.step
 
     def evaluate(self) -> float | None:
         if self.eval_ds is None:
             return None
         bs = self.tc.eval_batch_size or self.tc.batch_size
-        total, count = 0.0, 0.0
+        total, count, right = 0.0, 0.0, 0.0
         for rows in eval_batches(sharding.RowIds(len(self.eval_ds)), bs, self.tc.eval_batches):
-            s, n = self.eval_step(self.lora, self.split.frozen, self.place_batch(self.eval_ds, rows))
+            s, n, c = self.eval_step(self.lora, self.split.frozen, self.place_batch(self.eval_ds, rows))
             total += float(s)
             count += float(n)
+            right += float(c)
+        self.eval_accuracy = right / max(count, 1.0)
         return total / max(count, 1.0)
 
     # -- the loop ---------------------------------------------------------------------------------------------------
@@ -317,6 +328,8 @@ class Trainer:
     def run(self) -> int:
         """Train to the end (0), stop on train.stop_at_step (0) or a signal (130 SIGINT, 143 SIGTERM) with a
         checkpoint, or stop on a non-finite loss (1)."""
+        import contextlib
+
         from tqdm.contrib.logging import logging_redirect_tqdm
 
         from jqlora.writers import MetricWriters, WriterError
@@ -335,7 +348,8 @@ class Trainer:
             except ValueError:  # not the main thread
                 pass
         try:
-            with logging_redirect_tqdm(loggers=[log]):  # log lines above the progress bar, not through it
+            # with a progress bar, log lines are written above it, not through it
+            with logging_redirect_tqdm() if self.progress else contextlib.nullcontext():
                 return self._loop()
         finally:
             for sig, h in handlers.items():
@@ -478,7 +492,7 @@ class Trainer:
     def print_sample(self, when: str) -> None:
         reply = self.sample()
         if reply is not None:
-            shown = "".join(c if c.isprintable() else " " for c in reply).strip() or "(nothing)"
+            shown = _readable(reply)
             print(f"[{when}] {self.tc.sample_prompt}\n    -> {shown}", flush=True)
 
     def export_adapter(self) -> None:

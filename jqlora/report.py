@@ -76,7 +76,7 @@ def eval_line(rec: dict) -> str:
     parts = [f"eval step {rec['step']}: loss {rec['eval_loss']:.4f}"]
     if "eval_perplexity" in rec:
         parts.append(f"perplexity {rec['eval_perplexity']:.3f}")
-    if "eval_accuracy" in rec:
+    if rec.get("eval_accuracy") is not None:
         parts.append(f"token accuracy {rec['eval_accuracy']:.4f}")
     return ", ".join(parts)
 

@@ -66,6 +66,38 @@ def chunked_ce_sum(h_BSD: jax.Array, w_VD: jax.Array, targets_BS: jax.Array, mas
     return total
 
 
+def chunked_ce_and_correct(h_BSD: jax.Array, w_VD: jax.Array, targets_BS: jax.Array, mask_BS: jax.Array,
+                           chunk: int = CE_CHUNK) -> tuple[jax.Array, jax.Array]:
+    """(`chunked_ce_sum`, Σ mask · [argmax(h wᵀ) = target]): the loss and the trained tokens predicted right (for
+    evaluation: token accuracy), in one pass over the same chunks."""
+    D = h_BSD.shape[-1]
+    h_TD = h_BSD.reshape(-1, D)
+    t_T = targets_BS.reshape(-1).astype(jnp.int32)
+    m_T = mask_BS.reshape(-1).astype(jnp.float32)
+    T = h_TD.shape[0]
+    c = max(1, min(int(chunk), T))
+    n = -(-T // c)
+    pad = n * c - T
+    if pad:
+        h_TD = jnp.pad(h_TD, ((0, pad), (0, 0)))
+        t_T = jnp.pad(t_T, (0, pad))
+        m_T = jnp.pad(m_T, (0, pad))
+
+    def body(carry, xs):
+        total, right = carry
+        h_CD, t_C, m_C = xs
+        logits_CV = jax.lax.dot_general(h_CD, w_VD, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+        lse_C = jax.nn.logsumexp(logits_CV, axis=-1)
+        tgt_C = jnp.take_along_axis(logits_CV, t_C[:, None], axis=-1)[:, 0]
+        hit_C = (jnp.argmax(logits_CV, axis=-1) == t_C).astype(jnp.float32)
+        return (total + jnp.sum((lse_C - tgt_C) * m_C), right + jnp.sum(hit_C * m_C)), None
+
+    zero = jnp.zeros((), jnp.float32)
+    (total, right), _ = jax.lax.scan(body, (zero, zero),
+                                     (h_TD.reshape(n, c, D), t_T.reshape(n, c), m_T.reshape(n, c)))
+    return total, right
+
+
 def full_ce_sum(logits_BSV: jax.Array, targets_BS: jax.Array, mask_BS: jax.Array) -> jax.Array:
     """The plain reference: Σ mask · cross-entropy from full logits."""
     logp = jax.nn.log_softmax(logits_BSV.astype(jnp.float32), axis=-1)
@@ -155,6 +187,20 @@ def optax_apply(params, updates):
 def make_eval_step(split: SplitModel, ce_chunk: int = CE_CHUNK) -> Callable:
     loss_fn = make_loss_fn(split, ce_chunk)
     return jax.jit(lambda lora, frozen, batch: loss_fn(lora, frozen, batch, None, deterministic=True))
+
+
+def make_eval_stats_step(split: SplitModel, ce_chunk: int = CE_CHUNK) -> Callable:
+    """eval(lora, frozen, batch) -> (Σ token losses, trained tokens, trained tokens predicted right), no dropout."""
+
+    def stats(lora, frozen, batch):
+        model = nnx.merge(split.graphdef, split.to_state(lora), frozen)
+        h_BSD = model.hidden_states(batch["input_ids"], batch["segment_ids"], batch["positions"],
+                                    deterministic=True, key=None)
+        loss_sum, right = chunked_ce_and_correct(h_BSD, model.lm_head_weight(), batch["targets"], batch["loss_mask"],
+                                                 ce_chunk)
+        return loss_sum, jnp.sum(batch["loss_mask"].astype(jnp.float32)), right
+
+    return jax.jit(stats)
 
 
 def step_batch(batch: dict) -> dict:

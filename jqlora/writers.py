@@ -46,7 +46,7 @@ class MetricWriters:
             from tensorboardX import SummaryWriter
 
             # a resumed run drops the events a stopped session wrote after its checkpoint's step
-            self.tb = SummaryWriter(os.path.join(out, "tensorboard"), purge_step=start_step + 1 if start_step else None)
+            self.tb = SummaryWriter(os.path.join(out, "tensorboard"), purge_step=start_step + 1 if start_step else 0)
 
     def write(self, record: dict[str, Any]) -> None:
         step = int(record["step"])

@@ -79,7 +79,8 @@ def test_recipe_run_logs_resumes_and_reads_nothing_of_the_demo(work, interrupted
     line = re.compile(r"^step 2/6 loss \d+\.\d{4} lr \S+ grad_norm \d+\.\d{3} tok/s \d+ trained_tokens \d+ eta \S+$",
                       re.M)
     assert line.search(first["stderr"]), first["stderr"][-3000:]
-    assert re.search(r"^eval step 2: loss \d+\.\d{4}, perplexity", first["stderr"], re.M), first["stderr"][-3000:]
+    evals = re.compile(r"^eval step 2: loss \d+\.\d{4}, perplexity \S+, token accuracy [01]\.\d{4}$", re.M)
+    assert evals.search(first["stderr"]), first["stderr"][-3000:]
     assert "warning: train.warmup_steps=30 >= the run's 6 optimizer steps" in first["stderr"]
     assert second["rc"] == 0 and "resumed from run at step" in second["stderr"], second["stderr"][-3000:]
     assert re.search(r"^step 6/6 loss", second["stderr"], re.M)
@@ -97,6 +98,7 @@ def test_recipe_run_logs_resumes_and_reads_nothing_of_the_demo(work, interrupted
     for r in rows:
         if "eval_loss" in r:
             np.testing.assert_allclose(r["eval_perplexity"], np.exp(r["eval_loss"]), rtol=1e-12)
+            assert 0.0 <= r["eval_accuracy"] <= 1.0
     samples = [r["eval_samples"] for r in rows if "eval_loss" in r]
     assert all(len(x) == 1 and x[0]["prompt"].startswith("user") and "reply" in x[0] for x in samples), samples
     # TensorBoard: the same numbers as metrics.jsonl, once per step across the two sessions

@@ -74,6 +74,23 @@ def test_chunked_ce_equals_full_logits(chunk):
     np.testing.assert_allclose(np.asarray(g_chunk), np.asarray(g_full), rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("chunk", [7, 1000])
+def test_chunked_eval_loss_and_token_accuracy(chunk):
+    """Eval's one pass: the loss equals chunked_ce_sum and the right-token count a float64 argmax."""
+    rng = np.random.default_rng(1)
+    B, S, D, V = 2, 24, 16, 50
+    h = jnp.asarray(rng.normal(size=(B, S, D)), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(V, D)) * 0.3, jnp.float32)
+    lg = np.einsum("bsd,vd->bsv", np.asarray(h, np.float64), np.asarray(w, np.float64))
+    t = np.where(rng.random((B, S)) < 0.5, lg.argmax(-1), rng.integers(0, V, (B, S)))  # about half right
+    m = (rng.random((B, S)) < 0.7).astype(np.float32)
+    loss, right = ST.chunked_ce_and_correct(h, w, jnp.asarray(t, jnp.int32), jnp.asarray(m), chunk)
+    np.testing.assert_allclose(float(loss), float(ST.chunked_ce_sum(h, w, jnp.asarray(t), jnp.asarray(m), chunk)),
+                               rtol=1e-6)
+    oracle = float(((lg.argmax(-1) == t) * m).sum())
+    assert float(right) == oracle and 0 < oracle < m.sum()
+
+
 def test_schedule_warmup_and_decay():
     cfg = load_config(None, ["train.warmup_steps=100", "train.max_steps=10", "train.lr_schedule=linear"]).train
     sched = optim.make_schedule(cfg, 10)  # warmup capped at the run's length
