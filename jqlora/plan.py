@@ -15,11 +15,13 @@ of size H, L layers, V vocabulary, r LoRA rank, c = bytes of the compute dtype, 
     LoRA + AdamW        fp32 adapters + gradient + accumulated gradient (optax.MultiSteps) + 2 moments = 20 B/param,
                         split over fsdp
     residual stream     every remat policy but none: the scanned layer input, L · T·D·c
-    saved matmuls       save_dots: every dot output of every layer (base, LoRA A and B, attention scores and values);
+    saved matmuls       save_dots: every dot output of every layer (base, LoRA A and B; with XLA attention also its
+                        scores and values, a cuDNN attention call is no dot);
                         save_dots_no_batch: the same without attention's (batched) dots; offload: those of
                         save_dots_no_batch in pinned host memory (a host row, not in the device total)
     layer working set   one layer recomputed for its backward: activations T·(6D + 2NH + 2KH + 3F)·c, attention
-                        scores and probabilities B·N·S²·(2c) (XLA attention, no flash kernel), and the layer's
+                        scores and probabilities B·N·S²·(2c) with XLA attention, or cuDNN flash attention's float32
+                        softmax statistics B·64·N·S·4 (its packed layout has room for 64 segments a row), and the layer's
                         kernels dequantized to c; with remat none every layer keeps its activations (× L) but not its
                         dequantized kernels (the 4-bit matmul's backward dequantizes again, `lora.quantized_matmul`)
     cross-entropy       one chunk of 1024 tokens of float32 logits and their gradient, 2 · 1024·V·4, plus the final
@@ -149,7 +151,7 @@ def _model_config(path: str) -> ModelConfig:
 def memory_plan(shape: ModelConfig, *, seq: int, batch: int = 1, data: int = 1, fsdp: int = 1, tensor: int = 1,
                 remat: str = "full", r: int = 16, targets: tuple[str, ...] = LINEARS, quant: str = "nf4",
                 double_quant: bool = True, block_size: int = 64, dtype: str = "bfloat16",
-                ce_chunk: int = CE_CHUNK, name: str = "model") -> Plan:
+                ce_chunk: int = CE_CHUNK, name: str = "model", attention: str = "xla") -> Plan:
     """Bytes per device; ``batch`` is rows per device (each device of the data × fsdp axes sees its own rows)."""
     if remat not in REMATS:
         raise ValueError(f"remat {remat!r}: expected one of {', '.join(REMATS)}")
@@ -168,12 +170,13 @@ def memory_plan(shape: ModelConfig, *, seq: int, batch: int = 1, data: int = 1, 
     rows["LoRA params+grad+acc+AdamW (fp32)"] = 20 * n_lora / fsdp
     residual = L * T * D * c
     acts = T * (6 * D + 2 * N * H + 2 * K * H + 3 * F) * c / tensor
-    scores = 2 * B * N * S * S * c / tensor
+    flash = attention == "cudnn"
+    scores = (B * min(64, S) * N * S * 4 if flash else 2 * B * N * S * S * c) / tensor
     kernels = sum(O * I for O, I in linear_shapes(shape).values()) * c / tensor
     outs = T * (N * H + 2 * K * H + D + 2 * F + D) * c
     n_lin = len(targets)
     no_batch_dots = (2 * outs + T * r * n_lin * c) / tensor  # base and LoRA B outputs, LoRA A outputs
-    dots = no_batch_dots + (B * N * S * S * c + T * N * H * c) / tensor  # + attention scores and values
+    dots = no_batch_dots + (0 if flash else (B * N * S * S * c + T * N * H * c) / tensor)  # + attention's dots
     host: dict[str, float] = {}
     if remat == "none":
         rows["all layers' activations (no remat)"] = L * (acts + scores)
@@ -416,6 +419,12 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _on_gpu() -> bool:
+    import jax
+
+    return jax.default_backend() == "gpu"
+
+
 def _compile_run_config(settings: dict[str, Any], cfg: Any | None) -> Any:
     """The run config whose step is compiled: the --config's (or the defaults), with the plan's settings."""
     import dataclasses as dc
@@ -449,7 +458,8 @@ def _print_compiled(args, shape: ModelConfig, name: str, settings: dict[str, Any
         if auto:
             remat, peak, tried = choose_remat_compiled(shape, run, budget, args.gpu)
             print(f"remat auto (compiled) -> {remat}: tried {', '.join(tried)}")
-            plan = memory_plan(shape, name=name, **{**settings, "remat": remat})
+        attention = "cudnn" if args.gpu is not None or _on_gpu() else "xla"  # what the compiled step runs
+        plan = memory_plan(shape, name=name, **{**settings, "remat": remat, "attention": attention})
         figures = aot.compiled_peak(shape, run, args.gpu, remat)
     except aot.AotError as e:
         raise _Usage(str(e)) from None
