@@ -132,7 +132,8 @@ def _kernel_bytes(comps, types, comp: str, ins: Instr) -> float:
               for m in [re.match(r"(\d+)\)", p.rest)] if m}
     by_name = {b.name: b for b in body}
     in_place = {}  # parameter name -> bytes of the update written into it
-    written = _bytes(ins.type)
+    # an async fusion-start's result also carries its operands: only the fused computation's root is written
+    written = _bytes(body[-1].type) if ins.opcode == "fusion-start" and body else _bytes(ins.type)
     for b in body:
         if b.opcode == "dynamic-update-slice":
             target, update = b.operands()[:2]
@@ -220,6 +221,8 @@ def estimate(text: str, gpu, *, tokens: int, model_flops: float, lora_rank: int,
                 flops, dims = _dot_flops(comps, types, sub) if sub else (0.0, [])
                 if in_ce or any(vocab in d for d in dims):
                     category = "cross-entropy"
+                elif "xla_attention" in ins.op_name or (sub and _has(comps, sub, "xla_attention")):
+                    category = "attention"
                 elif flops:
                     category = "LoRA" if any(lora_rank in d for d in dims) else "frozen matmuls"
                 elif sub and _has(comps, sub, "dequantize_codes"):
