@@ -151,7 +151,8 @@ def _model_config(path: str) -> ModelConfig:
 def memory_plan(shape: ModelConfig, *, seq: int, batch: int = 1, data: int = 1, fsdp: int = 1, tensor: int = 1,
                 remat: str = "full", r: int = 16, targets: tuple[str, ...] = LINEARS, quant: str = "nf4",
                 double_quant: bool = True, block_size: int = 64, dtype: str = "bfloat16",
-                ce_chunk: int = CE_CHUNK, name: str = "model", attention: str = "xla") -> Plan:
+                ce_chunk: int = CE_CHUNK, name: str = "model", attention: str = "xla",
+                dropout: float = 0.0) -> Plan:
     """Bytes per device; ``batch`` is rows per device (each device of the data × fsdp axes sees its own rows)."""
     if remat not in REMATS:
         raise ValueError(f"remat {remat!r}: expected one of {', '.join(REMATS)}")
@@ -170,6 +171,11 @@ def memory_plan(shape: ModelConfig, *, seq: int, batch: int = 1, data: int = 1, 
     rows["LoRA params+grad+acc+AdamW (fp32)"] = 20 * n_lora / fsdp
     residual = L * T * D * c
     acts = T * (6 * D + 2 * N * H + 2 * K * H + 3 * F) * c / tensor
+    if dropout > 0 and remat == "none":
+        # what the compiler keeps per layer with LoRA dropout and no remat (read off the compiled Llama-3-8B step,
+        # h100-sxm, seq 2048): each adapter's dropped input and its mask, both float32 RMSNorm inputs, 6 F-wide
+        # and 6 D-wide compute-dtype activations, q/k/v and the attention output
+        acts = T * ((6 * F + 6 * D + 2 * N * H + 2 * K * H) * c + 2 * D * 4 + (5 * D + N * H + F)) / tensor
     flash = attention == "cudnn"
     scores = (B * min(64, S) * N * S * 4 if flash else 2 * B * N * S * S * c) / tensor
     kernels = sum(O * I for O, I in linear_shapes(shape).values()) * c / tensor
@@ -228,7 +234,8 @@ def settings_from_config(cfg: Any, axes: dict[str, int] | None = None) -> dict[s
                                                                                                "tensor")}
     rows = axes["data"] * axes["fsdp"] if all(isinstance(axes[n], int) for n in ("data", "fsdp")) else 1
     # train.batch_size is the global micro-batch: its rows are split over the data × fsdp devices
-    return dict(seq=cfg.data.max_length, batch=max(1, cfg.train.batch_size // rows), r=cfg.lora.r, dtype=cfg.model.dtype,
+    return dict(seq=cfg.data.max_length, batch=max(1, cfg.train.batch_size // rows), r=cfg.lora.r,
+                dropout=cfg.lora.dropout, dtype=cfg.model.dtype,
                 quant=cfg.model.quant, double_quant=cfg.model.double_quant and cfg.model.quant != "none",
                 block_size=cfg.model.block_size, targets=tuple(cfg.lora.target_modules), **axes)
 
@@ -325,6 +332,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--r", type=int)
     ap.add_argument("--dtype", choices=tuple(DTYPE_BYTES))
     ap.add_argument("--quant", choices=("nf4", "fp4", "none"))
+    ap.add_argument("--dropout", type=float, help="LoRA dropout (default 0, or the --config's)")
     ap.add_argument("--compile", action="store_true", help="also compile the run's real train step (jqlora.aot) and "
                                                            "print the compiler's peak beside the plan")
     ap.add_argument("--gpu", default=None, help="with --compile: the target GPU (h100-sxm, h200, a100-80gb, l4), "
@@ -333,7 +341,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings: dict[str, Any] = dict(seq=2048, batch=1, data=1, fsdp=1, tensor=1, remat="full", r=16,
                                         dtype="bfloat16", quant="nf4", double_quant=True, block_size=64,
-                                        targets=LINEARS)
+                                        targets=LINEARS, dropout=0.0)
         if args.overrides and not args.config:
             raise _Usage(f"overrides {args.overrides} need --config")
         shape = None
@@ -364,7 +372,7 @@ def main(argv: list[str] | None = None) -> int:
             if name not in BUILTIN:
                 raise _Usage(f"--model {name}: unknown; expected one of {', '.join(BUILTIN)}")
             shape, name = BUILTIN[name], NAMES[name]
-        for key in ("seq", "batch", "remat", "r", "dtype", "quant", "data", "fsdp", "tensor"):
+        for key in ("seq", "batch", "remat", "r", "dtype", "quant", "data", "fsdp", "tensor", "dropout"):
             if getattr(args, key) is not None:
                 settings[key] = getattr(args, key)
         devices = args.devices or 1
@@ -437,7 +445,7 @@ def _compile_run_config(settings: dict[str, Any], cfg: Any | None) -> Any:
     return dc.replace(
         cfg, data=dc.replace(cfg.data, max_length=settings["seq"]),
         train=dc.replace(cfg.train, batch_size=settings["batch"]),
-        lora=dc.replace(cfg.lora, r=settings["r"], targets=lora_targets),
+        lora=dc.replace(cfg.lora, r=settings["r"], targets=lora_targets, dropout=settings["dropout"]),
         model=dc.replace(cfg.model, dtype=settings["dtype"], quant=settings["quant"],
                          double_quant=settings["double_quant"], block_size=settings["block_size"]))
 
