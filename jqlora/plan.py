@@ -403,7 +403,7 @@ def main(argv: list[str] | None = None) -> int:
             settings.pop("remat")
             chosen, plan = choose_remat(shape, budget, name=name, **settings)
             print(f"remat auto -> {chosen} (the fastest of {', '.join(AUTO_ORDER)} whose plan fits "
-                  f"{HEADROOM:.0%} of {budget / 1e9:g} GB)")
+                  f"{HEADROOM:.0%} of {budget / 1e9:.1f} GB)")
             settings["remat"] = chosen
         else:
             plan = memory_plan(shape, name=name, **settings)
@@ -416,7 +416,7 @@ def main(argv: list[str] | None = None) -> int:
     print(plan.table())
     if budget is not None:
         verdict = "fits" if plan.total <= HEADROOM * budget else "does NOT fit"
-        print(f"{verdict}: {plan.total / 1e9:.2f} GB planned, {HEADROOM:.0%} of {args.memory:g} GB = "
+        print(f"{verdict}: {plan.total / 1e9:.2f} GB planned, {HEADROOM:.0%} of {budget / 1e9:.1f} GB = "
               f"{HEADROOM * budget / 1e9:.2f} GB usable per device")
     if args.compile:
         try:
