@@ -15,11 +15,13 @@ of size H, L layers, V vocabulary, r LoRA rank, c = bytes of the compute dtype, 
     LoRA + AdamW        fp32 adapters + gradient + accumulated gradient (optax.MultiSteps) + 2 moments = 20 B/param,
                         split over fsdp
     residual stream     every remat policy but none: the scanned layer input, L · T·D·c
-    saved matmuls       save_dots: every dot output of every layer (base, LoRA A and B, attention scores and values);
+    saved matmuls       save_dots: every dot output of every layer (base, LoRA A and B; with XLA attention also its
+                        scores and values, a cuDNN attention call is no dot);
                         save_dots_no_batch: the same without attention's (batched) dots; offload: those of
                         save_dots_no_batch in pinned host memory (a host row, not in the device total)
     layer working set   one layer recomputed for its backward: activations T·(6D + 2NH + 2KH + 3F)·c, attention
-                        scores and probabilities B·N·S²·(2c) (XLA attention, no flash kernel), and the layer's
+                        scores and probabilities B·N·S²·(2c) with XLA attention, or cuDNN flash attention's float32
+                        softmax statistics B·64·N·S·4 (its packed layout has room for 64 segments a row), and the layer's
                         kernels dequantized to c; with remat none every layer keeps its activations (× L) but not its
                         dequantized kernels (the 4-bit matmul's backward dequantizes again, `lora.quantized_matmul`)
     cross-entropy       one chunk of 1024 tokens of float32 logits and their gradient, 2 · 1024·V·4, plus the final
@@ -164,7 +166,8 @@ def _model_config(path: str) -> ModelConfig:
 def memory_plan(shape: ModelConfig, *, seq: int, batch: int = 1, data: int = 1, fsdp: int = 1, tensor: int = 1,
                 remat: str = "full", r: int = 16, targets: tuple[str, ...] = LINEARS, quant: str = "nf4",
                 double_quant: bool = True, block_size: int = 64, dtype: str = "bfloat16",
-                ce_chunk: int = CE_CHUNK, name: str = "model") -> Plan:
+                ce_chunk: int = CE_CHUNK, name: str = "model", attention: str = "xla",
+                dropout: float = 0.0) -> Plan:
     """Bytes per device; ``batch`` is rows per device (each device of the data × fsdp axes sees its own rows)."""
     if remat not in REMATS:
         raise ValueError(f"remat {remat!r}: expected one of {', '.join(REMATS)}")
@@ -183,12 +186,18 @@ def memory_plan(shape: ModelConfig, *, seq: int, batch: int = 1, data: int = 1, 
     rows["LoRA params+grad+acc+AdamW (fp32)"] = 20 * n_lora / fsdp
     residual = L * T * D * c
     acts = T * (6 * D + 2 * N * H + 2 * K * H + 3 * F) * c / tensor
-    scores = 2 * B * N * S * S * c / tensor
+    if dropout > 0 and remat == "none":
+        # what the compiler keeps per layer with LoRA dropout and no remat (read off the compiled Llama-3-8B step,
+        # h100-sxm, seq 2048): each adapter's dropped input and its mask, both float32 RMSNorm inputs, 6 F-wide
+        # and 6 D-wide compute-dtype activations, q/k/v and the attention output
+        acts = T * ((6 * F + 6 * D + 2 * N * H + 2 * K * H) * c + 2 * D * 4 + (5 * D + N * H + F)) / tensor
+    flash = attention == "cudnn"
+    scores = (B * min(64, S) * N * S * 4 if flash else 2 * B * N * S * S * c) / tensor
     kernels = sum(O * I for O, I in linear_shapes(shape).values()) * c / tensor
     outs = T * (N * H + 2 * K * H + D + 2 * F + D) * c
     n_lin = len(targets)
     no_batch_dots = (2 * outs + T * r * n_lin * c) / tensor  # base and LoRA B outputs, LoRA A outputs
-    dots = no_batch_dots + (B * N * S * S * c + T * N * H * c) / tensor  # + attention scores and values
+    dots = no_batch_dots + (0 if flash else (B * N * S * S * c + T * N * H * c) / tensor)  # + attention's dots
     host: dict[str, float] = {}
     if remat == "none":
         rows["all layers' activations (no remat)"] = L * (acts + scores)
@@ -240,7 +249,8 @@ def settings_from_config(cfg: Any, axes: dict[str, int] | None = None) -> dict[s
                                                                                                "tensor")}
     rows = axes["data"] * axes["fsdp"] if all(isinstance(axes[n], int) for n in ("data", "fsdp")) else 1
     # train.batch_size is the global micro-batch: its rows are split over the data × fsdp devices
-    return dict(seq=cfg.data.max_length, batch=max(1, cfg.train.batch_size // rows), r=cfg.lora.r, dtype=cfg.model.dtype,
+    return dict(seq=cfg.data.max_length, batch=max(1, cfg.train.batch_size // rows), r=cfg.lora.r,
+                dropout=cfg.lora.dropout, dtype=cfg.model.dtype,
                 quant=cfg.model.quant, double_quant=cfg.model.double_quant and cfg.model.quant != "none",
                 block_size=cfg.model.block_size, targets=tuple(cfg.lora.target_modules), **axes)
 
@@ -399,6 +409,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--r", type=int)
     ap.add_argument("--dtype", choices=tuple(DTYPE_BYTES))
     ap.add_argument("--quant", choices=("nf4", "fp4", "none"))
+    ap.add_argument("--dropout", type=float, help="LoRA dropout (default 0, or the --config's)")
     ap.add_argument("--compile", action="store_true", help="also compile the run's real train step (jqlora.aot) and "
                                                            "print the compiler's peak beside the plan")
     ap.add_argument("--gpu", default=None, help="with --compile: the target GPU (h100-sxm, h200, a100-80gb, l4), "
@@ -407,7 +418,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings: dict[str, Any] = dict(seq=2048, batch=1, data=1, fsdp=1, tensor=1, remat="full", r=16,
                                         dtype="bfloat16", quant="nf4", double_quant=True, block_size=64,
-                                        targets=LINEARS)
+                                        targets=LINEARS, dropout=0.0)
         if args.overrides and not args.config:
             raise _Usage(f"overrides {args.overrides} need --config")
         shape = None
@@ -438,7 +449,7 @@ def main(argv: list[str] | None = None) -> int:
                 raise _Usage(f"--model {args.model}: unknown; expected one of {', '.join(BUILTIN)}, a hub id such as "
                              "meta-llama/Meta-Llama-3-8B, a recipe's name, or the shape with --model-config")
             shape, name = found
-        for key in ("seq", "batch", "remat", "r", "dtype", "quant", "data", "fsdp", "tensor"):
+        for key in ("seq", "batch", "remat", "r", "dtype", "quant", "data", "fsdp", "tensor", "dropout"):
             if getattr(args, key) is not None:
                 settings[key] = getattr(args, key)
         devices = args.devices or 1
@@ -469,7 +480,7 @@ def main(argv: list[str] | None = None) -> int:
             settings.pop("remat")
             chosen, plan = choose_remat(shape, budget, name=name, **settings)
             print(f"remat auto -> {chosen} (the fastest of {', '.join(AUTO_ORDER)} whose plan fits "
-                  f"{HEADROOM:.0%} of {budget / 1e9:g} GB)")
+                  f"{HEADROOM:.0%} of {budget / 1e9:.1f} GB)")
             settings["remat"] = chosen
         else:
             plan = memory_plan(shape, name=name, **settings)
@@ -482,7 +493,7 @@ def main(argv: list[str] | None = None) -> int:
     print(plan.table())
     if budget is not None:
         verdict = "fits" if plan.total <= HEADROOM * budget else "does NOT fit"
-        print(f"{verdict}: {plan.total / 1e9:.2f} GB planned, {HEADROOM:.0%} of {args.memory:g} GB = "
+        print(f"{verdict}: {plan.total / 1e9:.2f} GB planned, {HEADROOM:.0%} of {budget / 1e9:.1f} GB = "
               f"{HEADROOM * budget / 1e9:.2f} GB usable per device")
     if args.compile:
         try:
@@ -491,6 +502,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"jqlora.plan: {e}", file=sys.stderr)
             return 2
     return 0
+
+
+def _on_gpu() -> bool:
+    import jax
+
+    return jax.default_backend() == "gpu"
 
 
 def _compile_run_config(settings: dict[str, Any], cfg: Any | None) -> Any:
@@ -505,7 +522,7 @@ def _compile_run_config(settings: dict[str, Any], cfg: Any | None) -> Any:
     return dc.replace(
         cfg, data=dc.replace(cfg.data, max_length=settings["seq"]),
         train=dc.replace(cfg.train, batch_size=settings["batch"]),
-        lora=dc.replace(cfg.lora, r=settings["r"], targets=lora_targets),
+        lora=dc.replace(cfg.lora, r=settings["r"], targets=lora_targets, dropout=settings["dropout"]),
         model=dc.replace(cfg.model, dtype=settings["dtype"], quant=settings["quant"],
                          double_quant=settings["double_quant"], block_size=settings["block_size"]))
 
@@ -526,7 +543,8 @@ def _print_compiled(args, shape: ModelConfig, name: str, settings: dict[str, Any
         if auto:
             remat, peak, tried = choose_remat_compiled(shape, run, budget, args.gpu)
             print(f"remat auto (compiled) -> {remat}: tried {', '.join(tried)}")
-            plan = memory_plan(shape, name=name, **{**settings, "remat": remat})
+        attention = "cudnn" if args.gpu is not None or _on_gpu() else "xla"  # what the compiled step runs
+        plan = memory_plan(shape, name=name, **{**settings, "remat": remat, "attention": attention})
         figures = aot.compiled_peak(shape, run, args.gpu, remat)
     except aot.AotError as e:
         raise _Usage(str(e)) from None

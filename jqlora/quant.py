@@ -235,9 +235,10 @@ def _pack_nibbles(codes_N: jax.Array) -> jax.Array:
 
 
 def _unpack_nibbles(packed: jax.Array, n: int) -> jax.Array:
-    hi = packed >> 4
-    lo = packed & 0xF
-    return jnp.stack([hi, lo], axis=-1).reshape(*packed.shape[:-1], -1)[..., :n]
+    # one broadcast shift (high nibble first), not a stack of two arrays: on a GPU XLA fuses it into the codebook
+    # lookup, where a stack (a concatenate) was written out as a u8 copy of the kernel first
+    shifts = jnp.asarray([4, 0], packed.dtype)
+    return ((packed[..., None] >> shifts) & 0xF).reshape(*packed.shape[:-1], -1)[..., :n]
 
 
 def _double_quantize(absmax_K: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:

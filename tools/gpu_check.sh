@@ -81,7 +81,10 @@ row "{\"stage\": \"remat_auto\", \"memory_gb\": $MEM, \"choice\": \"$AUTO\"}"
 bench() {  # remat, reference, name
     $PY tools/bench.py --model "$MODEL" --seq "$SEQ" --remat "$1" $STEPS --init device --reference "$2" \
         --out "$OUT/$3.json" > "$OUT/$3.log" 2>&1 || true
-    row "{\"stage\": \"bench\", \"remat\": \"$1\", \"reference\": \"$2\", \"result\": $(cat "$OUT/$3.json" 2>/dev/null || echo null)}"
+    local result
+    result=$($PY -c 'import json, sys; print(json.dumps(json.load(open(sys.argv[1]))))' "$OUT/$3.json" 2>/dev/null \
+             || echo null)
+    row "{\"stage\": \"bench\", \"remat\": \"$1\", \"reference\": \"$2\", \"result\": $result}"
 }
 bench full torch full_with_reference
 [[ "$AUTO" != full && -n "$AUTO" ]] && bench "$AUTO" none "auto_$AUTO"

@@ -34,7 +34,7 @@ from pathlib import Path
 DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s4": 0.5, "u4": 0.5, "f8e4m3fn": 1, "f8e5m2": 1, "s16": 2, "u16": 2,
                "bf16": 2, "f16": 2, "s32": 4, "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8, "token": 0}
 FREE = {"parameter", "constant", "get-tuple-element", "tuple", "bitcast", "while", "conditional", "call",
-        "after-all", "partition-id", "replica-id", "opt-barrier", "copy-start", "copy-done", "iota"}
+        "after-all", "partition-id", "replica-id", "opt-barrier", "copy-start", "copy-done", "iota", "fusion-done"}
 CATEGORIES = ("frozen matmuls", "LoRA", "attention", "dequantization", "cross-entropy", "elementwise", "launches")
 _ARRAY = re.compile(r"(\w+)\[([\d,]*)\]")
 _HEADER = re.compile(r"^(ENTRY )?%(\S+) \((.*)\) -> .* \{$")
@@ -122,6 +122,39 @@ def _dot_flops(comps, types, comp: str, seen=None) -> tuple[float, list[tuple[in
     return flops, dims
 
 
+def _kernel_bytes(comps, types, comp: str, ins: Instr) -> float:
+    """Bytes a kernel reads and writes: each operand and the result once, except an operand its fused computation
+    only slices (the slice is read: one layer of a stacked kernel) and a buffer updated in place by a
+    dynamic-update-slice (only the update is written: one layer's slot of a stacked residual)."""
+    sub = ins.attr("calls")
+    body = comps.get(sub, []) if sub else []
+    params = {int(m.group(1)): p.name for p in body if p.opcode == "parameter"
+              for m in [re.match(r"(\d+)\)", p.rest)] if m}
+    by_name = {b.name: b for b in body}
+    in_place = {}  # parameter name -> bytes of the update written into it
+    # an async fusion-start's result also carries its operands: only the fused computation's root is written
+    written = _bytes(body[-1].type) if ins.opcode == "fusion-start" and body else _bytes(ins.type)
+    for b in body:
+        if b.opcode == "dynamic-update-slice":
+            target, update = b.operands()[:2]
+            if target in by_name and by_name[target].opcode == "parameter":
+                in_place[target] = _bytes(types[sub].get(update, ""))
+    if in_place:
+        written = max(0.0, written - sum(_bytes(by_name[t].type) for t in in_place)) + sum(in_place.values())
+    total = written
+    for i, o in enumerate(ins.operands()):
+        full = _bytes(types[comp].get(o, ""))
+        name = params.get(i)
+        if name in in_place:
+            full = 0.0
+        elif name is not None:
+            users = [u for u in body if name in u.operands()]
+            if users and all(u.opcode in ("dynamic-slice", "slice") for u in users):
+                full = min(full, sum(_bytes(u.type) for u in users))
+        total += full
+    return total
+
+
 def _has(comps, comp: str, needle: str) -> bool:
     return any(needle in ins.op_name or (ins.attr("calls") and _has(comps, ins.attr("calls"), needle))
                for ins in comps.get(comp, []))
@@ -169,7 +202,7 @@ def estimate(text: str, gpu, *, tokens: int, model_flops: float, lora_rank: int,
                 continue
             if ins.opcode in FREE:
                 continue
-            nbytes = _bytes(ins.type) + sum(_bytes(types[comp].get(o, "")) for o in ins.operands())
+            nbytes = _kernel_bytes(comps, types, comp, ins)
             flops, category = 0.0, "elementwise"
             target = re.search(r'custom_call_target="([^"]+)"', ins.rest)
             if ins.opcode == "custom-call" and target and "fmha" in target.group(1):
@@ -186,8 +219,10 @@ def estimate(text: str, gpu, *, tokens: int, model_flops: float, lora_rank: int,
             elif ins.opcode == "fusion" or ins.opcode == "custom-call":
                 sub = ins.attr("calls")
                 flops, dims = _dot_flops(comps, types, sub) if sub else (0.0, [])
-                if in_ce:
+                if in_ce or any(vocab in d for d in dims):
                     category = "cross-entropy"
+                elif "xla_attention" in ins.op_name or (sub and _has(comps, sub, "xla_attention")):
+                    category = "attention"
                 elif flops:
                     category = "LoRA" if any(lora_rank in d for d in dims) else "frozen matmuls"
                 elif sub and _has(comps, sub, "dequantize_codes"):
@@ -212,6 +247,25 @@ def model_flops(shape, *, tokens: int, seq: int) -> float:
     return tokens * (4 * n + 6 * L * seq * shape.num_attention_heads * shape.head_dim)
 
 
+def _hlo(args, shape, cfg, remat: str) -> tuple[str, int]:
+    """The compiled step's HLO text and peak bytes (from --hlo-dir when there)."""
+    from jqlora import aot
+
+    stem = None
+    if args.hlo_dir:
+        tag = f"{args.model}-L{shape.num_hidden_layers}-s{args.seq}-b{args.batch}-{args.gpu}-{remat}-" \
+              f"{args.attention or 'cudnn'}"
+        stem = Path(args.hlo_dir) / tag
+        if stem.with_suffix(".hlo").exists():
+            return stem.with_suffix(".hlo").read_text(), json.loads(stem.with_suffix(".json").read_text())["peak"]
+    c = aot.compiled(shape, cfg, args.gpu, remat, args.attention)
+    if stem is not None:
+        stem.parent.mkdir(parents=True, exist_ok=True)
+        stem.with_suffix(".hlo").write_text(c.hlo())
+        stem.with_suffix(".json").write_text(json.dumps({**c.memory, "peak": c.peak_bytes}))
+    return c.hlo(), c.peak_bytes
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="llama3-8b")
@@ -224,6 +278,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--overrides", nargs="*", default=[], help="key.sub=value overrides of --config")
     ap.add_argument("--attention", default=None, choices=("cudnn", "xla"),
                     help="xla: the step as it was before cuDNN attention (default: cudnn)")
+    ap.add_argument("--hlo-dir", default=None, help="keep each compiled HLO and its memory figures here, and read "
+                                                    "them back instead of compiling when present")
     ap.add_argument("--png", default=None)
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
@@ -247,11 +303,12 @@ def main(argv: list[str] | None = None) -> int:
     tokens = args.batch * args.seq
     rows = []
     for remat in args.remat.split(","):
-        c = aot.compiled(shape, cfg, args.gpu, remat, args.attention)
-        est = estimate(c.hlo(), gpu, tokens=tokens, model_flops=model_flops(shape, tokens=tokens, seq=args.seq),
+        text, peak = _hlo(args, shape, cfg, remat)
+        est = estimate(text, gpu, tokens=tokens, model_flops=model_flops(shape, tokens=tokens, seq=args.seq),
                        lora_rank=cfg.lora.r, vocab=shape.vocab_size)
-        plan = memory_plan(shape, **{**settings_from_config(cfg), "remat": remat})
-        rows.append(dict(remat=remat, peak_gb=c.peak_bytes / 1e9, plan_gb=plan.total / 1e9, ms=est.total_ms,
+        plan = memory_plan(shape, **{**settings_from_config(cfg), "remat": remat,
+                                     "attention": args.attention or "cudnn"})
+        rows.append(dict(remat=remat, peak_gb=peak / 1e9, plan_gb=plan.total / 1e9, ms=est.total_ms,
                          tokens_per_s=est.tokens_per_s, mfu=est.mfu, kernels=est.kernels, breakdown=est.ms))
     layers = f", {shape.num_hidden_layers} of {full.num_hidden_layers} layers" if args.layers else ""
     print(f"{args.model} seq {args.seq} batch {args.batch} on {args.gpu}{layers}, attention "

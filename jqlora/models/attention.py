@@ -109,8 +109,9 @@ def attention(
         if impl != "xla":
             raise ValueError(f"logit soft-capping is implemented on the XLA path only, not {impl!r}")
         return _softcapped_xla(q_BTNH, k_BSKH, v_BSKH, mask_BTS, scale, logit_softcap)
-    return jax.nn.dot_product_attention(q_BTNH, k_BSKH, v_BSKH, mask=mask_BTS[:, None], scale=scale,
-                                        implementation="xla")
+    with jax.named_scope("xla_attention"):  # names its ops in the HLO (tools/gpu_estimate.py groups them)
+        return jax.nn.dot_product_attention(q_BTNH, k_BSKH, v_BSKH, mask=mask_BTS[:, None], scale=scale,
+                                            implementation="xla")
 
 
 def _cudnn_unsupported(q_BTNH, q_slots, kv_slots, q_segment_ids, kv_segment_ids, window, softcap) -> str | None:

@@ -130,3 +130,10 @@ def test_remat_auto_never_picks_a_policy_over_budget(peaks):
         else:
             assert chosen == "full", why
         assert "compiled peak" in why
+
+
+def test_plan_compile_names_an_unknown_gpu(capsys):
+    """A user mistake: one line naming the option and the value, exit 2, nothing compiled."""
+    assert plan.main(["--model", "llama3-8b", "--compile", "--gpu", "h999"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--gpu h999" in err[0] and "h100-sxm" in err[0], err
