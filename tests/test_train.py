@@ -200,14 +200,15 @@ def test_nan_loss_stops_and_keeps_last_checkpoint(assets, tmp_path, capsys):
         return (float("nan"), n, t) if trainer.step == 3 else (loss, n, t)
 
     trainer.one_step = poisoned
-    before = {p.name: p.read_bytes() for p in (tmp_path / "nan" / "checkpoints" / "2").rglob("*") if p.is_file()}
     assert trainer.run() == 1
     # the loss of step 3 is the loss of the state saved after step 2: that checkpoint is moved aside (kept as it
     # was), and step 1 is named as the last good one
     assert trainer.run_dir.latest_step() == 1
     (moved,) = (tmp_path / "nan" / "checkpoints.bad").iterdir()
     assert moved.name.startswith("2-")
-    assert {p.name: p.read_bytes() for p in moved.rglob("*") if p.is_file()} == before
+    from jqlora.checksums import verify_checkpoint
+
+    assert verify_checkpoint(moved) is None  # every file as it was saved
     err = capsys.readouterr().err
     assert "loss is nan at step 3" in err and "last good checkpoint: step 1" in err
 
