@@ -30,7 +30,8 @@ from omegaconf.errors import OmegaConfBaseException
 QUANT_TYPES = ("nf4", "fp4", "none")
 BLOCK_SIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 DTYPES = ("bfloat16", "float16", "float32")
-LORA_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+LORA_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
+                "qkv_proj", "gate_up_proj")  # = lora.LINEAR_MODULES
 DATA_FORMATS = ("auto", "chat", "instruction", "prompt_completion", "text")
 TRAIN_ON = ("completion", "all")
 OVERLONG = ("truncate", "drop", "error")

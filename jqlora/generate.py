@@ -36,7 +36,7 @@ import numpy as np
 from flax import nnx
 
 from jqlora.models.attention import NO_WINDOW, attention
-from jqlora.models.llama import LlamaForCausalLM, _apply_rope, rope_tables, softcap
+from jqlora.models.llama import LlamaForCausalLM, rope_tables, softcap
 
 MIN_BUCKET = 16
 
@@ -64,16 +64,9 @@ def _layer_step(layer, h_BTD, cos_BTH, sin_BTH, k_BMKH, v_BMKH, start, slot_T, l
                 implementation):
     """One decoder layer over T new tokens written at cache slots ``[start, start + T)``."""
     attn = layer.self_attn
-    N, K, H = attn.num_heads, attn.num_kv_heads, attn.head_dim
+    N, H = attn.num_heads, attn.head_dim
     B, T, _ = h_BTD.shape
-    x_BTD = layer.input_layernorm(h_BTD)
-    q_BTNH = attn.q_proj(x_BTD).reshape(B, T, N, H)
-    k_BTKH = attn.k_proj(x_BTD).reshape(B, T, K, H)
-    v_BTKH = attn.v_proj(x_BTD).reshape(B, T, K, H)
-    if attn.q_norm is not None:
-        q_BTNH, k_BTKH = attn.q_norm(q_BTNH), attn.k_norm(k_BTKH)
-    q_BTNH = _apply_rope(q_BTNH, cos_BTH, sin_BTH)
-    k_BTKH = _apply_rope(k_BTKH, cos_BTH, sin_BTH)
+    q_BTNH, k_BTKH, v_BTKH = attn.qkv(layer.input_layernorm(h_BTD), cos_BTH, sin_BTH)
     zero = jnp.zeros((), jnp.int32)
     k_BMKH = jax.lax.dynamic_update_slice(k_BMKH, k_BTKH.astype(k_BMKH.dtype), (zero, start, zero, zero))
     v_BMKH = jax.lax.dynamic_update_slice(v_BMKH, v_BTKH.astype(v_BMKH.dtype), (zero, start, zero, zero))

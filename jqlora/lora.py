@@ -34,7 +34,8 @@ from jax.ad_checkpoint import checkpoint_name
 
 from jqlora import quant as q
 
-LINEAR_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+LINEAR_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
+                  "qkv_proj", "gate_up_proj")  # (the last two: Phi-3's fused projections)
 FROZEN_MATMUL = "frozen_matmul"  # checkpoint name of a quantized kernel's matmul output
 QUANTS = ("nf4", "fp4", "none")
 COMPUTE_DTYPES = ("bfloat16", "float16", "float32")
