@@ -106,6 +106,7 @@ def forward_cached(model: LlamaForCausalLM, cache: dict[str, jax.Array], ids_BT:
         layer_state, window, rope, k_BMKH, v_BMKH = xs
         layer = nnx.merge(graphdef, layer_state)
         # XLA attention: T new queries at cache offset ``start`` are not the aligned causal pattern cuDNN's kernel has
+        rope = 0 if cos_RBTH.shape[0] == 1 else rope  # one RoPE: a static slice
         h, k_BMKH, v_BMKH = _layer_step(layer, h, cos_RBTH[rope], sin_RBTH[rope], k_BMKH, v_BMKH, start, slot_T,
                                         live_BT, live_BM, window, "xla")
         return h, (k_BMKH, v_BMKH)
@@ -273,6 +274,13 @@ def generate_stream(
 
     token_B, logits_BV, cache = _prefill(graphdef, state, cache, jnp.asarray(ids_BP), jnp.int32(0), pad_B, key,
                                          *knobs)
+    rope = model.config.rope
+    longest = max(len(p) for p in prompts)
+    # LongRoPE switches from its short to its long factors once the sequence passes the pretrained length; the
+    # cached keys were rotated with the short ones, so (as transformers' Phi-3 does) the cache is recomputed once,
+    # at the first token past that length
+    switch = rope.original_max_position_embeddings if rope.rope_type == "longrope" else None
+    fed: list[np.ndarray] = []
     done_B = np.zeros((B,), bool)
     for i in range(max_new_tokens):
         tok = np.asarray(token_B).astype(np.int32)
@@ -281,6 +289,12 @@ def generate_stream(
         yield (tok, np.asarray(logits_BV)) if return_logits else tok
         if done_B.all() or i == max_new_tokens - 1:
             return
+        fed.append(tok)
+        if switch is not None and longest + i == switch:  # the new token is the first past the pretrained length
+            ids_all = np.concatenate([ids_BP, np.stack(fed, axis=1)], axis=1)
+            token_B, logits_BV, cache = _prefill(graphdef, state, init_cache(model, B, M), jnp.asarray(ids_all),
+                                                 jnp.int32(0), pad_B, key, *knobs)
+            continue
         token_B, logits_BV, cache = _step(graphdef, state, cache, jnp.asarray(tok)[:, None], jnp.int32(P + i),
                                           pad_B, key, *knobs)
 

@@ -218,6 +218,8 @@ class CausalLM(nnx.Module):
         def body(h, xs):
             layer_state, window, rope, layer_key = xs
             layer = nnx.merge(graphdef, layer_state)
+            if cos_RBSH.shape[0] == 1:  # one RoPE: a static slice, no per-layer selection
+                rope = 0
             return layer(h, cos_RBSH[rope], sin_RBSH[rope], seg_BS, window if windowed else None,
                          implementation=self.attention, deterministic=not use_dropout, key=layer_key), None
 
