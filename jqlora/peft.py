@@ -27,7 +27,7 @@ import numpy as np
 from flax import nnx
 
 from jqlora.io import atomic_directory
-from jqlora.lora import LINEAR_MODULES, LoraConfig, LoraLinear
+from jqlora.lora import ADAPTABLE_MODULES, LoraConfig, LoraLinear
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -361,7 +361,7 @@ def read_adapter_config(adapter_dir: str | os.PathLike, *, dropout: float | None
     r = Counter(r for r, _ in specs.values()).most_common(1)[0][0]
     r = int(cfg["r"]) if int(cfg["r"]) in {s[0] for s in specs.values()} else r
     alpha = float(cfg["lora_alpha"])
-    targets = tuple(n for n in LINEAR_MODULES if any(name.endswith("." + n) for name in specs))
+    targets = tuple(n for n in ADAPTABLE_MODULES if any(name.endswith("." + n) for name in specs))
     return LoraConfig(
         r=r,
         alpha=alpha,

@@ -38,7 +38,7 @@ import os
 import sys
 from typing import Any
 
-from jqlora.lora import LINEAR_MODULES as LINEARS
+from jqlora.lora import ADAPTABLE_MODULES as LINEARS
 from jqlora.models.llama import ModelConfig, hf_key_table
 
 NESTED = 256
@@ -257,7 +257,8 @@ def settings_from_config(cfg: Any, axes: dict[str, int] | None = None) -> dict[s
     # train.batch_size is the global micro-batch: its rows are split over the data × fsdp devices
     return dict(seq=cfg.data.max_length, batch=max(1, cfg.train.batch_size // rows), r=cfg.lora.r, dtype=cfg.model.dtype,
                 quant=cfg.model.quant, double_quant=cfg.model.double_quant and cfg.model.quant != "none",
-                block_size=cfg.model.block_size, targets=tuple(cfg.lora.target_modules), **axes)
+                block_size=cfg.model.block_size, **axes,
+                targets=LINEARS if cfg.lora.targets == "all-linear" else tuple(cfg.lora.target_modules))
 
 
 def resolve_remat(cfg: Any, shape: ModelConfig, axes: dict[str, int] | None = None,
