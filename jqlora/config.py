@@ -2,10 +2,11 @@
 
     cfg = load_config("configs/llama3-8b.yaml", ["train.learning_rate=1e-4", "lora.targets=[q_proj,v_proj]"])
 
-Precedence, lowest first: the dataclass defaults (which are the tiny demo run, so `load_config(None, [])` is
-`configs/demo.yaml`), the YAML file, the command-line overrides in order. Parsing, merging and type conversion are
-done by omegaconf (structured configs); every user mistake comes out as one `ConfigError` line naming where the
-value came from (the file or "command line"), the key, and the value, e.g.
+Precedence, lowest first: the dataclass defaults (neutral: no model, no data, no eval set, no sample prompt), the
+YAML file, the command-line overrides in order. The demo is `configs/demo.yaml`, which `load_run_config` picks when
+neither a file nor `model.path` is given; its `assets/demo/...` paths are the repository's, from any directory.
+Parsing, merging and type conversion are done by omegaconf (structured configs); every user mistake comes out as one
+`ConfigError` line naming where the value came from (the file or "command line"), the key, and the value, e.g.
 
     configs/x.yaml: unknown key 'train.learnig_rate' (did you mean 'train.learning_rate'?)
     command line: train.batch_size='four' is not an integer
@@ -20,6 +21,7 @@ import dataclasses
 import difflib
 import os
 import typing
+from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -65,7 +67,7 @@ def _one_of(value: Any, key: str, choices: tuple) -> None:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    path: str = "assets/demo/model"  # Hugging Face checkpoint directory (config.json, tokenizer, weights)
+    path: Optional[str] = None  # Hugging Face checkpoint directory (config.json, tokenizer, weights); required
     quant: str = "nf4"  # nf4 | fp4 | none: storage of the frozen base weights
     double_quant: bool = True  # quantize the per-block absmax values again (8 bit, blocks of 256)
     block_size: int = 64  # values per quantization block
@@ -74,7 +76,8 @@ class ModelConfig:
     max_seq_len: Optional[int] = None  # longest sequence the model may see; defaults to the checkpoint's limit
 
     def __post_init__(self):
-        _check(bool(self.path), "model.path", self.path, "must name a model directory")
+        if self.path is not None:
+            _check(bool(self.path), "model.path", self.path, "must name a model directory")
         _one_of(self.quant, "model.quant", QUANT_TYPES)
         _check(self.block_size in BLOCK_SIZES, "model.block_size", self.block_size,
                "must be one of " + ", ".join(map(str, BLOCK_SIZES)))
@@ -118,12 +121,12 @@ class LoraConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    path: str = "assets/demo/chat.jsonl"  # .jsonl / .json / .parquet / .csv file, a local dataset dir, or a hub name
+    path: Optional[str] = None  # .jsonl / .json / .parquet / .csv file, a local dataset dir, or a hub name; required
     format: str = "auto"  # auto | chat | instruction | prompt_completion | text
     split: str = "train"  # split to read from a dataset directory or hub dataset
     subset: Optional[str] = None  # hub dataset configuration name
     # separate eval data (same format rules); overrides eval_fraction
-    eval_path: Optional[str] = "assets/demo/chat_eval.jsonl"
+    eval_path: Optional[str] = None
     eval_split: Optional[str] = None  # split of data.path used for eval (hub/dir datasets), e.g. "test"
     eval_fraction: float = 0.0  # else hold out this fraction of the training examples (split by train.seed)
     max_length: int = 128  # tokens per row (packed or padded)
@@ -136,7 +139,8 @@ class DataConfig:
     chat_template: Optional[str] = None  # Jinja template (or a path to a .jinja file) replacing the tokenizer's
 
     def __post_init__(self):
-        _check(bool(self.path), "data.path", self.path, "must name a dataset")
+        if self.path is not None:
+            _check(bool(self.path), "data.path", self.path, "must name a dataset")
         _one_of(self.format, "data.format", DATA_FORMATS)
         _check(0.0 <= self.eval_fraction < 1.0, "data.eval_fraction", self.eval_fraction, "must be in [0, 1)")
         _check(self.max_length >= 2, "data.max_length", self.max_length, "must be >= 2")
@@ -150,16 +154,16 @@ class DataConfig:
 class TrainConfig:
     batch_size: int = 8  # rows per micro-batch (one forward/backward)
     grad_accum_steps: int = 2  # micro-batches per optimizer step
-    max_steps: Optional[int] = 100  # optimizer steps; null: train.epochs over the data
+    max_steps: Optional[int] = None  # optimizer steps; null: train.epochs over the data
     epochs: float = 1.0  # passes over the training rows when max_steps is null
-    learning_rate: float = 5e-3  # peak learning rate
+    learning_rate: float = 2e-4  # peak learning rate
     lr_schedule: str = "cosine"  # cosine | linear | constant (after warmup), decaying to min_lr_ratio * peak
     warmup_steps: int = 5  # linear warmup from 0, in optimizer steps (clamped to the run's length)
     min_lr_ratio: float = 0.0  # final learning rate as a fraction of the peak (cosine, linear)
     weight_decay: float = 0.0  # AdamW decoupled weight decay on the LoRA parameters
-    adam_b1: float = 0.9
-    adam_b2: float = 0.999
-    adam_eps: float = 1e-8
+    adam_b1: float = 0.9  # AdamW first-moment decay
+    adam_b2: float = 0.999  # AdamW second-moment decay
+    adam_eps: float = 1e-8  # AdamW epsilon
     max_grad_norm: float = 1.0  # global-norm gradient clipping; 0 disables
     seed: int = 0  # LoRA init, dropout, data shuffling and the eval split
     # none | full | save_dots | save_dots_no_batch | offload: what the scanned layer body keeps for backward;
@@ -172,7 +176,9 @@ class TrainConfig:
     save_every: int = 0  # optimizer steps between checkpoints; 0: only at the end
     keep_checkpoints: int = 2  # most recent checkpoints kept
     resume: bool = True  # continue from the newest checkpoint in output_dir if there is one
-    sample_prompt: Optional[str] = "What is the capital of France?"  # generated from before and after training
+    overwrite: bool = False  # start afresh in a non-empty output_dir: the old one is moved aside (never deleted)
+    sample_prompt: Optional[str] = None  # greedy reply printed before and after training (null: none)
+    eval_samples: int = 0  # at each eval, greedy replies to the first N eval prompts, logged beside the eval loss
     stop_at_step: Optional[int] = None  # save and stop after this step (the schedule still spans max_steps); rerun to go on
     # stop (saving nothing, exporting nothing) when the loss stays far above its early value (jqlora/divergence.py)
     stop_on_divergence: bool = True
@@ -201,6 +207,7 @@ class TrainConfig:
             _check(self.eval_batch_size >= 1, "train.eval_batch_size", self.eval_batch_size, "must be >= 1")
         _check(self.save_every >= 0, "train.save_every", self.save_every, "must be >= 0 (0: only at the end)")
         _check(self.keep_checkpoints >= 1, "train.keep_checkpoints", self.keep_checkpoints, "must be >= 1")
+        _check(self.eval_samples >= 0, "train.eval_samples", self.eval_samples, "must be >= 0")
         if self.stop_at_step is not None:
             _check(self.stop_at_step >= 1, "train.stop_at_step", self.stop_at_step, "must be >= 1 (or null)")
 
@@ -234,13 +241,21 @@ class MeshConfig:
 
 
 @dataclass(frozen=True)
+class LogConfig:
+    tensorboard: bool = True  # TensorBoard event files in output_dir/tensorboard (tensorboardX)
+    wandb: bool = False  # also log to Weights & Biases (needs `pip install wandb`; WANDB_MODE=offline: no network)
+    wandb_project: Optional[str] = None  # W&B project; null: jqlora
+
+
+@dataclass(frozen=True)
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     mesh: MeshConfig = field(default_factory=MeshConfig)
-    output_dir: str = "runs/demo"  # checkpoints, metrics, the resolved config and the exported adapter
+    log: LogConfig = field(default_factory=LogConfig)
+    output_dir: str = "runs/run"  # checkpoints, metrics, the resolved config and the exported adapter
 
     def __post_init__(self):
         _check(bool(self.output_dir), "output_dir", self.output_dir, "must name a directory")
@@ -480,3 +495,119 @@ def save_config(cfg: Config, path: str | os.PathLike) -> None:
     with open(path, "w", encoding="utf-8") as f:
         f.write(config_to_yaml(cfg))
 
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The run's config: the demo when nothing is given; the schema for --help; what a resume may change
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEMO_CONFIG = REPO_ROOT / "configs" / "demo.yaml"
+DEMO_ASSETS = "assets/demo/"
+_PATH_KEYS = ("model.path", "model.tokenizer_path", "data.path", "data.eval_path")
+
+
+def _override_keys(overrides) -> set[str]:
+    return {str(item).split("=", 1)[0].strip() for item in overrides if "=" in str(item)}
+
+
+def is_demo(path: str | os.PathLike | None, overrides=()) -> bool:
+    """The demo runs when no config file and no model.path are given, or when the file is configs/demo.yaml."""
+    if path is None:
+        return "model.path" not in _override_keys(overrides)
+    return Path(path).resolve() == DEMO_CONFIG.resolve()
+
+
+def _demo_paths(cfg: Config) -> Config:
+    """The demo's `assets/demo/...` paths taken from the repository (any other path is the user's, kept as given)."""
+    def fix(value):
+        if isinstance(value, str) and value.startswith(DEMO_ASSETS) and not os.path.isabs(value):
+            return str(REPO_ROOT / value)
+        return value
+
+    return dataclasses.replace(
+        cfg,
+        model=dataclasses.replace(cfg.model, path=fix(cfg.model.path), tokenizer_path=fix(cfg.model.tokenizer_path)),
+        data=dataclasses.replace(cfg.data, path=fix(cfg.data.path), eval_path=fix(cfg.data.eval_path),
+                                 chat_template=fix(cfg.data.chat_template)))
+
+
+def load_run_config(path: str | os.PathLike | None = None, overrides=()) -> Config:
+    """The config of a training run: `load_config`, but the demo (configs/demo.yaml) when `is_demo`, and an error
+    when the model or the data is not set."""
+    demo = is_demo(path, overrides)
+    cfg = load_config(DEMO_CONFIG if demo and path is None else path, overrides)
+    if demo:
+        return _demo_paths(cfg)
+    source = str(path) if path is not None else COMMAND_LINE
+    for key, value in (("model.path", cfg.model.path), ("data.path", cfg.data.path)):
+        if value is None:
+            raise ConfigError(f"{source}: {key} is not set (give {key}=..., or no arguments at all for the demo)")
+    return cfg
+
+
+def demo_config(overrides=()) -> Config:
+    """configs/demo.yaml with its asset paths in the repository (for tools and tests)."""
+    return _demo_paths(load_config(DEMO_CONFIG, list(overrides)))
+
+
+def _field_docs(cls: type) -> dict[str, str]:
+    """The one-line comment after each field of a schema dataclass (its documentation)."""
+    import inspect
+    import re
+
+    docs, pending = {}, []
+    for line in inspect.getsource(cls).splitlines():
+        stripped = line.strip()
+        if stripped.startswith("#"):
+            pending.append(stripped.lstrip("# ").strip())
+            continue
+        m = re.match(r"\s+(\w+): [^=]+=.*?(?:#\s*(.*))?$", line)
+        if m and not stripped.startswith("def "):
+            docs[m.group(1)] = " ".join(pending + ([m.group(2)] if m.group(2) else []))
+        pending = []
+    return docs
+
+
+def schema_lines(cls: type = Config, prefix: str = "") -> list[str]:
+    """Every leaf key of the schema with its default and its one-line doc, for `train --help`."""
+    docs = _field_docs(cls)
+    lines = []
+    for f in dataclasses.fields(cls):
+        tp = _field_types(cls)[f.name]
+        if _is_section(tp):
+            lines += schema_lines(tp, prefix + f.name + ".")
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        shown = "null" if default is None else yaml.safe_dump(default, default_flow_style=True).strip()
+        shown = shown.removesuffix("\n...").removesuffix("...").strip()
+        lines.append(f"  {prefix + f.name} = {shown}" + (f"  -- {docs[f.name]}" if docs.get(f.name) else ""))
+    return lines
+
+
+# Keys a resumed run may change: cadences, the run's length (and so the schedule's end), evaluation, sampling,
+# checkpoint retention, the mesh (checkpoints restore onto any mesh) and the remat policy (same math).
+RESUMABLE_KEYS = frozenset({
+    "train.max_steps", "train.epochs", "train.stop_at_step", "train.log_every", "train.eval_every",
+    "train.eval_batches", "train.eval_batch_size", "train.save_every", "train.keep_checkpoints", "train.resume",
+    "train.overwrite", "train.sample_prompt", "train.remat", "data.eval_path", "data.eval_split",
+    "mesh.data", "mesh.fsdp", "mesh.tensor", "log.tensorboard", "log.wandb", "log.wandb_project",
+    "train.eval_samples", "output_dir",  # (a run directory that was moved or copied is still that run)
+    "train.stop_on_divergence",
+})
+
+
+def _flat(tree: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[prefix + k] = v
+    return out
+
+
+def resume_conflicts(saved: Config, new: Config) -> list[tuple[str, Any, Any]]:
+    """(key, saved value, new value) of every change that makes resuming `saved`'s checkpoints as `new` impossible."""
+    a, b = _flat(config_to_dict(saved)), _flat(config_to_dict(new))
+    # (a key the saved config lacks was added by a later jqlora: its default cannot have changed the checkpoints)
+    return [(k, a.get(k), b.get(k)) for k in b if k not in RESUMABLE_KEYS and k in a and a.get(k) != b.get(k)]

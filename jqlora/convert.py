@@ -399,7 +399,7 @@ def convert(
             meta = {
                 "format": "jqlora",
                 "version": FORMAT_VERSION,
-                "source": str(src.resolve()),
+                "source": hf_source(src),  # the original checkpoint (what an adapter trained on dst needs)
                 "quant": quant_type if not ckpt.bnb else ckpt.bnb.get("bnb_4bit_quant_type", "nf4"),
                 "double_quant": double_quant,
                 "block_size": block_size,
@@ -479,6 +479,36 @@ def load_jqlora(path: str | os.PathLike, *, host: bool = False
 
 def is_jqlora_dir(path: str | os.PathLike) -> bool:
     return (Path(path) / JQLORA_META).is_file()
+
+
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+_HUB_CACHE = re.compile(r"models--([^/]+?)--(.+)")
+
+
+def hf_source(path: str | os.PathLike) -> str:
+    """Where the original Hugging Face checkpoint behind ``path`` lives, for an adapter's base_model_name_or_path:
+    for a jqlora-converted directory, the source its conversion recorded; else the hub id (from a hub cache path
+    ``.../models--org--name/snapshots/...`` or the config's ``_name_or_path``); else the absolute path."""
+    p = Path(path)
+    if is_jqlora_dir(p):
+        try:
+            source = json.loads((p / JQLORA_META).read_text()).get("source")
+        except (OSError, ValueError):
+            source = None
+        if source:
+            return str(source)
+    resolved = p.resolve()
+    for part in reversed(resolved.parts):
+        m = _HUB_CACHE.fullmatch(part)
+        if m:
+            return f"{m.group(1)}/{m.group(2)}"
+    try:
+        name = json.loads((p / "config.json").read_text()).get("_name_or_path")
+    except (OSError, ValueError):
+        name = None
+    if isinstance(name, str) and _HUB_ID.fullmatch(name) and not os.path.exists(name):
+        return name
+    return str(resolved)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -377,9 +377,11 @@ def encode_records(records: Sequence[Record], tokenizer, *, fmt: str = "auto", t
 
 
 def fit_length(examples: Iterable[Example], max_length: int, overlong: str = "truncate", *,
-               name: str = "dataset") -> list[Example]:
-    """Apply the overlong policy; drop examples with no trained target. Raises if none is left."""
-    kept, dropped_long, dropped_empty, total = [], 0, 0, 0
+               name: str = "dataset", stats: dict | None = None) -> list[Example]:
+    """Apply the overlong policy; drop examples with no trained target. Raises if none is left.
+
+    ``stats``, when given, receives the counts: examples, truncated, dropped_long, dropped_empty."""
+    kept, dropped_long, dropped_empty, total, truncated = [], 0, 0, 0, 0
     for ex in examples:
         total += 1
         if len(ex.ids) > max_length:
@@ -390,10 +392,13 @@ def fit_length(examples: Iterable[Example], max_length: int, overlong: str = "tr
                 dropped_long += 1
                 continue
             ex = Example(ex.ids[:max_length], ex.trained[:max_length], ex.where)
+            truncated += 1
         if not ex.trained[1:].any():  # the first token is never a target
             dropped_empty += 1
             continue
         kept.append(ex)
+    if stats is not None:
+        stats.update(examples=total, truncated=truncated, dropped_long=dropped_long, dropped_empty=dropped_empty)
     if total == 0:
         raise DataError(f"{name}: no examples")
     if not kept:
@@ -436,6 +441,7 @@ class TokenDataset:
 
     def __init__(self, examples: list[Example], max_length: int, *, packing: bool, pad_id: int = 0):
         self.examples = examples
+        self.stats: dict = {}  # filled by build_datasets: examples, truncated, dropped_long, dropped_empty
         self.max_length = max_length
         self.pad_id = pad_id
         if packing:
@@ -601,8 +607,11 @@ def build_datasets(data_cfg, tokenizer, *, seed: int = 0) -> tuple[TokenDataset,
 
     def make(records, name):
         examples, _ = encode_records(records, tokenizer, **kwargs)
-        examples = fit_length(examples, data_cfg.max_length, data_cfg.overlong, name=name)
-        return TokenDataset(examples, data_cfg.max_length, packing=data_cfg.packing, pad_id=pad)
+        stats: dict = {}
+        examples = fit_length(examples, data_cfg.max_length, data_cfg.overlong, name=name, stats=stats)
+        ds = TokenDataset(examples, data_cfg.max_length, packing=data_cfg.packing, pad_id=pad)
+        ds.stats = stats
+        return ds
 
     train = make(train_records, str(data_cfg.path))
     evals = make(eval_records, str(data_cfg.eval_path or data_cfg.path) + " (eval)") if eval_records else None

@@ -1,8 +1,11 @@
 """Telling a run that diverges from one that is only noisy.
 
-A run diverges when the mean loss of a log window stays far above the run's early loss: above ``factor`` times the
-first window's mean (the early loss) for ``patience`` windows in a row. A single spike is not divergence; a NaN or
-Inf loss is handled by the loop at once. While a streak of high windows is under way the state is *suspect*: the
+A run diverges when the mean loss of a log window stays far above the run's early loss (above ``factor`` times the
+first window's mean) or sits at ln V, the loss of predicting every one of the V tokens with probability 1/V, for
+``patience`` windows in a row. The second is how a far too large learning rate often ends: the activations overflow,
+the final RMSNorm maps them to zero and every logit is equal, so the loss is exactly ln V on every batch while
+nothing is NaN; a model at the start of fine-tuning is never that uniform (a random one is within a few hundredths,
+a pretrained one far below). A single spike is not divergence; a NaN or Inf loss is handled by the loop at once. While a streak of high windows is under way the state is *suspect*: the
 loop saves no checkpoint then, so the newest checkpoint is always one taken before the trouble started.
 """
 
@@ -13,12 +16,14 @@ import math
 
 FACTOR = 3.0  # a window whose mean loss is this many times the early loss is "high"
 PATIENCE = 3  # this many high windows in a row are divergence
+UNIFORM_TOL = 1e-3  # nats: a window mean this close to ln V is the uniform distribution
 
 
 @dataclasses.dataclass
 class DivergenceMonitor:
     factor: float = FACTOR
     patience: int = PATIENCE
+    uniform_loss: float | None = None  # ln V, when the vocabulary size is known
     early_loss: float | None = None  # the first log window's mean loss
     streak: int = 0  # high windows in a row
     streak_start: int | None = None  # the step the streak began after
@@ -35,12 +40,16 @@ class DivergenceMonitor:
         if self.early_loss is None:
             self.early_loss = window_loss
             return None
-        if window_loss > self.factor * self.early_loss:
+        uniform = self.uniform_loss is not None and abs(window_loss - self.uniform_loss) < UNIFORM_TOL
+        if window_loss > self.factor * self.early_loss or uniform:
             if self.streak == 0:
                 self.streak_start = window_start
             self.streak += 1
         else:
             self.streak, self.streak_start = 0, None
+        if self.streak >= self.patience and uniform:
+            return (f"the model's predictions collapsed to the uniform distribution (loss {window_loss:.4f} = ln V) "
+                    f"for {self.streak} log windows since step {self.streak_start}")
         if self.streak >= self.patience:
             return (f"the loss ({window_loss:.4g}) has been above {self.factor:g}x its early value "
                     f"({self.early_loss:.4g}) for {self.streak} log windows since step {self.streak_start}")

@@ -31,11 +31,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jqlora import optim, sharding
+from jqlora import optim, report, sharding
 from jqlora.config import save_config
 from jqlora.data import BatchIterator, build_datasets, eval_batches, load_tokenizer
 from jqlora.divergence import DivergenceMonitor
-from jqlora.rundir import RunDir, RunDirError, RunLockedError
+from jqlora.rundir import RunDir, RunDirError, RunLock, RunLockedError, open_run_dir
 from jqlora.step import CE_CHUNK, NoLoraError, SplitModel, make_eval_step, make_train_step, step_batch
 
 log = logging.getLogger("jqlora.train")
@@ -48,12 +48,14 @@ class UserError(ValueError):
     """A user mistake found by the trainer (missing model, unwritable output_dir, ...): one line, exit code 2."""
 
 
-def _resolve(path: str | None) -> str | None:
-    """A relative path that does not exist here but does in the repository (the demo assets) is taken from there."""
-    if path is None or os.path.isabs(path) or os.path.exists(path):
+def _absolute(path: str | None) -> str | None:
+    """A local path made absolute (so the saved config and the adapter name it from anywhere); hub names stay."""
+    if path is None or os.path.isabs(path) or not os.path.exists(path):
         return path
-    candidate = REPO_ROOT / path
-    return str(candidate) if candidate.exists() else path
+    return os.path.abspath(path)
+
+
+EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}  # 128 + the signal's number, as shells report them
 
 
 def _has_weights(path: str) -> bool:
@@ -82,17 +84,28 @@ def _lora_config(cfg):
                       rslora=cfg.lora.rslora)
 
 
-def _open_run_dir(out: str, keep: int, primary: bool) -> RunDir:
-    """The run directory, locked by process 0; every process stops if another trainer holds it."""
-    error = None
+def _open_run_dir(cfg, primary: bool) -> RunDir:
+    """The run directory, once it is this run's: process 0 locks it first (every process stops if another trainer
+    holds it), then `rundir.open_run_dir` refuses, resumes or moves aside what is there."""
+    out, lock, error = cfg.output_dir, None, None
+    if primary:
+        try:
+            lock = RunLock(out)
+            lock.acquire()
+        except RunLockedError as e:
+            error = str(e)
+        except RunDirError as e:
+            error = str(e)
+    if sharding.any_process(error is not None):  # (one collective, on every process)
+        raise UserError(error or f"output_dir {out}: not usable (see process 0)")
     try:
-        run_dir = RunDir(out, keep=keep, primary=primary)
-    except RunLockedError as e:
-        error = str(e)
+        run_dir, note = open_run_dir(cfg, primary=primary, lock=lock, barrier=lambda: sharding.any_process(False))
     except RunDirError as e:
+        if lock is not None:
+            lock.release()
         raise UserError(str(e)) from None
-    if sharding.any_process(error is not None):
-        raise UserError(error or f"output_dir {out} is in use by another trainer (see process 0)")
+    if note and primary:
+        log.warning(note)
     return run_dir
 
 
@@ -141,17 +154,23 @@ class Trainer:
     def __init__(self, cfg, *, progress: bool | None = None, export: bool = True, ce_chunk: int = CE_CHUNK):
         cfg = dataclasses.replace(
             cfg,
-            model=dataclasses.replace(cfg.model, path=_resolve(cfg.model.path),
-                                      tokenizer_path=_resolve(cfg.model.tokenizer_path)),
-            data=dataclasses.replace(cfg.data, path=_resolve(cfg.data.path), eval_path=_resolve(cfg.data.eval_path)),
+            model=dataclasses.replace(cfg.model, path=_absolute(cfg.model.path),
+                                      tokenizer_path=_absolute(cfg.model.tokenizer_path)),
+            data=dataclasses.replace(cfg.data, path=_absolute(cfg.data.path), eval_path=_absolute(cfg.data.eval_path)),
         )
+        if cfg.model.path is None or cfg.data.path is None:
+            raise UserError(f"{'model.path' if cfg.model.path is None else 'data.path'} is not set")
+        if cfg.log.wandb and importlib.util.find_spec("wandb") is None:  # (before minutes of loading)
+            raise UserError("log.wandb=true needs the wandb package (pip install wandb), or set log.wandb=false")
+        self.writers = None
+        self.started = time.perf_counter()  # (the CLI sets its own start: time to first step counts the imports)
         self.cfg = cfg
         self.tc = cfg.train
         self.out = cfg.output_dir
         self.primary = sharding.is_primary()
         self.progress = (sys.stderr.isatty() if progress is None else progress) and self.primary
         self.export = export
-        self.run_dir = _open_run_dir(self.out, self.tc.keep_checkpoints, self.primary)
+        self.run_dir = _open_run_dir(cfg, self.primary)  # before anything is loaded
         try:
             self._setup(cfg, ce_chunk)
         except BaseException:
@@ -170,6 +189,9 @@ class Trainer:
         self.iterator = BatchIterator(sharding.RowIds(len(self.train_ds)), self.tc.batch_size, seed=self.tc.seed,
                                       shuffle=cfg.data.shuffle)
         self.total_steps = optim.total_optimizer_steps(self.tc, self.iterator.batches_per_epoch)
+        if self.primary:
+            for line in report.settings_warnings(cfg, self.train_ds, self.total_steps):
+                log.warning(line)
         self.tx, self.schedule = optim.make_optimizer(self.tc, self.total_steps)
 
         # Placement: the model's own arrays are swapped for the placed ones, so no unsharded copy stays behind.
@@ -184,11 +206,14 @@ class Trainer:
         self.opt_leaves = optim.check_state_is_lora_only(self.opt_state, self.lora)
         self.rng = jax.device_put(jax.random.PRNGKey(self.tc.seed), sharding.replicated(self.mesh))
         self.step = 0
+        self.trained_tokens = 0  # cumulative over the run (resumes included)
+        self.window = {"loss": 0.0, "steps": 0, "tokens": 0}  # the steps since the last log line
+        self.evaluated_at: int | None = None
         self.train_step = make_train_step(self.split, self.tx, ce_chunk)
         self.eval_step = make_eval_step(self.split, ce_chunk)
         self._stop_signal: int | None = None
         self._saved_step: int | None = None
-        self.monitor = DivergenceMonitor()
+        self.monitor = DivergenceMonitor(uniform_loss=math.log(self.model.config.vocab_size))
 
     # -- checkpoints ------------------------------------------------------------------------------------------------
 
@@ -200,6 +225,7 @@ class Trainer:
         if self._saved_step == self.step:
             return
         meta = {"step": self.step, "data": self.iterator.state(), "total_steps": self.total_steps,
+                "trained_tokens": self.trained_tokens, "window": dict(self.window),
                 "divergence": self.monitor.state()}
         try:
             self.run_dir.save(self.step, self._ckpt_tree(), meta)
@@ -224,13 +250,32 @@ class Trainer:
         self.step = int(meta["step"])
         self.iterator.restore(meta["data"])
         self.monitor.restore(meta.get("divergence"))
+        self.trained_tokens = int(meta.get("trained_tokens", 0))
+        self.window = dict(meta.get("window", self.window))  # the first log line after a resume is a full window
         self._saved_step = self.step
         self.run_dir.truncate_metrics(self.step)
+        if any("eval_loss" in r and r["step"] == self.step for r in self.run_dir.read_metrics()):
+            self.evaluated_at = self.step  # (a finished run that is run again does not evaluate twice)
         log.info("resumed from %s at step %d", self.out, self.step)
         return True
 
     def _log(self, record: dict) -> None:
         self.run_dir.log(record)
+        if self.writers is not None:
+            self.writers.write(record)
+
+    def _log_eval(self) -> None:
+        loss = self.evaluate()
+        rec = {"step": self.step, "eval_loss": loss, "eval_perplexity": math.exp(min(loss, 700.0))}
+        samples = self.eval_samples()
+        if samples:
+            rec["eval_samples"] = samples
+        self._log(rec)
+        if self.primary:
+            log.info(report.eval_line(rec))
+            for x in samples:
+                log.info("  sample: %s -> %s", x["prompt"], x["reply"])
+        self.evaluated_at = self.step
 
     def evaluate(self) -> float | None:
         if self.eval_ds is None:
@@ -264,15 +309,26 @@ class Trainer:
             loss_sum = loss_sum + s
         self.step += 1
         n_trained, n_tokens = int(trained), int(tokens)
+        self.trained_tokens += n_trained
         return float(loss_sum) / max(n_trained, 1), n_trained, n_tokens
 
     def _on_signal(self, signum, frame) -> None:
         self._stop_signal = signum
 
     def run(self) -> int:
+        """Train to the end (0), stop on train.stop_at_step (0) or a signal (130 SIGINT, 143 SIGTERM) with a
+        checkpoint, or stop on a non-finite loss (1)."""
+        from tqdm.contrib.logging import logging_redirect_tqdm
+
+        from jqlora.writers import MetricWriters, WriterError
+
         self.maybe_resume()
         if self.primary:
             save_config(self.cfg, self.run_dir.config_path)
+        try:
+            self.writers = MetricWriters(self.cfg, self.out, primary=self.primary, start_step=self.step)
+        except WriterError as e:
+            raise UserError(str(e)) from None
         handlers = {}
         for sig in (signal.SIGINT, signal.SIGTERM):
             try:
@@ -280,25 +336,45 @@ class Trainer:
             except ValueError:  # not the main thread
                 pass
         try:
-            return self._loop()
+            with logging_redirect_tqdm(loggers=[log]):  # log lines above the progress bar, not through it
+                return self._loop()
         finally:
             for sig, h in handlers.items():
                 signal.signal(sig, h)
             self.run_dir.close()
+            if self.writers is not None:
+                self.writers.close()
+
+    def _log_train(self, lr: float, t0: float, start_step: int, window_t0: float, tokens: int) -> dict:
+        w = self.window
+        now = time.perf_counter()
+        rate = (self.step - start_step) / max(now - t0, 1e-9)  # optimizer steps per second in this process
+        rec = {"step": self.step, "loss": w["loss"] / w["steps"], "lr": lr,
+               "grad_norm": float(optim.last_grad_norm(self.opt_state)),
+               "tokens_per_s": tokens / max(now - window_t0, 1e-9),
+               "trained_tokens": self.trained_tokens}
+        self._log(rec)
+        if self.primary:
+            log.info(report.progress_line(rec, self.total_steps, (self.total_steps - self.step) / max(rate, 1e-12)))
+        self.bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{lr:.2e}", tok_s=f"{rec['tokens_per_s']:.0f}")
+        self.window = {"loss": 0.0, "steps": 0, "tokens": 0}
+        return rec
 
     def _loop(self) -> int:
         from tqdm import tqdm
 
         tc = self.tc
-        bar = tqdm(total=self.total_steps, initial=self.step, disable=not self.progress, unit="step",
-                   dynamic_ncols=True)
-        window_loss, window_steps, window_tokens, window_t0 = 0.0, 0, 0, time.perf_counter()
-        evaluated_at = None
+        self.bar = bar = tqdm(total=self.total_steps, initial=self.step, disable=not self.progress, unit="step",
+                              dynamic_ncols=True)
+        if self.step >= self.total_steps and self.primary:
+            log.info("%s: the run already finished at step %d (raise train.max_steps to train on)", self.out,
+                     self.step)
         if self.step == 0:
             self.print_sample("before training")
-        if self.step == 0 and self.eval_ds is not None:  # the held-out loss before any training
-            self._log({"step": 0, "eval_loss": self.evaluate()})
-            evaluated_at = 0
+        if self.step == 0 and self.eval_ds is not None and self.evaluated_at is None:  # before any training
+            self._log_eval()
+        t0, start_step = time.perf_counter(), self.step
+        window_t0, session_tokens = t0, 0
         while self.step < self.total_steps:
             lr = float(self.schedule(self.step))
             loss, n_trained, n_tokens = self.one_step()
@@ -306,30 +382,28 @@ class Trainer:
                 bar.close()
                 # (the loss of step N is that of the state saved after step N-1: that state is the first bad one)
                 return self._stop_bad(f"the loss is {loss} at step {self.step}", bad_from=self.step - 1)
-            window_loss += loss
-            window_steps += 1
-            window_tokens += n_tokens
+            self.window["loss"] += loss
+            self.window["steps"] += 1
+            self.window["tokens"] += n_tokens
+            session_tokens += n_tokens
+            if self.step == start_step + 1 and self.primary:
+                log.info("first step done %.1f s after start", time.perf_counter() - self.started)
             bar.update(1)
             if self.step % tc.log_every == 0 or self.step == self.total_steps:
-                elapsed = time.perf_counter() - window_t0
-                tps = window_tokens / max(elapsed, 1e-9)
-                rec = {"step": self.step, "loss": window_loss / window_steps, "lr": lr, "tokens_per_s": tps,
-                       "trained_tokens": n_trained}
-                self._log(rec)
-                bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{lr:.2e}", tok_s=f"{tps:.0f}")
-                diverged = self.monitor.update(self.step, rec["loss"], self.step - window_steps)
-                window_loss, window_steps, window_tokens, window_t0 = 0.0, 0, 0, time.perf_counter()
+                window_start = self.step - self.window["steps"]
+                rec = self._log_train(lr, t0, start_step, window_t0, session_tokens)  # (this session's throughput)
+                window_t0, session_tokens = time.perf_counter(), 0
+                diverged = self.monitor.update(self.step, rec["loss"], window_start)
                 if diverged is not None:
                     if tc.stop_on_divergence:
                         bar.close()
                         return self._stop_bad(f"training diverged at step {self.step}: {diverged}",
                                               bad_from=self.monitor.streak_start or self.step - 1)
                     if self.monitor.streak == self.monitor.patience and self.primary:
-                        print(f"warning: training diverged at step {self.step}: {diverged}; going on "
-                              "(train.stop_on_divergence=false)", file=sys.stderr)
+                        log.warning("warning: training diverged at step %d: %s; going on "
+                                    "(train.stop_on_divergence=false)", self.step, diverged)
             if tc.eval_every and self.step % tc.eval_every == 0 and self.eval_ds is not None:
-                self._log({"step": self.step, "eval_loss": self.evaluate()})
-                evaluated_at = self.step
+                self._log_eval()
             if tc.save_every and self.step % tc.save_every == 0:
                 if self.monitor.suspect:  # (the newest checkpoint stays one from before the loss went up)
                     log.info("step %d: not saving a checkpoint while the loss is far above its early value",
@@ -346,10 +420,12 @@ class Trainer:
                 if self.primary:
                     print(f"{why}: stopped at step {self.step}; checkpoint saved in {self.out}/checkpoints, "
                           "run again to resume", file=sys.stderr)
-                return 0
+                if not signalled:
+                    return 0
+                return EXIT_CODES.get(self._stop_signal, 130)
         bar.close()
-        if self.eval_ds is not None and evaluated_at != self.step:
-            self._log({"step": self.step, "eval_loss": self.evaluate()})
+        if self.eval_ds is not None and self.evaluated_at != self.step:
+            self._log_eval()
         self.save()
         self.run_dir.plot()
         self.print_sample(f"after {self.step} steps")
@@ -370,23 +446,41 @@ class Trainer:
                   "train.learning_rate or check the data.", file=sys.stderr)
         return 1
 
+    def _reply(self, ids, max_new_tokens: int = 32) -> str:
+        from jqlora.decode import generate
+
+        out = generate(self.split.model(self.lora), np.asarray(ids, np.int32), max_new_tokens=max_new_tokens,
+                       eos_token_id=self.tokenizer.eos_token_id)
+        return self.tokenizer.decode(out, skip_special_tokens=True).strip()
+
     def sample(self, max_new_tokens: int = 32) -> str | None:
         """The model's greedy reply to ``train.sample_prompt`` (None without a prompt or a chat template)."""
         prompt = self.tc.sample_prompt
         if not prompt or not getattr(self.tokenizer, "chat_template", None) or jax.process_count() > 1:
             return None  # (generation is single-process)
-        from jqlora.generate import generate
-
         ids = self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
                                                  tokenize=True, return_dict=True)["input_ids"]
-        out = generate(self.split.model(self.lora), np.asarray(ids, np.int32), max_new_tokens=max_new_tokens,
-                       eos_token_id=self.tokenizer.eos_token_id)
-        return self.tokenizer.decode(out, skip_special_tokens=True).strip()
+        return self._reply(ids, max_new_tokens)
+
+    def eval_samples(self) -> list[dict]:
+        """Greedy replies to the first ``train.eval_samples`` eval prompts (each example up to its first trained
+        token: the conversation so far, rendered as in training)."""
+        n = self.tc.eval_samples
+        if not n or self.eval_ds is None or jax.process_count() > 1:
+            return []
+        out = []
+        for ex in self.eval_ds.examples[:n]:
+            first = int(np.argmax(np.asarray(ex.trained)[1:] > 0)) + 1
+            ids = list(ex.ids[:first])
+            prompt = self.tokenizer.decode(ids, skip_special_tokens=True).strip().replace("\n", " ")
+            out.append({"prompt": prompt, "reply": self._reply(ids)})
+        return out
 
     def print_sample(self, when: str) -> None:
         reply = self.sample()
         if reply is not None:
-            print(f"[{when}] {self.tc.sample_prompt!r} -> {reply!r}", flush=True)
+            shown = "".join(c if c.isprintable() else " " for c in reply).strip() or "(nothing)"
+            print(f"[{when}] {self.tc.sample_prompt}\n    -> {shown}", flush=True)
 
     def export_adapter(self) -> None:
         from jqlora import peft
@@ -395,8 +489,13 @@ class Trainer:
         if not self.primary:
             return
         losses = [r["loss"] for r in self.run_dir.read_metrics() if "loss" in r]
+        from jqlora.convert import hf_source
+
         card = {"data": self.cfg.data.path, "steps": self.step, "final_loss": f"{losses[-1]:.4f}" if losses else "n/a"}
+        base = hf_source(self.cfg.model.path)  # the original HF checkpoint, also behind a converted base
+        if base != os.path.abspath(self.cfg.model.path):
+            card["trained_on"] = f"{os.path.abspath(self.cfg.model.path)} (jqlora's 4-bit copy of the base)"
         out = peft.save_adapter(self.split.model(lora), os.path.join(self.out, "adapter"),
-                                lora_config=_lora_config(self.cfg), base_model_name_or_path=self.cfg.model.path,
+                                lora_config=_lora_config(self.cfg), base_model_name_or_path=base,
                                 card=card, overwrite=True)
         log.info("adapter written to %s", out)

@@ -15,8 +15,10 @@ the inner chain every k-th call; t counts optimizer steps (not micro-steps).
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 
@@ -42,10 +44,34 @@ def make_schedule(train_cfg, total_steps: int) -> optax.Schedule:
     return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), after], [warmup])
 
 
+class GradNormState(NamedTuple):
+    norm: jax.Array  # global norm of the last (accumulated, unclipped) gradient
+
+
+def record_grad_norm() -> optax.GradientTransformation:
+    """Identity on the updates; keeps their global norm in its state (read back with `last_grad_norm`)."""
+
+    def init(params):
+        del params
+        return GradNormState(jnp.zeros((), jnp.float32))
+
+    def update(updates, state, params=None):
+        del state, params
+        return updates, GradNormState(optax.global_norm(updates).astype(jnp.float32))
+
+    return optax.GradientTransformation(init, update)
+
+
+def last_grad_norm(opt_state) -> jax.Array:
+    """The global norm of the gradient the last optimizer step applied (before clipping)."""
+    return opt_state.inner_opt_state[0].norm
+
+
 def make_optimizer(train_cfg, total_steps: int) -> tuple[optax.MultiSteps, optax.Schedule]:
-    """``MultiSteps(clip ∘ AdamW, every_k_schedule=grad_accum_steps)`` and its learning-rate schedule."""
+    """``MultiSteps(record norm ∘ clip ∘ AdamW, every_k_schedule=grad_accum_steps)`` and its learning-rate
+    schedule."""
     schedule = make_schedule(train_cfg, total_steps)
-    parts = []
+    parts = [record_grad_norm()]
     if train_cfg.max_grad_norm > 0:
         parts.append(optax.clip_by_global_norm(float(train_cfg.max_grad_norm)))
     parts.append(optax.adamw(schedule, b1=float(train_cfg.adam_b1), b2=float(train_cfg.adam_b2),

@@ -148,8 +148,12 @@ def _model_card(base: str, card: Mapping[str, Any] | None) -> str:
         lines.append(f"- base_model:adapter:{base}")
     lines += ["- lora", "- qlora", "- jqlora", "- transformers", "---", "",
               f"# LoRA adapter{' for ' + base if base else ''}", "",
-              "A LoRA adapter trained with jqlora (JAX QLoRA) in the peft format. Load it with",
-              "`peft.PeftModel.from_pretrained(base_model, this_dir)`.", ""]
+              "A LoRA adapter trained with jqlora (JAX QLoRA) in the peft format."]
+    if base:
+        lines += [f"It needs the base model `{base}`: `peft.AutoPeftModelForCausalLM.from_pretrained(this_dir)`",
+                  "loads that base and the adapter, or `peft.PeftModel.from_pretrained(base_model, this_dir)`", ""]
+    else:
+        lines += ["Load it with `peft.PeftModel.from_pretrained(base_model, this_dir)`.", ""]
     rows = [("Base model", base or card.pop("base_model", None))]
     for label, key in (("Data", "data"), ("Steps", "steps"), ("Final loss", "final_loss")):
         rows.append((label, card.pop(key, None)))

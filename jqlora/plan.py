@@ -278,6 +278,67 @@ def resolve_remat(cfg: Any, shape: ModelConfig, axes: dict[str, int] | None = No
 # ---------------------------------------------------------------------------------------------------------------
 # CLI
 
+# Hugging Face hub ids (lower case) with the published shapes above; `--model` also takes the last part alone
+# (a checkpoint directory's usual name) and a recipe's name (configs/<name>.yaml).
+HUB_IDS: dict[str, str] = {
+    **{f"meta-llama/{n}": "llama3-8b" for n in (
+        "meta-llama-3-8b", "meta-llama-3-8b-instruct", "llama-3.1-8b", "llama-3.1-8b-instruct",
+        "meta-llama-3.1-8b", "meta-llama-3.1-8b-instruct")},
+    **{f"meta-llama/{n}": "llama3-70b" for n in (
+        "meta-llama-3-70b", "meta-llama-3-70b-instruct", "llama-3.1-70b", "llama-3.1-70b-instruct",
+        "meta-llama-3.1-70b", "meta-llama-3.1-70b-instruct", "llama-3.3-70b-instruct")},
+    "mistralai/mistral-7b-v0.1": "mistral-7b", "mistralai/mistral-7b-instruct-v0.1": "mistral-7b",
+    "mistralai/mistral-7b-v0.3": "mistral-7b-v0.3", "mistralai/mistral-7b-instruct-v0.3": "mistral-7b-v0.3",
+    "qwen/qwen2.5-7b": "qwen2.5-7b", "qwen/qwen2.5-7b-instruct": "qwen2.5-7b",
+}
+# Mistral-7B v0.3 (the mistral-7b recipe's checkpoint): v0.1's shape with a 32768 vocabulary and no sliding window
+_CLI_SHAPES = {"mistral-7b-v0.3": ModelConfig.from_hf({
+    **{k: v for k, v in PUBLISHED["mistral-7b"].items() if k != "sliding_window"}, "vocab_size": 32768,
+    "rope_theta": 1000000.0})}
+_CLI_NAMES = {"mistral-7b-v0.3": "Mistral-7B-v0.3"}
+
+
+def lookup_shape(name: str) -> tuple[ModelConfig, str] | None:
+    """(shape, display name) for a built-in name, a hub id, a checkpoint directory's name or a recipe's name."""
+    key = name.strip().rstrip("/").lower()
+    if key in BUILTIN:
+        return BUILTIN[key], NAMES[key]
+    short = {hub.rsplit("/", 1)[-1]: v for hub, v in HUB_IDS.items()}
+    found = HUB_IDS.get(key) or short.get(key.rsplit("/", 1)[-1])
+    if found is None:
+        from jqlora.config import REPO_ROOT
+
+        recipe = REPO_ROOT / "configs" / f"{key}.yaml"
+        if recipe.is_file() and key != "demo":
+            from jqlora.config import load_config
+
+            path = load_config(str(recipe), []).model.path or ""
+            return lookup_shape(os.path.basename(path.rstrip("/"))) if path else None
+        return None
+    if found in BUILTIN:
+        return BUILTIN[found], NAMES[found]
+    return _CLI_SHAPES[found], _CLI_NAMES[found]
+
+
+def _model_json(text: str) -> tuple[ModelConfig, str]:
+    """--model-config: a config.json, its directory, or the JSON itself (``'{"model_type": "llama", ...}'``)."""
+    import json
+
+    if text.lstrip().startswith("{"):
+        try:
+            d = json.loads(text)
+        except ValueError as e:
+            raise _Usage(f"--model-config: not valid JSON ({e})") from None
+        try:
+            return ModelConfig.from_hf(d), "model"
+        except (ValueError, TypeError, KeyError) as e:
+            raise _Usage(f"--model-config: not a usable config ({e})") from None
+    path = os.path.join(text, "config.json") if os.path.isdir(text) else text
+    if not os.path.isfile(path):
+        raise _Usage(f"--model-config {text}: no such file")
+    return _model_config(path), os.path.basename(os.path.dirname(os.path.abspath(path)))
+
+
 
 class _Usage(Exception):
     pass
@@ -294,8 +355,9 @@ def _resolve_axis(value: Any, name: str, devices: int, others: int) -> int:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m jqlora.plan", description=__doc__.split("\n")[0])
     src = ap.add_mutually_exclusive_group()
-    src.add_argument("--model", help=f"a built-in shape: {', '.join(BUILTIN)}")
-    src.add_argument("--model-config", help="a Hugging Face config.json (or its directory)")
+    src.add_argument("--model", help=f"a built-in shape ({', '.join(BUILTIN)}), a hub id such as "
+                                     "meta-llama/Meta-Llama-3-8B, or a recipe's name (llama3-70b-fsdp2)")
+    src.add_argument("--model-config", help="a Hugging Face config.json, its directory, or the JSON text itself")
     ap.add_argument("--config", help="a jqlora run config (YAML); overrides may follow. The shape comes from its "
                                      "model.path, or from --model / --model-config when that is not on this machine")
     ap.add_argument("overrides", nargs="*", help="key.sub=value overrides of --config")
@@ -326,26 +388,26 @@ def main(argv: list[str] | None = None) -> int:
                 cfg = load_config(args.config, args.overrides)
             except ConfigError as e:
                 raise _Usage(str(e)) from None
-            path = os.path.join(cfg.model.path, "config.json")
+            model_path = cfg.model.path or ""
+            path = os.path.join(model_path, "config.json")
+            known = lookup_shape(os.path.basename(model_path.rstrip("/"))) if model_path else None
             if os.path.isfile(path):
-                shape, name = _model_config(path), os.path.basename(cfg.model.path.rstrip("/"))
+                shape, name = _model_config(path), os.path.basename(model_path.rstrip("/"))
             elif not (args.model or args.model_config):
-                raise _Usage(f"model.path {cfg.model.path}: no config.json here; give the shape with --model or "
-                             f"--model-config")
+                if known is None:
+                    raise _Usage(f"model.path {model_path or '(not set)'}: no config.json here and not a known "
+                                 "model name; give the shape with --model or --model-config")
+                shape, name = known  # the checkpoint is elsewhere: its published shape, by the directory's name
             settings.update(settings_from_config(cfg, {n: getattr(cfg.mesh, n) for n in ("data", "fsdp", "tensor")}),
                             remat=cfg.train.remat)
         if shape is None and args.model_config:
-            path = args.model_config
-            if os.path.isdir(path):
-                path = os.path.join(path, "config.json")
-            if not os.path.isfile(path):
-                raise _Usage(f"{path}: no such file")
-            shape, name = _model_config(path), os.path.basename(os.path.dirname(os.path.abspath(path)))
+            shape, name = _model_json(args.model_config)
         elif shape is None:
-            name = args.model or "llama3-8b"
-            if name not in BUILTIN:
-                raise _Usage(f"--model {name}: unknown; expected one of {', '.join(BUILTIN)}")
-            shape, name = BUILTIN[name], NAMES[name]
+            found = lookup_shape(args.model or "llama3-8b")
+            if found is None:
+                raise _Usage(f"--model {args.model}: unknown; expected one of {', '.join(BUILTIN)}, a hub id such as "
+                             "meta-llama/Meta-Llama-3-8B, a recipe's name, or the shape with --model-config")
+            shape, name = found
         for key in ("seq", "batch", "remat", "r", "dtype", "quant", "data", "fsdp", "tensor"):
             if getattr(args, key) is not None:
                 settings[key] = getattr(args, key)

@@ -61,17 +61,17 @@ class RunDir:
     (`lock`); readers (export) pass ``create=False`` and take no lock."""
 
     def __init__(self, out: str | os.PathLike, *, keep: int | None = None, primary: bool = True,
-                 create: bool = True):
+                 create: bool = True, lock: RunLock | None = None):
         self.out = str(out)
         self.primary = primary
         self.metrics_path = os.path.join(self.out, "metrics.jsonl")
         self.config_path = os.path.join(self.out, "config.yaml")
         self.checkpoints = os.path.abspath(os.path.join(self.out, "checkpoints"))
         self.bad_dir = os.path.abspath(os.path.join(self.out, BAD_DIR))
-        self._lock: RunLock | None = None
+        self._lock: RunLock | None = lock  # (one the caller already holds, or taken here)
         if create:
             check_writable(self.out)
-            if primary:
+            if primary and lock is None:
                 self._lock = RunLock(self.out)
                 self._lock.acquire()
         self._keep = keep
@@ -351,6 +351,7 @@ class RunLock:
         self._file = None  # (a file object: if it is dropped unreleased, closing it drops the lock too)
 
     def acquire(self) -> None:
+        check_writable(os.path.dirname(self.path))
         f = open(self.path, "a+")
         try:
             fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -428,3 +429,108 @@ def find_run(src: str | os.PathLike, step: int | None = None) -> tuple[Path, int
     if not (src / "config.yaml").is_file():
         raise RunDirError(f"{src}: not a training run directory (no config.yaml)")
     return src, step
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Whose directory is it? (a run never writes into another run's or a stranger's directory)
+
+
+def _entries(out: str | os.PathLike) -> list[str]:
+    """The directory's entries, without this module's own write probes and lock."""
+    if not os.path.isdir(out):
+        return []
+    return sorted(e for e in os.listdir(out) if not e.startswith(".write_test.") and e != LOCK)
+
+
+def dir_kind(out: str | os.PathLike) -> str:
+    """"empty" (missing or empty), "run" (a jqlora run: it has config.yaml) or "foreign" (anything else)."""
+    entries = _entries(out)
+    if not entries:
+        return "empty"
+    return "run" if "config.yaml" in entries else "foreign"
+
+
+def aside_name(out: str | os.PathLike) -> Path:
+    """A free sibling name for moving ``out`` aside: ``<out>.old-<UTC time>`` (``-2``, ``-3``, ... if taken)."""
+    import time
+
+    out = Path(os.path.abspath(out))
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    candidate, n = out.with_name(f"{out.name}.old-{stamp}"), 1
+    while candidate.exists():
+        n += 1
+        candidate = out.with_name(f"{out.name}.old-{stamp}-{n}")
+    return candidate
+
+
+def move_aside(out: str | os.PathLike) -> Path:
+    """Rename ``out`` to `aside_name` (nothing is deleted or copied) and return the new name."""
+    target = aside_name(out)
+    try:
+        os.rename(out, target)
+    except OSError as e:
+        raise RunDirError(f"output_dir {out}: cannot move it aside to {target} ({e.strerror or e})") from None
+    return target
+
+
+def read_saved_config(out: str | os.PathLike):
+    """The `Config` a run in ``out`` saved (config.yaml), or None when there is none."""
+    from jqlora.config import ConfigError, config_from_dict
+
+    path = os.path.join(out, "config.yaml")
+    if not os.path.isfile(path):
+        return None
+    import yaml
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            return config_from_dict(yaml.safe_load(f) or {}, source=path)
+    except (yaml.YAMLError, ConfigError) as e:
+        raise RunDirError(f"{path}: unreadable ({str(e).splitlines()[0]}); move it or set another output_dir") from None
+
+
+def open_run_dir(cfg, *, primary: bool = True, barrier=None, lock: RunLock | None = None
+                 ) -> tuple[RunDir, str | None]:
+    """The `RunDir` of ``cfg.output_dir`` once it is this run's to write, and a note to print (or None).
+
+    An empty or missing directory is fresh. A directory holding a jqlora run is resumed when train.resume is on
+    and the config agrees with its config.yaml on every key that resuming depends on. Anything else (another
+    run, a changed config, a directory that is not a run) is refused, or with train.overwrite=true renamed aside
+    (``<output_dir>.old-<time>``), so nothing in it is ever changed or lost. Every process decides the same from
+    the same files; only the primary renames, and ``barrier()`` (if given) lets the others wait for it. ``lock``:
+    the primary's lock on ``output_dir``, taken before looking (so a live run is never judged or moved); when the
+    directory is moved aside, the lock is taken anew on the fresh one."""
+    from jqlora.config import resume_conflicts
+
+    out, tc = cfg.output_dir, cfg.train
+    kind, note, aside = dir_kind(out), None, False
+    if kind == "foreign":
+        if not tc.overwrite:
+            raise RunDirError(f"output_dir {out}: not empty and not a jqlora run (no config.yaml); choose a new "
+                              "output_dir, or set train.overwrite=true to move it aside")
+        aside = True
+    elif kind == "run":
+        saved = read_saved_config(out)
+        if tc.overwrite:
+            aside = True
+        elif not tc.resume:
+            raise RunDirError(f"output_dir {out}: holds a run and train.resume=false would mix two runs in it; "
+                              "choose a new output_dir, or set train.overwrite=true to move the old run aside")
+        else:
+            conflicts = resume_conflicts(saved, cfg)
+            if conflicts:
+                changes = ", ".join(f"{k} {a!r} -> {b!r}" for k, a, b in conflicts)
+                raise RunDirError(f"output_dir {out}: cannot resume with a changed config: {changes} (set them "
+                                  "back, choose a new output_dir, or set train.overwrite=true to move the old run "
+                                  "aside)")
+    if aside:
+        target = aside_name(out)
+        if primary:
+            if lock is not None:
+                lock.release()
+                lock = None
+            target = move_aside(out)
+        note = f"output_dir {out}: train.overwrite=true, the old contents were moved to {target}"
+    if barrier is not None:
+        barrier()
+    return RunDir(out, keep=tc.keep_checkpoints, primary=primary, lock=lock), note

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from jqlora.config import Config, ConfigError, LoraConfig, config_to_dict, load_config, save_config
+from jqlora.config import (Config, ConfigError, LoraConfig, config_to_dict, load_config, load_run_config,
+                           resume_conflicts, save_config, schema_lines)
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIGS = REPO / "configs"
@@ -26,13 +27,27 @@ def _yaml(tmp_path, text, name="x.yaml"):
     return str(p)
 
 
-def test_defaults_are_the_demo_recipe():
+def test_defaults_are_neutral_and_the_demo_is_its_file():
+    """Issue 12 defect 1: nothing of the demo leaks into a recipe through the defaults."""
     assert load_config(None, []) == Config()
-    assert load_config(str(CONFIGS / "demo.yaml"), []) == Config()
+    flat = str(config_to_dict(Config()))
+    assert "assets/demo" not in flat and "capital" not in flat
     cfg = Config()
-    assert (cfg.model.path, cfg.data.path) == ("assets/demo/model", "assets/demo/chat.jsonl")
-    assert (cfg.model.quant, cfg.model.double_quant, cfg.train.remat, cfg.train.grad_accum_steps) == \
+    assert (cfg.model.path, cfg.data.path, cfg.data.eval_path, cfg.train.sample_prompt) == (None, None, None, None)
+    for name in ("llama3-8b", "mistral-7b", "qwen2.5-7b", "llama3-70b-fsdp2", "llama3-70b-fsdp8"):
+        recipe = load_run_config(str(CONFIGS / f"{name}.yaml"), ["model.path=m", "data.path=d.jsonl"])
+        assert "assets/demo" not in str(config_to_dict(recipe)) and recipe.data.eval_path is None, name
+        assert recipe.train.sample_prompt is None
+    demo = load_run_config(None, [])  # no file and no model.path: the demo, its assets from the repository
+    assert demo == load_run_config(str(CONFIGS / "demo.yaml"), [])
+    assert Path(demo.model.path) == REPO / "assets" / "demo" / "model"
+    assert Path(demo.data.eval_path) == REPO / "assets" / "demo" / "chat_eval.jsonl"
+    assert (demo.model.quant, demo.model.double_quant, demo.train.remat, demo.train.grad_accum_steps) == \
         ("nf4", True, "full", 2)
+    mine = load_run_config(None, ["model.path=m", "data.path=d.jsonl"])  # model.path given: not the demo
+    assert mine.data.eval_path is None and mine.output_dir == Config().output_dir
+    with pytest.raises(ConfigError, match="data.path is not set"):
+        load_run_config(None, ["model.path=m"])
 
 
 @pytest.mark.parametrize("name", ["llama3-8b", "mistral-7b", "qwen2.5-7b"])
@@ -47,8 +62,27 @@ def test_recipes_load_with_qlora_hyperparameters(name):
 def test_every_key_in_demo_yaml_is_listed():
     import yaml
 
+    def keys(tree, prefix=""):
+        return {k for name, v in tree.items()
+                for k in (keys(v, f"{prefix}{name}.") if isinstance(v, dict) else {prefix + name})}
+
     listed = yaml.safe_load((CONFIGS / "demo.yaml").read_text())
-    assert listed == config_to_dict(Config())
+    assert keys(listed) == keys(config_to_dict(Config()))
+
+
+def test_schema_help_lists_every_key_with_default_and_doc():
+    lines = schema_lines()
+    assert len(lines) == len([k for k in config_to_dict(Config()) for k in
+                              (config_to_dict(Config())[k] if isinstance(config_to_dict(Config())[k], dict) else [k])])
+    assert "  train.learning_rate = 0.0002  -- peak learning rate" in lines
+    assert all(" -- " in ln for ln in lines), [ln for ln in lines if " -- " not in ln]
+
+
+def test_resume_conflicts_name_the_keys_that_matter():
+    a = load_config(None, ["model.path=m", "data.path=d", "lora.r=16"])
+    b = load_config(None, ["model.path=m", "data.path=d", "lora.r=8", "train.max_steps=500", "train.eval_every=7",
+                           "mesh.fsdp=2"])
+    assert resume_conflicts(a, b) == [("lora.r", 16, 8)]
 
 
 def test_precedence_defaults_yaml_overrides(tmp_path):
@@ -99,7 +133,7 @@ def test_unknown_keys_suggest_the_right_one(tmp_path):
     ("train.batch_size=2.5", "train.batch_size=2.5 is not an integer"),
     ("train.learning_rate=fast", "train.learning_rate='fast' is not a number"),
     ("data.packing=maybe", "data.packing='maybe' is not a boolean (true/false)"),
-    ("model.path=null", "model.path=None is not a string"),
+    ("output_dir=null", "output_dir=None is not a string"),
     ("train.eval_batches=many", "train.eval_batches='many' is not an integer (or null)"),
 ])
 def test_wrong_types(override, message):
@@ -142,7 +176,7 @@ def test_errors_name_the_file_a_bad_value_came_from(tmp_path):
 def test_structure_errors(tmp_path):
     assert _error(None, ["train=5"]).startswith("command line: 'train' is a section")
     assert _error(_yaml(tmp_path, "model:\n  path:\n    x: 1\n")) == \
-        f"{tmp_path / 'x.yaml'}: model.path must be a string, not a mapping"
+        f"{tmp_path / 'x.yaml'}: model.path must be a string (or null), not a mapping"
     assert _error(None, ["batch_size"]).startswith("command line: override 'batch_size' is not of the form key=value")
     bad = _yaml(tmp_path, "train:\n  batch_size: [1, 2\n", "bad.yaml")
     assert _error(bad).startswith(f"{bad}:3: invalid YAML (")

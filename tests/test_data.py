@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from jqlora import data as D
-from jqlora.config import load_config
+from jqlora.config import demo_config, load_config
 
 CHATML = (
     "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>' + '\n' }}{% endfor %}"
@@ -453,7 +453,7 @@ def test_demo_assets_are_what_the_script_builds(tmp_path):
     tool = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(tool)
     tool.main(["--out", str(tmp_path)])
-    cfg = load_config(None, [])
+    cfg = demo_config()
     tokenizer = D.load_tokenizer(str(tmp_path / "model"))
     data = dataclasses.replace(cfg.data, path=str(tmp_path / "chat.jsonl"), eval_path=str(tmp_path / "chat_eval.jsonl"))
     train, evals = D.build_datasets(data, tokenizer, seed=cfg.train.seed)

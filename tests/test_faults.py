@@ -353,6 +353,11 @@ def test_divergence_monitor_tells_divergence_from_a_spike():
     got = [m.update(10 + i, x, 9 + i) for i, x in enumerate([6.5, 9.0, 20.0])]
     assert got[:2] == [None, None] and m.suspect and "since step 9" in got[2] and "3 log windows" in got[2]
     assert m.update(20, float("nan"), 19) == "the loss is nan"
+    # a collapse to uniform predictions (overflowed activations): not higher than a random model's early loss
+    m = DivergenceMonitor(factor=3.0, patience=3, uniform_loss=6.2383)
+    assert m.update(1, 6.2650, 0) is None and m.update(2, 6.0600, 1) is None  # a random start is not uniform
+    got = [m.update(3 + i, 6.2383, 2 + i) for i in range(3)]
+    assert got[:2] == [None, None] and "uniform distribution" in got[2] and "since step 2" in got[2]
 
 
 def test_a_diverging_run_stops_and_names_the_last_good_checkpoint(run_args, tmp_path):

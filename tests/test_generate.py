@@ -253,15 +253,22 @@ def run_cli(*args, stdin: str = ""):
 def test_cli_prompt_chat_and_errors(tmp_path, capsys, monkeypatch):
     _, path = make_hf("llama", {}, seed=0)
     _char_tokenizer(path)
-    code = gen.main(["--model", str(path), "--prompt", "hello", "--max-new-tokens", "6", "--quant", "none",
-                     "--dtype", "float32"])
-    out = capsys.readouterr()
-    assert code == 0, out.err
     tok = transformers.AutoTokenizer.from_pretrained(path)
-    ids = tok("hello")["input_ids"]
-    expected = gen.generate(load(path), ids, max_new_tokens=6, eos_token_id=tok.eos_token_id)
-    expected = [t for t in expected.tolist() if t != tok.eos_token_id]
-    assert out.out == tok.decode(expected, skip_special_tokens=True) + "\n"
+    for extra, ids in (
+        (["--raw"], tok("hello")["input_ids"]),  # the text as it is
+        ([], tok(tok.apply_chat_template([{"role": "user", "content": "hello"}], tokenize=False,
+                                         add_generation_prompt=True), add_special_tokens=False)["input_ids"]),
+        (["--system", "be brief"], tok(tok.apply_chat_template(
+            [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello"}], tokenize=False,
+            add_generation_prompt=True), add_special_tokens=False)["input_ids"]),
+    ):
+        code = gen.main(["--model", str(path), "--prompt", "hello", "--max-new-tokens", "6", "--quant", "none",
+                         "--dtype", "float32", *extra])
+        out = capsys.readouterr()
+        assert code == 0, out.err
+        expected = gen.generate(load(path), ids, max_new_tokens=6, eos_token_id=tok.eos_token_id)
+        expected = [t for t in expected.tolist() if t != tok.eos_token_id]
+        assert out.out == tok.decode(expected, skip_special_tokens=True) + "\n", extra
 
     monkeypatch.setattr(sys, "stdin", io.StringIO("hi\nthere\n"))
     code = gen.main(["--model", str(path), "--chat", "--max-new-tokens", "4", "--quant", "none"])

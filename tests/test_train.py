@@ -162,7 +162,7 @@ def test_resume_equals_uninterrupted(assets, tmp_path):
         return out
 
     first.one_step = interrupted
-    assert first.run() == 0
+    assert first.run() == 130  # stopped by SIGINT: 128 + 2, as a shell reports it
     assert first.run_dir.latest_step() == 3
     assert max(s for s, _, _ in _losses(tmp_path / "b")) == 3
 
@@ -191,11 +191,11 @@ def test_nan_loss_stops_and_keeps_last_checkpoint(assets, tmp_path, capsys):
 
 @pytest.mark.parametrize("override, expect", [
     ("train.batch_size=0", "train.batch_size=0 must be >= 1"),
-    ("model.path=/nonexistent/model", "/nonexistent/model"),
+    ("model.path=/nonexistent/model data.path=x.jsonl", "/nonexistent/model"),
     ("output_dir=/proc/jqlora-not-writable", "not writable"),
 ])
 def test_user_mistake_is_one_line_exit_2(override, expect, capsys):
-    assert T.main(["--no-progress", override]) == 2
+    assert T.main(["--no-progress", *override.split()]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and expect in err and "Traceback" not in err, err
 

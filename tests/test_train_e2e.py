@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 from safetensors.numpy import load_file
 
 REPO = Path(__file__).resolve().parents[1]
@@ -50,7 +51,10 @@ def run_args(assets):
 
 
 def test_resume_in_a_fresh_process_equals_uninterrupted(run_args, tmp_path):
+    """Also: the first loss line after the resume averages its whole window (steps 1-4, half of them before the
+    stop), and a finished run that is run again adds nothing to its metrics (issue 12, defect 8)."""
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    run_args = [*run_args, "train.log_every=4"]
     assert train(*run_args, f"output_dir={straight}").returncode == 0
     first = train(*run_args, f"output_dir={resumed}", "train.stop_at_step=3")
     assert first.returncode == 0 and "stopped at step 3" in first.stderr, first.stderr
@@ -73,6 +77,11 @@ def test_resume_in_a_fresh_process_equals_uninterrupted(run_args, tmp_path):
         np.testing.assert_allclose(b[k], a[k], rtol=1e-7, atol=1e-7, err_msg=k)
     losses = lambda out: [(x["step"], x.get("loss"), x.get("eval_loss")) for x in records(out)]  # noqa: E731
     assert losses(straight) == losses(resumed)
+    assert [s for s, loss, _ in losses(resumed) if loss is not None] == [4, 6]
+    finished = records(resumed)
+    again = train(*run_args, f"output_dir={resumed}")
+    assert again.returncode == 0 and "already finished at step 6" in again.stderr, again.stderr
+    assert records(resumed) == finished
 
 
 @pytest.fixture(scope="module")
@@ -93,13 +102,18 @@ def finished_run(run_args, tmp_path_factory) -> Path:
 def test_bad_input_is_one_line_and_leaves_checkpoints_untouched(run_args, finished_run, tmp_path, bad, message):
     out = tmp_path / "run"
     shutil.copytree(finished_run, out)
-    before = _tree_digest(out)
     args = list(run_args)
+    saved = yaml.safe_load((out / "config.yaml").read_text())
     if bad is None:
         args.append("data.max_length=6")
+        saved["data"]["max_length"] = 6
     else:
         (tmp_path / "train.jsonl").write_text(bad)
         args.append(f"data.path={tmp_path / 'train.jsonl'}")
+        saved["data"]["path"] = str(tmp_path / "train.jsonl")
+    # the run's data changed under it (same config): the resume gets past the config check to the data
+    (out / "config.yaml").write_text(yaml.safe_dump(saved))
+    before = _tree_digest(out)
     r = train(*args, f"output_dir={out}", "train.max_steps=4")
     assert r.returncode == 2, r.stderr
     lines = r.stderr.strip().splitlines()

@@ -64,10 +64,10 @@ def make_task(path: Path, task: str = "pairs", n: int = 48, seed: int = 0) -> Pa
 def optimal_loss(data: Path) -> float:
     """The pairs task's optimum, in nats per trained token: ln 2 per row over all rows' trained tokens (counted by
     the demo tokenizer through its chat template, as the trainer masks them: the assistant turn and its end token)."""
-    from jqlora.config import load_config
+    from jqlora.config import demo_config
     from jqlora.data import encode_records, load_tokenizer, read_records
 
-    cfg = load_config(None, [])
+    cfg = demo_config()
     examples, _ = encode_records(read_records(str(data)), load_tokenizer(cfg.model.path))
     trained = sum(int(ex.trained[1:].sum()) for ex in examples)  # a row's first token is never a target
     return len(examples) * math.log(2) / trained
@@ -75,9 +75,9 @@ def optimal_loss(data: Path) -> float:
 
 def run(quant: str, data: Path, out: Path, steps: int, extra: list[str]) -> list[tuple[int, float]]:
     from jqlora import train
-    from jqlora.config import load_config
+    from jqlora.config import demo_config
 
-    cfg = load_config(None, [
+    cfg = demo_config([
         f"model.quant={quant}", f"data.path={data}", f"data.eval_path={data}", f"output_dir={out}",
         f"train.max_steps={steps}", "train.log_every=5", f"train.eval_every={max(steps // 6, 1)}", "train.save_every=0",
         "train.batch_size=8", "train.grad_accum_steps=1", "lora.dropout=0.0", "train.learning_rate=2e-3",
