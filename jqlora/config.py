@@ -105,7 +105,8 @@ class LoraConfig:
             _check(len(targets) > 0, "lora.targets", list(targets), "must not be empty")
             for name in targets:
                 _check(name in LORA_MODULES + FUSED_MODULES, "lora.targets", name,
-                       "is not a module name; use 'all-linear' or names among " + ", ".join(LORA_MODULES + FUSED_MODULES))
+                       "is not a module name; use 'all-linear' or names among "
+                       + ", ".join(LORA_MODULES + FUSED_MODULES))
             if len(set(targets)) != len(targets):
                 raise _Invalid("lora.targets", f"lora.targets={list(targets)!r} names a module twice")
             object.__setattr__(self, "targets", tuple(targets))

@@ -125,7 +125,8 @@ class ModelConfig:
                 d = json.load(f)
         model_type = d.get("model_type")
         if model_type not in FAMILIES:
-            raise ValueError(f"{where}: unsupported model_type {model_type!r}: expected one of {', '.join(MODEL_TYPES)}")
+            raise ValueError(f"{where}: unsupported model_type {model_type!r}: expected one of "
+                             f"{', '.join(MODEL_TYPES)}")
         return family(model_type).config_from_dict(d, where)
 
 

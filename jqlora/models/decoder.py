@@ -4,8 +4,8 @@ causal-LM head. What a family does differently is a `ModelConfig` field (see `co
 
 Per layer (pre-norm; Touvron et al., "LLaMA", 2023):
 
-    h  = x + o_proj(attn(rope(q_norm(q_proj(n))), rope(k_norm(k_proj(n))), v_proj(n))),   n = input_layernorm(x)
-    y  = h + down_proj(act(gate_proj(m)) * up_proj(m)),                                    m = post_attention_layernorm(h)
+    h = x + o_proj(attn(rope(q_norm(q_proj(n))), rope(k_norm(k_proj(n))), v_proj(n))),   n = input_layernorm(x)
+    y = h + down_proj(act(gate_proj(m)) * up_proj(m)),                          m = post_attention_layernorm(h)
 
 and with ``sandwich_norms`` (Gemma 2/3) h = x + post_attention_layernorm(attn(...)), y = h +
 post_feedforward_layernorm(mlp(pre_feedforward_layernorm(h))). Attention (`attention.py`) is softmax(s(q kᵀ · scale)

@@ -1,8 +1,8 @@
 """Hugging Face checkpoint tensors -> model variables: the key table's entry type, the checked stream of checkpoint
 pieces both loaders use, and `from_hf_tensors`.
 
-`hf_key_table(cfg)` is the one table per family (the family module's `key_table`) from Hugging Face keys to variables; it
-drives loading, the converter's checks, merged export and peft names.
+`hf_key_table(cfg)` is the one table per family (the family module's `key_table`) from Hugging Face keys to
+variables; it drives loading, the converter's checks, merged export and peft names.
 """
 
 from __future__ import annotations

@@ -4,8 +4,8 @@ Rotate-half layout: q' = q cos + rotate_half(q) sin with cos/sin = cos/sin(conca
 f the inverse frequencies, optionally rescaled: linear (Chen et al. 2023), dynamic NTK (recomputed from the batch's
 largest position when it exceeds the trained length), llama3 (Llama 3.1 wavelength-banded), YaRN (Peng et al. 2023,
 with its attention factor 0.1 ln(s) + 1), LongRoPE (Phi-3, below). Partial rotary (Phi-4-mini) rotates only the first
-rotary_dim = head_dim · partial_rotary_factor features of each head. A model may have two RoPEs (Gemma 3: one for its sliding-window layers),
-so every function takes the `RopeConfig` to use (default: ``cfg.rope``).
+rotary_dim = head_dim · partial_rotary_factor features of each head. A model may have two RoPEs (Gemma 3: one for
+its sliding-window layers), so every function takes the `RopeConfig` to use (default: ``cfg.rope``).
 """
 
 from __future__ import annotations
