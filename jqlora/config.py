@@ -32,7 +32,8 @@ from omegaconf.errors import OmegaConfBaseException
 QUANT_TYPES = ("nf4", "fp4", "none")
 BLOCK_SIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 DTYPES = ("bfloat16", "float16", "float32")
-LORA_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+LORA_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")  # = lora.LINEAR_MODULES
+FUSED_MODULES = ("qkv_proj", "gate_up_proj")  # = lora.FUSED_MODULES (Phi-3); also valid lora.targets
 DATA_FORMATS = ("auto", "chat", "instruction", "prompt_completion", "text")
 TRAIN_ON = ("completion", "all")
 OVERLONG = ("truncate", "drop", "error")
@@ -103,8 +104,9 @@ class LoraConfig:
         if isinstance(targets, (list, tuple)):
             _check(len(targets) > 0, "lora.targets", list(targets), "must not be empty")
             for name in targets:
-                _check(name in LORA_MODULES, "lora.targets", name,
-                       "is not a module name; use 'all-linear' or names among " + ", ".join(LORA_MODULES))
+                _check(name in LORA_MODULES + FUSED_MODULES, "lora.targets", name,
+                       "is not a module name; use 'all-linear' or names among "
+                       + ", ".join(LORA_MODULES + FUSED_MODULES))
             if len(set(targets)) != len(targets):
                 raise _Invalid("lora.targets", f"lora.targets={list(targets)!r} names a module twice")
             object.__setattr__(self, "targets", tuple(targets))

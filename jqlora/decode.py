@@ -34,7 +34,7 @@ import numpy as np
 from flax import nnx
 
 from jqlora.models.attention import NO_WINDOW, attention
-from jqlora.models.llama import LlamaForCausalLM, _apply_rope, rope_tables, softcap
+from jqlora.models.llama import LlamaForCausalLM, rope_tables, softcap
 
 MIN_BUCKET = 16
 
@@ -62,16 +62,9 @@ def _layer_step(layer, h_BTD, cos_BTH, sin_BTH, k_BMKH, v_BMKH, start, slot_T, l
                 implementation):
     """One decoder layer over T new tokens written at cache slots ``[start, start + T)``."""
     attn = layer.self_attn
-    N, K, H = attn.num_heads, attn.num_kv_heads, attn.head_dim
+    N, H = attn.num_heads, attn.head_dim
     B, T, _ = h_BTD.shape
-    x_BTD = layer.input_layernorm(h_BTD)
-    q_BTNH = attn.q_proj(x_BTD).reshape(B, T, N, H)
-    k_BTKH = attn.k_proj(x_BTD).reshape(B, T, K, H)
-    v_BTKH = attn.v_proj(x_BTD).reshape(B, T, K, H)
-    if attn.q_norm is not None:
-        q_BTNH, k_BTKH = attn.q_norm(q_BTNH), attn.k_norm(k_BTKH)
-    q_BTNH = _apply_rope(q_BTNH, cos_BTH, sin_BTH)
-    k_BTKH = _apply_rope(k_BTKH, cos_BTH, sin_BTH)
+    q_BTNH, k_BTKH, v_BTKH = attn.qkv(layer.input_layernorm(h_BTD), cos_BTH, sin_BTH)
     zero = jnp.zeros((), jnp.int32)
     k_BMKH = jax.lax.dynamic_update_slice(k_BMKH, k_BTKH.astype(k_BMKH.dtype), (zero, start, zero, zero))
     v_BMKH = jax.lax.dynamic_update_slice(v_BMKH, v_BTKH.astype(v_BMKH.dtype), (zero, start, zero, zero))
@@ -111,6 +104,7 @@ def forward_cached(model: LlamaForCausalLM, cache: dict[str, jax.Array], ids_BT:
         layer_state, window, rope, k_BMKH, v_BMKH = xs
         layer = nnx.merge(graphdef, layer_state)
         # XLA attention: T new queries at cache offset ``start`` are not the aligned causal pattern cuDNN's kernel has
+        rope = 0 if cos_RBTH.shape[0] == 1 else rope  # one RoPE: a static slice
         h, k_BMKH, v_BMKH = _layer_step(layer, h, cos_RBTH[rope], sin_RBTH[rope], k_BMKH, v_BMKH, start, slot_T,
                                         live_BT, live_BM, window, "xla")
         return h, (k_BMKH, v_BMKH)
@@ -278,6 +272,13 @@ def generate_stream(
 
     token_B, logits_BV, cache = _prefill(graphdef, state, cache, jnp.asarray(ids_BP), jnp.int32(0), pad_B, key,
                                          *knobs)
+    rope = model.config.rope
+    longest = max(len(p) for p in prompts)
+    # LongRoPE switches from its short to its long factors once the sequence passes the pretrained length; the
+    # cached keys were rotated with the short ones, so (as transformers' Phi-3 does) the cache is recomputed once,
+    # at the first token past that length
+    switch = rope.original_max_position_embeddings if rope.rope_type == "longrope" else None
+    fed: list[np.ndarray] = []
     done_B = np.zeros((B,), bool)
     for i in range(max_new_tokens):
         tok = np.asarray(token_B).astype(np.int32)
@@ -286,6 +287,12 @@ def generate_stream(
         yield (tok, np.asarray(logits_BV)) if return_logits else tok
         if done_B.all() or i == max_new_tokens - 1:
             return
+        fed.append(tok)
+        if switch is not None and longest + i == switch:  # the new token is the first past the pretrained length
+            ids_all = np.concatenate([ids_BP, np.stack(fed, axis=1)], axis=1)
+            token_B, logits_BV, cache = _prefill(graphdef, state, init_cache(model, B, M), jnp.asarray(ids_all),
+                                                 jnp.int32(0), pad_B, key, *knobs)
+            continue
         token_B, logits_BV, cache = _step(graphdef, state, cache, jnp.asarray(tok)[:, None], jnp.int32(P + i),
                                           pad_B, key, *knobs)
 

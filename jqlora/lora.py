@@ -35,6 +35,8 @@ from jax.ad_checkpoint import checkpoint_name
 from jqlora import quant as q
 
 LINEAR_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+FUSED_MODULES = ("qkv_proj", "gate_up_proj")  # Phi-3's fused projections (what peft names them)
+ADAPTABLE_MODULES = LINEAR_MODULES + FUSED_MODULES  # "all-linear" adapts whichever of these a model has
 FROZEN_MATMUL = "frozen_matmul"  # checkpoint name of a quantized kernel's matmul output
 QUANTS = ("nf4", "fp4", "none")
 COMPUTE_DTYPES = ("bfloat16", "float16", "float32")
@@ -88,10 +90,10 @@ class LoraConfig:
             object.__setattr__(self, "targets", (self.targets,))
         if not isinstance(self.targets, str):
             object.__setattr__(self, "targets", tuple(self.targets))
-            unknown = [t for t in self.targets if t not in LINEAR_MODULES]
+            unknown = [t for t in self.targets if t not in ADAPTABLE_MODULES]
             if unknown:
                 raise ValueError(
-                    f"unknown LoRA target module(s) {unknown}: expected 'all-linear' or names among {LINEAR_MODULES}"
+                    f"unknown LoRA target module(s) {unknown}: expected 'all-linear' or names among {ADAPTABLE_MODULES}"
                 )
             if not self.targets:
                 raise ValueError("LoRA targets is empty: name at least one module or use 'all-linear'")
@@ -110,7 +112,8 @@ class LoraConfig:
     def for_module(self, name: str) -> LoraSpec | None:
         """The settings for the module ``name`` (e.g. ``self_attn.q_proj``), or None if it gets no adapter."""
         short = name.rsplit(".", 1)[-1]
-        if short not in self.target_modules:
+        fused = self.targets == "all-linear" and short in FUSED_MODULES  # (a Phi-3 layout's linear modules)
+        if short not in self.target_modules and not fused:
             return None
         r = _match_pattern(self.rank_pattern, name, self.r)
         alpha = _match_pattern(self.alpha_pattern, name, self.alpha)

@@ -27,7 +27,7 @@ import numpy as np
 from flax import nnx
 
 from jqlora.io import atomic_directory
-from jqlora.lora import LINEAR_MODULES, LoraConfig, LoraLinear
+from jqlora.lora import ADAPTABLE_MODULES, LoraConfig, LoraLinear
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -320,7 +320,7 @@ def _adapted_modules(adapter_dir: Path, cfg: dict) -> dict[str, dict[int, tuple[
             continue
         m = _LAYER_RE.match(module)
         if m is None or m["sub"] not in {f"{p}.{n}" for p, ns in _PARENTS.items() for n in ns}:
-            raise AdapterError(f"{path}: unexpected key {key!r}: no such adaptable module in a Llama-family model "
+            raise AdapterError(f"{path}: unexpected key {key!r}: no such adaptable module in a supported model "
                                f"(an adapter for another architecture?)")
         if len(shape) != 2:
             raise AdapterError(f"{path}: {key} has shape {shape}, expected [r, in]")
@@ -332,7 +332,11 @@ def _adapted_modules(adapter_dir: Path, cfg: dict) -> dict[str, dict[int, tuple[
     return found
 
 
-_PARENTS = {"self_attn": ("q_proj", "k_proj", "v_proj", "o_proj"), "mlp": ("gate_proj", "up_proj", "down_proj")}
+_PARENTS = {"self_attn": ("q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj"),
+            "mlp": ("gate_proj", "up_proj", "down_proj", "gate_up_proj")}
+# every linear module of one layout: an adapter on all of them was made with "all-linear"
+_ALL_LINEAR = ({"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"},
+               {"qkv_proj", "o_proj", "gate_up_proj", "down_proj"})
 
 
 def read_adapter_config(adapter_dir: str | os.PathLike, *, dropout: float | None = None) -> LoraConfig:
@@ -361,12 +365,12 @@ def read_adapter_config(adapter_dir: str | os.PathLike, *, dropout: float | None
     r = Counter(r for r, _ in specs.values()).most_common(1)[0][0]
     r = int(cfg["r"]) if int(cfg["r"]) in {s[0] for s in specs.values()} else r
     alpha = float(cfg["lora_alpha"])
-    targets = tuple(n for n in LINEAR_MODULES if any(name.endswith("." + n) for name in specs))
+    targets = tuple(n for n in ADAPTABLE_MODULES if any(name.endswith("." + n) for name in specs))
     return LoraConfig(
         r=r,
         alpha=alpha,
         dropout=float(cfg.get("lora_dropout") or 0.0) if dropout is None else dropout,
-        targets="all-linear" if targets == LINEAR_MODULES else targets,
+        targets="all-linear" if set(targets) in _ALL_LINEAR else targets,
         rslora=bool(cfg.get("use_rslora", False)),
         rank_pattern={name: s[0] for name, s in specs.items() if s[0] != r},
         alpha_pattern={name: _num(s[1]) for name, s in specs.items() if not math.isclose(s[1], alpha)},

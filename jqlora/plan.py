@@ -40,7 +40,7 @@ import os
 import sys
 from typing import Any
 
-from jqlora.lora import LINEAR_MODULES as LINEARS
+from jqlora.lora import ADAPTABLE_MODULES as LINEARS
 from jqlora.models.llama import ModelConfig, hf_key_table
 
 NESTED = 256
@@ -91,9 +91,24 @@ PUBLISHED: dict[str, dict[str, Any]] = {
         "max_position_embeddings": 131072, "sliding_window": 1024, "sliding_window_pattern": 6,
         "tie_word_embeddings": True, "hidden_activation": "gelu_pytorch_tanh",
     },
+    # Phi: fused qkv_proj / gate_up_proj. Their LongRoPE factor lists are left out here: they change no shape.
+    "phi3.5-mini": {  # microsoft/Phi-3.5-mini-instruct
+        "model_type": "phi3", "vocab_size": 32064, "hidden_size": 3072, "intermediate_size": 8192,
+        "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 32, "rope_theta": 10000.0,
+        "rms_norm_eps": 1e-5, "max_position_embeddings": 131072, "original_max_position_embeddings": 4096,
+        "sliding_window": 262144, "tie_word_embeddings": False, "hidden_act": "silu",
+    },
+    "phi4-mini": {  # microsoft/Phi-4-mini-instruct (GQA, partial rotary 0.75, tied 200k vocabulary)
+        "model_type": "phi3", "vocab_size": 200064, "hidden_size": 3072, "intermediate_size": 8192,
+        "num_hidden_layers": 32, "num_attention_heads": 24, "num_key_value_heads": 8, "rope_theta": 10000.0,
+        "partial_rotary_factor": 0.75, "rms_norm_eps": 1e-5, "max_position_embeddings": 131072,
+        "original_max_position_embeddings": 4096, "sliding_window": 262144, "tie_word_embeddings": True,
+        "hidden_act": "silu",
+    },
 }
 NAMES = {"llama3-8b": "Llama-3-8B", "llama3-70b": "Llama-3-70B", "mistral-7b": "Mistral-7B",
-         "qwen2.5-7b": "Qwen2.5-7B", "gemma2-9b": "Gemma-2-9B", "gemma3-12b": "Gemma-3-12B"}
+         "qwen2.5-7b": "Qwen2.5-7B", "gemma2-9b": "Gemma-2-9B", "gemma3-12b": "Gemma-3-12B",
+         "phi3.5-mini": "Phi-3.5-mini", "phi4-mini": "Phi-4-mini"}
 BUILTIN: dict[str, ModelConfig] = {k: ModelConfig.from_hf(v) for k, v in PUBLISHED.items()}
 
 
@@ -252,7 +267,8 @@ def settings_from_config(cfg: Any, axes: dict[str, int] | None = None) -> dict[s
     return dict(seq=cfg.data.max_length, batch=max(1, cfg.train.batch_size // rows), r=cfg.lora.r,
                 dropout=cfg.lora.dropout, dtype=cfg.model.dtype,
                 quant=cfg.model.quant, double_quant=cfg.model.double_quant and cfg.model.quant != "none",
-                block_size=cfg.model.block_size, targets=tuple(cfg.lora.target_modules), **axes)
+                block_size=cfg.model.block_size, **axes,
+                targets=LINEARS if cfg.lora.targets == "all-linear" else tuple(cfg.lora.target_modules))
 
 
 COMPILED_HEADROOM = 0.97  # share of the budget a compiled peak may fill (the compiler counts every buffer it plans)

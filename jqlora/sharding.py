@@ -26,7 +26,8 @@ Partition rules (by the variable's name and type; dims counted from the end so t
     QuantData nested_absmax [L, n_blocks/256]          the same axes when each shard's absmax is whole nested blocks
                                                        of 256; else replicated (it is 1/16384 of the weights)
     QuantData offset [L]                               replicated
-    Frozen weight of q/k/v/gate/up_proj [L, O, I]      O over tensor, I over fsdp      (column-parallel)
+    Frozen weight of q/k/v/gate/up_proj [L, O, I]      O over tensor, I over fsdp      (column-parallel; also
+                                                       the fused qkv_proj / gate_up_proj of Phi-3)
     Frozen weight of o/down_proj [L, O, I]             I over tensor, O over fsdp      (row-parallel)
     Frozen bias [L, O]                                 O over tensor for column-parallel modules, else replicated
     LoRAParam lora_a [L, I, R], lora_b [L, R, O]       the feature dim (I, resp. O) over fsdp, the rank replicated:
@@ -63,7 +64,7 @@ log = logging.getLogger("jqlora.sharding")
 
 AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
-COLUMN_PARALLEL = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
+COLUMN_PARALLEL = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "qkv_proj", "gate_up_proj")
 ROW_PARALLEL = ("o_proj", "down_proj")
 EMBEDDINGS = ("embed_tokens", "lm_head")
 NESTED_BLOCK_SIZE = 256

@@ -1,6 +1,7 @@
-"""Families beyond Llama (Gemma 2, Gemma 3) against transformers, bitsandbytes and peft, with the training
+"""Families beyond Llama (Gemma 2, Gemma 3, Phi-3) against transformers, bitsandbytes and peft, with the training
 invariants. Each family's tiny config (tests/tiny.py `FAMILY_CONFIGS`) has windows shorter than the sequences,
-soft-caps that bind and, for Gemma 3, two RoPEs; `BINDING` shows each of them changes the output."""
+soft-caps that bind, for Gemma 3 two RoPEs, for Phi-3 LongRoPE past its original length with partial rotary;
+`BINDING` shows each of them changes the output."""
 
 import dataclasses
 import json
@@ -28,14 +29,18 @@ from jqlora.peft import load_model_with_adapter, save_adapter
 REPO = Path(__file__).resolve().parents[1]
 FAMILIES = list(FAMILY_CONFIGS)
 SEQ = 20  # > every tiny window (6)
-# family -> ModelConfig changes that must each change the logits (the feature is active in the test)
+# family -> ModelConfig changes (from the model's config) that must each change the logits: the feature is active
 BINDING = {
-    "gemma2": [dict(attn_softcap=None), dict(final_softcap=None), dict(sliding_windows=(None, None))],
-    "gemma3": [dict(rope_local=None), dict(sliding_windows=(None, None, None))],
+    "gemma2": [lambda c: {"attn_softcap": None}, lambda c: {"final_softcap": None},
+               lambda c: {"sliding_windows": (None,) * 2}],
+    "gemma3": [lambda c: {"rope_local": None}, lambda c: {"sliding_windows": (None,) * 3}],
+    "phi3": [lambda c: {"rope": dataclasses.replace(c.rope, long_factor=c.rope.short_factor)},  # past 16 positions
+             lambda c: {"sliding_windows": (None,) * 2}],
 }
 LORA = {
     "gemma2": LoraConfig(r=4, alpha=8, targets="all-linear", rank_pattern={"mlp.down_proj": 2}),
     "gemma3": LoraConfig(r=4, alpha=16, targets=("q_proj", "k_proj", "o_proj", "up_proj"), rslora=True),
+    "phi3": LoraConfig(r=4, alpha=8, targets="all-linear", rank_pattern={"mlp.gate_up_proj": 2}),  # fused names
 }
 
 
@@ -101,6 +106,7 @@ def test_float32_logits_match_transformers(fam):
     np.testing.assert_allclose(got, expected, atol=1e-4, rtol=0)
     # every family feature in the tiny config is active: switching it off changes the logits
     for change in BINDING[family]:
+        change = change(model.config)
         assert np.abs(jq_logits(variant(model, **change), x) - got).max() > 1e-2, change
 
 
@@ -209,7 +215,8 @@ def test_greedy_generation_matches_transformers(family, tmp_path):
 
 
 def test_training_invariants(fam):
-    """packing = separate rows; remat (every policy) and unrolled = plain scan; two micro-batches = one batch."""
+    """packing = separate rows; remat = no remat; two micro-batches = one batch (the gradients of the summed loss
+    add up, which is what optax.MultiSteps' accumulation relies on, see step.py)."""
     family, _, path = fam
     model = jqlora.load_model(path, quant="nf4", dtype="float32", lora=LORA[family], remat="none")
     randomize_lora(model, seed=4, scale=0.1)
@@ -234,7 +241,7 @@ def test_training_invariants(fam):
         return jax.tree.leaves(g), float(loss)
 
     ref, ref_loss = grads("none", True)
-    for policy, scan in [("full", True), ("none", False)]:  # (every policy on Llama: tests/test_model.py)
+    for policy, scan in [("full", True)]:  # (every policy, and unrolled, on Llama: tests/test_model.py)
         g, loss = grads(policy, scan)
         np.testing.assert_allclose(loss, ref_loss, rtol=1e-6)
         for u, v in zip(g, ref):
@@ -253,7 +260,7 @@ def test_training_invariants(fam):
 # Recipes, published shapes, config errors
 
 
-@pytest.mark.parametrize("recipe,model,budget_gb", [("gemma2-9b", "gemma2-9b", 24)])
+@pytest.mark.parametrize("recipe,model,budget_gb", [("gemma2-9b", "gemma2-9b", 24), ("phi4-mini", "phi4-mini", 16)])
 def test_recipe_fits_its_gpu(recipe, model, budget_gb):
     from jqlora import plan
     from jqlora.config import load_config
@@ -272,6 +279,9 @@ def test_published_shapes_have_the_published_parameter_counts():
         return sum(math.prod(e.shape) for e in hf_key_table(plan.BUILTIN[name]))
 
     assert round(params("gemma2-9b") / 1e9, 2) == 9.24  # google/gemma-2-9b: 9.24B
+    assert round(params("phi3.5-mini") / 1e9, 2) == 3.82  # microsoft/Phi-3.5-mini-instruct: 3.82B
+    assert round(params("phi4-mini") / 1e9, 2) == 3.84  # microsoft/Phi-4-mini-instruct: 3.84B
+    assert plan.BUILTIN["phi4-mini"].rotary_dim == 96
     g3 = plan.BUILTIN["gemma3-12b"]
     assert g3.sliding_windows.count(None) == 8 and g3.layer_ropes.count(0) == 8  # 5 local : 1 global of 48
     assert (g3.rope.theta, g3.rope.factor, g3.rope_local.theta) == (1e6, 8.0, 1e4)
@@ -283,6 +293,11 @@ def test_published_shapes_have_the_published_parameter_counts():
     (dict(model_type="gemma2", hidden_activation="relu"), "unsupported hidden_activation 'relu'"),
     (dict(model_type="gemma3_text", rope_parameters={"chunked_attention": {"rope_type": "default"}}),
      "rope_parameters layer types"),
+    (dict(model_type="phi3", rope_scaling={"rope_type": "dynamic", "factor": 2.0}), "unsupported rope type 'dynamic'"),
+    (dict(model_type="phi3", original_max_position_embeddings=16, rope_scaling={
+        "rope_type": "longrope", "short_factor": [1.0] * 3, "long_factor": [1.0] * 3}),
+     "rope short_factor has 3 entries, expected rotary dims / 2 = 8"),
+    (dict(model_type="phi3", partial_rotary_factor=0.1), "partial_rotary_factor 0.1 gives 1 rotary features"),
 ])
 def test_unsupported_config_is_one_clear_line(change, message):
     d = {"vocab_size": 128, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,

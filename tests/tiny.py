@@ -76,6 +76,12 @@ FAMILY_CONFIGS = {
         head_dim=16, num_hidden_layers=3, sliding_window=6, sliding_window_pattern=3, query_pre_attn_scalar=24,
         rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
                          "full_attention": {"rope_type": "linear", "factor": 4.0, "rope_theta": 1_000_000.0}})),
+    # Phi-3.5 / Phi-4-mini: fused qkv_proj / gate_up_proj, LongRoPE past its original 16 positions, partial rotary
+    "phi3": (transformers.Phi3Config, dict(
+        head_dim=16, sliding_window=12, max_position_embeddings=64, original_max_position_embeddings=16,
+        pad_token_id=0, eos_token_id=1, bos_token_id=2,
+        rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_factor": 0.5,
+                         "short_factor": [1.0, 1.3, 2.1, 3.7], "long_factor": [1.1, 2.5, 6.0, 17.0]})),
 }
 
 

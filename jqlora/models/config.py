@@ -14,13 +14,13 @@ import json
 import os
 from typing import Any, Callable, Mapping
 
-ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn")
+ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn", "longrope")
 ACTIVATIONS = ("silu", "gelu_pytorch_tanh")
 
 # model_type -> the family module (under jqlora.models) that reads its config and owns its key table
 FAMILIES: dict[str, str] = {
     "llama": "llama", "mistral": "llama", "qwen2": "llama", "qwen3": "llama",
-    "gemma2": "gemma", "gemma3_text": "gemma",
+    "gemma2": "gemma", "gemma3_text": "gemma", "phi3": "phi3",
 }
 MODEL_TYPES = tuple(FAMILIES)
 
@@ -41,6 +41,8 @@ class RopeConfig:
     mscale: float | None = None  # yarn
     mscale_all_dim: float | None = None  # yarn
     truncate: bool = True  # yarn
+    short_factor: tuple[float, ...] | None = None  # longrope
+    long_factor: tuple[float, ...] | None = None  # longrope
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,6 +74,9 @@ class ModelConfig:
     attn_softcap: float | None = None  # Gemma 2: attention logits -> cap * tanh(logits / cap)
     final_softcap: float | None = None  # Gemma 2: output logits -> cap * tanh(logits / cap)
     rope_local: RopeConfig | None = None  # Gemma 3: RoPE of the sliding-window layers (None: `rope` everywhere)
+    partial_rotary_factor: float = 1.0  # Phi-4-mini: rotate the first head_dim · factor features of each head
+    fused_qkv: bool = False  # Phi-3: one qkv_proj [(N + 2K) H, D] instead of q/k/v_proj
+    fused_gate_up: bool = False  # Phi-3: one gate_up_proj [2F, D] (gate rows first) instead of gate/up_proj
 
     def __post_init__(self):
         if self.num_attention_heads % self.num_key_value_heads:
@@ -87,8 +92,16 @@ class ModelConfig:
             raise ValueError(
                 f"sliding_windows has {len(self.sliding_windows)} entries for {self.num_hidden_layers} layers"
             )
+        if self.rotary_dim % 2 or not 0 < self.rotary_dim <= self.head_dim:
+            raise ValueError(f"partial_rotary_factor {self.partial_rotary_factor} gives {self.rotary_dim} rotary "
+                             f"features of head_dim {self.head_dim}: expected an even number in (0, head_dim]")
         if self.hidden_act not in ACTIVATIONS:
             raise ValueError(f"unsupported hidden_act {self.hidden_act!r}: expected one of {', '.join(ACTIVATIONS)}")
+
+    @property
+    def rotary_dim(self) -> int:
+        """Features of each head that RoPE rotates."""
+        return int(self.head_dim * self.partial_rotary_factor)
 
     @property
     def layer_ropes(self) -> tuple[int, ...]:
@@ -112,7 +125,8 @@ class ModelConfig:
                 d = json.load(f)
         model_type = d.get("model_type")
         if model_type not in FAMILIES:
-            raise ValueError(f"{where}: unsupported model_type {model_type!r}: expected one of {', '.join(MODEL_TYPES)}")
+            raise ValueError(f"{where}: unsupported model_type {model_type!r}: expected one of "
+                             f"{', '.join(MODEL_TYPES)}")
         return family(model_type).config_from_dict(d, where)
 
 
@@ -136,12 +150,12 @@ def rope_from_dict(params: dict[str, Any], d: dict[str, Any], max_pos: int,
     if rope_type not in ROPE_TYPES:
         raise bad(f"unsupported rope type {rope_type!r}: expected one of {', '.join(ROPE_TYPES)}")
     original = None
-    if rope_type in ("llama3", "yarn"):
+    if rope_type in ("llama3", "yarn", "longrope"):
         original = int(d.get("original_max_position_embeddings") or params.get("original_max_position_embeddings")
                        or max_pos)
     factor = params.get("factor")
     if factor is None:
-        if rope_type == "yarn":
+        if rope_type in ("yarn", "longrope"):
             factor = max_pos / original
         elif rope_type != "default":
             raise bad(f"rope type {rope_type!r} needs a 'factor'")
@@ -151,6 +165,13 @@ def rope_from_dict(params: dict[str, Any], d: dict[str, Any], max_pos: int,
         for key in ("low_freq_factor", "high_freq_factor"):
             if key not in params:
                 raise bad(f"rope type 'llama3' needs {key!r}")
+    short = long = None
+    if rope_type == "longrope":
+        short, long = params.get("short_factor"), params.get("long_factor")
+        for key, v in (("short_factor", short), ("long_factor", long)):
+            if not isinstance(v, list) or not all(isinstance(x, (int, float)) for x in v):
+                raise bad(f"rope type 'longrope' needs {key!r} as a list of numbers, got {v!r}")
+        short, long = tuple(map(float, short)), tuple(map(float, long))
     return RopeConfig(
         rope_type=rope_type,
         theta=float(theta),
@@ -164,4 +185,6 @@ def rope_from_dict(params: dict[str, Any], d: dict[str, Any], max_pos: int,
         mscale=params.get("mscale"),
         mscale_all_dim=params.get("mscale_all_dim"),
         truncate=bool(params.get("truncate", True)),
+        short_factor=short,
+        long_factor=long,
     )

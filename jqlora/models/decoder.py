@@ -4,8 +4,8 @@ causal-LM head. What a family does differently is a `ModelConfig` field (see `co
 
 Per layer (pre-norm; Touvron et al., "LLaMA", 2023):
 
-    h  = x + o_proj(attn(rope(q_norm(q_proj(n))), rope(k_norm(k_proj(n))), v_proj(n))),   n = input_layernorm(x)
-    y  = h + down_proj(act(gate_proj(m)) * up_proj(m)),                                    m = post_attention_layernorm(h)
+    h = x + o_proj(attn(rope(q_norm(q_proj(n))), rope(k_norm(k_proj(n))), v_proj(n))),   n = input_layernorm(x)
+    y = h + down_proj(act(gate_proj(m)) * up_proj(m)),                          m = post_attention_layernorm(h)
 
 and with ``sandwich_norms`` (Gemma 2/3) h = x + post_attention_layernorm(attn(...)), y = h +
 post_feedforward_layernorm(mlp(pre_feedforward_layernorm(h))). Attention (`attention.py`) is softmax(s(q kᵀ · scale)
@@ -44,9 +44,14 @@ class Attention(nnx.Module):
                  rngs: nnx.Rngs):
         D, N, K, H = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         kw = dict(quant=quant, dtype=dtype, lora_dtype=lora_dtype, rngs=rngs)
-        self.q_proj = linear(lora, "self_attn.q_proj", D, N * H, bias=cfg.qkv_bias, **kw)
-        self.k_proj = linear(lora, "self_attn.k_proj", D, K * H, bias=cfg.qkv_bias, **kw)
-        self.v_proj = linear(lora, "self_attn.v_proj", D, K * H, bias=cfg.qkv_bias, **kw)
+        if cfg.fused_qkv:  # Phi-3: one kernel, rows q | k | v
+            self.qkv_proj = linear(lora, "self_attn.qkv_proj", D, (N + 2 * K) * H, bias=cfg.qkv_bias, **kw)
+            self.q_proj = self.k_proj = self.v_proj = None
+        else:
+            self.qkv_proj = None
+            self.q_proj = linear(lora, "self_attn.q_proj", D, N * H, bias=cfg.qkv_bias, **kw)
+            self.k_proj = linear(lora, "self_attn.k_proj", D, K * H, bias=cfg.qkv_bias, **kw)
+            self.v_proj = linear(lora, "self_attn.v_proj", D, K * H, bias=cfg.qkv_bias, **kw)
         self.o_proj = linear(lora, "self_attn.o_proj", N * H, D, bias=cfg.o_bias, **kw)
         self.q_norm = rms_norm(cfg, H, dtype) if cfg.qk_norm else None
         self.k_norm = rms_norm(cfg, H, dtype) if cfg.qk_norm else None
@@ -54,18 +59,30 @@ class Attention(nnx.Module):
         self.scale = cfg.attn_scale if cfg.attn_scale is not None else H**-0.5
         self.softcap = cfg.attn_softcap
 
-    def __call__(self, x_BSD, cos_BSH, sin_BSH, segment_ids_BS, window, *, implementation: str,
-                 deterministic: bool, keys) -> jax.Array:
+    def qkv(self, x_BSD, cos_BSR, sin_BSR, *, deterministic: bool = True, keys=None):
+        """Rotated (and normed) queries ``[B, S, N, H]``, keys and values ``[B, S, K, H]``."""
         B, S, _ = x_BSD.shape
         N, K, H = self.num_heads, self.num_kv_heads, self.head_dim
         kw = lambda i: dict(deterministic=deterministic, key=None if keys is None else keys[i])  # noqa: E731
-        q_BSNH = self.q_proj(x_BSD, **kw(0)).reshape(B, S, N, H)
-        k_BSKH = self.k_proj(x_BSD, **kw(1)).reshape(B, S, K, H)
-        v_BSKH = self.v_proj(x_BSD, **kw(2)).reshape(B, S, K, H)
+        if self.qkv_proj is not None:
+            qkv = self.qkv_proj(x_BSD, **kw(0))
+            q_BSNH = qkv[..., :N * H].reshape(B, S, N, H)
+            k_BSKH = qkv[..., N * H:(N + K) * H].reshape(B, S, K, H)
+            v_BSKH = qkv[..., (N + K) * H:].reshape(B, S, K, H)
+        else:
+            q_BSNH = self.q_proj(x_BSD, **kw(0)).reshape(B, S, N, H)
+            k_BSKH = self.k_proj(x_BSD, **kw(1)).reshape(B, S, K, H)
+            v_BSKH = self.v_proj(x_BSD, **kw(2)).reshape(B, S, K, H)
         if self.q_norm is not None:
             q_BSNH, k_BSKH = self.q_norm(q_BSNH), self.k_norm(k_BSKH)
-        q_BSNH = apply_rope(q_BSNH, cos_BSH, sin_BSH)
-        k_BSKH = apply_rope(k_BSKH, cos_BSH, sin_BSH)
+        return apply_rope(q_BSNH, cos_BSR, sin_BSR), apply_rope(k_BSKH, cos_BSR, sin_BSR), v_BSKH
+
+    def __call__(self, x_BSD, cos_BSH, sin_BSH, segment_ids_BS, window, *, implementation: str,
+                 deterministic: bool, keys) -> jax.Array:
+        B, S, _ = x_BSD.shape
+        N, H = self.num_heads, self.head_dim
+        kw = lambda i: dict(deterministic=deterministic, key=None if keys is None else keys[i])  # noqa: E731
+        q_BSNH, k_BSKH, v_BSKH = self.qkv(x_BSD, cos_BSH, sin_BSH, deterministic=deterministic, keys=keys)
         out_BSNH = attention(q_BSNH, k_BSKH, v_BSKH, scale=self.scale, q_segment_ids=segment_ids_BS,
                              kv_segment_ids=segment_ids_BS, window=window, implementation=implementation,
                              logit_softcap=self.softcap)
@@ -203,6 +220,8 @@ class CausalLM(nnx.Module):
         def body(h, xs):
             layer_state, window, rope, layer_key = xs
             layer = nnx.merge(graphdef, layer_state)
+            if cos_RBSH.shape[0] == 1:  # one RoPE: a static slice, no per-layer selection
+                rope = 0
             w = (window if shared_window is None else shared_window) if windowed else None
             return layer(h, cos_RBSH[rope], sin_RBSH[rope], seg_BS, w,
                          implementation=self.attention, deterministic=not use_dropout, key=layer_key), None

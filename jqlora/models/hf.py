@@ -1,8 +1,8 @@
 """Hugging Face checkpoint tensors -> model variables: the key table's entry type, the checked stream of checkpoint
 pieces both loaders use, and `from_hf_tensors`.
 
-`hf_key_table(cfg)` is the one table per family (the family module's `key_table`) from Hugging Face keys to variables; it
-drives loading, the converter's checks, merged export and peft names.
+`hf_key_table(cfg)` is the one table per family (the family module's `key_table`) from Hugging Face keys to
+variables; it drives loading, the converter's checks, merged export and peft names.
 """
 
 from __future__ import annotations
@@ -163,10 +163,10 @@ def from_hf_tensors(
     """
     qspec = QuantSpec(quant, double_quant, block_size)
     cdtype = compute_dtype(dtype)
-    from jqlora.models.llama import LlamaForCausalLM
+    from jqlora.models.decoder import CausalLM
 
-    model = nnx.eval_shape(lambda: LlamaForCausalLM(cfg, lora, qspec, cdtype, rngs=nnx.Rngs(seed),
-                                                    lora_dtype=lora_dtype, remat=remat, scan_layers=scan_layers))
+    model = nnx.eval_shape(lambda: CausalLM(cfg, lora, qspec, cdtype, rngs=nnx.Rngs(seed),
+                                            lora_dtype=lora_dtype, remat=remat, scan_layers=scan_layers))
     buffers: dict[tuple[tuple[str, ...], str], np.ndarray] = {}
     quant_dtypes: dict[tuple[str, ...], tuple[str, str]] = {}  # module path -> (dtype name, first key)
 

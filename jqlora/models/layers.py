@@ -5,7 +5,7 @@ RMSNorm(x) = x / sqrt(mean(x²) + eps) computed in float32 (Zhang & Sennrich 201
 input dtype and then multiplies by w; Gemma multiplies by (1 + w) in float32 and casts after
 (``norm_unit_offset``). The MLP is gated (Shazeer, "GLU Variants Improve Transformer", 2020):
 down_proj(act(gate_proj(x)) * up_proj(x)) with act = SiLU (SwiGLU: Llama, Mistral, Qwen) or tanh-approximated GELU
-(GeGLU: Gemma).
+(GeGLU: Gemma). Phi-3 stores gate and up as one fused ``gate_up_proj`` (gate rows first).
 
 Shape letters: B batch, S sequence, D hidden, F MLP hidden, V vocabulary.
 """
@@ -74,13 +74,21 @@ class MLP(nnx.Module):
                  rngs: nnx.Rngs):
         D, F = cfg.hidden_size, cfg.intermediate_size
         kw = dict(bias=False, quant=quant, dtype=dtype, lora_dtype=lora_dtype, rngs=rngs)
-        self.gate_proj = linear(lora, "mlp.gate_proj", D, F, **kw)
-        self.up_proj = linear(lora, "mlp.up_proj", D, F, **kw)
+        if cfg.fused_gate_up:  # Phi-3: one kernel, gate rows first
+            self.gate_up_proj = linear(lora, "mlp.gate_up_proj", D, 2 * F, **kw)
+            self.gate_proj = self.up_proj = None
+        else:
+            self.gate_up_proj = None
+            self.gate_proj = linear(lora, "mlp.gate_proj", D, F, **kw)
+            self.up_proj = linear(lora, "mlp.up_proj", D, F, **kw)
         self.down_proj = linear(lora, "mlp.down_proj", F, D, **kw)
         self.act = cfg.hidden_act
 
     def __call__(self, x_BSD, *, deterministic: bool, keys) -> jax.Array:
         kw = lambda i: dict(deterministic=deterministic, key=None if keys is None else keys[i])  # noqa: E731
-        gate_BSF = self.gate_proj(x_BSD, **kw(0))
-        up_BSF = self.up_proj(x_BSD, **kw(1))
+        if self.gate_up_proj is not None:
+            gate_BSF, up_BSF = jnp.split(self.gate_up_proj(x_BSD, **kw(0)), 2, axis=-1)
+        else:
+            gate_BSF = self.gate_proj(x_BSD, **kw(0))
+            up_BSF = self.up_proj(x_BSD, **kw(1))
         return self.down_proj(ACTIVATIONS[self.act](gate_BSF) * up_BSF, **kw(2))
