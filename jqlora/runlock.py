@@ -51,7 +51,7 @@ class RunLock:
             os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
             f = open(self.path, "a+")
         except OSError as e:
-            raise LockError(f"output_dir {self.out}: cannot lock it ({self.path}: {e.strerror or e})") from None
+            raise LockError(f"output_dir {self.out}: not writable (its lock {self.path}: {e.strerror or e})") from None
         try:
             fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:

@@ -97,6 +97,11 @@ class ModelConfig:
                              f"features of head_dim {self.head_dim}: expected an even number in (0, head_dim]")
         if self.hidden_act not in ACTIVATIONS:
             raise ValueError(f"unsupported hidden_act {self.hidden_act!r}: expected one of {', '.join(ACTIVATIONS)}")
+        for key in ("short_factor", "long_factor"):  # (LongRoPE, in any family that has it)
+            factors = getattr(self.rope, key)
+            if factors is not None and len(factors) != self.rotary_dim // 2:
+                raise ValueError(f"rope {key} has {len(factors)} entries, expected rotary dims / 2 = "
+                                 f"{self.rotary_dim // 2}")
 
     @property
     def rotary_dim(self) -> int:

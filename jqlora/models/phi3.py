@@ -44,11 +44,6 @@ def config_from_dict(d: dict[str, Any], where: str) -> ModelConfig:
                   "or longrope")
     prf = float(params.get("partial_rotary_factor", d.get("partial_rotary_factor", 1.0)) or 1.0)
     rope = _rope({**d, "rope_scaling": params or None, "rope_parameters": None}, max_pos, bad)
-    rotary = int(head_dim * prf)
-    for key in ("short_factor", "long_factor"):
-        factors = getattr(rope, key)
-        if factors is not None and len(factors) != rotary // 2:
-            raise bad(f"rope {key} has {len(factors)} entries, expected rotary dims / 2 = {rotary // 2}")
     window = d.get("sliding_window")
     n_layers = d["num_hidden_layers"]
     return ModelConfig(
