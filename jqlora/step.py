@@ -34,67 +34,62 @@ class NoLoraError(ValueError):
     """The model has no LoRA parameters to train."""
 
 
+def _token_chunks(h_BSD: jax.Array, targets_BS: jax.Array, mask_BS: jax.Array, chunk: int):
+    """(h [n, C, D], targets [n, C], mask [n, C]): the B·S tokens in n chunks of C, zero-padded (mask 0)."""
+    D = h_BSD.shape[-1]
+    h_TD = h_BSD.reshape(-1, D)
+    t_T = targets_BS.reshape(-1).astype(jnp.int32)
+    m_T = mask_BS.reshape(-1).astype(jnp.float32)
+    T = h_TD.shape[0]
+    c = max(1, min(int(chunk), T))
+    n = -(-T // c)
+    pad = n * c - T
+    if pad:
+        h_TD = jnp.pad(h_TD, ((0, pad), (0, 0)))
+        t_T = jnp.pad(t_T, (0, pad))
+        m_T = jnp.pad(m_T, (0, pad))
+    return h_TD.reshape(n, c, D), t_T.reshape(n, c), m_T.reshape(n, c)
+
+
+def _chunk_logits(h_CD: jax.Array, w_VD: jax.Array, logit_cap: float | None) -> jax.Array:
+    """float32 logits [C, V] of one chunk, soft-capped to ``logit_cap`` · tanh(z / ``logit_cap``) when given."""
+    logits_CV = jax.lax.dot_general(h_CD, w_VD, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+    return logits_CV if logit_cap is None else jnp.tanh(logits_CV / logit_cap) * logit_cap
+
+
 def chunked_ce_sum(h_BSD: jax.Array, w_VD: jax.Array, targets_BS: jax.Array, mask_BS: jax.Array,
                    chunk: int = CE_CHUNK, logit_cap: float | None = None) -> jax.Array:
     """Σ mask · (logsumexp(z) - z[target]) in float32 with z = h wᵀ (soft-capped to ``logit_cap`` · tanh(z /
     ``logit_cap``) when given, Gemma 2's final logits), over chunks of `chunk` tokens (B S tokens in all)."""
-    D = h_BSD.shape[-1]
-    h_TD = h_BSD.reshape(-1, D)
-    t_T = targets_BS.reshape(-1).astype(jnp.int32)
-    m_T = mask_BS.reshape(-1).astype(jnp.float32)
-    T = h_TD.shape[0]
-    c = max(1, min(int(chunk), T))
-    n = -(-T // c)
-    pad = n * c - T
-    if pad:
-        h_TD = jnp.pad(h_TD, ((0, pad), (0, 0)))
-        t_T = jnp.pad(t_T, (0, pad))
-        m_T = jnp.pad(m_T, (0, pad))
 
     @jax.checkpoint
     def body(total, xs):
         h_CD, t_C, m_C = xs
-        logits_CV = jax.lax.dot_general(h_CD, w_VD, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
-        if logit_cap is not None:
-            logits_CV = jnp.tanh(logits_CV / logit_cap) * logit_cap
+        logits_CV = _chunk_logits(h_CD, w_VD, logit_cap)
         lse_C = jax.nn.logsumexp(logits_CV, axis=-1)
         tgt_C = jnp.take_along_axis(logits_CV, t_C[:, None], axis=-1)[:, 0]
         return total + jnp.sum((lse_C - tgt_C) * m_C), None
 
-    total, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32),
-                            (h_TD.reshape(n, c, D), t_T.reshape(n, c), m_T.reshape(n, c)))
+    total, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32), _token_chunks(h_BSD, targets_BS, mask_BS, chunk))
     return total
 
 
 def chunked_ce_and_correct(h_BSD: jax.Array, w_VD: jax.Array, targets_BS: jax.Array, mask_BS: jax.Array,
-                           chunk: int = CE_CHUNK) -> tuple[jax.Array, jax.Array]:
-    """(`chunked_ce_sum`, Σ mask · [argmax(h wᵀ) = target]): the loss and the trained tokens predicted right (for
+                           chunk: int = CE_CHUNK, logit_cap: float | None = None) -> tuple[jax.Array, jax.Array]:
+    """(`chunked_ce_sum`, Σ mask · [argmax(z) = target]): the loss and the trained tokens predicted right (for
     evaluation: token accuracy), in one pass over the same chunks."""
-    D = h_BSD.shape[-1]
-    h_TD = h_BSD.reshape(-1, D)
-    t_T = targets_BS.reshape(-1).astype(jnp.int32)
-    m_T = mask_BS.reshape(-1).astype(jnp.float32)
-    T = h_TD.shape[0]
-    c = max(1, min(int(chunk), T))
-    n = -(-T // c)
-    pad = n * c - T
-    if pad:
-        h_TD = jnp.pad(h_TD, ((0, pad), (0, 0)))
-        t_T = jnp.pad(t_T, (0, pad))
-        m_T = jnp.pad(m_T, (0, pad))
 
     def body(carry, xs):
         total, right = carry
         h_CD, t_C, m_C = xs
-        logits_CV = jax.lax.dot_general(h_CD, w_VD, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+        logits_CV = _chunk_logits(h_CD, w_VD, logit_cap)
         lse_C = jax.nn.logsumexp(logits_CV, axis=-1)
         tgt_C = jnp.take_along_axis(logits_CV, t_C[:, None], axis=-1)[:, 0]
         hit_C = (jnp.argmax(logits_CV, axis=-1) == t_C).astype(jnp.float32)
         return (total + jnp.sum((lse_C - tgt_C) * m_C), right + jnp.sum(hit_C * m_C)), None
 
     zero = jnp.zeros((), jnp.float32)
-    (total, right), _ = jax.lax.scan(body, (zero, zero),
-                                     (h_TD.reshape(n, c, D), t_T.reshape(n, c), m_T.reshape(n, c)))
+    (total, right), _ = jax.lax.scan(body, (zero, zero), _token_chunks(h_BSD, targets_BS, mask_BS, chunk))
     return total, right
 
 
@@ -197,7 +192,7 @@ def make_eval_stats_step(split: SplitModel, ce_chunk: int = CE_CHUNK) -> Callabl
         h_BSD = model.hidden_states(batch["input_ids"], batch["segment_ids"], batch["positions"],
                                     deterministic=True, key=None)
         loss_sum, right = chunked_ce_and_correct(h_BSD, model.lm_head_weight(), batch["targets"], batch["loss_mask"],
-                                                 ce_chunk)
+                                                 ce_chunk, logit_cap=model.config.final_softcap)
         return loss_sum, jnp.sum(batch["loss_mask"].astype(jnp.float32)), right
 
     return jax.jit(stats)

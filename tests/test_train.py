@@ -89,6 +89,16 @@ def test_chunked_eval_loss_and_token_accuracy(chunk):
                                rtol=1e-6)
     oracle = float(((lg.argmax(-1) == t) * m).sum())
     assert float(right) == oracle and 0 < oracle < m.sum()
+    # with a final soft-cap (Gemma 2) the eval loss is the capped one, as in training: float64 oracle
+    cap = 0.5  # (logits here reach about ±3: the cap binds)
+    capped = cap * np.tanh(lg / cap)
+    lse = np.log(np.exp(capped - capped.max(-1, keepdims=True)).sum(-1)) + capped.max(-1)
+    want = float(((lse - np.take_along_axis(capped, t[..., None], -1)[..., 0]) * m).sum())
+    loss, _ = ST.chunked_ce_and_correct(h, w, jnp.asarray(t, jnp.int32), jnp.asarray(m), chunk, logit_cap=cap)
+    train = ST.chunked_ce_sum(h, w, jnp.asarray(t, jnp.int32), jnp.asarray(m), chunk, logit_cap=cap)
+    np.testing.assert_allclose([float(loss), float(train)], [want, want], rtol=1e-5)
+    uncapped = float(ST.chunked_ce_sum(h, w, jnp.asarray(t, jnp.int32), jnp.asarray(m), chunk))
+    assert abs(float(loss) - uncapped) > 1.0  # the cap changes the loss: this case tests something
 
 
 def test_schedule_warmup_and_decay():
