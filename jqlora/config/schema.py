@@ -1,0 +1,245 @@
+"""The run configuration's schema: frozen dataclasses, one per section, each checking its own values.
+
+The package docstring (`jqlora.config`) says how a run's configuration is assembled.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+
+QUANT_TYPES = ("nf4", "fp4", "none")
+BLOCK_SIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
+DTYPES = ("bfloat16", "float16", "float32")
+LORA_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")  # = lora.LINEAR_MODULES
+FUSED_MODULES = ("qkv_proj", "gate_up_proj")  # = lora.FUSED_MODULES (Phi-3); also valid lora.targets
+DATA_FORMATS = ("auto", "chat", "instruction", "prompt_completion", "text")
+TRAIN_ON = ("completion", "all")
+OVERLONG = ("truncate", "drop", "error")
+LR_SCHEDULES = ("cosine", "linear", "constant")
+REMAT_POLICIES = ("none", "full", "save_dots", "save_dots_no_batch", "offload")  # = models.llama.REMAT_POLICIES
+
+COMMAND_LINE = "command line"
+
+
+class ConfigError(ValueError):
+    """A user mistake in a config file or override; the message is one line naming the source and the key."""
+
+
+class _Invalid(ConfigError):
+    """A range check failed for `key`; `load_config` prefixes the source (file or command line) of that key."""
+
+    def __init__(self, key: str, message: str):
+        super().__init__(message)
+        self.key = key
+        self.message = message
+
+
+def _check(ok: bool, key: str, value: Any, requirement: str) -> None:
+    if not ok:
+        raise _Invalid(key, f"{key}={value!r} {requirement}")
+
+
+def _one_of(value: Any, key: str, choices: tuple) -> None:
+    _check(value in choices, key, value, "must be one of " + ", ".join(choices))
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    path: Optional[str] = None  # Hugging Face checkpoint directory (config.json, tokenizer, weights); required
+    quant: str = "nf4"  # nf4 | fp4 | none: storage of the frozen base weights
+    double_quant: bool = True  # quantize the per-block absmax values again (8 bit, blocks of 256)
+    block_size: int = 64  # values per quantization block
+    dtype: str = "float32"  # compute dtype of activations, LoRA math and the unquantized weights
+    tokenizer_path: Optional[str] = None  # defaults to model.path
+    max_seq_len: Optional[int] = None  # longest sequence the model may see; defaults to the checkpoint's limit
+
+    def __post_init__(self):
+        if self.path is not None:
+            _check(bool(self.path), "model.path", self.path, "must name a model directory")
+        _one_of(self.quant, "model.quant", QUANT_TYPES)
+        _check(self.block_size in BLOCK_SIZES, "model.block_size", self.block_size,
+               "must be one of " + ", ".join(map(str, BLOCK_SIZES)))
+        _one_of(self.dtype, "model.dtype", DTYPES)
+        if self.max_seq_len is not None:
+            _check(self.max_seq_len >= 1, "model.max_seq_len", self.max_seq_len, "must be >= 1")
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    r: int = 16  # adapter rank
+    alpha: float = 32.0  # scaling alpha / r (alpha / sqrt(r) with rslora)
+    dropout: float = 0.05  # dropout on the adapter input
+    targets: Any = "all-linear"  # "all-linear" or a list of module names (q_proj, ..., down_proj)
+    rslora: bool = False  # rank-stabilized scaling (Kalajdzievski 2023)
+
+    def __post_init__(self):
+        _check(self.r >= 1, "lora.r", self.r, "must be >= 1")
+        _check(self.alpha > 0, "lora.alpha", self.alpha, "must be > 0")
+        _check(0.0 <= self.dropout < 1.0, "lora.dropout", self.dropout, "must be in [0, 1)")
+        targets = self.targets
+        if isinstance(targets, str) and targets != "all-linear":
+            targets = [targets]
+        if isinstance(targets, (list, tuple)):
+            _check(len(targets) > 0, "lora.targets", list(targets), "must not be empty")
+            for name in targets:
+                _check(name in LORA_MODULES + FUSED_MODULES, "lora.targets", name,
+                       "is not a module name; use 'all-linear' or names among "
+                       + ", ".join(LORA_MODULES + FUSED_MODULES))
+            if len(set(targets)) != len(targets):
+                raise _Invalid("lora.targets", f"lora.targets={list(targets)!r} names a module twice")
+            object.__setattr__(self, "targets", tuple(targets))
+        else:
+            _check(targets == "all-linear", "lora.targets", targets,
+                   "must be 'all-linear' or a list of module names")
+
+    @property
+    def target_modules(self) -> tuple[str, ...]:
+        """The module names the adapters go on, with "all-linear" spelled out."""
+        return LORA_MODULES if self.targets == "all-linear" else tuple(self.targets)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    path: Optional[str] = None  # .jsonl / .json / .parquet / .csv file, a local dataset dir, or a hub name; required
+    format: str = "auto"  # auto | chat | instruction | prompt_completion | text
+    split: str = "train"  # split to read from a dataset directory or hub dataset
+    subset: Optional[str] = None  # hub dataset configuration name
+    # separate eval data (same format rules); overrides eval_fraction
+    eval_path: Optional[str] = None
+    eval_split: Optional[str] = None  # split of data.path used for eval (hub/dir datasets), e.g. "test"
+    eval_fraction: float = 0.0  # else hold out this fraction of the training examples (split by train.seed)
+    max_length: int = 128  # tokens per row (packed or padded)
+    packing: bool = False  # pack several examples per row (best-fit decreasing); attention stays per example
+    train_on: str = "completion"  # completion: loss on assistant/completion tokens only; all: on every token
+    overlong: str = "truncate"  # examples over max_length: truncate (keep the start) | drop | error
+    shuffle: bool = True  # reshuffle rows every epoch (seeded by train.seed and the epoch)
+    messages_field: str = "messages"  # field holding the chat (format chat)
+    text_field: str = "text"  # field holding the text (format text)
+    chat_template: Optional[str] = None  # Jinja template (or a path to a .jinja file) replacing the tokenizer's
+
+    def __post_init__(self):
+        if self.path is not None:
+            _check(bool(self.path), "data.path", self.path, "must name a dataset")
+        _one_of(self.format, "data.format", DATA_FORMATS)
+        _check(0.0 <= self.eval_fraction < 1.0, "data.eval_fraction", self.eval_fraction, "must be in [0, 1)")
+        _check(self.max_length >= 2, "data.max_length", self.max_length, "must be >= 2")
+        _one_of(self.train_on, "data.train_on", TRAIN_ON)
+        _one_of(self.overlong, "data.overlong", OVERLONG)
+        _check(bool(self.messages_field), "data.messages_field", self.messages_field, "must not be empty")
+        _check(bool(self.text_field), "data.text_field", self.text_field, "must not be empty")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    batch_size: int = 8  # rows per micro-batch (one forward/backward)
+    grad_accum_steps: int = 2  # micro-batches per optimizer step
+    max_steps: Optional[int] = None  # optimizer steps; null: train.epochs over the data
+    epochs: float = 1.0  # passes over the training rows when max_steps is null
+    learning_rate: float = 2e-4  # peak learning rate
+    lr_schedule: str = "cosine"  # cosine | linear | constant (after warmup), decaying to min_lr_ratio * peak
+    warmup_steps: int = 5  # linear warmup from 0, in optimizer steps (clamped to the run's length)
+    min_lr_ratio: float = 0.0  # final learning rate as a fraction of the peak (cosine, linear)
+    weight_decay: float = 0.0  # AdamW decoupled weight decay on the LoRA parameters
+    adam_b1: float = 0.9  # AdamW first-moment decay
+    adam_b2: float = 0.999  # AdamW second-moment decay
+    adam_eps: float = 1e-8  # AdamW epsilon
+    max_grad_norm: float = 1.0  # global-norm gradient clipping; 0 disables
+    seed: int = 0  # LoRA init, dropout, data shuffling and the eval split
+    # none | full | save_dots | save_dots_no_batch | offload: what the scanned layer body keeps for backward;
+    # auto: the fastest of none, save_dots, save_dots_no_batch, full whose memory plan fits the device (jqlora.plan)
+    remat: str = "full"
+    log_every: int = 10  # optimizer steps between metric lines
+    eval_every: int = 25  # optimizer steps between evaluations; 0: only at the end
+    eval_batches: Optional[int] = None  # micro-batches per evaluation; null: the whole eval set
+    eval_batch_size: Optional[int] = None  # defaults to train.batch_size
+    save_every: int = 0  # optimizer steps between checkpoints; 0: only at the end
+    keep_checkpoints: int = 2  # most recent checkpoints kept
+    resume: bool = True  # continue from the newest checkpoint in output_dir if there is one
+    overwrite: bool = False  # start afresh in a non-empty output_dir: the old one is moved aside (never deleted)
+    sample_prompt: Optional[str] = None  # greedy reply printed before and after training (null: none)
+    eval_samples: int = 0  # at each eval, greedy replies to the first N eval prompts, logged beside the eval loss
+    stop_at_step: Optional[int] = None  # save and stop after this step (the schedule still spans max_steps); rerun to go on
+    # stop (saving nothing, exporting nothing) when the loss stays far above its early value (jqlora/divergence.py)
+    stop_on_divergence: bool = True
+
+    def __post_init__(self):
+        _check(self.batch_size >= 1, "train.batch_size", self.batch_size, "must be >= 1")
+        _check(self.grad_accum_steps >= 1, "train.grad_accum_steps", self.grad_accum_steps, "must be >= 1")
+        if self.max_steps is not None:
+            _check(self.max_steps >= 1, "train.max_steps", self.max_steps, "must be >= 1 (or null to use epochs)")
+        _check(self.epochs > 0, "train.epochs", self.epochs, "must be > 0")
+        _check(self.learning_rate > 0, "train.learning_rate", self.learning_rate, "must be > 0")
+        _one_of(self.lr_schedule, "train.lr_schedule", LR_SCHEDULES)
+        _check(self.warmup_steps >= 0, "train.warmup_steps", self.warmup_steps, "must be >= 0")
+        _check(0.0 <= self.min_lr_ratio <= 1.0, "train.min_lr_ratio", self.min_lr_ratio, "must be in [0, 1]")
+        _check(self.weight_decay >= 0, "train.weight_decay", self.weight_decay, "must be >= 0")
+        _check(0.0 <= self.adam_b1 < 1.0, "train.adam_b1", self.adam_b1, "must be in [0, 1)")
+        _check(0.0 <= self.adam_b2 < 1.0, "train.adam_b2", self.adam_b2, "must be in [0, 1)")
+        _check(self.adam_eps > 0, "train.adam_eps", self.adam_eps, "must be > 0")
+        _check(self.max_grad_norm >= 0, "train.max_grad_norm", self.max_grad_norm, "must be >= 0 (0 disables)")
+        _one_of(self.remat, "train.remat", REMAT_POLICIES + ("auto",))
+        _check(self.log_every >= 1, "train.log_every", self.log_every, "must be >= 1")
+        _check(self.eval_every >= 0, "train.eval_every", self.eval_every, "must be >= 0 (0: only at the end)")
+        if self.eval_batches is not None:
+            _check(self.eval_batches >= 1, "train.eval_batches", self.eval_batches, "must be >= 1 (or null: all)")
+        if self.eval_batch_size is not None:
+            _check(self.eval_batch_size >= 1, "train.eval_batch_size", self.eval_batch_size, "must be >= 1")
+        _check(self.save_every >= 0, "train.save_every", self.save_every, "must be >= 0 (0: only at the end)")
+        _check(self.keep_checkpoints >= 1, "train.keep_checkpoints", self.keep_checkpoints, "must be >= 1")
+        _check(self.eval_samples >= 0, "train.eval_samples", self.eval_samples, "must be >= 0")
+        if self.stop_at_step is not None:
+            _check(self.stop_at_step >= 1, "train.stop_at_step", self.stop_at_step, "must be >= 1 (or null)")
+
+
+def _mesh_size(value: Any, key: str) -> Any:
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return "auto"
+    if isinstance(value, str):
+        try:
+            value = int(value)
+        except ValueError:
+            pass
+    _check(isinstance(value, int) and not isinstance(value, bool) and value >= 1, key, value,
+           "must be a positive integer or 'auto'")
+    return value
+
+
+@dataclass(frozen=True)
+class MeshConfig:
+    data: Any = 1  # data-parallel axis: batch split, weights replicated (int or "auto")
+    fsdp: Any = "auto"  # fully-sharded data parallel: batch and weights/adapters/optimizer state split
+    tensor: Any = 1  # tensor parallel: kernels split inside a layer (must divide the heads and the MLP width)
+
+    def __post_init__(self):
+        for name in ("data", "fsdp", "tensor"):
+            object.__setattr__(self, name, _mesh_size(getattr(self, name), f"mesh.{name}"))
+        autos = [n for n in ("data", "fsdp", "tensor") if getattr(self, n) == "auto"]
+        if len(autos) > 1:
+            raise _Invalid(f"mesh.{autos[-1]}", "mesh: at most one axis may be 'auto', got "
+                           + ", ".join(f"mesh.{n}=auto" for n in autos))
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    tensorboard: bool = True  # TensorBoard event files in output_dir/tensorboard (tensorboardX)
+    wandb: bool = False  # also log to Weights & Biases (needs `pip install wandb`; WANDB_MODE=offline: no network)
+    wandb_project: Optional[str] = None  # W&B project; null: jqlora
+
+
+@dataclass(frozen=True)
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    mesh: MeshConfig = field(default_factory=MeshConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    output_dir: str = "runs/run"  # checkpoints, metrics, the resolved config and the exported adapter
+
+    def __post_init__(self):
+        _check(bool(self.output_dir), "output_dir", self.output_dir, "must name a directory")
+        if self.model.max_seq_len is not None:
+            _check(self.data.max_length <= self.model.max_seq_len, "data.max_length", self.data.max_length,
+                   f"must be <= model.max_seq_len ({self.model.max_seq_len})")
