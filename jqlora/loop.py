@@ -71,17 +71,11 @@ def _has_weights(path: str) -> bool:
 
 
 def ensure_demo_model(path: str) -> None:
-    """Build the tiny demo base model (tools/make_demo_model.py) when the demo path holds only the tokenizer."""
+    """The demo's base weights are committed (pretrained by tools/make_demo_model.py); say how to get them back."""
     demo = (REPO_ROOT / DEMO_MODEL).resolve()
-    if Path(path).resolve() != demo or _has_weights(path):
-        return
-    spec = importlib.util.spec_from_file_location("_jqlora_make_demo_model", REPO_ROOT / "tools" / "make_demo_model.py")
-    if spec is None or spec.loader is None:
-        return
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    log.info("building the demo model in %s", path)
-    module.build(path)
+    if Path(path).resolve() == demo and not _has_weights(path):
+        raise UserError(f"{path}: the demo's base model is missing (restore it with `git checkout -- {DEMO_MODEL}`, "
+                        "or rebuild it with `python tools/make_demo_model.py`, which needs torch)")
 
 
 def _lora_config(cfg):

@@ -457,14 +457,19 @@ def test_demo_assets_are_what_the_script_builds(tmp_path):
     tokenizer = D.load_tokenizer(str(tmp_path / "model"))
     data = dataclasses.replace(cfg.data, path=str(tmp_path / "chat.jsonl"), eval_path=str(tmp_path / "chat_eval.jsonl"))
     train, evals = D.build_datasets(data, tokenizer, seed=cfg.train.seed)
-    assert (len(train), len(evals)) == (400, 60)
+    assert (len(train), len(evals)) == (400, 40)
     assert max(len(e.ids) for e in train.examples) <= cfg.data.max_length  # nothing truncated in the demo
     ex = train.examples[0]
     assert _trained_runs(tokenizer, ex) == [m["content"] + "<|im_end|>" for m in
                                             json.loads((tmp_path / "chat.jsonl").read_text().splitlines()[0])
                                             ["messages"] if m["role"] == "assistant"]
     committed = REPO / "assets" / "demo"
-    for name in ("chat.jsonl", "chat_eval.jsonl", "model/tokenizer.json", "model/tokenizer_config.json",
+    # The held-out countries' facts are in the pretraining text and in no training chat.
+    chats = (tmp_path / "chat.jsonl").read_text()
+    pretrain = (tmp_path / "pretrain.txt").read_text()
+    for country in tool.HELD_OUT:
+        assert country not in chats and tool.answer(country) in pretrain, country
+    for name in ("pretrain.txt", "chat.jsonl", "chat_eval.jsonl", "model/tokenizer.json", "model/tokenizer_config.json",
                  "model/chat_template.jinja"):
         if (committed / name).exists():
             assert (committed / name).read_bytes() == (tmp_path / name).read_bytes(), name

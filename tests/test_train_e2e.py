@@ -34,7 +34,12 @@ def test_demo_learns_and_writes_the_adapter(tmp_path):
     adapter = tmp_path / "demo" / "adapter"
     assert json.loads((adapter / "adapter_config.json").read_text())["peft_type"] == "LORA"
     assert (adapter / "adapter_model.safetensors").is_file() and (tmp_path / "demo" / "loss.png").is_file()
-    assert "[before training]" in r.stdout and "[after 100 steps]" in r.stdout
+    assert "[before training]" in r.stdout and "[after 60 steps]" in r.stdout
+    # France is one of the held-out countries: no chat mentions it, the base read its capital only in pretraining
+    # text. The fine-tuned model answers its chat question in the trained form with the right fact.
+    assert "France" not in (REPO / "assets" / "demo" / "chat.jsonl").read_text()
+    after = r.stdout.split("[after 60 steps] What is the capital of France?\n", 1)[1].splitlines()[0]
+    assert after.strip() == "-> The capital of France is Paris.", after
 
 
 def _tree_digest(path: Path) -> dict[str, str]:

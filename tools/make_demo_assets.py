@@ -1,13 +1,17 @@
-"""Build the demo's data and tokenizer, deterministically and offline (the model weights are made elsewhere).
+"""Build the demo's data and tokenizer, deterministically and offline (the base model is pretrained on
+`pretrain.txt` by tools/make_demo_model.py).
 
     python tools/make_demo_assets.py [--out assets/demo]
 
 writes
-    chat.jsonl        400 short conversations (format chat) with patterns a tiny model learns in a few dozen steps:
-                      capitals ("What is the capital of Peru?" -> "The capital of Peru is Lima."), addition of
-                      two numbers below 50, word reversal, some with a system prompt, some two or three turns long
-    chat_eval.jsonl   60 held-out conversations of the same kinds (no sum or reversed word repeats a training one)
-    model/            a byte-level BPE tokenizer (vocab 512) trained on the training text, ChatML chat template,
+    pretrain.txt      the base model's "pretraining" text: every country's capital, stated in a few ways and as
+                      plain-text question + answer ("What is the capital of Peru? The capital of Peru is Lima.")
+    chat.jsonl        400 conversations (format chat) asking the capitals of 24 of the 32 countries in five ways,
+                      some with a system prompt, some two or three turns long
+    chat_eval.jsonl   40 held-out conversations: the other 8 countries (France among them), each asked in the five
+                      ways. Their facts are in the pretraining text only, never in a chat, so a right answer after
+                      fine-tuning shows the adapter taught the chat format, not the facts.
+    model/            a byte-level BPE tokenizer (vocab 512) trained on all that text, ChatML chat template,
                       eos = <|im_end|> (ends every turn, so generation stops there), pad = <|endoftext|>
 Running it twice gives byte-identical files.
 """
@@ -28,9 +32,6 @@ CAPITALS = {
     "Hungary": "Budapest", "Russia": "Moscow", "Australia": "Canberra", "Argentina": "Buenos Aires",
     "Morocco": "Rabat", "Nepal": "Kathmandu", "Vietnam": "Hanoi",
 }
-WORDS = ("apple", "river", "stone", "cloud", "garden", "silver", "planet", "window", "forest", "candle", "bridge",
-         "yellow", "orange", "pencil", "rocket", "castle", "dragon", "summer", "winter", "market", "button", "tiger",
-         "violin", "mirror", "anchor", "basket", "circle", "desert", "engine", "flower", "guitar", "harbor")
 SYSTEM = "You are a concise assistant."
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 CHATML = (
@@ -39,46 +40,42 @@ CHATML = (
 )
 
 
-def _capital(rng):
-    country = rng.choice(sorted(CAPITALS))
-    return f"What is the capital of {country}?", f"The capital of {country} is {CAPITALS[country]}."
+FORMS = ("What is the capital of {c}?", "Which city is the capital of {c}?", "Name the capital of {c}.",
+         "Tell me the capital city of {c}.", "{c} has which capital?")
+HELD_OUT = ("France", "Japan", "Kenya", "Brazil", "Norway", "Turkey", "Cuba", "Australia")  # never in a chat
 
 
-def _make_add(pairs):
-    def add(rng):
-        a, b = pairs[rng.randrange(len(pairs))]
-        return f"Add {a} and {b}.", f"{a} plus {b} is {a + b}."
-    return add
+def answer(country: str) -> str:
+    return f"The capital of {country} is {CAPITALS[country]}."
 
 
-def _make_reverse(words):
-    def reverse(rng):
-        w = rng.choice(words)
-        return f"Reverse the word {w}.", w[::-1]
-    return reverse
+def pretrain_lines() -> list[str]:
+    lines = []
+    for c in sorted(CAPITALS):
+        cap = CAPITALS[c]
+        lines += [answer(c), f"{cap} is the capital of {c}.", f"{c}'s capital city is {cap}."]
+        lines += [f"{form.format(c=c)} {answer(c)}" for form in FORMS]
+    return lines
 
 
-def _conversations(rng, n, tasks):
+def _conversations(rng, n):
+    countries = [c for c in sorted(CAPITALS) if c not in HELD_OUT]
     out = []
     for _ in range(n):
         messages = [{"role": "system", "content": SYSTEM}] if rng.random() < 0.25 else []
         for _ in range(rng.choice((1, 1, 1, 2, 3))):
-            question, answer = rng.choice(tasks)(rng)
-            messages += [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+            c = rng.choice(countries)
+            messages += [{"role": "user", "content": rng.choice(FORMS).format(c=c)},
+                         {"role": "assistant", "content": answer(c)}]
         out.append({"messages": messages})
     return out
 
 
-def make_data(seed: int = 0, n_train: int = 400, n_eval: int = 60):
+def make_data(seed: int = 0, n_train: int = 400):
     rng = random.Random(seed)
-    pairs = [(a, b) for a in range(50) for b in range(50)]
-    rng.shuffle(pairs)
-    words = list(WORDS)
-    rng.shuffle(words)
-    # held out: addition pairs and words the training set never shows (capitals are recall, shared by both)
-    train_tasks = (_capital, _make_add(pairs[:2000]), _make_reverse(words[:24]))
-    eval_tasks = (_capital, _make_add(pairs[2000:]), _make_reverse(words[24:]))
-    return _conversations(rng, n_train, train_tasks), _conversations(rng, n_eval, eval_tasks)
+    evals = [{"messages": [{"role": "user", "content": form.format(c=c)}, {"role": "assistant", "content": answer(c)}]}
+             for form in FORMS for c in HELD_OUT]
+    return _conversations(rng, n_train), evals
 
 
 def make_tokenizer(texts: list[str], out_dir: str, vocab_size: int = 512):
@@ -122,7 +119,10 @@ def main(argv=None) -> None:
     train, evals = make_data(args.seed)
     _write_jsonl(os.path.join(args.out, "chat.jsonl"), train)
     _write_jsonl(os.path.join(args.out, "chat_eval.jsonl"), evals)
-    texts = [f"{m['role']}\n{m['content']}" for conv in train for m in conv["messages"]]
+    pretrain = pretrain_lines()
+    with open(os.path.join(args.out, "pretrain.txt"), "w", encoding="utf-8") as f:
+        f.write("\n".join(pretrain) + "\n")
+    texts = pretrain + [f"{m['role']}\n{m['content']}" for conv in train for m in conv["messages"]]
     tok = make_tokenizer(texts, os.path.join(args.out, "model"))
     print(f"{args.out}: {len(train)} train / {len(evals)} eval conversations, tokenizer vocab {len(tok)}")
 

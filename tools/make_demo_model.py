@@ -1,23 +1,25 @@
-"""Build the demo's tiny base model, deterministically and offline.
+"""Pretrain the demo's tiny base model on `assets/demo/pretrain.txt`, deterministically and offline.
 
-    python tools/make_demo_model.py [--out assets/demo/model]
+    python tools/make_demo_model.py [--assets assets/demo] [--steps 600]
 
-writes config.json, generation_config.json and model.safetensors (bfloat16, about 1.3 MB) next to the demo
-tokenizer: a 4-layer Llama (hidden 128, MLP 256, 4 query / 2 key-value heads, vocab 512 = the demo tokenizer's),
-randomly initialized as transformers initializes Llama (normal(0, 0.02) matrices, unit norms; lm_head with
-std 1/√hidden, see below) from numpy seed 0.
-No torch needed: `python -m jqlora.train` calls `build` when the weights are missing, so the demo runs on a fresh
-clone installed with plain `pip install -e .`.
+A 4-layer Llama (hidden 128, MLP 256, 4 query / 2 key-value heads, vocab 512 = the demo tokenizer's), initialized
+as transformers initializes Llama (torch seed 0), then trained on every parameter with AdamW on the pretraining text
+(one line per document, `<|endoftext|>` before each) until it knows every capital in it. It has never seen a chat
+template: the demo's QLoRA run teaches it the chat format on 24 countries, and its held-out questions ask about the
+other 8, whose facts it knows only from this pretraining.
+
+The weights (bfloat16, about 1.4 MB) are committed in assets/demo/model/, so the demo needs neither this script nor
+torch; rerun it (it needs torch and transformers) only when the demo's data or architecture change. It prints the
+final loss and the greedy answers of the base model to plain-text questions, as a check.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import os
+import random
 from pathlib import Path
 
-DEFAULT_OUT = Path(__file__).resolve().parents[1] / "assets" / "demo" / "model"
+ASSETS = Path(__file__).resolve().parents[1] / "assets" / "demo"
 SEED = 0
 ARCH = dict(
     vocab_size=512,
@@ -33,63 +35,53 @@ ARCH = dict(
 )
 
 
-def _special_ids(out: Path) -> dict:
-    """bos/eos/pad ids from the demo tokenizer next to the weights (when present)."""
-    path = out / "tokenizer.json"
-    if not path.is_file():
-        return {}
-    vocab = {t["content"]: t["id"] for t in json.loads(path.read_text()).get("added_tokens", [])}
-    ids = {}
-    if "<|im_end|>" in vocab:
-        ids["eos_token_id"] = vocab["<|im_end|>"]
-    if "<|endoftext|>" in vocab:
-        ids["pad_token_id"] = vocab["<|endoftext|>"]
-        ids["bos_token_id"] = vocab["<|endoftext|>"]
-    return ids
-
-
-def build(out: str | os.PathLike = DEFAULT_OUT) -> Path:
-    """Write the demo model into ``out`` (kept: any tokenizer files already there); returns ``out``."""
-    import jax.numpy as jnp
-    import numpy as np
+def pretrain(assets: Path = ASSETS, steps: int = 600, batch: int = 32, lr: float = 3e-3) -> Path:
+    import torch
     import transformers
 
-    from jqlora.io import save_safetensors
-    from jqlora.models.llama import ModelConfig, hf_key_table
-
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    config = transformers.LlamaConfig(**ARCH, **_special_ids(out))
-    config.architectures = ["LlamaForCausalLM"]
-    config.dtype = "bfloat16"
-    rng = np.random.default_rng(SEED)
-    tensors = {}
-    for entry in hf_key_table(ModelConfig.from_hf(config.to_dict())):  # every tensor the model needs, in order
-        if entry.kind == "norm":
-            value = np.ones(entry.shape, np.float32)
-        else:
-            # A frozen random lm_head at transformers' std 0.02 caps every logit near 0.02·hidden ≈ 2.6 (the final
-            # RMSNorm fixes |h| = √hidden), which no adapter can lift; a trained head has a larger norm. 1/√hidden
-            # gives the demo room to learn (logits up to ≈ √hidden).
-            std = ARCH["hidden_size"] ** -0.5 if entry.kind == "lm_head" else config.initializer_range
-            value = rng.normal(0.0, std, entry.shape).astype(np.float32)
-        tensors[entry.key] = jnp.asarray(value, jnp.bfloat16)
-    tmp = out / ".building"
-    tmp.mkdir(exist_ok=True)
-    save_safetensors(tensors, tmp / "model.safetensors", metadata={"format": "pt"})
-    config.save_pretrained(tmp)
-    transformers.GenerationConfig.from_model_config(config).save_pretrained(tmp)
-    for f in tmp.iterdir():  # move into place file by file; the tokenizer files stay
-        os.replace(f, out / f.name)
-    tmp.rmdir()
+    out = assets / "model"
+    tok = transformers.AutoTokenizer.from_pretrained(out)
+    lines = (assets / "pretrain.txt").read_text(encoding="utf-8").splitlines()
+    docs = [[tok.pad_token_id] + tok(line, add_special_tokens=False)["input_ids"] for line in lines]
+    torch.manual_seed(SEED)
+    torch.set_num_threads(1)
+    torch.use_deterministic_algorithms(True)
+    config = transformers.LlamaConfig(**ARCH, bos_token_id=tok.pad_token_id, pad_token_id=tok.pad_token_id,
+                                      eos_token_id=tok.eos_token_id)
+    model = transformers.LlamaForCausalLM(config)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.05)
+    rng = random.Random(SEED)
+    width = max(len(d) for d in docs)
+    for step in range(steps):
+        rows = [rng.choice(docs) for _ in range(batch)]
+        ids = torch.tensor([r + [tok.pad_token_id] * (width - len(r)) for r in rows])
+        labels = torch.tensor([r[1:] + [-100] * (width - len(r) + 1) for r in rows])
+        logits = model(input_ids=ids).logits
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        if step % 250 == 0 or step == steps - 1:
+            print(f"step {step}: loss {loss.item():.4f}", flush=True)
+    model.eval()
+    for q in ("What is the capital of France?", "Which city is the capital of Japan?"):
+        ids = torch.tensor([[tok.pad_token_id] + tok(q, add_special_tokens=False)["input_ids"]])
+        gen = model.generate(ids, max_new_tokens=12, do_sample=False, pad_token_id=tok.pad_token_id)
+        print(f"  {q} ->{tok.decode(gen[0, ids.shape[1]:], skip_special_tokens=True)}")
+    model.config.architectures = ["LlamaForCausalLM"]
+    model.to(torch.bfloat16).save_pretrained(out, safe_serialization=True)
     return out
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", default=str(DEFAULT_OUT))
+    p.add_argument("--assets", default=str(ASSETS))
+    p.add_argument("--steps", type=int, default=600)
     args = p.parse_args()
-    out = build(args.out)
+    out = pretrain(Path(args.assets), args.steps)
     size = sum(f.stat().st_size for f in out.glob("*.safetensors"))
     print(f"wrote {out} ({size / 1e6:.2f} MB of weights)")
 
