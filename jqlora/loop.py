@@ -187,6 +187,14 @@ class Trainer:
             self.mesh = sharding.mesh_from_config(cfg.mesh)
         except ValueError as e:
             raise UserError(str(e)) from None
+        self.init_kind = None
+        if cfg.lora.init_from is not None:  # (checked before the minutes of loading)
+            from jqlora import init_from
+
+            try:
+                self.init_kind = init_from.check(cfg)
+            except init_from.InitFromError as e:
+                raise UserError(str(e)) from None
         self.model = build_model(cfg, lambda shape: sharding.check_model_fits(
             self.mesh, shape, self.tc.batch_size, self.tc.eval_batch_size), mesh=self.mesh)
         self.tokenizer = tokenizer = load_tokenizer(cfg.model.tokenizer_path or cfg.model.path)
@@ -243,6 +251,7 @@ class Trainer:
         latest = self.run_dir.latest_verified_step() if self.tc.resume else None
         if latest is None:  # (this run's own directory, stopped before its first checkpoint: start it over)
             self.run_dir.truncate_metrics(-1)
+            self.start_from()
             return False
         # restored onto this run's placed arrays' shardings, whatever the saving run's mesh was
         try:
@@ -265,6 +274,32 @@ class Trainer:
             self.evaluated_at = self.step  # (a finished run that is run again does not evaluate twice)
         log.info("resumed from %s at step %d", self.out, self.step)
         return True
+
+    def start_from(self) -> None:
+        """Adapters (and with train.resume_optimizer the optimizer state) from ``lora.init_from`` (jqlora.init_from)."""
+        src = self.cfg.lora.init_from
+        if src is None:
+            return
+        from jqlora import init_from
+
+        try:
+            if self.init_kind == "adapter":
+                model = init_from.from_adapter(self.split.model(self.lora), src)
+                fresh = SplitModel.of(model).lora
+                self.lora = jax.tree.map(lambda new, old: jax.device_put(jnp.asarray(new, old.dtype), old.sharding),
+                                         fresh, self.lora)
+                how = "a fresh optimizer"
+            else:
+                like = self.opt_state if self.tc.resume_optimizer else None
+                self.lora, opt, step = init_from.from_run(src, self.lora, like,
+                                                          lambda tc, n: optim.make_optimizer(tc, n)[0])
+                if opt is not None:
+                    self.opt_state = opt
+                how = f"checkpoint {step}, " + ("its optimizer state" if opt is not None else "a fresh optimizer")
+        except init_from.InitFromError as e:
+            raise UserError(str(e)) from None
+        if self.primary:
+            log.info("adapters from %s (%s)", src, how)
 
     def _log(self, record: dict) -> None:
         self.run_dir.log(record)

@@ -73,9 +73,13 @@ class LoraConfig:
     dropout: float = 0.05  # dropout on the adapter input
     targets: Any = "all-linear"  # "all-linear" or a list of module names (q_proj, ..., down_proj)
     rslora: bool = False  # rank-stabilized scaling (Kalajdzievski 2023)
+    # start the adapters from a peft adapter dir or a jqlora run dir / checkpoint (same ranks); null: fresh adapters
+    init_from: Optional[str] = None
 
     def __post_init__(self):
         _check(self.r >= 1, "lora.r", self.r, "must be >= 1")
+        if self.init_from is not None:
+            _check(bool(self.init_from), "lora.init_from", self.init_from, "must name a directory (or be null)")
         _check(self.alpha > 0, "lora.alpha", self.alpha, "must be > 0")
         _check(0.0 <= self.dropout < 1.0, "lora.dropout", self.dropout, "must be in [0, 1)")
         targets = self.targets
@@ -163,6 +167,8 @@ class TrainConfig:
     stop_at_step: Optional[int] = None  # save and stop after this step (the schedule still spans max_steps); rerun to go on
     # stop (saving nothing, exporting nothing) when the loss stays far above its early value (jqlora/divergence.py)
     stop_on_divergence: bool = True
+    # with lora.init_from a jqlora run: also continue its optimizer state (Adam moments; the lr schedule is this run's)
+    resume_optimizer: bool = False
 
     def __post_init__(self):
         _check(self.batch_size >= 1, "train.batch_size", self.batch_size, "must be >= 1")
