@@ -1,0 +1,94 @@
+"""LoRA initializations beyond peft's default (``lora.init``): gaussian, PiSSA and LoftQ.
+
+Layout: peft's, ``A [r, in]``, ``B [out, r]``, the update ``s · B A`` (s = alpha / r, or alpha / √r with rsLoRA)
+added to the base ``W [out, in]``; callers transpose to jqlora's ``A [in, r]`` / ``B [r, out]``.
+
+- ``gaussian``: A ~ N(0, (1/r)²), B = 0 (peft's ``init_lora_weights="gaussian"``): the model is unchanged at step 0.
+- ``pissa`` (Meng et al., "PiSSA: Principal Singular Values and Singular Vectors Adaptation of Large Language
+  Models", 2024): with ``W = U S Vᵀ`` (float32 SVD), ``A = diag(√(S_r / s)) V_rᵀ``, ``B = U_r diag(√(S_r / s))``, so
+  ``s B A`` is the best rank-r part of W, and the base becomes the residual ``W_res = W − s B A``; the model is
+  unchanged at step 0 up to rounding (and, on a 4-bit base, W_res is what gets quantized). peft's ``pissa_init``.
+- ``loftq`` (Li et al., "LoftQ: LoRA-Fine-Tuning-Aware Quantization for Large Language Models", 2023): alternate
+  ``Q_t = quantize(W − s B_{t-1} A_{t-1})`` (B_0 A_0 = 0) and ``s B_t A_t`` = the best rank-r approximation of
+  ``W − deq(Q_t)``, for T iterations; the base becomes Q_T, so ``deq(Q_T) + s B_T A_T ≈ W`` better than
+  plain quantization does (iteration 1 already: the residual's best rank-r part is taken off it). peft's
+  ``loftq_init``, with two differences: the quantizer is the run's own (NF4 or FP4, with double quantization and
+  block size as configured: the Q evaluated is exactly the Q trained on), and A, B are divided by √s so that the
+  update the model adds, ``s B A``, is the low-rank term (peft's LoftQ stores ``L R`` unscaled in A and B and so
+  assumes s = 1).
+
+Shape letters: O out features, I in features, R rank.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Iterator
+
+import jax
+import numpy as np
+
+INITS = ("default", "gaussian", "pissa", "loftq")
+
+
+def gaussian_a(key: jax.Array, shape: tuple[int, ...], r: int, dtype: Any = np.float32) -> jax.Array:
+    """A ~ N(0, (1/r)²) in any layout (peft's gaussian init of ``lora_A``; B stays zero)."""
+    return (jax.random.normal(key, shape, np.float32) / r).astype(dtype)
+
+
+def _svd(w_OI: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    return np.linalg.svd(np.asarray(w_OI, np.float32), full_matrices=False)
+
+
+def pissa(w_OI: np.ndarray, r: int, scaling: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(A [R, I], B [O, R], W_res [O, I])`` float32, peft's PiSSA: ``W_res + s B A = W``."""
+    w = np.asarray(w_OI, np.float32)
+    u, s, vh = _svd(w)
+    root = np.sqrt(s[:r] / scaling)
+    a = root[:, None] * vh[:r]
+    b = u[:, :r] * root[None, :]
+    return a, b, w - scaling * (b @ a)
+
+
+def loftq_steps(
+    w_OI: np.ndarray,
+    r: int,
+    scaling: float,
+    quantize: Callable[[np.ndarray], Any],
+    dequantize: Callable[[Any], np.ndarray],
+) -> Iterator[tuple[np.ndarray, np.ndarray, Any, float]]:
+    """LoftQ's iterations, endlessly: ``(A [R, I], B [O, R], Q, error)`` after each, where ``Q = quantize(...)`` is
+    the base to train on (``dequantize(Q) [O, I]`` float32) and ``error`` the Frobenius norm of
+    ``W − deq(Q) − s B A`` (float32 arithmetic; the tests recompute it in float64)."""
+    w = np.asarray(w_OI, np.float32)
+    low = np.zeros_like(w)  # s B A of the previous iteration
+    while True:
+        qt = quantize(w - low)
+        err = w - np.asarray(dequantize(qt), np.float32)
+        u, s, vh = _svd(err)
+        root = np.sqrt(s[:r] / scaling)
+        a = root[:, None] * vh[:r]
+        b = u[:, :r] * root[None, :]
+        low = scaling * (b @ a)
+        yield a, b, qt, float(np.linalg.norm(err - low))
+
+
+def loftq(w_OI, r, scaling, quantize, dequantize, iters: int = 1) -> tuple[np.ndarray, np.ndarray, Any, float]:
+    """``(A, B, Q, error)`` after ``iters`` LoftQ iterations (`loftq_steps`)."""
+    if iters < 1:
+        raise ValueError(f"LoftQ needs at least one iteration, got {iters}")
+    for i, out in enumerate(loftq_steps(w_OI, r, scaling, quantize, dequantize), 1):
+        if i == iters:
+            return out
+    raise AssertionError("unreachable")
+
+
+def check_rank_fits(r: int, out_features: int, in_features: int, where: str) -> None:
+    """PiSSA / LoftQ take r singular vectors: r must not exceed min(out, in)."""
+    if r > min(out_features, in_features):
+        raise ValueError(f"{where}: rank {r} does not fit a {out_features}x{in_features} kernel (PiSSA / LoftQ take "
+                         f"r <= {min(out_features, in_features)} singular vectors)")
+
+
+def scaling_of(r: int, alpha: float, rslora: bool) -> float:
+    return alpha / math.sqrt(r) if rslora else alpha / r
