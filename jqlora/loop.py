@@ -142,11 +142,42 @@ def build_model(cfg, check: Callable[[Any], None] | None = None, mesh=None):
         if cfg.train.remat == "auto":
             log.info(why)
         streamed = mesh is not None and mesh.size > 1 and jax.process_count() == 1
-        return load_model(path, quant=cfg.model.quant, double_quant=cfg.model.double_quant,
-                          block_size=cfg.model.block_size, dtype=cfg.model.dtype, lora=_lora_config(cfg),
-                          seed=cfg.train.seed, remat=remat, mesh=mesh if streamed else None)
+        init = cfg.lora.init
+        if init in ("pissa", "loftq"):  # (SVDs of the full-precision kernels, then the adjusted base is quantized)
+            _check_full_precision(path, init)
+            streamed = False
+        model = load_model(path, quant="none" if init in ("pissa", "loftq") else cfg.model.quant,
+                           double_quant=cfg.model.double_quant, block_size=cfg.model.block_size,
+                           dtype=cfg.model.dtype, lora=_lora_config(cfg), seed=cfg.train.seed, remat=remat,
+                           mesh=mesh if streamed else None)
+        if init != "default":
+            from jqlora import lora_init
+            from jqlora.lora import QuantSpec
+
+            t0 = time.perf_counter()
+            try:
+                notes = lora_init.apply(model, init, seed=cfg.train.seed, loftq_iters=cfg.lora.loftq_iters,
+                                        quant=QuantSpec(cfg.model.quant, cfg.model.double_quant, cfg.model.block_size))
+            except ValueError as e:
+                raise UserError(f"lora.init={init}: {str(e).splitlines()[0]}") from None
+            log.info("lora.init=%s in %.1f s%s", init, time.perf_counter() - t0,
+                     "".join("; " + n for n in notes))
+        return model
     except (ConvertError, FileNotFoundError) as e:
         raise UserError(str(e).splitlines()[0]) from None
+
+
+def _check_full_precision(path: str, init: str) -> None:
+    """PiSSA / LoftQ need the full-precision kernels: not a 4-bit checkpoint, not jqlora's 4-bit copy."""
+    from jqlora import convert
+
+    if convert.is_jqlora_dir(path):
+        raise UserError(f"lora.init={init}: model.path {path} is jqlora's quantized copy of a base; {init} needs the "
+                        "full-precision Hugging Face checkpoint")
+    with convert.Checkpoint(path) as ckpt:
+        if ckpt.bnb:
+            raise UserError(f"lora.init={init}: model.path {path} is a 4-bit (bitsandbytes) checkpoint; {init} needs "
+                            "the full-precision weights")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -252,6 +283,11 @@ class Trainer:
         if latest is None:  # (this run's own directory, stopped before its first checkpoint: start it over)
             self.run_dir.truncate_metrics(-1)
             self.start_from()
+            if self.cfg.lora.init in ("pissa", "loftq") and self.primary:
+                from jqlora import init_export
+
+                init_export.prepare_run(self.split.model(jax.tree.map(jnp.asarray, sharding.to_host(self.lora))),
+                                        self.cfg, self.out)
             return False
         # restored onto this run's placed arrays' shardings, whatever the saving run's mesh was
         try:
@@ -531,8 +567,6 @@ class Trainer:
             print(f"[{when}] {self.tc.sample_prompt}\n    -> {shown}", flush=True)
 
     def export_adapter(self) -> None:
-        from jqlora import peft
-
         lora = jax.tree.map(jnp.asarray, sharding.to_host(self.lora))  # (every process takes part in the gather)
         if not self.primary:
             return
@@ -543,7 +577,8 @@ class Trainer:
         base = hf_source(self.cfg.model.path)  # the original HF checkpoint, also behind a converted base
         if base != os.path.abspath(self.cfg.model.path):
             card["trained_on"] = f"{os.path.abspath(self.cfg.model.path)} (jqlora's 4-bit copy of the base)"
-        out = peft.save_adapter(self.split.model(lora), os.path.join(self.out, "adapter"),
-                                lora_config=_lora_config(self.cfg), base_model_name_or_path=base,
-                                card=card, overwrite=True)
+        from jqlora import init_export
+
+        out = init_export.save_adapter(self.split.model(lora), self.cfg, self.out, os.path.join(self.out, "adapter"),
+                                       lora_config=_lora_config(self.cfg), base=base, card=card, overwrite=True)
         log.info("adapter written to %s", out)

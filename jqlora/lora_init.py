@@ -86,9 +86,90 @@ def loftq(w_OI, r, scaling, quantize, dequantize, iters: int = 1) -> tuple[np.nd
 def check_rank_fits(r: int, out_features: int, in_features: int, where: str) -> None:
     """PiSSA / LoftQ take r singular vectors: r must not exceed min(out, in)."""
     if r > min(out_features, in_features):
-        raise ValueError(f"{where}: rank {r} does not fit a {out_features}x{in_features} kernel (PiSSA / LoftQ take "
+        raise ValueError(f"rank {r} does not fit {where}, a {out_features}x{in_features} kernel (PiSSA / LoftQ take "
                          f"r <= {min(out_features, in_features)} singular vectors)")
 
 
 def scaling_of(r: int, alpha: float, rslora: bool) -> float:
     return alpha / math.sqrt(r) if rslora else alpha / r
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# On a model
+
+
+def apply(model: Any, init: str, *, seed: int, quant: Any, loftq_iters: int = 1) -> list[str]:
+    """Initialize every adapter of ``model`` (loaded with an unquantized base when ``init`` is pissa / loftq) as
+    ``init`` says, in place; the base kernels are then adjusted (pissa: the residual; loftq: Q) and, if ``quant``
+    (a `jqlora.lora.QuantSpec`) is enabled, quantized, adapted or not. Returns one line per adjusted module kind
+    (its mean LoftQ error against plain quantization, for the log)."""
+    from flax import nnx
+
+    from jqlora import quant as q
+    from jqlora.lora import Frozen, LoraLinear
+
+    if init == "default":
+        return []
+    modules = sorted(((tuple(map(str, p)), m) for p, m in nnx.iter_modules(model) if isinstance(m, LoraLinear)),
+                     key=lambda pm: pm[0])
+    if init == "gaussian":
+        key = jax.random.key(seed)
+        for i, (_, m) in enumerate(modules):
+            if m.lora_a is not None:
+                m.lora_a.set_value(gaussian_a(jax.random.fold_in(key, i), m.lora_a.shape, m.spec.r, m.param_dtype))
+                m.lora_b.set_value(np.zeros(m.lora_b.shape, m.param_dtype))
+        return []
+    if init not in ("pissa", "loftq"):
+        raise ValueError(f"unknown LoRA init {init!r}: expected one of {', '.join(INITS)}")
+    for path, m in modules:
+        if m.lora_a is not None:
+            check_rank_fits(m.spec.r, m.out_features, m.in_features, ".".join(path[2:]) or ".".join(path))
+
+    def quantize(x):
+        return q.quantize(np.asarray(x, np.float32).astype(m.dtype), quant.quant, block_size=quant.block_size,
+                          double_quant=quant.double_quant)
+
+    def dequantize(t):
+        return np.asarray(q.dequantize(t, np.float32))
+
+    notes = []
+    for path, m in modules:
+        w_LOI = np.asarray(m.weight[...], np.float32)
+        stacked = w_LOI.ndim == 3
+        w_LOI = w_LOI if stacked else w_LOI[None]
+        kernels, a_list, b_list, gains = [], [], [], []
+        for w in w_LOI:
+            if m.lora_a is None:
+                kernels.append(quantize(w) if quant.enabled else w)
+                continue
+            s = m.scaling
+            if init == "pissa":
+                a, b, res = pissa(w, m.spec.r, s)
+                kernels.append(quantize(res) if quant.enabled else res)
+            else:
+                a, b, qt, err = loftq(w, m.spec.r, s, quantize, dequantize, iters=loftq_iters)
+                kernels.append(qt)
+                gains.append(err / max(float(np.linalg.norm(w - dequantize(quantize(w)))), 1e-30))
+            a_list.append(a.T)
+            b_list.append(b.T)
+        if quant.enabled:
+            def stack(field):
+                values = [getattr(k, field) for k in kernels]
+                if values[0] is None:
+                    return None
+                return jax.numpy.asarray(np.stack([np.asarray(v) for v in values]) if stacked else values[0])
+
+            k0 = kernels[0]
+            t = q.QuantizedTensor(stack("codes"), stack("absmax"), stack("nested_absmax"), stack("offset"),
+                                  k0.shape, k0.dtype, k0.block_size, k0.quant_type)
+            del m.weight
+            m.quant = quant
+            m.set_quantized(t)
+        else:
+            m.weight = Frozen(jax.numpy.asarray(np.stack(kernels) if stacked else kernels[0], m.dtype))
+        if m.lora_a is not None:
+            m.lora_a.set_value(jax.numpy.asarray(np.stack(a_list) if stacked else a_list[0], m.param_dtype))
+            m.lora_b.set_value(jax.numpy.asarray(np.stack(b_list) if stacked else b_list[0], m.param_dtype))
+        if gains:
+            notes.append(f"{'.'.join(path[2:])}: LoftQ error {np.mean(gains):.3f} of plain {quant.quant}'s")
+    return notes

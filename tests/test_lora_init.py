@@ -67,5 +67,5 @@ def test_loftq_error_falls_and_beats_nf4(double_quant):
 
 
 def test_rank_that_does_not_fit():
-    with pytest.raises(ValueError, match="rank 80 does not fit a 96x64 kernel"):
+    with pytest.raises(ValueError, match="rank 80 does not fit q_proj, a 96x64 kernel"):
         LI.check_rank_fits(80, 96, 64, "q_proj")
