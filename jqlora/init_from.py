@@ -18,6 +18,7 @@ naming the key (alpha / r / targets) or the tensor.
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,7 @@ import optax
 from flax import nnx
 
 ADAPTER_CONFIG = "adapter_config.json"
+log = logging.getLogger("jqlora.train")
 
 
 class InitFromError(ValueError):
@@ -144,3 +146,27 @@ def restart_schedule(opt_state: Any) -> Any:
         return s
 
     return jax.tree.map(reset, opt_state, is_leaf=lambda s: isinstance(s, optax.ScaleByScheduleState))
+
+
+def start(trainer: Any) -> None:
+    """Set ``trainer``'s adapters (and optimizer state) from ``cfg.lora.init_from`` (a `jqlora.loop.Trainer` whose
+    ``init_kind`` is `check`'s answer); they keep their placement."""
+    import jax.numpy as jnp
+
+    from jqlora import optim
+    from jqlora.step import SplitModel
+
+    src = trainer.cfg.lora.init_from
+    if trainer.init_kind == "adapter":
+        model = from_adapter(trainer.split.model(trainer.lora), src)
+        trainer.lora = jax.tree.map(lambda new, old: jax.device_put(jnp.asarray(new, old.dtype), old.sharding),
+                                    SplitModel.of(model).lora, trainer.lora)
+        how = "a fresh optimizer"
+    else:
+        like = trainer.opt_state if trainer.tc.resume_optimizer else None
+        trainer.lora, opt, step = from_run(src, trainer.lora, like, lambda tc, n: optim.make_optimizer(tc, n)[0])
+        if opt is not None:
+            trainer.opt_state = opt
+        how = f"checkpoint {step}, " + ("its optimizer state" if opt is not None else "a fresh optimizer")
+    if trainer.primary:
+        log.info("adapters from %s (%s)", src, how)

@@ -142,42 +142,17 @@ def build_model(cfg, check: Callable[[Any], None] | None = None, mesh=None):
         if cfg.train.remat == "auto":
             log.info(why)
         streamed = mesh is not None and mesh.size > 1 and jax.process_count() == 1
-        init = cfg.lora.init
-        if init in ("pissa", "loftq"):  # (SVDs of the full-precision kernels, then the adjusted base is quantized)
-            _check_full_precision(path, init)
-            streamed = False
-        model = load_model(path, quant="none" if init in ("pissa", "loftq") else cfg.model.quant,
-                           double_quant=cfg.model.double_quant, block_size=cfg.model.block_size,
-                           dtype=cfg.model.dtype, lora=_lora_config(cfg), seed=cfg.train.seed, remat=remat,
-                           mesh=mesh if streamed else None)
-        if init != "default":
-            from jqlora import lora_init
-            from jqlora.lora import QuantSpec
+        from jqlora import lora_init
 
-            t0 = time.perf_counter()
-            try:
-                notes = lora_init.apply(model, init, seed=cfg.train.seed, loftq_iters=cfg.lora.loftq_iters,
-                                        quant=QuantSpec(cfg.model.quant, cfg.model.double_quant, cfg.model.block_size))
-            except ValueError as e:
-                raise UserError(f"lora.init={init}: {str(e).splitlines()[0]}") from None
-            log.info("lora.init=%s in %.1f s%s", init, time.perf_counter() - t0,
-                     "".join("; " + n for n in notes))
-        return model
+        try:
+            return lora_init.load_initialized(cfg, lambda quant, **kw: load_model(
+                path, quant=quant, double_quant=cfg.model.double_quant, block_size=cfg.model.block_size,
+                dtype=cfg.model.dtype, lora=_lora_config(cfg), seed=cfg.train.seed, remat=remat,
+                mesh=mesh if streamed and kw.get("streamed", True) else None))
+        except lora_init.InitError as e:
+            raise UserError(str(e)) from None
     except (ConvertError, FileNotFoundError) as e:
         raise UserError(str(e).splitlines()[0]) from None
-
-
-def _check_full_precision(path: str, init: str) -> None:
-    """PiSSA / LoftQ need the full-precision kernels: not a 4-bit checkpoint, not jqlora's 4-bit copy."""
-    from jqlora import convert
-
-    if convert.is_jqlora_dir(path):
-        raise UserError(f"lora.init={init}: model.path {path} is jqlora's quantized copy of a base; {init} needs the "
-                        "full-precision Hugging Face checkpoint")
-    with convert.Checkpoint(path) as ckpt:
-        if ckpt.bnb:
-            raise UserError(f"lora.init={init}: model.path {path} is a 4-bit (bitsandbytes) checkpoint; {init} needs "
-                            "the full-precision weights")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -283,11 +258,6 @@ class Trainer:
         if latest is None:  # (this run's own directory, stopped before its first checkpoint: start it over)
             self.run_dir.truncate_metrics(-1)
             self.start_from()
-            if self.cfg.lora.init in ("pissa", "loftq") and self.primary:
-                from jqlora import init_export
-
-                init_export.prepare_run(self.split.model(jax.tree.map(jnp.asarray, sharding.to_host(self.lora))),
-                                        self.cfg, self.out)
             return False
         # restored onto this run's placed arrays' shardings, whatever the saving run's mesh was
         try:
@@ -312,30 +282,20 @@ class Trainer:
         return True
 
     def start_from(self) -> None:
-        """Adapters (and with train.resume_optimizer the optimizer state) from ``lora.init_from`` (jqlora.init_from)."""
-        src = self.cfg.lora.init_from
-        if src is None:
-            return
-        from jqlora import init_from
+        """Adapters (and with train.resume_optimizer the optimizer state) from ``lora.init_from``; what PiSSA / LoftQ
+        runs save for their export (jqlora.init_from, jqlora.init_export)."""
+        if self.cfg.lora.init_from is not None:
+            from jqlora import init_from
 
-        try:
-            if self.init_kind == "adapter":
-                model = init_from.from_adapter(self.split.model(self.lora), src)
-                fresh = SplitModel.of(model).lora
-                self.lora = jax.tree.map(lambda new, old: jax.device_put(jnp.asarray(new, old.dtype), old.sharding),
-                                         fresh, self.lora)
-                how = "a fresh optimizer"
-            else:
-                like = self.opt_state if self.tc.resume_optimizer else None
-                self.lora, opt, step = init_from.from_run(src, self.lora, like,
-                                                          lambda tc, n: optim.make_optimizer(tc, n)[0])
-                if opt is not None:
-                    self.opt_state = opt
-                how = f"checkpoint {step}, " + ("its optimizer state" if opt is not None else "a fresh optimizer")
-        except init_from.InitFromError as e:
-            raise UserError(str(e)) from None
-        if self.primary:
-            log.info("adapters from %s (%s)", src, how)
+            try:
+                init_from.start(self)
+            except init_from.InitFromError as e:
+                raise UserError(str(e)) from None
+        if self.cfg.lora.init in ("pissa", "loftq") and self.primary:
+            from jqlora import init_export
+
+            init_export.prepare_run(self.split.model(jax.tree.map(jnp.asarray, sharding.to_host(self.lora))),
+                                    self.cfg, self.out)
 
     def _log(self, record: dict) -> None:
         self.run_dir.log(record)

@@ -22,13 +22,21 @@ Shape letters: O out features, I in features, R rank.
 
 from __future__ import annotations
 
+import logging
 import math
-from typing import Any, Callable, Iterator
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import jax
 import numpy as np
 
 INITS = ("default", "gaussian", "pissa", "loftq")
+log = logging.getLogger("jqlora.train")
+
+
+class InitError(ValueError):
+    """A lora.init that cannot be applied to this base (a 4-bit source, a rank that does not fit): one line."""
 
 
 def gaussian_a(key: jax.Array, shape: tuple[int, ...], r: int, dtype: Any = np.float32) -> jax.Array:
@@ -98,6 +106,37 @@ def scaling_of(r: int, alpha: float, rslora: bool) -> float:
 # On a model
 
 
+def load_initialized(cfg: Any, load: Callable[..., Any]) -> Any:
+    """The model of a run config with its adapters initialized as ``cfg.lora.init`` says. ``load(quant, streamed=)``
+    loads the base (`jqlora.models.load_model` with the run's other settings); PiSSA / LoftQ load it unquantized
+    and unstreamed (the SVDs need the full-precision kernels), then quantize the adjusted base (`apply`)."""
+    from jqlora.convert import Checkpoint, is_jqlora_dir
+    from jqlora.lora import QuantSpec
+
+    init, path = cfg.lora.init, cfg.model.path
+    if init not in ("pissa", "loftq"):
+        model = load(cfg.model.quant)
+    else:
+        bnb = False
+        if not is_jqlora_dir(path):
+            with Checkpoint(path) as ckpt:
+                bnb = bool(ckpt.bnb)
+        if bnb or is_jqlora_dir(path):
+            raise InitError(f"lora.init={init}: model.path {path} is a 4-bit checkpoint (bitsandbytes, or jqlora's "
+                            f"converted copy); {init} needs the full-precision Hugging Face checkpoint")
+        model = load("none", streamed=False)
+    if init == "default":
+        return model
+    t0 = time.perf_counter()
+    try:
+        notes = apply(model, init, seed=cfg.train.seed, loftq_iters=cfg.lora.loftq_iters,
+                      quant=QuantSpec(cfg.model.quant, cfg.model.double_quant, cfg.model.block_size))
+    except ValueError as e:
+        raise InitError(f"lora.init={init}: {str(e).splitlines()[0]}") from None
+    log.info("lora.init=%s in %.1f s%s", init, time.perf_counter() - t0, "".join("; " + n for n in notes))
+    return model
+
+
 def apply(model: Any, init: str, *, seed: int, quant: Any, loftq_iters: int = 1) -> list[str]:
     """Initialize every adapter of ``model`` (loaded with an unquantized base when ``init`` is pissa / loftq) as
     ``init`` says, in place; the base kernels are then adjusted (pissa: the residual; loftq: Q) and, if ``quant``
@@ -153,15 +192,7 @@ def apply(model: Any, init: str, *, seed: int, quant: Any, loftq_iters: int = 1)
             a_list.append(a.T)
             b_list.append(b.T)
         if quant.enabled:
-            def stack(field):
-                values = [getattr(k, field) for k in kernels]
-                if values[0] is None:
-                    return None
-                return jax.numpy.asarray(np.stack([np.asarray(v) for v in values]) if stacked else values[0])
-
-            k0 = kernels[0]
-            t = q.QuantizedTensor(stack("codes"), stack("absmax"), stack("nested_absmax"), stack("offset"),
-                                  k0.shape, k0.dtype, k0.block_size, k0.quant_type)
+            t = _stack_quantized(kernels, stacked)
             del m.weight
             m.quant = quant
             m.set_quantized(t)
@@ -173,3 +204,18 @@ def apply(model: Any, init: str, *, seed: int, quant: Any, loftq_iters: int = 1)
         if gains:
             notes.append(f"{'.'.join(path[2:])}: LoftQ error {np.mean(gains):.3f} of plain {quant.quant}'s")
     return notes
+
+
+def _stack_quantized(kernels: list, stacked: bool) -> Any:
+    """One `quant.QuantizedTensor` whose array fields stack the layers' (or the single kernel's, unstacked)."""
+    from jqlora import quant as q
+
+    def stack(field):
+        values = [getattr(k, field) for k in kernels]
+        if values[0] is None:
+            return None
+        return jax.numpy.asarray(np.stack([np.asarray(v) for v in values]) if stacked else values[0])
+
+    k0 = kernels[0]
+    return q.QuantizedTensor(stack("codes"), stack("absmax"), stack("nested_absmax"), stack("offset"), k0.shape,
+                             k0.dtype, k0.block_size, k0.quant_type)

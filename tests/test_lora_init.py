@@ -2,6 +2,8 @@
 and LoftQ's error ‖W − (deq(Q) + s B A)‖, recomputed in float64, falls with every iteration and is below plain
 NF4's (with double quantization, the run's quantizer) from iteration 1 on."""
 
+import itertools
+
 import numpy as np
 import pytest
 import torch
@@ -53,8 +55,8 @@ def test_gaussian_law():
 def test_loftq_error_falls_and_beats_nf4(double_quant):
     w = _weight()
     w64 = w.astype(np.float64)
-    quantize = lambda x: q.quantize(x, "nf4", block_size=64, double_quant=double_quant)  # noqa: E731
-    dequantize = lambda t: np.asarray(q.dequantize(t, np.float32))  # noqa: E731
+    quantize = lambda x: q.quantize(x, "nf4", block_size=64, double_quant=double_quant)
+    dequantize = lambda t: np.asarray(q.dequantize(t, np.float32))
     plain = np.linalg.norm(w64 - dequantize(quantize(w)))
     r, s = 8, 2.0
     errors = []
@@ -63,7 +65,7 @@ def test_loftq_error_falls_and_beats_nf4(double_quant):
         np.testing.assert_allclose(reported, err, rtol=1e-5)
         errors.append(err)
     assert errors[0] < 0.9 * plain, (errors[0], plain)
-    assert all(later < earlier for earlier, later in zip(errors, errors[1:])), errors
+    assert all(later < earlier for earlier, later in itertools.pairwise(errors)), errors
 
 
 def test_rank_that_does_not_fit():

@@ -6,7 +6,6 @@ saved LoftQ base gives the trained logits in peft; bad combinations are one line
 import shutil
 from pathlib import Path
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
