@@ -98,6 +98,16 @@ def run(quant: str, data: Path, out: Path, steps: int, extra: list[str]) -> list
     return [(r["step"], r["eval_loss"]) for r in lines if "eval_loss" in r]
 
 
+def gap_closed(loss: dict) -> float | None:
+    """(QLoRA − LoftQ) / (QLoRA − LoRA): 1 closes the gap, 0 does nothing, < 0 widens it; None with no gap."""
+    gap = loss["nf4"] - loss["none"]
+    return (loss["nf4"] - loss["loftq"]) / gap if gap > 0 else None
+
+
+def _pct(x: float | None) -> str:
+    return "n/a (QLoRA not above LoRA)" if x is None else f"{x:+.1%}"
+
+
 def compare(task: str, steps: int, out: Path, extra: list[str] = ()) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
@@ -107,8 +117,9 @@ def compare(task: str, steps: int, out: Path, extra: list[str] = ()) -> dict:
     final = {q: c[-1][1] for q, c in curves.items()}  # loss over all rows after the last step
     result = {"task": task, "optimal_loss": floor, "curves": curves, "final": final,
               "relative_gap": (final["nf4"] - final["none"]) / final["none"]}
-    if "loftq" in final:  # the share of QLoRA's excess over LoRA that LoftQ removes
-        result["loftq_gap_closed"] = (final["nf4"] - final["loftq"]) / (final["nf4"] - final["none"])
+    if "loftq" in final:  # the share of QLoRA's excess over LoRA that LoftQ removes, at the start and at the end
+        start = {q: c[0][1] for q, c in curves.items()}
+        result["loftq_gap_closed"] = {"start": gap_closed(start), "final": gap_closed(final)}
     (out / "curves.json").write_text(json.dumps(result, indent=1))
     return result
 
@@ -149,10 +160,13 @@ def main() -> None:
           f"relative gap {gap:+.2%}; excess over the optimum: QLoRA {mean['nf4'] - floor:.4f}, "
           f"LoRA {mean['none'] - floor:.4f}")
     if "loftq" in mean:
-        closed = (mean["nf4"] - mean["loftq"]) / (mean["nf4"] - mean["none"])
-        print(f"LoftQ ({args.loftq_iters} iterations) on NF4: final loss {mean['loftq']:.4f}, closes {closed:+.1%} of "
-              f"the QLoRA-vs-LoRA gap (per seed: "
-              + ", ".join(f"{r['loftq_gap_closed']:+.1%}" for r in results.values()) + ")")
+        for s, r in results.items():
+            c = r["loftq_gap_closed"]
+            print(f"  seed {s}: LoftQ ({args.loftq_iters} iterations) start {r['curves']['loftq'][0][1]:.4f} "
+                  f"(QLoRA {r['curves']['nf4'][0][1]:.4f}, LoRA {r['curves']['none'][0][1]:.4f}): closes "
+                  f"{_pct(c['start'])} of the gap at step 0; final {r['final']['loftq']:.4f}: {_pct(c['final'])}")
+        print(f"LoftQ final loss, mean over seeds: {mean['loftq']:.4f}; share of the final gap closed "
+              f"{_pct(gap_closed(mean))}")
     (out / "summary.json").write_text(json.dumps({
         "task": args.task, "steps": args.steps, "optimal_loss": floor, "mean_final": mean, "relative_gap": gap,
         "final_by_seed": {s: r["final"] for s, r in results.items()}}))
