@@ -188,11 +188,12 @@ def main(argv: list[str] | None = None) -> int:
             if args.merge:
                 merge_to_hf(model, base, args.dst, dtype=args.dtype or "bfloat16")
             else:
-                from jqlora import peft
+                from jqlora import init_export
 
-                peft.save_adapter(model, args.dst, lora_config=model.lora_config, base_model_name_or_path=str(base),
-                                  dtype=args.dtype or "float32",
-                                  card={"steps": step, "data": cfg.data.path})
+                run_dir, _ = find_run(src, args.step)
+                init_export.save_adapter(model, cfg, run_dir, args.dst, lora_config=model.lora_config,
+                                         base=str(base), dtype=args.dtype or "float32",
+                                         card={"steps": step, "data": cfg.data.path})
     except ValueError as e:  # ExportError, AdapterError, ConvertError, ConfigError: a user's mistake
         print(f"error: {e}", file=sys.stderr)
         return 2

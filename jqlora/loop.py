@@ -136,9 +136,15 @@ def build_model(cfg, check: Callable[[Any], None] | None = None, mesh=None):
         if cfg.train.remat == "auto":
             log.info(why)
         streamed = mesh is not None and mesh.size > 1 and jax.process_count() == 1
-        return load_model(path, quant=cfg.model.quant, double_quant=cfg.model.double_quant,
-                          block_size=cfg.model.block_size, dtype=cfg.model.dtype, lora=_lora_config(cfg),
-                          seed=cfg.train.seed, remat=remat, mesh=mesh if streamed else None)
+        from jqlora import lora_init
+
+        try:
+            return lora_init.load_initialized(cfg, lambda quant, **kw: load_model(
+                path, quant=quant, double_quant=cfg.model.double_quant, block_size=cfg.model.block_size,
+                dtype=cfg.model.dtype, lora=_lora_config(cfg), seed=cfg.train.seed, remat=remat,
+                mesh=mesh if streamed and kw.get("streamed", True) else None))
+        except lora_init.InitError as e:
+            raise UserError(str(e)) from None
     except (ConvertError, FileNotFoundError) as e:
         raise UserError(str(e).splitlines()[0]) from None
 
@@ -181,6 +187,14 @@ class Trainer:
             self.mesh = sharding.mesh_from_config(cfg.mesh)
         except ValueError as e:
             raise UserError(str(e)) from None
+        self.init_kind = None
+        if cfg.lora.init_from is not None:  # (checked before the minutes of loading)
+            from jqlora import init_from
+
+            try:
+                self.init_kind = init_from.check(cfg)
+            except init_from.InitFromError as e:
+                raise UserError(str(e)) from None
         self.model = build_model(cfg, lambda shape: sharding.check_model_fits(
             self.mesh, shape, self.tc.batch_size, self.tc.eval_batch_size), mesh=self.mesh)
         self.tokenizer = tokenizer = load_tokenizer(cfg.model.tokenizer_path or cfg.model.path)
@@ -237,6 +251,7 @@ class Trainer:
         latest = self.run_dir.latest_verified_step() if self.tc.resume else None
         if latest is None:  # (this run's own directory, stopped before its first checkpoint: start it over)
             self.run_dir.truncate_metrics(-1)
+            self.start_from()
             return False
         # restored onto this run's placed arrays' shardings, whatever the saving run's mesh was
         try:
@@ -259,6 +274,22 @@ class Trainer:
             self.evaluated_at = self.step  # (a finished run that is run again does not evaluate twice)
         log.info("resumed from %s at step %d", self.out, self.step)
         return True
+
+    def start_from(self) -> None:
+        """Adapters (and with train.resume_optimizer the optimizer state) from ``lora.init_from``; what PiSSA / LoftQ
+        runs save for their export (jqlora.init_from, jqlora.init_export)."""
+        if self.cfg.lora.init_from is not None:
+            from jqlora import init_from
+
+            try:
+                init_from.start(self)
+            except init_from.InitFromError as e:
+                raise UserError(str(e)) from None
+        if self.cfg.lora.init in ("pissa", "loftq") and self.primary:
+            from jqlora import init_export
+
+            init_export.prepare_run(self.split.model(jax.tree.map(jnp.asarray, sharding.to_host(self.lora))),
+                                    self.cfg, self.out)
 
     def _log(self, record: dict) -> None:
         self.run_dir.log(record)
@@ -490,8 +521,6 @@ class Trainer:
             print(f"[{when}] {self.tc.sample_prompt}\n    -> {shown}", flush=True)
 
     def export_adapter(self) -> None:
-        from jqlora import peft
-
         lora = jax.tree.map(jnp.asarray, sharding.to_host(self.lora))  # (every process takes part in the gather)
         if not self.primary:
             return
@@ -502,7 +531,8 @@ class Trainer:
         base = hf_source(self.cfg.model.path)  # the original HF checkpoint, also behind a converted base
         if base != os.path.abspath(self.cfg.model.path):
             card["trained_on"] = f"{os.path.abspath(self.cfg.model.path)} (jqlora's 4-bit copy of the base)"
-        out = peft.save_adapter(self.split.model(lora), os.path.join(self.out, "adapter"),
-                                lora_config=_lora_config(self.cfg), base_model_name_or_path=base,
-                                card=card, overwrite=True)
+        from jqlora import init_export
+
+        out = init_export.save_adapter(self.split.model(lora), self.cfg, self.out, os.path.join(self.out, "adapter"),
+                                       lora_config=_lora_config(self.cfg), base=base, card=card, overwrite=True)
         log.info("adapter written to %s", out)

@@ -15,6 +15,9 @@ Both runs share the demo base model, data order, seed and hyperparameters; only 
 paper's claim, at small scale: the 4-bit base reaches the same loss as the 16-bit one (here: within 5%).
 
     python tools/qlora_vs_lora.py [--task pairs|mapping] [--steps 400] [--seeds 0,1,2] [--out runs/qlora_vs_lora]
+    python tools/qlora_vs_lora.py --loftq-iters 2 ...      (a third run, from a LoftQ start on NF4: the share of the
+                                                            QLoRA-vs-LoRA gap it closes)
+    python tools/qlora_vs_lora.py --layer-cost [--loftq-iters 2]   (LoftQ / PiSSA start-up cost, one 8B-shaped kernel)
 
 prints, per seed, both loss curves (the loss over the whole training set, measured every steps/6) and the final
 losses, then the means over seeds (run-to-run variance on this tiny random base is large, so one seed says little),
@@ -73,12 +76,15 @@ def optimal_loss(data: Path) -> float:
     return len(examples) * math.log(2) / trained
 
 
+VARIANTS = {"nf4": ["model.quant=nf4"], "none": ["model.quant=none"]}  # + "loftq" with --loftq-iters
+
+
 def run(quant: str, data: Path, out: Path, steps: int, extra: list[str]) -> list[tuple[int, float]]:
     from jqlora import train
     from jqlora.config import demo_config
 
     cfg = demo_config([
-        f"model.quant={quant}", f"data.path={data}", f"data.eval_path={data}", f"output_dir={out}",
+        *VARIANTS[quant], f"data.path={data}", f"data.eval_path={data}", f"output_dir={out}",
         f"train.max_steps={steps}", "train.log_every=5", f"train.eval_every={max(steps // 6, 1)}", "train.save_every=0",
         "train.batch_size=8", "train.grad_accum_steps=1", "lora.dropout=0.0", "train.learning_rate=2e-3",
         "data.max_length=48", "train.sample_prompt=null", *extra,
@@ -92,15 +98,28 @@ def run(quant: str, data: Path, out: Path, steps: int, extra: list[str]) -> list
     return [(r["step"], r["eval_loss"]) for r in lines if "eval_loss" in r]
 
 
+def gap_closed(loss: dict) -> float | None:
+    """(QLoRA − LoftQ) / (QLoRA − LoRA): 1 closes the gap, 0 does nothing, < 0 widens it; None with no gap."""
+    gap = loss["nf4"] - loss["none"]
+    return (loss["nf4"] - loss["loftq"]) / gap if gap > 0 else None
+
+
+def _pct(x: float | None) -> str:
+    return "n/a (QLoRA not above LoRA)" if x is None else f"{x:+.1%}"
+
+
 def compare(task: str, steps: int, out: Path, extra: list[str] = ()) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         data = make_task(Path(tmp) / f"{task}.jsonl", task)
         floor = optimal_loss(data) if task == "pairs" else 0.0
-        curves = {q: run(q, data, Path(tmp) / q, steps, list(extra)) for q in ("nf4", "none")}
+        curves = {q: run(q, data, Path(tmp) / q, steps, list(extra)) for q in VARIANTS}
     final = {q: c[-1][1] for q, c in curves.items()}  # loss over all rows after the last step
     result = {"task": task, "optimal_loss": floor, "curves": curves, "final": final,
               "relative_gap": (final["nf4"] - final["none"]) / final["none"]}
+    if "loftq" in final:  # the share of QLoRA's excess over LoRA that LoftQ removes, at the start and at the end
+        start = {q: c[0][1] for q, c in curves.items()}
+        result["loftq_gap_closed"] = {"start": gap_closed(start), "final": gap_closed(final)}
     (out / "curves.json").write_text(json.dumps(result, indent=1))
     return result
 
@@ -111,7 +130,16 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=400)
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--out", default=str(REPO / "runs" / "qlora_vs_lora"))
+    ap.add_argument("--loftq-iters", type=int, default=0,
+                    help="also train from a LoftQ start (lora.init=loftq, this many iterations) on the NF4 base")
+    ap.add_argument("--layer-cost", action="store_true",
+                    help="only time LoftQ / PiSSA / plain NF4 on one 8B-shaped kernel (4096x14336) on this CPU")
     args = ap.parse_args()
+    if args.layer_cost:
+        layer_cost(max(args.loftq_iters, 1))
+        return
+    if args.loftq_iters:
+        VARIANTS["loftq"] = ["model.quant=nf4", "lora.init=loftq", f"lora.loftq_iters={args.loftq_iters}"]
     out = Path(args.out)
     results = {}
     for seed in (int(x) for x in args.seeds.split(",")):
@@ -121,7 +149,7 @@ def main() -> None:
         for (s, a), (_, b) in zip(r["curves"]["nf4"], r["curves"]["none"]):
             print(f"        {s:>6} {a:12.4f} {b:19.4f}", flush=True)
     floor = results[min(results)]["optimal_loss"]
-    mean = {q: sum(r["final"][q] for r in results.values()) / len(results) for q in ("nf4", "none")}
+    mean = {q: sum(r["final"][q] for r in results.values()) / len(results) for q in VARIANTS}
     gap = (mean["nf4"] - mean["none"]) / mean["none"]
     print(f"task {args.task}, {args.steps} steps, optimal loss {floor:.4f}")
     for s, r in results.items():
@@ -131,6 +159,14 @@ def main() -> None:
     print(f"final loss, mean over seeds {sorted(results)}: QLoRA {mean['nf4']:.4f}, LoRA {mean['none']:.4f}, "
           f"relative gap {gap:+.2%}; excess over the optimum: QLoRA {mean['nf4'] - floor:.4f}, "
           f"LoRA {mean['none'] - floor:.4f}")
+    if "loftq" in mean:
+        for s, r in results.items():
+            c = r["loftq_gap_closed"]
+            print(f"  seed {s}: LoftQ ({args.loftq_iters} iterations) start {r['curves']['loftq'][0][1]:.4f} "
+                  f"(QLoRA {r['curves']['nf4'][0][1]:.4f}, LoRA {r['curves']['none'][0][1]:.4f}): closes "
+                  f"{_pct(c['start'])} of the gap at step 0; final {r['final']['loftq']:.4f}: {_pct(c['final'])}")
+        print(f"LoftQ final loss, mean over seeds: {mean['loftq']:.4f}; share of the final gap closed "
+              f"{_pct(gap_closed(mean))}")
     (out / "summary.json").write_text(json.dumps({
         "task": args.task, "steps": args.steps, "optimal_loss": floor, "mean_final": mean, "relative_gap": gap,
         "final_by_seed": {s: r["final"] for s, r in results.items()}}))
@@ -141,7 +177,9 @@ def main() -> None:
 
     first = results[min(results)]
     fig, ax = plt.subplots(figsize=(6, 4))
-    for q, label in (("nf4", "QLoRA (NF4 + DQ)"), ("none", "LoRA (unquantized base)")):
+    for q, label in (("nf4", "QLoRA (NF4 + DQ)"), ("none", "LoRA (unquantized base)"), ("loftq", "LoftQ on NF4")):
+        if q not in first["curves"]:
+            continue
         ax.plot(*zip(*first["curves"][q]), label=label)
     if floor:
         ax.axhline(floor, color="gray", linestyle=":", label=f"optimum {floor:.3f}")
@@ -152,6 +190,35 @@ def main() -> None:
     fig.tight_layout()
     fig.savefig(out / "curves.png", dpi=100)
     print(f"wrote {out / 'curves.png'}")
+
+
+def layer_cost(iters: int, r: int = 16, alpha: float = 32.0, shape: tuple[int, int] = (4096, 14336)) -> None:
+    """Wall time of plain NF4 + DQ, PiSSA and LoftQ (``iters``) on one random bf16-like kernel of ``shape``, and the
+    LoftQ error per iteration relative to plain NF4's (the start-up cost is this times the number of kernels)."""
+    import time
+
+    import numpy as np
+
+    from jqlora import lora_init as LI
+    from jqlora import quant as q
+
+    rng = np.random.default_rng(0)
+    w = (rng.standard_normal(shape, dtype=np.float32) * 0.02)
+    quantize = lambda x: q.quantize(x, "nf4", block_size=64, double_quant=True)
+    dequantize = lambda t: np.asarray(q.dequantize(t, np.float32))
+    dequantize(quantize(w))  # (compiled once)
+    t0 = time.perf_counter()
+    plain = float(np.linalg.norm(w - dequantize(quantize(w))))
+    t_plain = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    LI.pissa(w, r, alpha / r)
+    t_pissa = time.perf_counter() - t0
+    print(f"kernel {shape[0]}x{shape[1]}, r={r}: NF4+DQ quantize+dequantize {t_plain:.2f} s; PiSSA (full SVD) "
+          f"{t_pissa:.1f} s", flush=True)
+    t0 = time.perf_counter()
+    for i, (_, _, _, err) in zip(range(1, iters + 1), LI.loftq_steps(w, r, alpha / r, quantize, dequantize)):
+        print(f"  LoftQ iteration {i}: {time.perf_counter() - t0:.1f} s so far, error {err / plain:.4f} of plain "
+              "NF4's", flush=True)
 
 
 if __name__ == "__main__":

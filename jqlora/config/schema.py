@@ -16,6 +16,7 @@ LORA_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 FUSED_MODULES = ("qkv_proj", "gate_up_proj")  # = lora.FUSED_MODULES (Phi-3); also valid lora.targets
 DATA_FORMATS = ("auto", "chat", "instruction", "prompt_completion", "text")
 TRAIN_ON = ("completion", "all")
+LORA_INITS = ("default", "gaussian", "pissa", "loftq")  # = lora_init.INITS
 OVERLONG = ("truncate", "drop", "error")
 LR_SCHEDULES = ("cosine", "linear", "constant")
 REMAT_POLICIES = ("none", "full", "save_dots", "save_dots_no_batch", "offload")  # = models.llama.REMAT_POLICIES
@@ -73,9 +74,19 @@ class LoraConfig:
     dropout: float = 0.05  # dropout on the adapter input
     targets: Any = "all-linear"  # "all-linear" or a list of module names (q_proj, ..., down_proj)
     rslora: bool = False  # rank-stabilized scaling (Kalajdzievski 2023)
+    # start the adapters from a peft adapter dir or a jqlora run dir / checkpoint (same ranks); null: fresh adapters
+    init_from: Optional[str] = None
+    # default (peft's: A uniform, B 0) | gaussian (A ~ N(0, 1/r^2)) | pissa (principal singular vectors; the base
+    # becomes the residual) | loftq (alternating quantization and SVD, so 4-bit base + AB ~ W); jqlora/lora_init.py
+    init: str = "default"
+    loftq_iters: int = 1  # LoftQ iterations (lora.init=loftq)
 
     def __post_init__(self):
         _check(self.r >= 1, "lora.r", self.r, "must be >= 1")
+        if self.init_from is not None:
+            _check(bool(self.init_from), "lora.init_from", self.init_from, "must name a directory (or be null)")
+        _one_of(self.init, "lora.init", LORA_INITS)
+        _check(self.loftq_iters >= 1, "lora.loftq_iters", self.loftq_iters, "must be >= 1")
         _check(self.alpha > 0, "lora.alpha", self.alpha, "must be > 0")
         _check(0.0 <= self.dropout < 1.0, "lora.dropout", self.dropout, "must be in [0, 1)")
         targets = self.targets
@@ -163,6 +174,8 @@ class TrainConfig:
     stop_at_step: Optional[int] = None  # save and stop after this step (the schedule still spans max_steps); rerun to go on
     # stop (saving nothing, exporting nothing) when the loss stays far above its early value (jqlora/divergence.py)
     stop_on_divergence: bool = True
+    # with lora.init_from a jqlora run: also continue its optimizer state (Adam moments; the lr schedule is this run's)
+    resume_optimizer: bool = False
 
     def __post_init__(self):
         _check(self.batch_size >= 1, "train.batch_size", self.batch_size, "must be >= 1")
@@ -240,6 +253,12 @@ class Config:
 
     def __post_init__(self):
         _check(bool(self.output_dir), "output_dir", self.output_dir, "must name a directory")
+        if self.lora.init == "loftq":
+            _check(self.model.quant != "none", "lora.init", self.lora.init, "needs a quantized base (model.quant nf4 "
+                   "or fp4): LoftQ fits the adapters to the quantization error; on an unquantized base use pissa")
+        if self.lora.init in ("pissa", "loftq") and self.lora.init_from is not None:
+            _check(False, "lora.init", self.lora.init, f"and lora.init_from={self.lora.init_from} exclude each other "
+                   "(the adapters come from init_from)")
         if self.model.max_seq_len is not None:
             _check(self.data.max_length <= self.model.max_seq_len, "data.max_length", self.data.max_length,
                    f"must be <= model.max_seq_len ({self.model.max_seq_len})")

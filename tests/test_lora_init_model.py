@@ -1,0 +1,90 @@
+"""lora.init on a model, tiny Llama and Qwen2, through jqlora.loop.Trainer: PiSSA leaves the float32 model's logits
+as transformers computes them and its exported (converted, rank-2r) adapter gives, in peft on the original base, the
+trained model's logits; LoftQ's start is closer to the float base than plain NF4's, and its exported adapter on the
+saved LoftQ base gives the trained logits in peft; bad combinations are one line, exit 2."""
+
+import shutil
+from pathlib import Path
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from tiny import make_model
+
+from jqlora import train as T
+from jqlora.config import load_config
+from jqlora.loop import build_model
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def qwen2(assets, tmp_path_factory):
+    path = make_model(tmp_path_factory.mktemp("qwen2") / "model", "qwen2", torch.float32, vocab_size=512,
+                      hidden_size=64, intermediate_size=128, max_position_embeddings=128)
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        shutil.copy(assets / "model" / name, path / name)
+    return path
+
+
+def _cfg(model, assets, out, *overrides):
+    base = [f"model.path={model}", f"data.path={assets / 'train.jsonl'}", "data.max_length=48", f"output_dir={out}",
+            "lora.r=4", "lora.dropout=0", "train.max_steps=2", "train.batch_size=4", "train.grad_accum_steps=1",
+            "train.warmup_steps=0", "train.learning_rate=1e-2", "train.eval_every=0", "train.log_every=1"]
+    return load_config(None, base + list(overrides))
+
+
+def _hf_logits(model, x):
+    with torch.no_grad():
+        return model(torch.from_numpy(x).long()).logits.numpy()
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_pissa_and_loftq(assets, qwen2, tmp_path, family):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    path = assets / "model" if family == "llama" else qwen2
+    x = np.random.default_rng(0).integers(0, 512, (2, 12)).astype(np.int32)
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    want = _hf_logits(hf, x)
+
+    # PiSSA on a float32 base: unchanged at step 0; the exported adapter is peft's conversion onto the original base
+    cfg = _cfg(path, assets, tmp_path / "pissa", "model.quant=none", "lora.init=pissa")
+    start = build_model(cfg)
+    np.testing.assert_allclose(np.asarray(start(jnp.asarray(x))), want, atol=1e-4, rtol=0)
+    trainer = T.Trainer(cfg, progress=False)
+    assert trainer.run() == 0
+    got = np.asarray(trainer.split.model(trainer.lora)(jnp.asarray(x)))
+    assert np.abs(got - want).max() > 1e-3  # (it trained)
+    peft_model = PeftModel.from_pretrained(hf, tmp_path / "pissa" / "adapter").eval()
+    assert peft_model.peft_config["default"].r == 8
+    np.testing.assert_allclose(_hf_logits(peft_model, x), got, atol=1e-4, rtol=0)
+
+    # LoftQ on NF4 + DQ: nearer the float base than plain NF4 at step 0; the adapter loads on the saved base
+    plain = build_model(_cfg(path, assets, tmp_path / "x"))
+    cfg = _cfg(path, assets, tmp_path / "loftq", "lora.init=loftq", "lora.loftq_iters=2")
+    loftq = build_model(cfg)
+    err_plain = np.abs(np.asarray(plain(jnp.asarray(x))) - want).max()
+    err_loftq = np.abs(np.asarray(loftq(jnp.asarray(x))) - want).max()
+    assert err_loftq < err_plain, (err_loftq, err_plain)
+    trainer = T.Trainer(cfg, progress=False)
+    assert trainer.run() == 0
+    got = np.asarray(trainer.split.model(trainer.lora)(jnp.asarray(x)))
+    base = AutoModelForCausalLM.from_pretrained(tmp_path / "loftq" / "base", dtype=torch.float32).eval()
+    peft_model = PeftModel.from_pretrained(base, tmp_path / "loftq" / "adapter").eval()
+    np.testing.assert_allclose(_hf_logits(peft_model, x), got, atol=1e-3, rtol=0)
+
+
+@pytest.mark.parametrize("extra, expect", [
+    ("lora.init=loftq model.quant=none", "lora.init='loftq' needs a quantized base"),
+    ("lora.init=pissa lora.r=80", "lora.init=pissa: rank 80 does not fit mlp.down_proj, a 64x128 kernel"),
+    ("lora.init=gauss", "lora.init='gauss' must be one of default, gaussian, pissa, loftq"),
+])
+def test_bad_init_is_one_line(assets, tmp_path, capsys, extra, expect):
+    args = [f"model.path={assets / 'model'}", f"data.path={assets / 'train.jsonl'}", f"output_dir={tmp_path / 'o'}",
+            "train.max_steps=1"]
+    assert T.main(["--no-progress", *args, *extra.split()]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and expect in err and "Traceback" not in err, err
