@@ -88,7 +88,7 @@ def _lora_config(cfg):
     from jqlora.lora import LoraConfig
 
     return LoraConfig(r=cfg.lora.r, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout, targets=cfg.lora.targets,
-                      rslora=cfg.lora.rslora)
+                      rslora=cfg.lora.rslora, dora=cfg.lora.dora)
 
 
 def _open_run_dir(cfg, primary: bool) -> RunDir:
@@ -197,7 +197,7 @@ class Trainer:
         if self.primary:
             for line in report.settings_warnings(cfg, self.train_ds, self.total_steps):
                 log.warning(line)
-        self.tx, self.schedule = optim.make_optimizer(self.tc, self.total_steps)
+        self.tx, self.schedule = optim.make_optimizer(self.tc, self.total_steps, cfg.lora.plus_ratio)
 
         # Placement: the model's own arrays are swapped for the placed ones, so no unsharded copy stays behind.
         try:

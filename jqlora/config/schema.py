@@ -73,9 +73,14 @@ class LoraConfig:
     dropout: float = 0.05  # dropout on the adapter input
     targets: Any = "all-linear"  # "all-linear" or a list of module names (q_proj, ..., down_proj)
     rslora: bool = False  # rank-stabilized scaling (Kalajdzievski 2023)
+    dora: bool = False  # DoRA: a trained magnitude per output row over the normalized W + s·BA (QDoRA on nf4/fp4)
+    plus_ratio: Optional[float] = None  # LoRA+: B (and DoRA magnitudes) learn at plus_ratio x the lr; null/0: off
 
     def __post_init__(self):
         _check(self.r >= 1, "lora.r", self.r, "must be >= 1")
+        if self.plus_ratio is not None:
+            _check(isinstance(self.plus_ratio, (int, float)) and not isinstance(self.plus_ratio, bool)
+                   and self.plus_ratio >= 0, "lora.plus_ratio", self.plus_ratio, "must be a number >= 0 (or null: off)")
         _check(self.alpha > 0, "lora.alpha", self.alpha, "must be > 0")
         _check(0.0 <= self.dropout < 1.0, "lora.dropout", self.dropout, "must be in [0, 1)")
         targets = self.targets
