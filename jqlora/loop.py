@@ -132,6 +132,9 @@ def build_model(cfg, check: Callable[[Any], None] | None = None, mesh=None):
         raise UserError(f"model.path {path}: no config.json (not a Hugging Face checkpoint directory)")
     try:
         shape = ModelConfig.from_hf(path)
+        if "lm_head" in cfg.lora.target_modules and shape.tie_word_embeddings:
+            raise UserError(f"lora.targets: lm_head cannot be adapted in {path}: its embeddings are tied "
+                            "(tie_word_embeddings=true); adapt embed_tokens, or leave lm_head out")
         if check is not None:
             try:
                 check(shape)

@@ -38,6 +38,7 @@ from jqlora import quant as q
 LINEAR_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 FUSED_MODULES = ("qkv_proj", "gate_up_proj")  # Phi-3's fused projections (what peft names them)
 ADAPTABLE_MODULES = LINEAR_MODULES + FUSED_MODULES  # "all-linear" adapts whichever of these a model has
+HEAD_MODULES = ("embed_tokens", "lm_head")  # also targetable by name (never by "all-linear", as in peft)
 FROZEN_MATMUL = "frozen_matmul"  # checkpoint name of a quantized kernel's matmul output
 QUANTS = ("nf4", "fp4", "none")
 COMPUTE_DTYPES = ("bfloat16", "float16", "float32")
@@ -93,11 +94,10 @@ class LoraConfig:
             object.__setattr__(self, "targets", (self.targets,))
         if not isinstance(self.targets, str):
             object.__setattr__(self, "targets", tuple(self.targets))
-            unknown = [t for t in self.targets if t not in ADAPTABLE_MODULES]
+            unknown = [t for t in self.targets if t not in ADAPTABLE_MODULES + HEAD_MODULES]
             if unknown:
-                raise ValueError(
-                    f"unknown LoRA target module(s) {unknown}: expected 'all-linear' or names among {ADAPTABLE_MODULES}"
-                )
+                raise ValueError(f"unknown LoRA target module(s) {unknown}: expected 'all-linear' or names among "
+                                 f"{ADAPTABLE_MODULES + HEAD_MODULES}")
             if not self.targets:
                 raise ValueError("LoRA targets is empty: name at least one module or use 'all-linear'")
         if not (isinstance(self.r, int) and self.r > 0):

@@ -14,7 +14,8 @@ the inner chain every k-th call; t counts optimizer steps (not micro-steps).
 LoRA+ (Hayou, Ghosh & Yu, "LoRA+: Efficient Low Rank Adaptation of Large Models", 2024): with ``plus_ratio`` λ the
 B matrices (and DoRA magnitudes, 1-D like peft's ``groupB``) train with learning rate λ · lr(t), the A matrices with
 lr(t): an `optax.multi_transform` of two AdamW by parameter label ("a" / "b"), still inside clipping and MultiSteps,
-as `peft.optimizers.create_loraplus_optimizer` groups them.
+as `peft.optimizers.create_loraplus_optimizer` groups them. Embedding adapters form peft's third group, whose
+peak learning rate is ``loraplus_lr_embedding`` (peft's default 1e-6, `PLUS_LR_EMBEDDING`) on the same schedule.
 """
 
 from __future__ import annotations
@@ -73,15 +74,18 @@ def last_grad_norm(opt_state) -> jax.Array:
 
 
 PLUS_B_LEAVES = ("lora_b", "magnitude")  # the leaves LoRA+ trains at plus_ratio x lr (peft: lora_B and 1-D params)
+PLUS_EMBED_LEAVES = ("lora_embedding_a", "lora_embedding_b")  # peft's "embedding" group under LoRA+
+PLUS_LR_EMBEDDING = 1e-6  # its peak learning rate (peft's loraplus_lr_embedding default)
 
 
 def loraplus_labels(params) -> object:
-    """"b" for every B matrix / DoRA magnitude leaf of a LoRA param tree, "a" for the rest (LoRA+ groups)."""
+    """"b" for every B matrix / DoRA magnitude leaf of a LoRA param tree, "embed" for embedding adapters, "a" for
+    the rest (LoRA+ groups)."""
 
     def label(path, _):
         last = path[-1]
         name = str(getattr(last, "key", getattr(last, "name", last)))
-        return "b" if name in PLUS_B_LEAVES else "a"
+        return "b" if name in PLUS_B_LEAVES else ("embed" if name in PLUS_EMBED_LEAVES else "a")
 
     return jax.tree_util.tree_map_with_path(label, params)
 
@@ -102,8 +106,9 @@ def make_optimizer(train_cfg, total_steps: int, plus_ratio: float | None = None
 
     if plus_ratio:
         ratio = float(plus_ratio)
-        parts.append(optax.multi_transform({"a": adamw(schedule), "b": adamw(lambda t: ratio * schedule(t))},
-                                           loraplus_labels))
+        embed = PLUS_LR_EMBEDDING / float(train_cfg.learning_rate)
+        parts.append(optax.multi_transform({"a": adamw(schedule), "b": adamw(lambda t: ratio * schedule(t)),
+                                            "embed": adamw(lambda t: embed * schedule(t))}, loraplus_labels))
     else:
         parts.append(adamw(schedule))
     inner = optax.chain(*parts)

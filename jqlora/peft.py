@@ -9,6 +9,11 @@ transposes. Per-module ``rank_pattern`` / ``alpha_pattern`` are resolved the way
 pattern key ``K`` with ``re.match(rf"(.*\\.)?({K})$", module_name)``); because layers are stacked, a module kind
 must have the same rank and alpha in every layer. DoRA adapters (``use_dora: true``) also hold
 ``...lora_magnitude_vector`` ``[out]`` per module (`jqlora.dora`), stacked as ``magnitude`` ``[L, O]``.
+Adapters on the embedding and the LM head (`jqlora.models.layers`) are peft's ``model.embed_tokens.lora_embedding_A``
+``[r, V]`` / ``lora_embedding_B`` ``[D, r]`` (no ``.weight``) and ``lm_head.lora_A.weight`` ``[r, D]`` /
+``lora_B.weight`` ``[V, r]``; jqlora holds their transposes. peft's ``save_pretrained`` also stores full copies of
+those base weights (``...embed_tokens.base_layer.weight``; jqlora's export does not): import accepts them when they
+equal the base model's and refuses them otherwise (a resized vocabulary).
 
 Shape letters: L layers, I in features, O out features, R LoRA rank.
 """
@@ -38,6 +43,8 @@ SAVE_DTYPES = ("float32", "bfloat16", "float16")
 # peft names the LoRA weights of a module ``<module>.lora_A[.<adapter name>].weight``.
 _KEY_RE = re.compile(r"^(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.(?P<adapter>[^.]+))?\.weight$")
 _MAGNITUDE_RE = re.compile(r"^(?P<module>.+)\.lora_magnitude_vector(?:\.(?!weight$)(?P<adapter>[^.]+))?(?:\.weight)?$")
+_EMBED_KEY_RE = re.compile(r"^(?P<module>.+)\.lora_embedding_(?P<ab>[AB])(?:\.(?P<adapter>[^.]+))?$")
+HEADS = {"model.embed_tokens": "embed_tokens", "lm_head": "lm_head"}  # peft module name -> lora.targets name
 _LAYER_RE = re.compile(r"^model\.layers\.(?P<layer>\d+)\.(?P<sub>.+)$")
 
 
@@ -61,6 +68,24 @@ def _lora_modules(model: nnx.Module) -> list[tuple[str, LoraLinear]]:
     return out
 
 
+def _head_modules(model: nnx.Module) -> list[tuple[str, Any, Any, Any]]:
+    """``(peft module name, module, A variable, B variable)`` for an adapted embedding / LM head."""
+    out = []
+    embed = model.model.embed_tokens
+    if getattr(embed, "spec", None) is not None:
+        out.append(("model.embed_tokens", embed, embed.lora_embedding_a, embed.lora_embedding_b))
+    head = getattr(model, "lm_head", None)
+    if head is not None and getattr(head, "spec", None) is not None:
+        out.append(("lm_head", head, head.lora_a, head.lora_b))
+    return out
+
+
+def _head_key(module: str, ab: str, suffix: str = "") -> str:
+    if module == "model.embed_tokens":
+        return f"{PREFIX}{module}.lora_embedding_{ab}{suffix}"
+    return f"{PREFIX}{module}.lora_{ab}{suffix}.weight"
+
+
 def _num(x: float) -> int | float:
     return int(x) if float(x).is_integer() else float(x)
 
@@ -68,11 +93,17 @@ def _num(x: float) -> int | float:
 def adapter_config_dict(model: nnx.Module, lora_config: LoraConfig, base_model_name_or_path: str = "") -> dict:
     """The ``adapter_config.json`` contents for ``model``'s adapters (the keys current peft writes, sorted)."""
     modules = _lora_modules(model)
-    if not modules:
+    heads = _head_modules(model)
+    if not modules and not heads:
         raise AdapterError("the model has no LoRA adapters to export (build it with a LoraConfig)")
     r, alpha = int(lora_config.r), float(lora_config.alpha)
     rank_pattern: dict[str, int] = {}
     alpha_pattern: dict[str, int | float] = {}
+    for name, m, _, _ in heads:
+        if m.spec.r != r:
+            rank_pattern[HEADS[name]] = int(m.spec.r)
+        if not math.isclose(m.spec.alpha, alpha):
+            alpha_pattern[HEADS[name]] = _num(m.spec.alpha)
     for name, m in modules:
         if m.spec.rslora != bool(lora_config.rslora):
             raise AdapterError(f"{name}: use_rslora={m.spec.rslora} differs from the LoraConfig's {lora_config.rslora}")
@@ -115,7 +146,7 @@ def adapter_config_dict(model: nnx.Module, lora_config: LoraConfig, base_model_n
         "r": r,
         "rank_pattern": rank_pattern,
         "revision": None,
-        "target_modules": sorted({name.rsplit(".", 1)[-1] for name, _ in modules}),
+        "target_modules": sorted({name.rsplit(".", 1)[-1] for name, _ in modules} | {HEADS[h[0]] for h in heads}),
         "target_parameters": None,
         "task_type": "CAUSAL_LM",
         "trainable_token_indices": None,
@@ -143,6 +174,9 @@ def adapter_tensors(model: nnx.Module, dtype: str = "float32") -> dict[str, np.n
             out[f"{stem}.lora_B.weight"] = np.ascontiguousarray(b_LRO[i].T)
             if mag_LO is not None:
                 out[f"{stem}.lora_magnitude_vector"] = np.ascontiguousarray(mag_LO[i])
+    for name, _, a, b in _head_modules(model):
+        out[_head_key(name, "A")] = np.ascontiguousarray(np.asarray(a[...].astype(jnp.float32)).T)
+        out[_head_key(name, "B")] = np.ascontiguousarray(np.asarray(b[...].astype(jnp.float32)).T)
     return out
 
 
@@ -282,7 +316,15 @@ def _read_tensors(path: Path) -> dict[str, np.ndarray]:
         raise AdapterError(f"{path}: cannot read adapter weights ({type(e).__name__}: {e})") from None
 
 
+_BASE_COPY_RE = re.compile(r"^(?:base_model\.model\.)?(?P<module>model\.embed_tokens|lm_head)\.base_layer\.weight$")
+
+
 def _read_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """Shapes of the adapter's LoRA tensors (peft's copies of base embedding / head weights left out)."""
+    return {k: v for k, v in _read_all_shapes(path).items() if not _BASE_COPY_RE.match(k)}
+
+
+def _read_all_shapes(path: Path) -> dict[str, tuple[int, ...]]:
     if path.suffix == ".safetensors":
         from safetensors import safe_open
 
@@ -297,7 +339,7 @@ def _read_shapes(path: Path) -> dict[str, tuple[int, ...]]:
 def _parse_key(key: str, where: Path) -> tuple[str, str, str | None]:
     """``(module name inside the base model, 'A' | 'B' | 'M', adapter name)`` of a peft LoRA key (M: a DoRA
     ``lora_magnitude_vector``)."""
-    m = _KEY_RE.match(key)
+    m = _KEY_RE.match(key) or _EMBED_KEY_RE.match(key)
     ab = m["ab"] if m is not None else "M"
     m = m if m is not None else _MAGNITUDE_RE.match(key)
     if m is None:
@@ -327,7 +369,7 @@ def _adapted_modules(adapter_dir: Path, cfg: dict) -> dict[str, dict[int, tuple[
     magnitudes = {_parse_key(k, path)[0] for k in shapes if _parse_key(k, path)[1] == "M"}
     for key, shape in shapes.items():
         module, ab, _ = _parse_key(key, path)
-        if ab != "A":
+        if ab != "A" or module in HEADS:
             continue
         if bool(cfg.get("use_dora")) and module not in magnitudes:
             raise AdapterError(f"{path}: the adapter config says use_dora=true but {module} has no DoRA magnitude "
@@ -341,9 +383,23 @@ def _adapted_modules(adapter_dir: Path, cfg: dict) -> dict[str, dict[int, tuple[
         r = int(shape[0])
         alpha = float(_pattern_value(cfg.get("alpha_pattern"), module, cfg["lora_alpha"]))
         found.setdefault(m["sub"], {})[int(m["layer"])] = (r, alpha)
-    if not found:
+    if not found and not _adapted_heads(adapter_dir, cfg):
         raise AdapterError(f"{path}: no LoRA weights in the adapter")
     return found
+
+
+def _adapted_heads(adapter_dir: Path, cfg: dict) -> dict[str, tuple[int, float]]:
+    """``{"embed_tokens" | "lm_head": (r, alpha)}`` for the adapter's embedding / LM-head weights."""
+    path = _weights_file(adapter_dir)
+    out = {}
+    for key, shape in _read_shapes(path).items():
+        module, ab, _ = _parse_key(key, path)
+        if module in HEADS and ab == "A":
+            if cfg.get("use_dora"):
+                raise AdapterError(f"{path}: DoRA on {HEADS[module]} is not supported by jqlora ({key})")
+            alpha = float(_pattern_value(cfg.get("alpha_pattern"), module, cfg["lora_alpha"]))
+            out[HEADS[module]] = (int(shape[0]), alpha)
+    return out
 
 
 _PARENTS = {"self_attn": ("q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj"),
@@ -376,15 +432,20 @@ def read_adapter_config(adapter_dir: str | os.PathLike, *, dropout: float | None
             raise AdapterError(f"{adapter_dir}: {name} has different rank/alpha per layer ({detail}); jqlora stacks "
                                "layers and needs one rank and alpha per module kind")
         specs[name] = values.pop()
-    r = Counter(r for r, _ in specs.values()).most_common(1)[0][0]
-    r = int(cfg["r"]) if int(cfg["r"]) in {s[0] for s in specs.values()} else r
+    heads = _adapted_heads(adapter_dir, cfg)
+    ranks = [r for r, _ in list(specs.values()) + list(heads.values())]
+    r = Counter(ranks).most_common(1)[0][0]
+    r = int(cfg["r"]) if int(cfg["r"]) in ranks else r
     alpha = float(cfg["lora_alpha"])
     targets = tuple(n for n in ADAPTABLE_MODULES if any(name.endswith("." + n) for name in specs))
+    if heads:  # named targets (all-linear never covers embed_tokens / lm_head)
+        specs.update(heads)
+        targets = tuple(n for n in ADAPTABLE_MODULES if any(name.endswith("." + n) for name in specs)) + tuple(heads)
     return LoraConfig(
         r=r,
         alpha=alpha,
         dropout=float(cfg.get("lora_dropout") or 0.0) if dropout is None else dropout,
-        targets="all-linear" if set(targets) in _ALL_LINEAR else targets,
+        targets="all-linear" if set(targets) in _ALL_LINEAR else targets,  # (never with heads: they are in it)
         rslora=bool(cfg.get("use_rslora", False)),
         dora=bool(cfg.get("use_dora", False)),
         rank_pattern={name: s[0] for name, s in specs.items() if s[0] != r},
@@ -405,7 +466,16 @@ def load_adapter(model: nnx.Module, adapter_dir: str | os.PathLike) -> nnx.Modul
     tensors = _read_tensors(path)
     by_module: dict[tuple[str, str], tuple[str, np.ndarray]] = {}
     adapters = set()
-    for key, value in tensors.items():
+    for key, value in list(tensors.items()):
+        copy = _BASE_COPY_RE.match(key)
+        if copy is not None:  # peft's full copy of a base weight: must be the base model's own
+            del tensors[key]
+            head = model.model.embed_tokens if copy["module"] == "model.embed_tokens" else model.lm_head
+            base = None if head is None else np.asarray(head.weight[...].astype(jnp.float32))
+            if base is None or base.shape != value.shape or not np.allclose(base, value, rtol=1e-2, atol=1e-2):
+                raise AdapterError(f"{path}: {key} differs from the base model's {copy['module']} weight (a resized "
+                                   "vocabulary?); jqlora adapts the base weights as they are")
+            continue
         module, ab, adapter = _parse_key(key, path)
         adapters.add(adapter)
         by_module[(module, ab)] = (key, value)
@@ -414,7 +484,7 @@ def load_adapter(model: nnx.Module, adapter_dir: str | os.PathLike) -> nnx.Modul
     suffix = "" if adapters == {None} else f".{adapters.pop()}"
     rslora = bool(cfg.get("use_rslora", False))
     modules = _lora_modules(model)
-    if not modules:
+    if not modules and not _head_modules(model):
         raise AdapterError(f"{adapter_dir}: the model has no LoRA adapters to fill; build it with "
                            "lora=jqlora.peft.read_adapter_config(adapter_dir)")
     dora = bool(cfg.get("use_dora", False))
@@ -449,6 +519,24 @@ def load_adapter(model: nnx.Module, adapter_dir: str | os.PathLike) -> nnx.Modul
                                    f"(alpha={_num(alpha)}, r={r}, rslora={rslora}) but {m.scaling:g} in the model; "
                                    "build the model with lora=jqlora.peft.read_adapter_config(adapter_dir)")
         updates.append((m, a_LIR, b_LRO, mag_LO))
+    head_updates = []
+    for name, m, a, b in _head_modules(model):
+        for ab, var in (("A", a), ("B", b)):
+            key = _head_key(name, ab, suffix)
+            if (name, ab) not in by_module:
+                raise AdapterError(f"{path}: missing key {key!r} (the model adapts {HEADS[name]} with r={m.spec.r})")
+            key, value = by_module[(name, ab)]
+            expected = tuple(var.shape[::-1])
+            if tuple(value.shape) != expected:
+                raise AdapterError(f"{path}: {key} has shape {tuple(value.shape)}, expected {expected}")
+            head_updates.append((var, value.T))
+            used.add((name, ab))
+        alpha = float(_pattern_value(cfg.get("alpha_pattern"), name, cfg["lora_alpha"]))
+        scaling = alpha / math.sqrt(m.spec.r) if rslora else alpha / m.spec.r
+        if not math.isclose(scaling, m.spec.scaling, rel_tol=1e-6):
+            raise AdapterError(f"{adapter_dir}: {name} has LoRA scaling {scaling:g} in the adapter but "
+                               f"{m.spec.scaling:g} in the model; build the model with "
+                               "lora=jqlora.peft.read_adapter_config(adapter_dir)")
     unexpected = sorted(by_module[k][0] for k in by_module if k not in used)
     if unexpected:
         more = f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""
@@ -459,6 +547,8 @@ def load_adapter(model: nnx.Module, adapter_dir: str | os.PathLike) -> nnx.Modul
         m.lora_b.set_value(jnp.asarray(b_LRO, m.lora_b.dtype))
         if mag_LO is not None:
             m.magnitude.set_value(jnp.asarray(mag_LO, m.magnitude.dtype))
+    for var, value in head_updates:
+        var.set_value(jnp.asarray(value, var.dtype))
     return model
 
 

@@ -225,3 +225,62 @@ def test_training_equals_transformers_trainer(hf_dirs, tmp_path, variant, family
         assert rel < 2e-3, (key, rel)
         moved += not np.allclose(start_sd[key].numpy(), theirs)
     assert moved == len(their_sd)  # every tensor (A, B, magnitudes) took steps
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# embed_tokens / lm_head as LoRA targets (peft's lora.Embedding and lora.Linear on the head)
+
+
+@pytest.mark.parametrize("family,tied,nf4", [("llama", False, False), ("qwen2", True, True)],
+                         ids=["llama-float32", "qwen2-tied-nf4"])
+def test_embed_and_lm_head_adapters_match_peft(tmp_path, family, tied, nf4):
+    src = make_model(tmp_path / "base", family, torch.float32, seed=7, tie_word_embeddings=tied)
+    quant, tol = ("nf4", 1e-3) if nf4 else ("none", 1e-4)
+    targets = ("embed_tokens", "v_proj") + (() if tied else ("lm_head",))
+    x = ids(8)
+    # jqlora -> peft
+    lora = LoraConfig(r=4, alpha=8, targets=targets, rank_pattern={"embed_tokens": 2})
+    ours = jqlora.load_model(src, quant=quant, dtype="float32", lora=lora)
+    randomize(ours, seed=9)
+    emb = ours.model.embed_tokens
+    emb.lora_embedding_a.set_value(0.3 * jax.random.normal(jax.random.key(1), emb.lora_embedding_a.shape))
+    if not tied:
+        ours.lm_head.lora_b.set_value(0.3 * jax.random.normal(jax.random.key(2), ours.lm_head.lora_b.shape))
+    out = save_adapter(ours, tmp_path / "ours", lora_config=lora)
+    theirs = peft.PeftModel.from_pretrained(hf_base(src, nf4), str(out))
+    theirs.train()
+    assert set(peft.get_peft_model_state_dict(theirs, save_embedding_layers=False)) == set(adapter_tensors(ours))
+    np.testing.assert_allclose(torch_logits(theirs, x), np.asarray(ours(jnp.asarray(x))), atol=tol, rtol=0)
+    # peft -> jqlora
+    torch.manual_seed(3)
+    made = peft.get_peft_model(hf_base(src, nf4), peft.LoraConfig(
+        task_type="CAUSAL_LM", r=4, lora_alpha=12, lora_dropout=0.0, target_modules=list(targets)))
+    with torch.no_grad():
+        for name, p in made.named_parameters():
+            if "lora_" in name:
+                p.copy_(0.2 * torch.randn_like(p))
+    made.save_pretrained(tmp_path / "theirs")
+    mine = jqlora.load_model(src, quant=quant, dtype="float32", adapter=tmp_path / "theirs")
+    made.train()
+    np.testing.assert_allclose(np.asarray(mine(jnp.asarray(x))), torch_logits(made, x), atol=tol, rtol=0)
+
+
+def test_lm_head_target_on_tied_embeddings_is_one_line(tmp_path):
+    from jqlora.config import load_config
+    from jqlora.loop import UserError, build_model
+
+    src = make_model(tmp_path / "tied", "qwen2", torch.float32, tie_word_embeddings=True)
+    cfg = load_config(None, [f"model.path={src}", "lora.targets=[q_proj,lm_head]", "lora.dropout=0"])
+    with pytest.raises(UserError) as e:
+        build_model(cfg)
+    assert "\n" not in str(e.value) and "lm_head" in str(e.value) and "tie_word_embeddings" in str(e.value)
+
+
+@pytest.mark.parametrize("override,key", [(["lora.targets=[lm_head]"], "lora.dropout"),
+                                          (["lora.targets=[embed_tokens]", "lora.dora=true"], "lora.dora")])
+def test_head_target_settings_refused_in_config(override, key):
+    from jqlora.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError) as e:
+        load_config(None, override)
+    assert "\n" not in str(e.value) and key in str(e.value)
