@@ -63,6 +63,16 @@ def merged_tensor(model: Any, entry: Any) -> np.ndarray:
             else:
                 w = w + module.scaling * (a @ b).T
         return np.asarray(w)
+    if entry.name == "weight" and getattr(module, "spec", None) is not None:  # an adapted embedding / LM head
+        if module is model.model.embed_tokens:
+            if model.lm_head is None:
+                raise ExportError("cannot merge an embed_tokens adapter into a model with tied embeddings (the "
+                                  "merged embedding would change the output head too); export the adapter instead")
+            s = module.spec.scaling
+            a = module.lora_embedding_a[...].astype(jnp.float32)
+            return np.asarray(module.weight[...].astype(jnp.float32) + s * (a @ module.lora_embedding_b[...]))
+        a, b = module.lora_a[...].astype(jnp.float32), module.lora_b[...].astype(jnp.float32)
+        return np.asarray(module.weight[...].astype(jnp.float32) + module.spec.scaling * (a @ b).T)
     value = getattr(module, entry.name)[...]
     return np.asarray(_layer_slice(value, i).astype(jnp.float32))
 
