@@ -9,11 +9,7 @@ transposes. Per-module ``rank_pattern`` / ``alpha_pattern`` are resolved the way
 pattern key ``K`` with ``re.match(rf"(.*\\.)?({K})$", module_name)``); because layers are stacked, a module kind
 must have the same rank and alpha in every layer. DoRA adapters (``use_dora: true``) also hold
 ``...lora_magnitude_vector`` ``[out]`` per module (`jqlora.dora`), stacked as ``magnitude`` ``[L, O]``.
-Adapters on the embedding and the LM head (`jqlora.models.layers`) are peft's ``model.embed_tokens.lora_embedding_A``
-``[r, V]`` / ``lora_embedding_B`` ``[D, r]`` (no ``.weight``) and ``lm_head.lora_A.weight`` ``[r, D]`` /
-``lora_B.weight`` ``[V, r]``; jqlora holds their transposes. peft's ``save_pretrained`` also stores full copies of
-those base weights (``...embed_tokens.base_layer.weight``; jqlora's export does not): import accepts them when they
-equal the base model's and refuses them otherwise (a resized vocabulary).
+Adapters on the embedding and the LM head: `jqlora.peft_heads`.
 
 Shape letters: L layers, I in features, O out features, R LoRA rank.
 """
@@ -34,6 +30,8 @@ from flax import nnx
 
 from jqlora.io import atomic_directory
 from jqlora.lora import ADAPTABLE_MODULES, LoraConfig, LoraLinear
+from jqlora.peft_heads import (BASE_COPY_RE, EMBED_KEY_RE, HEADS, check_base_copy, head_modules, head_specs,
+                               head_tensors, head_updates)
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -43,8 +41,6 @@ SAVE_DTYPES = ("float32", "bfloat16", "float16")
 # peft names the LoRA weights of a module ``<module>.lora_A[.<adapter name>].weight``.
 _KEY_RE = re.compile(r"^(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.(?P<adapter>[^.]+))?\.weight$")
 _MAGNITUDE_RE = re.compile(r"^(?P<module>.+)\.lora_magnitude_vector(?:\.(?!weight$)(?P<adapter>[^.]+))?(?:\.weight)?$")
-_EMBED_KEY_RE = re.compile(r"^(?P<module>.+)\.lora_embedding_(?P<ab>[AB])(?:\.(?P<adapter>[^.]+))?$")
-HEADS = {"model.embed_tokens": "embed_tokens", "lm_head": "lm_head"}  # peft module name -> lora.targets name
 _LAYER_RE = re.compile(r"^model\.layers\.(?P<layer>\d+)\.(?P<sub>.+)$")
 
 
@@ -68,24 +64,6 @@ def _lora_modules(model: nnx.Module) -> list[tuple[str, LoraLinear]]:
     return out
 
 
-def _head_modules(model: nnx.Module) -> list[tuple[str, Any, Any, Any]]:
-    """``(peft module name, module, A variable, B variable)`` for an adapted embedding / LM head."""
-    out = []
-    embed = model.model.embed_tokens
-    if getattr(embed, "spec", None) is not None:
-        out.append(("model.embed_tokens", embed, embed.lora_embedding_a, embed.lora_embedding_b))
-    head = getattr(model, "lm_head", None)
-    if head is not None and getattr(head, "spec", None) is not None:
-        out.append(("lm_head", head, head.lora_a, head.lora_b))
-    return out
-
-
-def _head_key(module: str, ab: str, suffix: str = "") -> str:
-    if module == "model.embed_tokens":
-        return f"{PREFIX}{module}.lora_embedding_{ab}{suffix}"
-    return f"{PREFIX}{module}.lora_{ab}{suffix}.weight"
-
-
 def _num(x: float) -> int | float:
     return int(x) if float(x).is_integer() else float(x)
 
@@ -93,7 +71,7 @@ def _num(x: float) -> int | float:
 def adapter_config_dict(model: nnx.Module, lora_config: LoraConfig, base_model_name_or_path: str = "") -> dict:
     """The ``adapter_config.json`` contents for ``model``'s adapters (the keys current peft writes, sorted)."""
     modules = _lora_modules(model)
-    heads = _head_modules(model)
+    heads = head_modules(model)
     if not modules and not heads:
         raise AdapterError("the model has no LoRA adapters to export (build it with a LoraConfig)")
     r, alpha = int(lora_config.r), float(lora_config.alpha)
@@ -174,9 +152,7 @@ def adapter_tensors(model: nnx.Module, dtype: str = "float32") -> dict[str, np.n
             out[f"{stem}.lora_B.weight"] = np.ascontiguousarray(b_LRO[i].T)
             if mag_LO is not None:
                 out[f"{stem}.lora_magnitude_vector"] = np.ascontiguousarray(mag_LO[i])
-    for name, _, a, b in _head_modules(model):
-        out[_head_key(name, "A")] = np.ascontiguousarray(np.asarray(a[...].astype(jnp.float32)).T)
-        out[_head_key(name, "B")] = np.ascontiguousarray(np.asarray(b[...].astype(jnp.float32)).T)
+    out.update(head_tensors(model))
     return out
 
 
@@ -316,12 +292,9 @@ def _read_tensors(path: Path) -> dict[str, np.ndarray]:
         raise AdapterError(f"{path}: cannot read adapter weights ({type(e).__name__}: {e})") from None
 
 
-_BASE_COPY_RE = re.compile(r"^(?:base_model\.model\.)?(?P<module>model\.embed_tokens|lm_head)\.base_layer\.weight$")
-
-
 def _read_shapes(path: Path) -> dict[str, tuple[int, ...]]:
     """Shapes of the adapter's LoRA tensors (peft's copies of base embedding / head weights left out)."""
-    return {k: v for k, v in _read_all_shapes(path).items() if not _BASE_COPY_RE.match(k)}
+    return {k: v for k, v in _read_all_shapes(path).items() if not BASE_COPY_RE.match(k)}
 
 
 def _read_all_shapes(path: Path) -> dict[str, tuple[int, ...]]:
@@ -339,7 +312,7 @@ def _read_all_shapes(path: Path) -> dict[str, tuple[int, ...]]:
 def _parse_key(key: str, where: Path) -> tuple[str, str, str | None]:
     """``(module name inside the base model, 'A' | 'B' | 'M', adapter name)`` of a peft LoRA key (M: a DoRA
     ``lora_magnitude_vector``)."""
-    m = _KEY_RE.match(key) or _EMBED_KEY_RE.match(key)
+    m = _KEY_RE.match(key) or EMBED_KEY_RE.match(key)
     ab = m["ab"] if m is not None else "M"
     m = m if m is not None else _MAGNITUDE_RE.match(key)
     if m is None:
@@ -383,23 +356,9 @@ def _adapted_modules(adapter_dir: Path, cfg: dict) -> dict[str, dict[int, tuple[
         r = int(shape[0])
         alpha = float(_pattern_value(cfg.get("alpha_pattern"), module, cfg["lora_alpha"]))
         found.setdefault(m["sub"], {})[int(m["layer"])] = (r, alpha)
-    if not found and not _adapted_heads(adapter_dir, cfg):
+    if not found and not head_specs(shapes, cfg, path):
         raise AdapterError(f"{path}: no LoRA weights in the adapter")
     return found
-
-
-def _adapted_heads(adapter_dir: Path, cfg: dict) -> dict[str, tuple[int, float]]:
-    """``{"embed_tokens" | "lm_head": (r, alpha)}`` for the adapter's embedding / LM-head weights."""
-    path = _weights_file(adapter_dir)
-    out = {}
-    for key, shape in _read_shapes(path).items():
-        module, ab, _ = _parse_key(key, path)
-        if module in HEADS and ab == "A":
-            if cfg.get("use_dora"):
-                raise AdapterError(f"{path}: DoRA on {HEADS[module]} is not supported by jqlora ({key})")
-            alpha = float(_pattern_value(cfg.get("alpha_pattern"), module, cfg["lora_alpha"]))
-            out[HEADS[module]] = (int(shape[0]), alpha)
-    return out
 
 
 _PARENTS = {"self_attn": ("q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj"),
@@ -432,7 +391,7 @@ def read_adapter_config(adapter_dir: str | os.PathLike, *, dropout: float | None
             raise AdapterError(f"{adapter_dir}: {name} has different rank/alpha per layer ({detail}); jqlora stacks "
                                "layers and needs one rank and alpha per module kind")
         specs[name] = values.pop()
-    heads = _adapted_heads(adapter_dir, cfg)
+    heads = head_specs(_read_shapes(_weights_file(adapter_dir)), cfg, _weights_file(adapter_dir))
     ranks = [r for r, _ in list(specs.values()) + list(heads.values())]
     r = Counter(ranks).most_common(1)[0][0]
     r = int(cfg["r"]) if int(cfg["r"]) in ranks else r
@@ -467,14 +426,9 @@ def load_adapter(model: nnx.Module, adapter_dir: str | os.PathLike) -> nnx.Modul
     by_module: dict[tuple[str, str], tuple[str, np.ndarray]] = {}
     adapters = set()
     for key, value in list(tensors.items()):
-        copy = _BASE_COPY_RE.match(key)
+        copy = BASE_COPY_RE.match(key)
         if copy is not None:  # peft's full copy of a base weight: must be the base model's own
-            del tensors[key]
-            head = model.model.embed_tokens if copy["module"] == "model.embed_tokens" else model.lm_head
-            base = None if head is None else np.asarray(head.weight[...].astype(jnp.float32))
-            if base is None or base.shape != value.shape or not np.allclose(base, value, rtol=1e-2, atol=1e-2):
-                raise AdapterError(f"{path}: {key} differs from the base model's {copy['module']} weight (a resized "
-                                   "vocabulary?); jqlora adapts the base weights as they are")
+            check_base_copy(model, copy, key, value, path)
             continue
         module, ab, adapter = _parse_key(key, path)
         adapters.add(adapter)
@@ -484,7 +438,7 @@ def load_adapter(model: nnx.Module, adapter_dir: str | os.PathLike) -> nnx.Modul
     suffix = "" if adapters == {None} else f".{adapters.pop()}"
     rslora = bool(cfg.get("use_rslora", False))
     modules = _lora_modules(model)
-    if not modules and not _head_modules(model):
+    if not modules and not head_modules(model):
         raise AdapterError(f"{adapter_dir}: the model has no LoRA adapters to fill; build it with "
                            "lora=jqlora.peft.read_adapter_config(adapter_dir)")
     dora = bool(cfg.get("use_dora", False))
@@ -519,24 +473,7 @@ def load_adapter(model: nnx.Module, adapter_dir: str | os.PathLike) -> nnx.Modul
                                    f"(alpha={_num(alpha)}, r={r}, rslora={rslora}) but {m.scaling:g} in the model; "
                                    "build the model with lora=jqlora.peft.read_adapter_config(adapter_dir)")
         updates.append((m, a_LIR, b_LRO, mag_LO))
-    head_updates = []
-    for name, m, a, b in _head_modules(model):
-        for ab, var in (("A", a), ("B", b)):
-            key = _head_key(name, ab, suffix)
-            if (name, ab) not in by_module:
-                raise AdapterError(f"{path}: missing key {key!r} (the model adapts {HEADS[name]} with r={m.spec.r})")
-            key, value = by_module[(name, ab)]
-            expected = tuple(var.shape[::-1])
-            if tuple(value.shape) != expected:
-                raise AdapterError(f"{path}: {key} has shape {tuple(value.shape)}, expected {expected}")
-            head_updates.append((var, value.T))
-            used.add((name, ab))
-        alpha = float(_pattern_value(cfg.get("alpha_pattern"), name, cfg["lora_alpha"]))
-        scaling = alpha / math.sqrt(m.spec.r) if rslora else alpha / m.spec.r
-        if not math.isclose(scaling, m.spec.scaling, rel_tol=1e-6):
-            raise AdapterError(f"{adapter_dir}: {name} has LoRA scaling {scaling:g} in the adapter but "
-                               f"{m.spec.scaling:g} in the model; build the model with "
-                               "lora=jqlora.peft.read_adapter_config(adapter_dir)")
+    head_values = head_updates(model, by_module, suffix, cfg, path, adapter_dir, used)
     unexpected = sorted(by_module[k][0] for k in by_module if k not in used)
     if unexpected:
         more = f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""
@@ -547,7 +484,7 @@ def load_adapter(model: nnx.Module, adapter_dir: str | os.PathLike) -> nnx.Modul
         m.lora_b.set_value(jnp.asarray(b_LRO, m.lora_b.dtype))
         if mag_LO is not None:
             m.magnitude.set_value(jnp.asarray(mag_LO, m.magnitude.dtype))
-    for var, value in head_updates:
+    for var, value in head_values:
         var.set_value(jnp.asarray(value, var.dtype))
     return model
 

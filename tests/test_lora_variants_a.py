@@ -185,7 +185,8 @@ def _train_theirs(src, adapter_dir, rows, plus_ratio, out_dir):
         optimizers = (create_loraplus_optimizer(model, torch.optim.AdamW, lr=LR, loraplus_lr_ratio=plus_ratio,
                                                 loraplus_weight_decay=WD, eps=EPS, betas=(0.9, 0.999)), None)
     Recording(model=model, args=args, train_dataset=rows, optimizers=optimizers).train()
-    return losses, {k: v.detach().float().numpy() for k, v in peft.get_peft_model_state_dict(model, save_embedding_layers=False).items()}
+    sd = peft.get_peft_model_state_dict(model, save_embedding_layers=False)  # (no full copy of the embedding)
+    return losses, {k: v.detach().float().numpy() for k, v in sd.items()}
 
 
 @pytest.mark.parametrize("variant,family", [("lora", "llama"), ("dora+loraplus", "llama"),

@@ -103,7 +103,8 @@ class LoraConfig:
                                "projections only; drop embed_tokens / lm_head or set lora.dora=false")
             if "lm_head" in targets and self.dropout > 0:
                 raise _Invalid("lora.dropout", f"lora.dropout={self.dropout!r} with lm_head in lora.targets: the "
-                               "lm_head adapter is folded into the head weight and takes no dropout; set lora.dropout=0")
+                               "lm_head adapter is folded into the head weight and takes no dropout; "
+                               "set lora.dropout=0")
         else:
             _check(targets == "all-linear", "lora.targets", targets,
                    "must be 'all-linear' or a list of module names")

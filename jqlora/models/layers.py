@@ -79,7 +79,8 @@ class Embed(nnx.Module):
         if self.spec is not None:
             dt = h_BSD.dtype
             a_BSR = jnp.take(self.lora_embedding_a[...].astype(dt), ids_BS, axis=0)
-            h_BSD = h_BSD + jnp.matmul(a_BSR, self.lora_embedding_b[...].astype(dt)) * jnp.asarray(self.spec.scaling, dt)
+            delta_BSD = jnp.matmul(a_BSR, self.lora_embedding_b[...].astype(dt))
+            h_BSD = h_BSD + delta_BSD * jnp.asarray(self.spec.scaling, dt)  # (peft scales it with Gemma's too)
         if self.scale is not None:  # Gemma: sqrt(D) rounded to the weight's dtype first, as transformers does
             h_BSD = h_BSD * jnp.asarray(self.scale, h_BSD.dtype)
         return h_BSD
