@@ -179,7 +179,7 @@ def compile_step(shape, cfg, gpu: str | None = "h100-sxm", *, remat: str | None 
     attention = attention or ("cudnn" if on_gpu else "xla")
     model = abstract_model(shape, cfg, remat=remat, attention=attention, scan_layers=scan_layers)
     split = SplitModel.of(model)
-    tx, _ = optim.make_optimizer(cfg.train, max(1, cfg.train.max_steps or 1))
+    tx, _ = optim.make_optimizer(cfg.train, max(1, cfg.train.max_steps or 1), cfg.lora.plus_ratio)
     args = step_arguments(split, tx, batch=batch or cfg.train.batch_size, seq=seq or cfg.data.max_length,
                           sharding=SingleDeviceSharding(device))
     train_step = make_train_step(split, tx, ce_chunk or CE_CHUNK, packed=cfg.data.packing)

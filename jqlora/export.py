@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from jqlora import quant
+from jqlora import dora, quant
 from jqlora.io import ShardWriter, atomic_directory, copy_side_files
 from jqlora.lora import LoraLinear
 from jqlora.rundir import find_run
@@ -58,8 +58,21 @@ def merged_tensor(model: Any, entry: Any) -> np.ndarray:
         if module.lora_a is not None:
             a = _layer_slice(module.lora_a[...], i).astype(jnp.float32)
             b = _layer_slice(module.lora_b[...], i).astype(jnp.float32)
-            w = w + module.scaling * (a @ b).T
+            if module.magnitude is not None:  # DoRA: (m / ‖W + s BA‖) · (W + s BA)
+                w = dora.merged_kernel(_layer_slice(module.magnitude[...], i), w, a, b, module.scaling)
+            else:
+                w = w + module.scaling * (a @ b).T
         return np.asarray(w)
+    if entry.name == "weight" and getattr(module, "spec", None) is not None:  # an adapted embedding / LM head
+        if module is model.model.embed_tokens:
+            if model.lm_head is None:
+                raise ExportError("cannot merge an embed_tokens adapter into a model with tied embeddings (the "
+                                  "merged embedding would change the output head too); export the adapter instead")
+            s = module.spec.scaling
+            a = module.lora_embedding_a[...].astype(jnp.float32)
+            return np.asarray(module.weight[...].astype(jnp.float32) + s * (a @ module.lora_embedding_b[...]))
+        a, b = module.lora_a[...].astype(jnp.float32), module.lora_b[...].astype(jnp.float32)
+        return np.asarray(module.weight[...].astype(jnp.float32) + module.spec.scaling * (a @ b).T)
     value = getattr(module, entry.name)[...]
     return np.asarray(_layer_slice(value, i).astype(jnp.float32))
 
@@ -148,7 +161,7 @@ def restore_for_export(src: str | os.PathLike, *, step: int | None = None, quant
     meta = run.restore_meta(step)
     model = build_model(cfg)
     split = SplitModel.of(model)
-    tx, _ = optim.make_optimizer(cfg.train, int(meta["total_steps"]))
+    tx, _ = optim.make_optimizer(cfg.train, int(meta["total_steps"]), cfg.lora.plus_ratio)
     opt_leaves = jax.tree.leaves(tx.init(split.lora))
     tree = {"lora": split.lora, "opt": {f"{i:05d}": x for i, x in enumerate(opt_leaves)},
             "rng": jax.random.PRNGKey(0)}

@@ -82,7 +82,7 @@ def _lora_config(cfg):
     from jqlora.lora import LoraConfig
 
     return LoraConfig(r=cfg.lora.r, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout, targets=cfg.lora.targets,
-                      rslora=cfg.lora.rslora)
+                      rslora=cfg.lora.rslora, dora=cfg.lora.dora)
 
 
 def _open_run_dir(cfg, primary: bool) -> RunDir:
@@ -126,6 +126,9 @@ def build_model(cfg, check: Callable[[Any], None] | None = None, mesh=None):
         raise UserError(f"model.path {path}: no config.json (not a Hugging Face checkpoint directory)")
     try:
         shape = ModelConfig.from_hf(path)
+        if "lm_head" in cfg.lora.target_modules and shape.tie_word_embeddings:
+            raise UserError(f"lora.targets: lm_head cannot be adapted in {path}: its embeddings are tied "
+                            "(tie_word_embeddings=true); adapt embed_tokens, or leave lm_head out")
         if check is not None:
             try:
                 check(shape)
@@ -205,7 +208,7 @@ class Trainer:
         if self.primary:
             for line in report.settings_warnings(cfg, self.train_ds, self.total_steps):
                 log.warning(line)
-        self.tx, self.schedule = optim.make_optimizer(self.tc, self.total_steps)
+        self.tx, self.schedule = optim.make_optimizer(self.tc, self.total_steps, cfg.lora.plus_ratio)
 
         # Placement: the model's own arrays are swapped for the placed ones, so no unsharded copy stays behind.
         try:

@@ -32,11 +32,13 @@ import numpy as np
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
+from jqlora import dora
 from jqlora import quant as q
 
 LINEAR_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 FUSED_MODULES = ("qkv_proj", "gate_up_proj")  # Phi-3's fused projections (what peft names them)
 ADAPTABLE_MODULES = LINEAR_MODULES + FUSED_MODULES  # "all-linear" adapts whichever of these a model has
+HEAD_MODULES = ("embed_tokens", "lm_head")  # also targetable by name (never by "all-linear", as in peft)
 FROZEN_MATMUL = "frozen_matmul"  # checkpoint name of a quantized kernel's matmul output
 QUANTS = ("nf4", "fp4", "none")
 COMPUTE_DTYPES = ("bfloat16", "float16", "float32")
@@ -62,6 +64,7 @@ class LoraSpec:
     alpha: float
     dropout: float = 0.0
     rslora: bool = False
+    dora: bool = False  # DoRA magnitudes (jqlora.dora)
 
     @property
     def scaling(self) -> float:
@@ -84,17 +87,17 @@ class LoraConfig:
     rslora: bool = False
     rank_pattern: Mapping[str, int] = dataclasses.field(default_factory=dict)
     alpha_pattern: Mapping[str, float] = dataclasses.field(default_factory=dict)
+    dora: bool = False  # DoRA (jqlora.dora): a trained magnitude per output row of every adapted module
 
     def __post_init__(self):
         if isinstance(self.targets, str) and self.targets != "all-linear":
             object.__setattr__(self, "targets", (self.targets,))
         if not isinstance(self.targets, str):
             object.__setattr__(self, "targets", tuple(self.targets))
-            unknown = [t for t in self.targets if t not in ADAPTABLE_MODULES]
+            unknown = [t for t in self.targets if t not in ADAPTABLE_MODULES + HEAD_MODULES]
             if unknown:
-                raise ValueError(
-                    f"unknown LoRA target module(s) {unknown}: expected 'all-linear' or names among {ADAPTABLE_MODULES}"
-                )
+                raise ValueError(f"unknown LoRA target module(s) {unknown}: expected 'all-linear' or names among "
+                                 f"{ADAPTABLE_MODULES + HEAD_MODULES}")
             if not self.targets:
                 raise ValueError("LoRA targets is empty: name at least one module or use 'all-linear'")
         if not (isinstance(self.r, int) and self.r > 0):
@@ -117,7 +120,8 @@ class LoraConfig:
             return None
         r = _match_pattern(self.rank_pattern, name, self.r)
         alpha = _match_pattern(self.alpha_pattern, name, self.alpha)
-        return LoraSpec(r=int(r), alpha=float(alpha), dropout=float(self.dropout), rslora=bool(self.rslora))
+        return LoraSpec(r=int(r), alpha=float(alpha), dropout=float(self.dropout), rslora=bool(self.rslora),
+                        dora=bool(self.dora))
 
 
 def _match_pattern(pattern: Mapping[str, Any], name: str, default: Any) -> Any:
@@ -170,7 +174,8 @@ class LoraLinear(nnx.Module):
     Variables: ``weight`` (Frozen ``[O, I]``) when unquantized, else ``codes`` / ``absmax`` (/ ``nested_absmax`` /
     ``offset`` with double quantization) as QuantData plus plain attributes ``quant_shape``, ``quant_dtype``,
     ``block_size``, ``quant_type``; ``bias`` (Frozen ``[O]``) if ``use_bias``; ``lora_a`` ``[I, R]`` and ``lora_b``
-    ``[R, O]`` (nnx.LoRAParam in ``param_dtype``) if ``lora`` is given. Arrays may carry leading axes (stacked layers).
+    ``[R, O]`` (nnx.LoRAParam in ``param_dtype``) if ``lora`` is given, and ``magnitude`` ``[O]`` (nnx.LoRAParam)
+    with DoRA (``lora.dora``; `jqlora.dora`). Arrays may carry leading axes (stacked layers).
     """
 
     def __init__(
@@ -204,6 +209,11 @@ class LoraLinear(nnx.Module):
             self.lora_b = nnx.LoRAParam(jnp.zeros((lora.r, out_features), self.param_dtype))
         else:
             self.lora_a = self.lora_b = None
+        if lora is not None and lora.dora:
+            self.magnitude = nnx.LoRAParam(jnp.zeros((out_features,), self.param_dtype))
+            self.reset_magnitude()
+        else:
+            self.magnitude = None
 
     # -- the frozen kernel ------------------------------------------------------------------------------------------
 
@@ -242,6 +252,8 @@ class LoraLinear(nnx.Module):
         w = self.kernel().astype(jnp.float32)
         if self.lora_a is None:
             return w
+        if self.magnitude is not None:
+            return dora.merged_kernel(self.magnitude[...], w, self.lora_a[...], self.lora_b[...], self.scaling)
         delta_IO = jnp.matmul(self.lora_a[...].astype(jnp.float32), self.lora_b[...].astype(jnp.float32))
         return w + self.scaling * jnp.swapaxes(delta_IO, -1, -2)
 
@@ -251,6 +263,16 @@ class LoraLinear(nnx.Module):
             return
         self.lora_a.set_value(lora_a_init(key, self.lora_a.shape, self.in_features, self.param_dtype))
         self.lora_b.set_value(jnp.zeros(self.lora_b.shape, self.param_dtype))
+        self.reset_magnitude()
+
+    def reset_magnitude(self) -> None:
+        """DoRA: the magnitude ``‖W + s (A B)ᵀ‖`` per output row of the current kernel and adapter, as peft starts it
+        (call again after loading base weights or A / B); nothing without DoRA."""
+        if self.magnitude is None:
+            return
+        w = self.kernel().astype(jnp.float32)
+        self.magnitude.set_value(dora.weight_norm(w, self.lora_a[...], self.lora_b[...], self.scaling)
+                                 .astype(self.param_dtype))
 
     # -- the call ---------------------------------------------------------------------------------------------------
 
@@ -263,6 +285,7 @@ class LoraLinear(nnx.Module):
             y = checkpoint_name(quantized_matmul(x, self.quantized(), self.dtype), FROZEN_MATMUL)
         else:
             y = _dot_last(x, self.weight[...].astype(self.dtype))
+        base = y
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
         if self.lora_a is None:
@@ -276,6 +299,12 @@ class LoraLinear(nnx.Module):
         a_IR = self.lora_a[...].astype(self.dtype)
         b_RO = self.lora_b[...].astype(self.dtype)
         delta = jnp.matmul(jnp.matmul(h, a_IR), b_RO)
+        if self.magnitude is not None:  # DoRA (jqlora.dora); with dropout the base term sees the dropped input
+            w_OI = self.kernel()
+            if h is not x:
+                base = _dot_last(h, w_OI)
+            scale_O = dora.magnitude_scale(self.magnitude[...], w_OI, a_IR, b_RO, self.scaling)
+            return y + dora.dora_extra(scale_O, base, delta, self.scaling)
         return y + delta * jnp.asarray(self.scaling, self.dtype)
 
 

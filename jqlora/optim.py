@@ -10,6 +10,12 @@ AdamW (Loshchilov & Hutter, "Decoupled Weight Decay Regularization", 2019) is ap
 the train step gives it the LoRA parameters only (`nnx.split(model, nnx.LoRAParam, ...)`), so the frozen base model
 has no optimizer state at all. `optax.MultiSteps(every_k_schedule=k)` averages k micro-step gradients and applies
 the inner chain every k-th call; t counts optimizer steps (not micro-steps).
+
+LoRA+ (Hayou, Ghosh & Yu, "LoRA+: Efficient Low Rank Adaptation of Large Models", 2024): with ``plus_ratio`` λ the
+B matrices (and DoRA magnitudes, 1-D like peft's ``groupB``) train with learning rate λ · lr(t), the A matrices with
+lr(t): an `optax.multi_transform` of two AdamW by parameter label ("a" / "b"), still inside clipping and MultiSteps,
+as `peft.optimizers.create_loraplus_optimizer` groups them. Embedding adapters form peft's third group, whose
+peak learning rate is ``loraplus_lr_embedding`` (peft's default 1e-6, `PLUS_LR_EMBEDDING`) on the same schedule.
 """
 
 from __future__ import annotations
@@ -67,15 +73,44 @@ def last_grad_norm(opt_state) -> jax.Array:
     return opt_state.inner_opt_state[0].norm
 
 
-def make_optimizer(train_cfg, total_steps: int) -> tuple[optax.MultiSteps, optax.Schedule]:
+PLUS_B_LEAVES = ("lora_b", "magnitude")  # the leaves LoRA+ trains at plus_ratio x lr (peft: lora_B and 1-D params)
+PLUS_EMBED_LEAVES = ("lora_embedding_a", "lora_embedding_b")  # peft's "embedding" group under LoRA+
+PLUS_LR_EMBEDDING = 1e-6  # its peak learning rate (peft's loraplus_lr_embedding default)
+
+
+def loraplus_labels(params) -> object:
+    """"b" for every B matrix / DoRA magnitude leaf of a LoRA param tree, "embed" for embedding adapters, "a" for
+    the rest (LoRA+ groups)."""
+
+    def label(path, _):
+        last = path[-1]
+        name = str(getattr(last, "key", getattr(last, "name", last)))
+        return "b" if name in PLUS_B_LEAVES else ("embed" if name in PLUS_EMBED_LEAVES else "a")
+
+    return jax.tree_util.tree_map_with_path(label, params)
+
+
+def make_optimizer(train_cfg, total_steps: int, plus_ratio: float | None = None
+                   ) -> tuple[optax.MultiSteps, optax.Schedule]:
     """``MultiSteps(record norm ∘ clip ∘ AdamW, every_k_schedule=grad_accum_steps)`` and its learning-rate
-    schedule."""
+    schedule; with ``plus_ratio`` (LoRA+, None or 0 = off) the AdamW is a multi-transform whose "b" leaves have
+    ``plus_ratio`` times the learning rate."""
     schedule = make_schedule(train_cfg, total_steps)
     parts = [record_grad_norm()]
     if train_cfg.max_grad_norm > 0:
         parts.append(optax.clip_by_global_norm(float(train_cfg.max_grad_norm)))
-    parts.append(optax.adamw(schedule, b1=float(train_cfg.adam_b1), b2=float(train_cfg.adam_b2),
-                             eps=float(train_cfg.adam_eps), weight_decay=float(train_cfg.weight_decay)))
+
+    def adamw(lr):
+        return optax.adamw(lr, b1=float(train_cfg.adam_b1), b2=float(train_cfg.adam_b2),
+                           eps=float(train_cfg.adam_eps), weight_decay=float(train_cfg.weight_decay))
+
+    if plus_ratio:
+        ratio = float(plus_ratio)
+        embed = PLUS_LR_EMBEDDING / float(train_cfg.learning_rate)
+        parts.append(optax.multi_transform({"a": adamw(schedule), "b": adamw(lambda t: ratio * schedule(t)),
+                                            "embed": adamw(lambda t: embed * schedule(t))}, loraplus_labels))
+    else:
+        parts.append(adamw(schedule))
     inner = optax.chain(*parts)
     return optax.MultiSteps(inner, every_k_schedule=int(train_cfg.grad_accum_steps)), schedule
 

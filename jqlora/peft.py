@@ -7,7 +7,9 @@ adapted module ``M`` of layer ``i``, ``base_model.model.model.layers.{i}.M.lora_
 ``B [r, out]`` stacked over layers (leading axis L), so export transposes and un-stacks, import stacks and
 transposes. Per-module ``rank_pattern`` / ``alpha_pattern`` are resolved the way peft resolves them (the first
 pattern key ``K`` with ``re.match(rf"(.*\\.)?({K})$", module_name)``); because layers are stacked, a module kind
-must have the same rank and alpha in every layer.
+must have the same rank and alpha in every layer. DoRA adapters (``use_dora: true``) also hold
+``...lora_magnitude_vector`` ``[out]`` per module (`jqlora.dora`), stacked as ``magnitude`` ``[L, O]``.
+Adapters on the embedding and the LM head: `jqlora.peft_heads`.
 
 Shape letters: L layers, I in features, O out features, R LoRA rank.
 """
@@ -28,6 +30,8 @@ from flax import nnx
 
 from jqlora.io import atomic_directory
 from jqlora.lora import ADAPTABLE_MODULES, LoraConfig, LoraLinear
+from jqlora.peft_heads import (BASE_COPY_RE, EMBED_KEY_RE, HEADS, check_base_copy, head_modules, head_specs,
+                               head_tensors, head_updates)
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -36,6 +40,7 @@ PREFIX = "base_model.model."
 SAVE_DTYPES = ("float32", "bfloat16", "float16")
 # peft names the LoRA weights of a module ``<module>.lora_A[.<adapter name>].weight``.
 _KEY_RE = re.compile(r"^(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.(?P<adapter>[^.]+))?\.weight$")
+_MAGNITUDE_RE = re.compile(r"^(?P<module>.+)\.lora_magnitude_vector(?:\.(?!weight$)(?P<adapter>[^.]+))?(?:\.weight)?$")
 _LAYER_RE = re.compile(r"^model\.layers\.(?P<layer>\d+)\.(?P<sub>.+)$")
 
 
@@ -66,14 +71,23 @@ def _num(x: float) -> int | float:
 def adapter_config_dict(model: nnx.Module, lora_config: LoraConfig, base_model_name_or_path: str = "") -> dict:
     """The ``adapter_config.json`` contents for ``model``'s adapters (the keys current peft writes, sorted)."""
     modules = _lora_modules(model)
-    if not modules:
+    heads = head_modules(model)
+    if not modules and not heads:
         raise AdapterError("the model has no LoRA adapters to export (build it with a LoraConfig)")
     r, alpha = int(lora_config.r), float(lora_config.alpha)
     rank_pattern: dict[str, int] = {}
     alpha_pattern: dict[str, int | float] = {}
+    for name, m, _, _ in heads:
+        if m.spec.r != r:
+            rank_pattern[HEADS[name]] = int(m.spec.r)
+        if not math.isclose(m.spec.alpha, alpha):
+            alpha_pattern[HEADS[name]] = _num(m.spec.alpha)
     for name, m in modules:
         if m.spec.rslora != bool(lora_config.rslora):
             raise AdapterError(f"{name}: use_rslora={m.spec.rslora} differs from the LoraConfig's {lora_config.rslora}")
+        if (m.magnitude is not None) != bool(getattr(lora_config, "dora", False)):
+            raise AdapterError(f"{name}: DoRA={m.magnitude is not None} differs from the LoraConfig's "
+                               f"{bool(getattr(lora_config, 'dora', False))}")
         if m.spec.r != r:
             rank_pattern[name] = int(m.spec.r)
         if not math.isclose(m.spec.alpha, alpha):
@@ -110,12 +124,12 @@ def adapter_config_dict(model: nnx.Module, lora_config: LoraConfig, base_model_n
         "r": r,
         "rank_pattern": rank_pattern,
         "revision": None,
-        "target_modules": sorted({name.rsplit(".", 1)[-1] for name, _ in modules}),
+        "target_modules": sorted({name.rsplit(".", 1)[-1] for name, _ in modules} | {HEADS[h[0]] for h in heads}),
         "target_parameters": None,
         "task_type": "CAUSAL_LM",
         "trainable_token_indices": None,
         "use_bdlora": None,
-        "use_dora": False,
+        "use_dora": any(m.magnitude is not None for _, m in modules),
         "use_qalora": False,
         "use_rslora": bool(lora_config.rslora),
         "velora_config": None,
@@ -131,10 +145,14 @@ def adapter_tensors(model: nnx.Module, dtype: str = "float32") -> dict[str, np.n
     for name, m in _lora_modules(model):
         a_LIR = np.asarray(m.lora_a[...].astype(jnp.float32))
         b_LRO = np.asarray(m.lora_b[...].astype(jnp.float32))
+        mag_LO = None if m.magnitude is None else np.asarray(m.magnitude[...].astype(jnp.float32))
         for i in range(a_LIR.shape[0]):
             stem = f"{PREFIX}model.layers.{i}.{name}"
             out[f"{stem}.lora_A.weight"] = np.ascontiguousarray(a_LIR[i].T)
             out[f"{stem}.lora_B.weight"] = np.ascontiguousarray(b_LRO[i].T)
+            if mag_LO is not None:
+                out[f"{stem}.lora_magnitude_vector"] = np.ascontiguousarray(mag_LO[i])
+    out.update(head_tensors(model))
     return out
 
 
@@ -220,7 +238,6 @@ def _read_config(adapter_dir: Path) -> dict:
     if peft_type != "LORA":
         raise AdapterError(f"{path}: peft_type {peft_type!r} is not supported; jqlora reads LORA adapters only")
     unsupported = {  # settings jqlora cannot represent: anything but null / false / empty is refused
-        "use_dora": "DoRA adapters (use_dora=true)",
         "fan_in_fan_out": "fan_in_fan_out=true (Conv1D models)",
         "lora_bias": "LoRA biases (lora_bias=true)",
         "modules_to_save": "modules_to_save (fully trained extra modules)",
@@ -276,6 +293,11 @@ def _read_tensors(path: Path) -> dict[str, np.ndarray]:
 
 
 def _read_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """Shapes of the adapter's LoRA tensors (peft's copies of base embedding / head weights left out)."""
+    return {k: v for k, v in _read_all_shapes(path).items() if not BASE_COPY_RE.match(k)}
+
+
+def _read_all_shapes(path: Path) -> dict[str, tuple[int, ...]]:
     if path.suffix == ".safetensors":
         from safetensors import safe_open
 
@@ -288,14 +310,17 @@ def _read_shapes(path: Path) -> dict[str, tuple[int, ...]]:
 
 
 def _parse_key(key: str, where: Path) -> tuple[str, str, str | None]:
-    """``(module name inside the base model, 'A' | 'B', adapter name)`` of a peft LoRA key."""
-    m = _KEY_RE.match(key)
+    """``(module name inside the base model, 'A' | 'B' | 'M', adapter name)`` of a peft LoRA key (M: a DoRA
+    ``lora_magnitude_vector``)."""
+    m = _KEY_RE.match(key) or EMBED_KEY_RE.match(key)
+    ab = m["ab"] if m is not None else "M"
+    m = m if m is not None else _MAGNITUDE_RE.match(key)
     if m is None:
-        raise AdapterError(f"{where}: unexpected key {key!r} (not a LoRA lora_A / lora_B weight)")
+        raise AdapterError(f"{where}: unexpected key {key!r} (not a LoRA lora_A / lora_B weight or DoRA magnitude)")
     module = m["module"]
     if module.startswith(PREFIX):
         module = module[len(PREFIX):]
-    return module, m["ab"], m["adapter"]
+    return module, ab, m["adapter"]
 
 
 def _pattern_value(pattern: Mapping[str, Any] | None, module: str, default: Any) -> Any:
@@ -314,10 +339,14 @@ def _adapted_modules(adapter_dir: Path, cfg: dict) -> dict[str, dict[int, tuple[
     if len(adapters) > 1:
         raise AdapterError(f"{path}: holds several adapters {sorted(map(str, adapters))}; jqlora loads one")
     found: dict[str, dict[int, tuple[int, float]]] = {}
+    magnitudes = {_parse_key(k, path)[0] for k in shapes if _parse_key(k, path)[1] == "M"}
     for key, shape in shapes.items():
         module, ab, _ = _parse_key(key, path)
-        if ab != "A":
+        if ab != "A" or module in HEADS:
             continue
+        if bool(cfg.get("use_dora")) and module not in magnitudes:
+            raise AdapterError(f"{path}: the adapter config says use_dora=true but {module} has no DoRA magnitude "
+                               f"(no {PREFIX}{module}.lora_magnitude_vector)")
         m = _LAYER_RE.match(module)
         if m is None or m["sub"] not in {f"{p}.{n}" for p, ns in _PARENTS.items() for n in ns}:
             raise AdapterError(f"{path}: unexpected key {key!r}: no such adaptable module in a supported model "
@@ -327,7 +356,7 @@ def _adapted_modules(adapter_dir: Path, cfg: dict) -> dict[str, dict[int, tuple[
         r = int(shape[0])
         alpha = float(_pattern_value(cfg.get("alpha_pattern"), module, cfg["lora_alpha"]))
         found.setdefault(m["sub"], {})[int(m["layer"])] = (r, alpha)
-    if not found:
+    if not found and not head_specs(shapes, cfg, path):
         raise AdapterError(f"{path}: no LoRA weights in the adapter")
     return found
 
@@ -362,16 +391,22 @@ def read_adapter_config(adapter_dir: str | os.PathLike, *, dropout: float | None
             raise AdapterError(f"{adapter_dir}: {name} has different rank/alpha per layer ({detail}); jqlora stacks "
                                "layers and needs one rank and alpha per module kind")
         specs[name] = values.pop()
-    r = Counter(r for r, _ in specs.values()).most_common(1)[0][0]
-    r = int(cfg["r"]) if int(cfg["r"]) in {s[0] for s in specs.values()} else r
+    heads = head_specs(_read_shapes(_weights_file(adapter_dir)), cfg, _weights_file(adapter_dir))
+    ranks = [r for r, _ in list(specs.values()) + list(heads.values())]
+    r = Counter(ranks).most_common(1)[0][0]
+    r = int(cfg["r"]) if int(cfg["r"]) in ranks else r
     alpha = float(cfg["lora_alpha"])
     targets = tuple(n for n in ADAPTABLE_MODULES if any(name.endswith("." + n) for name in specs))
+    if heads:  # named targets (all-linear never covers embed_tokens / lm_head)
+        specs.update(heads)
+        targets = tuple(n for n in ADAPTABLE_MODULES if any(name.endswith("." + n) for name in specs)) + tuple(heads)
     return LoraConfig(
         r=r,
         alpha=alpha,
         dropout=float(cfg.get("lora_dropout") or 0.0) if dropout is None else dropout,
-        targets="all-linear" if set(targets) in _ALL_LINEAR else targets,
+        targets="all-linear" if set(targets) in _ALL_LINEAR else targets,  # (never with heads: they are in it)
         rslora=bool(cfg.get("use_rslora", False)),
+        dora=bool(cfg.get("use_dora", False)),
         rank_pattern={name: s[0] for name, s in specs.items() if s[0] != r},
         alpha_pattern={name: _num(s[1]) for name, s in specs.items() if not math.isclose(s[1], alpha)},
     )
@@ -390,7 +425,11 @@ def load_adapter(model: nnx.Module, adapter_dir: str | os.PathLike) -> nnx.Modul
     tensors = _read_tensors(path)
     by_module: dict[tuple[str, str], tuple[str, np.ndarray]] = {}
     adapters = set()
-    for key, value in tensors.items():
+    for key, value in list(tensors.items()):
+        copy = BASE_COPY_RE.match(key)
+        if copy is not None:  # peft's full copy of a base weight: must be the base model's own
+            check_base_copy(model, copy, key, value, path)
+            continue
         module, ab, adapter = _parse_key(key, path)
         adapters.add(adapter)
         by_module[(module, ab)] = (key, value)
@@ -399,9 +438,13 @@ def load_adapter(model: nnx.Module, adapter_dir: str | os.PathLike) -> nnx.Modul
     suffix = "" if adapters == {None} else f".{adapters.pop()}"
     rslora = bool(cfg.get("use_rslora", False))
     modules = _lora_modules(model)
-    if not modules:
+    if not modules and not head_modules(model):
         raise AdapterError(f"{adapter_dir}: the model has no LoRA adapters to fill; build it with "
                            "lora=jqlora.peft.read_adapter_config(adapter_dir)")
+    dora = bool(cfg.get("use_dora", False))
+    if any((m.magnitude is not None) != dora for _, m in modules):
+        raise AdapterError(f"{adapter_dir}: the adapter has use_dora={dora} but the model was built with "
+                           f"dora={not dora}; build it with lora=jqlora.peft.read_adapter_config(adapter_dir)")
     used: set[tuple[str, str]] = set()
     updates = []
     for name, m in modules:
@@ -409,10 +452,13 @@ def load_adapter(model: nnx.Module, adapter_dir: str | os.PathLike) -> nnx.Modul
         r, I, O = m.spec.r, m.in_features, m.out_features
         a_LIR = np.zeros((L, I, r), np.float32)
         b_LRO = np.zeros((L, r, O), np.float32)
+        mag_LO = np.zeros((L, O), np.float32) if dora else None
         for i in range(L):
             module = f"model.layers.{i}.{name}"
-            for ab, expected, buf in (("A", (r, I), a_LIR), ("B", (O, r), b_LRO)):
-                key = f"{PREFIX}{module}.lora_{ab}{suffix}.weight"
+            parts = [("A", (r, I), a_LIR), ("B", (O, r), b_LRO)] + ([("M", (O,), mag_LO)] if dora else [])
+            for ab, expected, buf in parts:
+                key = (f"{PREFIX}{module}.lora_magnitude_vector" if ab == "M"
+                       else f"{PREFIX}{module}.lora_{ab}{suffix}.weight")
                 if (module, ab) not in by_module:
                     raise AdapterError(f"{path}: missing key {key!r} (the model adapts {name} with r={r})")
                 key, value = by_module[(module, ab)]
@@ -426,15 +472,20 @@ def load_adapter(model: nnx.Module, adapter_dir: str | os.PathLike) -> nnx.Modul
                 raise AdapterError(f"{adapter_dir}: {module} has LoRA scaling {scaling:g} in the adapter "
                                    f"(alpha={_num(alpha)}, r={r}, rslora={rslora}) but {m.scaling:g} in the model; "
                                    "build the model with lora=jqlora.peft.read_adapter_config(adapter_dir)")
-        updates.append((m, a_LIR, b_LRO))
+        updates.append((m, a_LIR, b_LRO, mag_LO))
+    head_values = head_updates(model, by_module, suffix, cfg, path, adapter_dir, used)
     unexpected = sorted(by_module[k][0] for k in by_module if k not in used)
     if unexpected:
         more = f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""
         raise AdapterError(f"{path}: unexpected key {unexpected[0]!r}{more}: the model has no adapter there; build "
                            "it with lora=jqlora.peft.read_adapter_config(adapter_dir)")
-    for m, a_LIR, b_LRO in updates:
+    for m, a_LIR, b_LRO, mag_LO in updates:
         m.lora_a.set_value(jnp.asarray(a_LIR, m.lora_a.dtype))
         m.lora_b.set_value(jnp.asarray(b_LRO, m.lora_b.dtype))
+        if mag_LO is not None:
+            m.magnitude.set_value(jnp.asarray(mag_LO, m.magnitude.dtype))
+    for var, value in head_values:
+        var.set_value(jnp.asarray(value, var.dtype))
     return model
 
 

@@ -260,7 +260,7 @@ def test_bad_adapters_raise_one_line_errors(hf_dirs, tmp_path):
         "prompt": (edit_adapter(good, tmp_path / "prompt", config=lambda c: {**c, "peft_type": "PROMPT_TUNING"}),
                    "peft_type 'PROMPT_TUNING' is not supported"),
         "dora": (edit_adapter(good, tmp_path / "dora", config=lambda c: {**c, "use_dora": True}),
-                 "DoRA adapters"),
+                 "says use_dora=true but model.layers.0.self_attn.q_proj has no DoRA magnitude"),
         "gpt2": (edit_adapter(good, tmp_path / "gpt2", tensors=lambda t: {
             k.replace("model.layers.", "transformer.h.").replace("self_attn.q_proj", "attn.c_attn"): v
             for k, v in t.items()}), "unexpected key 'base_model.model.transformer.h.0.attn.c_attn.lora_A.weight'"),

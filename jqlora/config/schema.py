@@ -14,6 +14,7 @@ BLOCK_SIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 DTYPES = ("bfloat16", "float16", "float32")
 LORA_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")  # = lora.LINEAR_MODULES
 FUSED_MODULES = ("qkv_proj", "gate_up_proj")  # = lora.FUSED_MODULES (Phi-3); also valid lora.targets
+HEAD_MODULES = ("embed_tokens", "lm_head")  # = lora.HEAD_MODULES; valid lora.targets, never part of all-linear
 DATA_FORMATS = ("auto", "chat", "instruction", "prompt_completion", "text")
 TRAIN_ON = ("completion", "all")
 LORA_INITS = ("default", "gaussian", "pissa", "loftq")  # = lora_init.INITS
@@ -72,7 +73,8 @@ class LoraConfig:
     r: int = 16  # adapter rank
     alpha: float = 32.0  # scaling alpha / r (alpha / sqrt(r) with rslora)
     dropout: float = 0.05  # dropout on the adapter input
-    targets: Any = "all-linear"  # "all-linear" or a list of module names (q_proj, ..., down_proj)
+    # "all-linear" or a list of module names (q_proj, ..., down_proj; embed_tokens / lm_head by name only)
+    targets: Any = "all-linear"
     rslora: bool = False  # rank-stabilized scaling (Kalajdzievski 2023)
     # start the adapters from a peft adapter dir or a jqlora run dir / checkpoint (same ranks); null: fresh adapters
     init_from: Optional[str] = None
@@ -80,6 +82,8 @@ class LoraConfig:
     # becomes the residual) | loftq (alternating quantization and SVD, so 4-bit base + AB ~ W); jqlora/lora_init.py
     init: str = "default"
     loftq_iters: int = 1  # LoftQ iterations (lora.init=loftq)
+    dora: bool = False  # DoRA: a trained magnitude per output row over the normalized W + s·BA (QDoRA on nf4/fp4)
+    plus_ratio: Optional[float] = None  # LoRA+: B (and DoRA magnitudes) learn at plus_ratio x the lr; null/0: off
 
     def __post_init__(self):
         _check(self.r >= 1, "lora.r", self.r, "must be >= 1")
@@ -87,6 +91,11 @@ class LoraConfig:
             _check(bool(self.init_from), "lora.init_from", self.init_from, "must name a directory (or be null)")
         _one_of(self.init, "lora.init", LORA_INITS)
         _check(self.loftq_iters >= 1, "lora.loftq_iters", self.loftq_iters, "must be >= 1")
+        _check(not (self.dora and self.init in ("pissa", "loftq")), "lora.init", self.init,
+               "cannot be combined with lora.dora=true (its magnitudes would be taken on the adjusted base)")
+        if self.plus_ratio is not None:
+            _check(isinstance(self.plus_ratio, (int, float)) and not isinstance(self.plus_ratio, bool)
+                   and self.plus_ratio >= 0, "lora.plus_ratio", self.plus_ratio, "must be a number >= 0 (or null: off)")
         _check(self.alpha > 0, "lora.alpha", self.alpha, "must be > 0")
         _check(0.0 <= self.dropout < 1.0, "lora.dropout", self.dropout, "must be in [0, 1)")
         targets = self.targets
@@ -95,12 +104,20 @@ class LoraConfig:
         if isinstance(targets, (list, tuple)):
             _check(len(targets) > 0, "lora.targets", list(targets), "must not be empty")
             for name in targets:
-                _check(name in LORA_MODULES + FUSED_MODULES, "lora.targets", name,
+                _check(name in LORA_MODULES + FUSED_MODULES + HEAD_MODULES, "lora.targets", name,
                        "is not a module name; use 'all-linear' or names among "
-                       + ", ".join(LORA_MODULES + FUSED_MODULES))
+                       + ", ".join(LORA_MODULES + FUSED_MODULES + HEAD_MODULES))
             if len(set(targets)) != len(targets):
                 raise _Invalid("lora.targets", f"lora.targets={list(targets)!r} names a module twice")
             object.__setattr__(self, "targets", tuple(targets))
+            heads = [n for n in targets if n in HEAD_MODULES]
+            if heads and self.dora:
+                raise _Invalid("lora.dora", f"lora.dora=true with lora.targets {heads}: DoRA is for the linear "
+                               "projections only; drop embed_tokens / lm_head or set lora.dora=false")
+            if "lm_head" in targets and self.dropout > 0:
+                raise _Invalid("lora.dropout", f"lora.dropout={self.dropout!r} with lm_head in lora.targets: the "
+                               "lm_head adapter is folded into the head weight and takes no dropout; "
+                               "set lora.dropout=0")
         else:
             _check(targets == "all-linear", "lora.targets", targets,
                    "must be 'all-linear' or a list of module names")

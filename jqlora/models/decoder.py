@@ -132,7 +132,9 @@ class DecoderModel(nnx.Module):
 
     def __init__(self, cfg: ModelConfig, lora: LoraConfig | None, quant: QuantSpec, dtype: Any, lora_dtype: Any,
                  rngs: nnx.Rngs):
-        self.embed_tokens = Embed(cfg.vocab_size, cfg.hidden_size, dtype, rngs, scale=cfg.embed_scale)
+        self.embed_tokens = Embed(cfg.vocab_size, cfg.hidden_size, dtype, rngs, scale=cfg.embed_scale,
+                                  lora=lora.for_module("embed_tokens") if lora is not None else None,
+                                  lora_dtype=lora_dtype)
 
         @nnx.split_rngs(splits=cfg.num_hidden_layers)
         @nnx.vmap(in_axes=(0,), out_axes=0)
@@ -179,12 +181,18 @@ class CausalLM(nnx.Module):
         self.scan_layers = scan_layers
         self.attention = attention
         self.model = DecoderModel(cfg, lora, quant, dtype, jnp.dtype(lora_dtype), rngs)
-        self.lm_head = None if cfg.tie_word_embeddings else LMHead(cfg.vocab_size, cfg.hidden_size, dtype, rngs)
+        head_lora = lora.for_module("lm_head") if lora is not None else None
+        if head_lora is not None and cfg.tie_word_embeddings:
+            raise ValueError("lora.targets: lm_head cannot be adapted in a model with tied embeddings "
+                             "(tie_word_embeddings=true); adapt embed_tokens, or leave lm_head out")
+        self.lm_head = None if cfg.tie_word_embeddings else LMHead(cfg.vocab_size, cfg.hidden_size, dtype, rngs,
+                                                                   lora=head_lora, lora_dtype=lora_dtype)
 
     def lm_head_weight(self) -> jax.Array:
         """``[V, D]`` in the compute dtype (the embedding matrix when tied)."""
-        head = self.model.embed_tokens if self.lm_head is None else self.lm_head
-        return head.weight[...]
+        if self.lm_head is None:
+            return self.model.embed_tokens.weight[...]
+        return self.lm_head.head_weight()
 
     def hidden_states(
         self,
@@ -256,6 +264,10 @@ class CausalLM(nnx.Module):
         for i, (_, module) in enumerate(sorted(nnx.iter_modules(self), key=lambda pm: tuple(map(str, pm[0])))):
             if isinstance(module, LoraLinear):
                 module.reset_lora(jax.random.fold_in(key, i))
+        # the embedding / head adapters after (keys apart, so the layers' adapters start as they always did)
+        for j, head in enumerate((self.model.embed_tokens, self.lm_head)):
+            if head is not None:
+                head.reset_lora(jax.random.fold_in(key, 1_000_000 + j))
 
 
 LlamaModel = DecoderModel  # the names these had when Llama was the only family

@@ -7,6 +7,17 @@ input dtype and then multiplies by w; Gemma multiplies by (1 + w) in float32 and
 down_proj(act(gate_proj(x)) * up_proj(x)) with act = SiLU (SwiGLU: Llama, Mistral, Qwen) or tanh-approximated GELU
 (GeGLU: Gemma). Phi-3 stores gate and up as one fused ``gate_up_proj`` (gate rows first).
 
+LoRA on the embedding and the LM head (``lora.targets`` naming ``embed_tokens`` / ``lm_head``), as peft's
+``lora.Embedding`` and ``lora.Linear`` compute them:
+
+    embed(ids) = W[ids] + s · A_e[ids] B_e      A_e [V, R] (peft lora_embedding_A [R, V], init 0),
+                                                B_e [R, D] (peft lora_embedding_B [D, R], init N(0, 1))
+    head(h)    = h (W + s (A B)ᵀ)ᵀ              A [D, R], B [R, V] like any linear (peft lora_A / lora_B)
+
+The head adapter is folded into the head weight ``[V, D]`` (one extra copy of it per step), so it takes no dropout
+(the config refuses lm_head with lora.dropout > 0); peft takes no dropout on the embedding either. With tied
+embeddings the embedding adapter changes the input side only, as in peft; an lm_head adapter is refused there.
+
 Shape letters: B batch, S sequence, D hidden, F MLP hidden, V vocabulary.
 """
 
@@ -19,7 +30,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jqlora.lora import Frozen, LoraConfig, LoraLinear, QuantSpec
+from jqlora.lora import Frozen, LoraConfig, LoraLinear, LoraSpec, QuantSpec, lora_a_init
 from jqlora.models.config import ModelConfig
 
 ACTIVATIONS = {"silu": jax.nn.silu, "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True)}
@@ -45,20 +56,61 @@ def rms_norm(cfg: ModelConfig, dim: int, dtype: Any) -> RMSNorm:
 
 
 class Embed(nnx.Module):
-    def __init__(self, vocab: int, dim: int, dtype: Any, rngs: nnx.Rngs, scale: bool = False):
+    def __init__(self, vocab: int, dim: int, dtype: Any, rngs: nnx.Rngs, scale: bool = False,
+                 lora: LoraSpec | None = None, lora_dtype: Any = jnp.float32):
         self.weight = Frozen((0.02 * jax.random.normal(rngs.params(), (vocab, dim), jnp.float32)).astype(dtype))
         self.scale = math.sqrt(dim) if scale else None
+        self.spec = lora
+        if lora is not None:
+            self.lora_embedding_a = nnx.LoRAParam(jnp.zeros((vocab, lora.r), lora_dtype))
+            self.lora_embedding_b = nnx.LoRAParam(jax.random.normal(rngs.params(), (lora.r, dim), lora_dtype))
+        else:
+            self.lora_embedding_a = self.lora_embedding_b = None
+
+    def reset_lora(self, key: jax.Array) -> None:
+        """peft's embedding init: A zero, B standard normal."""
+        if self.spec is not None:
+            a, b = self.lora_embedding_a, self.lora_embedding_b
+            a.set_value(jnp.zeros(a.shape, a.dtype))
+            b.set_value(jax.random.normal(key, b.shape, b.dtype))
 
     def __call__(self, ids_BS: jax.Array) -> jax.Array:
         h_BSD = jnp.take(self.weight[...], ids_BS, axis=0)
+        if self.spec is not None:
+            dt = h_BSD.dtype
+            a_BSR = jnp.take(self.lora_embedding_a[...].astype(dt), ids_BS, axis=0)
+            delta_BSD = jnp.matmul(a_BSR, self.lora_embedding_b[...].astype(dt))
+            h_BSD = h_BSD + delta_BSD * jnp.asarray(self.spec.scaling, dt)  # (peft scales it with Gemma's too)
         if self.scale is not None:  # Gemma: sqrt(D) rounded to the weight's dtype first, as transformers does
             h_BSD = h_BSD * jnp.asarray(self.scale, h_BSD.dtype)
         return h_BSD
 
 
 class LMHead(nnx.Module):
-    def __init__(self, vocab: int, dim: int, dtype: Any, rngs: nnx.Rngs):
+    def __init__(self, vocab: int, dim: int, dtype: Any, rngs: nnx.Rngs, lora: LoraSpec | None = None,
+                 lora_dtype: Any = jnp.float32):
         self.weight = Frozen((0.02 * jax.random.normal(rngs.params(), (vocab, dim), jnp.float32)).astype(dtype))
+        self.spec = lora
+        self.in_features = dim
+        if lora is not None:
+            self.lora_a = nnx.LoRAParam(lora_a_init(rngs.params(), (dim, lora.r), dim, lora_dtype))
+            self.lora_b = nnx.LoRAParam(jnp.zeros((lora.r, vocab), lora_dtype))
+        else:
+            self.lora_a = self.lora_b = None
+
+    def reset_lora(self, key: jax.Array) -> None:
+        """peft's linear init: A uniform, B zero."""
+        if self.spec is not None:
+            self.lora_a.set_value(lora_a_init(key, self.lora_a.shape, self.in_features, self.lora_a.dtype))
+            self.lora_b.set_value(jnp.zeros(self.lora_b.shape, self.lora_b.dtype))
+
+    def head_weight(self) -> jax.Array:
+        """``W + s (A B)ᵀ`` ``[V, D]`` in the weight's dtype (W without an adapter)."""
+        w_VD = self.weight[...]
+        if self.spec is None:
+            return w_VD
+        delta_VD = jnp.matmul(self.lora_a[...].astype(w_VD.dtype), self.lora_b[...].astype(w_VD.dtype)).T
+        return w_VD + delta_VD * jnp.asarray(self.spec.scaling, w_VD.dtype)
 
 
 def linear(cfg_lora: LoraConfig | None, name: str, n_in: int, n_out: int, *, bias: bool, quant: QuantSpec,
