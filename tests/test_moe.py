@@ -1,0 +1,139 @@
+"""Sparse MoE families (Mixtral, Qwen3-MoE) against transformers, bitsandbytes and peft: the router picks the same
+experts, the dispatch's compiled matmul FLOPs scale with top-k and not with the number of experts, NF4 experts,
+bnb-4bit checkpoints, adapters on attention, generation and the training invariants."""
+
+import json
+import re
+from pathlib import Path
+
+import bitsandbytes.functional as bnbf
+import jax
+import jax.numpy as jnp
+import numpy as np
+import peft
+import pytest
+import torch
+from flax import nnx
+from safetensors.torch import load_file
+from tiny import MOE_CONFIGS, make_moe_model
+from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+import jqlora
+from jqlora import convert, step
+from jqlora import generate as gen
+from jqlora.lora import LoraConfig, LoraLinear, QuantSpec
+from jqlora.models import ModelConfig, hf_key_table
+from jqlora.models import moe
+from jqlora.peft import load_model_with_adapter, save_adapter
+
+FAMILIES = list(MOE_CONFIGS)
+SEQ = 20  # > Mixtral's tiny window (12)
+LORA = LoraConfig(r=4, alpha=8, targets="all-linear")  # all-linear = the attention projections (see mixtral.py)
+
+
+def ids(seed=0, shape=(2, SEQ)) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 128, shape).astype(np.int32)
+
+
+def torch_logits(model, x: np.ndarray) -> np.ndarray:
+    with torch.no_grad():
+        return model(torch.from_numpy(x).long()).logits.float().numpy()
+
+
+def jq_logits(model, x: np.ndarray) -> np.ndarray:
+    return np.asarray(model(jnp.asarray(x)))
+
+
+def layer(model, i: int):
+    """Layer ``i`` of the stacked layers as a module of its own."""
+    graphdef, state = nnx.split(model.model.layers)
+    return nnx.merge(graphdef, jax.tree.map(lambda a: a[i], state))
+
+
+def randomize_lora(model, seed: int, scale: float = 0.2) -> None:
+    key = jax.random.key(seed)
+    for i, (_, m) in enumerate(nnx.iter_modules(model)):
+        if isinstance(m, LoraLinear) and m.lora_a is not None:
+            ka, kb = jax.random.split(jax.random.fold_in(key, i))
+            m.lora_a.set_value(scale * jax.random.normal(ka, m.lora_a.shape, m.lora_a.dtype))
+            m.lora_b.set_value(scale * jax.random.normal(kb, m.lora_b.shape, m.lora_b.dtype))
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def fam(request, tmp_path_factory):
+    """(family, transformers float32 model, checkpoint dir)."""
+    hf, path = make_moe_model(tmp_path_factory.mktemp(request.param) / "hf", request.param)
+    return request.param, hf, path
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Router, dispatch, logits
+
+
+def test_router_experts_and_logits_match_transformers(fam):
+    family, hf, path = fam
+    model = jqlora.load_model(path, quant="none", dtype="float32", remat="none")
+    x = ids()
+    expected = torch_logits(hf, x)
+    np.testing.assert_allclose(jq_logits(model, x), expected, atol=1e-4, rtol=0)
+    assert np.abs(expected).max() > 1.0
+    h = torch.randn(2, SEQ, 64)
+    for i in range(2):
+        block = hf.model.layers[i].mlp
+        with torch.no_grad():
+            logits, w, e = block.gate(h.reshape(-1, 64))
+            want = block(h).numpy()
+        ours = layer(model, i).mlp
+        our_logits = ours.gate(jnp.asarray(h.numpy().reshape(-1, 64)))
+        np.testing.assert_allclose(np.asarray(our_logits), logits.numpy(), atol=1e-5, rtol=0)
+        our_w, our_e = moe.route(our_logits, 2, model.config.norm_topk_prob)
+        np.testing.assert_array_equal(np.asarray(our_e), e.numpy())  # the same experts, in the same order
+        np.testing.assert_allclose(np.asarray(our_w), w.float().numpy(), atol=1e-6, rtol=0)
+        assert len(np.unique(e.numpy())) == 4  # every expert is used
+        np.testing.assert_allclose(np.asarray(ours(jnp.asarray(h.numpy()))), want, atol=1e-5, rtol=0)
+
+
+def test_qwen3_moe_unnormalized_top_k_matches_transformers(tmp_path):
+    hf, path = make_moe_model(tmp_path / "hf", "qwen3_moe", norm_topk_prob=False)
+    model = jqlora.load_model(path, quant="none", dtype="float32", remat="none")
+    assert not model.config.norm_topk_prob
+    x = ids(1)
+    np.testing.assert_allclose(jq_logits(model, x), torch_logits(hf, x), atol=1e-4, rtol=0)
+
+
+def _dot_flops(E: int, k: int, T: int = 256, D: int = 64, F: int = 128) -> float:
+    cfg = ModelConfig(model_type="mixtral", vocab_size=8, hidden_size=D, intermediate_size=F, num_hidden_layers=1,
+                      num_attention_heads=1, num_key_value_heads=1, head_dim=D, num_experts=E,
+                      num_experts_per_tok=k)
+    block = moe.MoE(cfg, QuantSpec("none"), jnp.float32, jnp.float32, nnx.Rngs(0))
+    graphdef, state = nnx.split(block)
+    fn = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x))
+    hlo = fn.lower(state, jax.ShapeDtypeStruct((1, T, D), jnp.float32)).compile().as_text()
+    # FLOPs of every dot in the compiled HLO: 2 · (product of the output dims) · (contracted dims)
+    total = 0.0
+    shapes = {}
+    for line in hlo.splitlines():
+        m = re.match(r"\s*(?:ROOT )?%?([\w.-]+) = \w+\[([\d,]*)\]", line)
+        if m:
+            shapes[m.group(1)] = [int(d) for d in m.group(2).split(",") if d]
+    for line in hlo.splitlines():
+        m = re.match(r"\s*(?:ROOT )?%?[\w.-]+ = \w+\[([\d,]*)\][^=]*? dot\(%?([\w.-]+), %?([\w.-]+)\).*"
+                     r"lhs_contracting_dims=\{([\d,]*)\}", line)
+        if m:
+            out = np.prod([int(d) for d in m.group(1).split(",") if d])
+            lhs = shapes[m.group(2)]
+            contracted = np.prod([lhs[int(d)] for d in m.group(4).split(",") if d])
+            total += 2.0 * out * contracted
+    return total
+
+
+def test_dispatch_flops_scale_with_top_k_not_experts():
+    T, D, F = 256, 64, 128
+    dense = lambda E: 3 * 2.0 * T * E * D * F  # noqa: E731 - every expert on every token
+    f4, f16, f16k2 = _dot_flops(4, 1), _dot_flops(16, 1), _dot_flops(16, 2)
+    sparse = lambda k: 3 * 2.0 * T * k * D * F  # noqa: E731 - only the chosen experts
+    for flops, k in ((f4, 1), (f16, 1), (f16k2, 2)):
+        assert sparse(k) <= flops <= 2.2 * sparse(k), (flops, sparse(k))  # (tile padding: at most ~2x)
+    assert f16 < dense(16) / 6
+    assert f16 / f4 < 1.2  # 4x the experts: the same work
+    assert 1.8 < f16k2 / f16 < 2.2  # 2x top-k: twice the work
