@@ -374,7 +374,7 @@ def convert(
             value = ckpt.get(key)
             if isinstance(value, quant.QuantizedTensor):  # already 4-bit (bitsandbytes checkpoint): as stored
                 q = value
-            elif entry.kind == "linear" and quant_type != "none":
+            elif entry.kind == "linear" and quant_type != "none" and not (fmt == "bnb" and entry.expert is not None):
                 try:
                     q = quant.quantize(value, quant_type, block_size=block_size, double_quant=double_quant)
                 except ValueError as e:
