@@ -13,7 +13,9 @@ so peak host memory stays near the largest single tensor plus the quantized outp
   + `model.safetensors` holding `<hf key>.codes|absmax|nested_absmax|offset` for quantized weights and `<hf key>`
   for the rest, + the source `config.json`. Reloading reads arrays, nothing is requantized.
 - ``bnb``: a Hugging Face bitsandbytes-4bit checkpoint (config with `quantization_config`, the six tensors per
-  linear layer) that `transformers.AutoModelForCausalLM.from_pretrained` loads with bitsandbytes.
+  linear layer) that `transformers.AutoModelForCausalLM.from_pretrained` loads with bitsandbytes. MoE experts
+  (Mixtral, Qwen3-MoE) are written unquantized in ``dtype``, as transformers + bitsandbytes saves them (it quantizes
+  only ``nn.Linear``; transformers 5 fuses the experts into 3-D parameters); loading quantizes them.
 Tokenizer files and the generation config travel along. Output is written to a temporary directory beside DST and
 renamed into place only when complete, so a failed conversion never leaves a DST that looks finished.
 """

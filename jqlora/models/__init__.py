@@ -2,7 +2,8 @@
 
 One decoder (`decoder.py`) serves every family; a family module maps its ``config.json`` to `ModelConfig` and owns
 its Hugging Face key table: `llama.py` (Llama 2/3/3.1/3.2, Mistral, Qwen2/2.5, Qwen3), `gemma.py` (Gemma 2, Gemma 3
-text), `phi3.py` (Phi-3, Phi-3.5, Phi-4-mini). `config.FAMILIES` says which module reads which ``model_type``.
+text), `phi3.py` (Phi-3, Phi-3.5, Phi-4-mini), `mixtral.py` and `qwen3_moe.py` (sparse MoE, `moe.py`).
+`config.FAMILIES` says which module reads which ``model_type``.
 
 Sharded streaming load (`from_hf_tensors_sharded`, `load_model(..., mesh=)`): the model is built abstractly
 (`nnx.eval_shape`), `jqlora.sharding.partition_specs` plans a `NamedSharding` for every variable, and then the
