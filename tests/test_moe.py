@@ -204,6 +204,8 @@ def test_nf4_matches_bitsandbytes_and_bnb_checkpoints_load(fam, tmp_path):
     bnb_model(path).save_pretrained(tmp_path / "bnb")
     np.testing.assert_allclose(jq_logits(jqlora.load_model(tmp_path / "bnb", dtype="float32"), x), got,
                                atol=1e-5, rtol=0)
+    if family != "mixtral":  # (conversion is the same code for both families; CI time)
+        return
     # convert, both formats: the bnb output has transformers' layout and loads there with our attention codes; the
     # jqlora format reloads our model exactly
     out = convert.convert(path, tmp_path / "ours_bnb", fmt="bnb", dtype="float32")
@@ -232,6 +234,8 @@ def set_experts(hf_model, ours) -> None:
 
 @pytest.mark.parametrize("quant", ["none", "nf4"])
 def test_peft_round_trip(fam, tmp_path, quant):
+    if quant == "nf4" and fam[0] != "mixtral":
+        return  # (the 4-bit base is the same attention code in both families; CI time)
     """Adapters on the attention (what jqlora's all-linear adapts on these models): keys and shapes equal peft's for
     the target_modules our adapter_config names, and peft reproduces our logits. (peft 0.21's own all-linear on
     transformers 5.24's MoE also adds target_parameters for the router and the fused 3-D experts: not adapted here,
@@ -331,12 +335,9 @@ def test_training_invariants(tmp_path):
         g, loss = fn(split.lora, split.frozen, {k: v[part] for k, v in batch.items()}, None, 1.0)
         return jax.tree.leaves(g), float(loss)
 
+    # both at once (one compile fewer): two remat micro-batches sum to the big batch without remat
     ref, ref_loss = grads("none")
-    g, loss = grads("full")
-    np.testing.assert_allclose(loss, ref_loss, rtol=1e-6)
-    for u, v in zip(g, ref):
-        np.testing.assert_allclose(u, v, atol=1e-5, rtol=1e-5)
-    (g1, l1), (g2, l2) = grads("none", slice(0, 2)), grads("none", slice(2, 4))
+    (g1, l1), (g2, l2) = grads("full", slice(0, 2)), grads("full", slice(2, 4))
     np.testing.assert_allclose(l1 + l2, ref_loss, rtol=1e-5)
     for u, v, w in zip(g1, g2, ref):
         np.testing.assert_allclose(u + v, w, atol=1e-5, rtol=1e-5)
@@ -438,3 +439,21 @@ def test_unsupported_moe_config_is_one_clear_line(change, message):
     with pytest.raises(ValueError, match=message) as e:
         ModelConfig.from_hf(d)
     assert "\n" not in str(e.value)
+
+
+def test_load_balancing_loss_matches_transformers(fam):
+    """`moe.load_balancing_loss` on transformers' own router logits equals its ``aux_loss`` (with and without a
+    padding mask). (Not yet wired into the train step: no config key uses it.)"""
+    family, hf, _ = fam
+    x = torch.from_numpy(ids(9)).long()
+    mask = torch.ones_like(x)
+    mask[1, 15:] = 0
+    losses = []
+    for m in (None, mask):
+        with torch.no_grad():
+            out = hf(x, attention_mask=m, output_router_logits=True)
+        logits = jnp.asarray(np.stack([r.float().numpy() for r in out.router_logits]))  # [L, T, E]
+        got = moe.load_balancing_loss(logits, 2, None if m is None else jnp.asarray(m.numpy().reshape(-1)))
+        np.testing.assert_allclose(float(got), float(out.aux_loss), rtol=1e-6)
+        losses.append(float(got))
+    assert abs(losses[0] - losses[1]) > 1e-4  # the mask matters
