@@ -11,9 +11,12 @@ Checkpoint layout: the one on the hub and the one transformers 5.24 saves (it co
 transformers + bitsandbytes quantizes only ``nn.Linear`` modules, so a transformers-saved ``*-bnb-4bit`` Mixtral
 holds 4-bit attention kernels and unquantized experts and router; the experts are quantized on load here.
 
-Adapters: peft's ``target_modules`` reach the attention projections (adapted as in Llama); the experts are fused
-3-D parameters in transformers 5.24, which peft 0.21 adapts only through ``target_parameters`` (ParamWrapper); that
-is not implemented here, so the experts and the router carry no adapter (the router stays frozen regardless).
+Adapters: the attention projections q/k/v/o (``target_modules``, as in Llama) are adapted, and an exported
+adapter names them explicitly. The experts are fused 3-D parameters in transformers 5.24, which peft 0.21 adapts
+only through ``target_parameters`` (a ParamWrapper per parameter: ``mlp.experts.base_layer.lora_A`` [E·r, D] /
+``lora_B`` [2F, E·r] for ``gate_up_proj``, ``mlp.experts.lora_A`` / ``lora_B`` for ``down_proj``); peft's own
+``all-linear`` on these models adds those and the router (``gate.weight``). Not implemented here: the experts carry
+no adapter and the router stays frozen; importing a peft adapter with ``target_parameters`` is not supported.
 """
 
 from __future__ import annotations
