@@ -13,7 +13,9 @@ so peak host memory stays near the largest single tensor plus the quantized outp
   + `model.safetensors` holding `<hf key>.codes|absmax|nested_absmax|offset` for quantized weights and `<hf key>`
   for the rest, + the source `config.json`. Reloading reads arrays, nothing is requantized.
 - ``bnb``: a Hugging Face bitsandbytes-4bit checkpoint (config with `quantization_config`, the six tensors per
-  linear layer) that `transformers.AutoModelForCausalLM.from_pretrained` loads with bitsandbytes.
+  linear layer) that `transformers.AutoModelForCausalLM.from_pretrained` loads with bitsandbytes. MoE experts
+  (Mixtral, Qwen3-MoE) are written unquantized in ``dtype``, as transformers + bitsandbytes saves them (it quantizes
+  only ``nn.Linear``; transformers 5 fuses the experts into 3-D parameters); loading quantizes them.
 Tokenizer files and the generation config travel along. Output is written to a temporary directory beside DST and
 renamed into place only when complete, so a failed conversion never leaves a DST that looks finished.
 """
@@ -374,7 +376,7 @@ def convert(
             value = ckpt.get(key)
             if isinstance(value, quant.QuantizedTensor):  # already 4-bit (bitsandbytes checkpoint): as stored
                 q = value
-            elif entry.kind == "linear" and quant_type != "none":
+            elif entry.kind == "linear" and quant_type != "none" and not (fmt == "bnb" and entry.expert is not None):
                 try:
                     q = quant.quantize(value, quant_type, block_size=block_size, double_quant=double_quant)
                 except ValueError as e:

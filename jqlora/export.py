@@ -41,14 +41,17 @@ def _module_at(model: Any, path: tuple[str, ...]) -> Any:
     return model
 
 
-def _layer_slice(tree: Any, layer: int | None) -> Any:
-    return tree if layer is None else jax.tree_util.tree_map(lambda a: a[layer], tree)
+def _layer_slice(tree: Any, layer: int | tuple[int, ...] | None) -> Any:
+    """``tree`` at stacked index ``layer`` (a layer, or (layer, expert) for MoE experts; None: as it is)."""
+    if layer is None or layer == ():
+        return tree
+    return jax.tree_util.tree_map(lambda a: a[layer], tree)
 
 
 def merged_tensor(model: Any, entry: Any) -> np.ndarray:
     """float32 Hugging Face tensor for one key-table ``entry``: linear kernels merged with their adapter."""
     module = _module_at(model, entry.path)
-    i = entry.layer
+    i = getattr(entry, "index", entry.layer)
     if entry.kind == "linear":
         assert isinstance(module, LoraLinear)
         if module.quant.enabled:

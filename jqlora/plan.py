@@ -105,16 +105,38 @@ PUBLISHED: dict[str, dict[str, Any]] = {
         "original_max_position_embeddings": 4096, "sliding_window": 262144, "tie_word_embeddings": True,
         "hidden_act": "silu",
     },
+    "mixtral-8x7b": {  # mistralai/Mixtral-8x7B-v0.1: 8 experts, 2 per token
+        "model_type": "mixtral", "vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 14336,
+        "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8, "rope_theta": 1e6,
+        "rms_norm_eps": 1e-5, "max_position_embeddings": 32768, "num_local_experts": 8, "num_experts_per_tok": 2,
+        "tie_word_embeddings": False, "hidden_act": "silu",
+    },
+    "qwen3-30b-a3b": {  # Qwen/Qwen3-30B-A3B: 128 experts of width 768, 8 per token
+        "model_type": "qwen3_moe", "vocab_size": 151936, "hidden_size": 2048, "intermediate_size": 6144,
+        "moe_intermediate_size": 768, "num_hidden_layers": 48, "num_attention_heads": 32, "num_key_value_heads": 4,
+        "head_dim": 128, "rope_theta": 1e6, "rms_norm_eps": 1e-6, "max_position_embeddings": 40960,
+        "num_experts": 128, "num_experts_per_tok": 8, "norm_topk_prob": True, "tie_word_embeddings": False,
+        "hidden_act": "silu",
+    },
 }
 NAMES = {"llama3-8b": "Llama-3-8B", "llama3-70b": "Llama-3-70B", "mistral-7b": "Mistral-7B",
          "qwen2.5-7b": "Qwen2.5-7B", "gemma2-9b": "Gemma-2-9B", "gemma3-12b": "Gemma-3-12B",
-         "phi3.5-mini": "Phi-3.5-mini", "phi4-mini": "Phi-4-mini"}
+         "phi3.5-mini": "Phi-3.5-mini", "phi4-mini": "Phi-4-mini", "mixtral-8x7b": "Mixtral-8x7B",
+         "qwen3-30b-a3b": "Qwen3-30B-A3B"}
 BUILTIN: dict[str, ModelConfig] = {k: ModelConfig.from_hf(v) for k, v in PUBLISHED.items()}
 
 
 def linear_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """[out, in] of each linear kernel of one layer, from the model's own HF key table."""
-    return {e.path[-1]: e.shape for e in hf_key_table(cfg) if e.kind == "linear" and e.layer == 0}
+    """[out, in] of each linear kernel of one layer, from the model's own HF key table; MoE experts as
+    ``experts.<name>`` [E · out, in] (all experts of the layer, which carry no adapter)."""
+    shapes = {}
+    for e in hf_key_table(cfg):
+        if e.kind == "linear" and e.layer == 0 and e.expert in (None, 0):
+            if e.expert is None:
+                shapes[e.path[-1]] = e.shape
+            else:
+                shapes[f"experts.{e.path[-1]}"] = (cfg.num_experts * e.shape[0], e.shape[1])
+    return shapes
 
 
 def quantized_bytes(n: int, block_size: int = 64, double_quant: bool = True) -> int:
@@ -133,7 +155,8 @@ def weight_bytes(shape: ModelConfig, *, quant: str = "nf4", double_quant: bool =
     for O, I in linear_shapes(shape).values():
         per_layer += quantized_bytes(O * I, block_size, double_quant) if quant != "none" else O * I * dtype_bytes
     biases = (shape.num_attention_heads + 2 * shape.num_key_value_heads) * shape.head_dim if shape.qkv_bias else 0
-    norms = L * (2 * D + (2 * shape.head_dim if shape.qk_norm else 0) + biases) + D
+    router = shape.num_experts * D  # MoE: the router stays unquantized
+    norms = L * (2 * D + (2 * shape.head_dim if shape.qk_norm else 0) + biases + router) + D
     embed = V * D * (1 if shape.tie_word_embeddings else 2)
     quantized = L * per_layer if quant != "none" else 0
     unquantized = (embed + norms) * dtype_bytes + (L * per_layer if quant == "none" else 0)
@@ -189,6 +212,8 @@ def memory_plan(shape: ModelConfig, *, seq: int, batch: int = 1, data: int = 1, 
     c = DTYPE_BYTES[dtype]
     P = fsdp * tensor
     L, D, F = shape.num_hidden_layers, shape.hidden_size, shape.intermediate_size
+    if shape.num_experts:  # MoE: each token runs k experts, in dispatch tiles padded up to ~2x (models/moe.py)
+        F = 2 * shape.num_experts_per_tok * F
     N, K, H, V = shape.num_attention_heads, shape.num_key_value_heads, shape.head_dim, shape.vocab_size
     B, S = batch, seq
     T = B * S

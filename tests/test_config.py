@@ -163,6 +163,11 @@ def test_bad_values_name_the_key(override, message):
     assert _error(None, [override]).startswith(f"command line: {message}")
 
 
+def test_dora_with_an_adjusted_base_is_one_line():
+    assert _error(None, ["lora.dora=true", "lora.init=loftq"]).startswith(
+        "command line: lora.init='loftq' cannot be combined with lora.dora=true")
+
+
 def test_errors_name_the_file_a_bad_value_came_from(tmp_path):
     path = _yaml(tmp_path, "lora:\n  r: 0\ntrain:\n  batch_size: four\n")
     assert _error(path, ["lora.r=4"]) == f"{path}: train.batch_size='four' is not an integer"

@@ -104,3 +104,28 @@ def make_family_model(path: Path, family: str, seed: int = 0, **overrides):
                 p.copy_(torch.randn_like(p) / p.shape[-1] ** 0.5)
     model.save_pretrained(path)
     return model, Path(path)
+
+
+# Sparse MoE (Mixtral, Qwen3-MoE): 4 experts, 2 per token, widths multiples of 64 (bitsandbytes' CPU path)
+MOE_CONFIGS = {
+    "mixtral": (transformers.MixtralConfig, dict(num_local_experts=4, num_experts_per_tok=2, sliding_window=12)),
+    "qwen3_moe": (transformers.Qwen3MoeConfig, dict(
+        head_dim=16, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64, norm_topk_prob=True)),
+}
+
+
+def make_moe_model(path: Path, family: str, seed: int = 0, **overrides):
+    """A tiny random MoE ``family`` model (`MOE_CONFIGS`, eager attention, float32), kernels ~ 1/sqrt(fan-in) and
+    norms off 1, saved to ``path``. Returns (the transformers model, ``path``)."""
+    cls, extra = MOE_CONFIGS[family]
+    config = cls(**{**BASE, **extra, **overrides})
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager").float().eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(1.0 + 0.3 * torch.randn_like(p))
+            else:
+                p.copy_(torch.randn_like(p) / p.shape[-1] ** 0.5)
+    model.save_pretrained(path)
+    return model, Path(path)

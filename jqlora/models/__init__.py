@@ -2,7 +2,8 @@
 
 One decoder (`decoder.py`) serves every family; a family module maps its ``config.json`` to `ModelConfig` and owns
 its Hugging Face key table: `llama.py` (Llama 2/3/3.1/3.2, Mistral, Qwen2/2.5, Qwen3), `gemma.py` (Gemma 2, Gemma 3
-text), `phi3.py` (Phi-3, Phi-3.5, Phi-4-mini). `config.FAMILIES` says which module reads which ``model_type``.
+text), `phi3.py` (Phi-3, Phi-3.5, Phi-4-mini), `mixtral.py` and `qwen3_moe.py` (sparse MoE, `moe.py`).
+`config.FAMILIES` says which module reads which ``model_type``.
 
 Sharded streaming load (`from_hf_tensors_sharded`, `load_model(..., mesh=)`): the model is built abstractly
 (`nnx.eval_shape`), `jqlora.sharding.partition_specs` plans a `NamedSharding` for every variable, and then the
@@ -239,25 +240,26 @@ class _Placer:
         if path not in self.plan:
             raise ValueError(f"{entry.key}: the model has no variable {'.'.join(path)}")
         var, spec = self.plan[path]
-        stacked = entry.layer is not None
-        shape = tuple(var.shape[1:] if stacked else var.shape)
+        index = getattr(entry, "index", () if entry.layer is None else (entry.layer,))  # (layer[, expert])
+        n = len(index)
+        shape = tuple(var.shape[n:])
         if tuple(np.shape(value)) != shape:
             raise ValueError(f"{entry.key}: {name} has shape {tuple(np.shape(value))}, expected {shape}")
         full = NamedSharding(self.mesh, spec)
-        if not stacked:
+        if not n:
             self.arrays[path] = jax.block_until_ready(_to_devices(value, full, var.dtype))
             return
-        assert not spec or spec[0] is None, (path, spec)  # the layer axis is never split
-        part = _to_devices(value, NamedSharding(self.mesh, P(*spec[1:])), var.dtype)
+        assert all(a is None for a in tuple(spec)[:n]), (path, spec)  # layer / expert axes are never split here
+        part = _to_devices(value, NamedSharding(self.mesh, P(*spec[n:])), var.dtype)
         buf = self.arrays.get(path)
         if buf is None:
             buf = _zeros(tuple(var.shape), np.dtype(var.dtype), full)()
-        self.arrays[path] = jax.block_until_ready(_layer_setter(full)(buf, part, np.int32(entry.layer)))
+        self.arrays[path] = jax.block_until_ready(_layer_setter(full)(buf, part, *map(np.int32, index)))
 
     def quantize(self, entry: HFKey, arr: np.ndarray, qspec: QuantSpec) -> q.QuantizedTensor:
         """``arr`` quantized; each device quantizes its own blocks where the plan splits the kernel at whole blocks."""
         _, spec = self.plan[entry.path + ("codes",)]
-        axes = spec[1] if len(spec) > 1 else None
+        axes = spec[-1] if len(spec) > 1 else None  # (the flat block axis, last)
         shards = _n_shards(self.mesh, axes)
         if axes is None or arr.size % (shards * qspec.block_size):
             try:  # kept whole (or blocks not evenly split): quantized on one device, as without a mesh
@@ -332,8 +334,11 @@ def _zeros(shape: tuple[int, ...], dtype: np.dtype, sharding: NamedSharding):
 @functools.cache
 def _layer_setter(sharding: NamedSharding):
     """(stacked buffer, one layer's value, layer index) → the buffer with that layer set, in place (donated)."""
-    return jax.jit(lambda buf, value, i: jax.lax.dynamic_update_index_in_dim(buf, value, i, 0),
-                   out_shardings=sharding, donate_argnums=0)
+    def update(buf, value, *index):  # (layer[, expert]): the leading axes of buf
+        starts = (*index, *(0,) * value.ndim)
+        return jax.lax.dynamic_update_slice(buf, value.reshape((1,) * len(index) + value.shape), starts)
+
+    return jax.jit(update, out_shardings=sharding, donate_argnums=0)
 
 
 def _variable_at(model: nnx.Module, path: tuple) -> Any:

@@ -21,6 +21,7 @@ ACTIVATIONS = ("silu", "gelu_pytorch_tanh")
 FAMILIES: dict[str, str] = {
     "llama": "llama", "mistral": "llama", "qwen2": "llama", "qwen3": "llama",
     "gemma2": "gemma", "gemma3_text": "gemma", "phi3": "phi3",
+    "mixtral": "mixtral", "qwen3_moe": "qwen3_moe",
 }
 MODEL_TYPES = tuple(FAMILIES)
 
@@ -77,6 +78,12 @@ class ModelConfig:
     partial_rotary_factor: float = 1.0  # Phi-4-mini: rotate the first head_dim · factor features of each head
     fused_qkv: bool = False  # Phi-3: one qkv_proj [(N + 2K) H, D] instead of q/k/v_proj
     fused_gate_up: bool = False  # Phi-3: one gate_up_proj [2F, D] (gate rows first) instead of gate/up_proj
+    # Sparse MoE (Mixtral, Qwen3-MoE; see moe.py): every layer's MLP is num_experts experts of width
+    # intermediate_size, num_experts_per_tok of them per token, chosen by a frozen router
+    num_experts: int = 0  # 0: a dense MLP
+    num_experts_per_tok: int = 0
+    norm_topk_prob: bool = True  # renormalize the top-k router probabilities to sum to 1 (Mixtral always does)
+    router_weights_f32: bool = True  # Mixtral: expert outputs times float32 weights; Qwen3-MoE: in the compute dtype
 
     def __post_init__(self):
         if self.num_attention_heads % self.num_key_value_heads:
@@ -95,6 +102,9 @@ class ModelConfig:
         if self.rotary_dim % 2 or not 0 < self.rotary_dim <= self.head_dim:
             raise ValueError(f"partial_rotary_factor {self.partial_rotary_factor} gives {self.rotary_dim} rotary "
                              f"features of head_dim {self.head_dim}: expected an even number in (0, head_dim]")
+        if self.num_experts and not 0 < self.num_experts_per_tok <= self.num_experts:
+            raise ValueError(f"num_experts_per_tok {self.num_experts_per_tok} must be in [1, num_experts "
+                             f"{self.num_experts}]")
         if self.hidden_act not in ACTIVATIONS:
             raise ValueError(f"unsupported hidden_act {self.hidden_act!r}: expected one of {', '.join(ACTIVATIONS)}")
         for key in ("short_factor", "long_factor"):  # (LongRoPE, in any family that has it)

@@ -98,7 +98,12 @@ class DecoderLayer(nnx.Module):
                  rngs: nnx.Rngs):
         D = cfg.hidden_size
         self.self_attn = Attention(cfg, lora, quant, dtype, lora_dtype, rngs)
-        self.mlp = MLP(cfg, lora, quant, dtype, lora_dtype, rngs)
+        if cfg.num_experts:  # Mixtral, Qwen3-MoE: a sparse MLP (moe.py)
+            from jqlora.models.moe import MoE
+
+            self.mlp = MoE(cfg, quant, dtype, lora_dtype, rngs)
+        else:
+            self.mlp = MLP(cfg, lora, quant, dtype, lora_dtype, rngs)
         self.input_layernorm = rms_norm(cfg, D, dtype)
         self.post_attention_layernorm = rms_norm(cfg, D, dtype)
         self.pre_feedforward_layernorm = rms_norm(cfg, D, dtype) if cfg.sandwich_norms else None

@@ -25,7 +25,8 @@ class HFKey:
     """Where one Hugging Face tensor lives in the model (`CausalLM`).
 
     ``path`` is the module path (``("model", "layers", "self_attn", "q_proj")``) and ``name`` the variable on it
-    (``weight`` / ``bias``); ``layer`` indexes the stacked axis (None outside the layers). ``kind`` is ``linear``
+    (``weight`` / ``bias``); ``layer`` indexes the stacked axis (None outside the layers), ``expert`` the expert
+    axis after it (MoE experts, see moe.py; None elsewhere). ``kind`` is ``linear``
     (a kernel that may be quantized), ``bias``, ``embedding``, ``norm`` or ``lm_head``. ``shape`` is the Hugging
     Face shape; ``transpose`` is always False: kernels keep the Hugging Face ``[out, in]`` layout.
     """
@@ -37,6 +38,12 @@ class HFKey:
     shape: tuple[int, ...]
     kind: str
     transpose: bool = False
+    expert: int | None = None
+
+    @property
+    def index(self) -> tuple[int, ...]:
+        """Where this tensor sits in its stacked variable: (layer, expert) as far as they are set."""
+        return tuple(i for i in (self.layer, self.expert) if i is not None)
 
 
 def hf_key_table(cfg: ModelConfig) -> list[HFKey]:
@@ -178,7 +185,7 @@ def from_hf_tensors(
 
     def put(entry: HFKey, name: str, value: np.ndarray) -> None:
         buf = buffer(entry.path, name)
-        index = () if entry.layer is None else (entry.layer,)
+        index = entry.index
         if buf[index].shape != value.shape:
             raise ValueError(f"{entry.key}: {name} has shape {value.shape}, expected {buf[index].shape}")
         buf[index] = value

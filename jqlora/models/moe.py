@@ -1,0 +1,154 @@
+"""Sparse mixture-of-experts MLP (Mixtral, Qwen3-MoE): a frozen router and grouped expert dispatch.
+
+Per token x (Shazeer et al., "Outrageously Large Neural Networks", 2017; Jiang et al., "Mixtral of Experts", 2024):
+
+    p = softmax(x Gᵀ)  (float32)                     G: the router ``gate.weight`` [E, D], frozen, never quantized
+    (w, e) = top_k(p)  (k = num_experts_per_tok)      renormalized w / Σ w when ``norm_topk_prob`` (Mixtral: always,
+                                                       which equals a softmax over the top-k logits)
+    y = Σ_j w_j · down_e_j(silu(gate_e_j(x)) * up_e_j(x))
+
+The experts are frozen `LoraLinear` kernels stacked on an expert axis (variables [L, E, ...] under the layer
+stack), NF4-quantized like every other linear when quantization is on, each expert's [O, I] kernel quantized on its
+own (the blocks bitsandbytes would make for that expert's matrix). They carry no adapter: see the family modules
+for what peft can and cannot express for them.
+
+Dispatch (capacity-free, no token is dropped, no expert runs on a token that did not pick it):
+the T·k token slots are sorted by expert (stable argsort); each expert's run of slots is padded up to whole tiles
+of ``t = ceil(T·k / E)`` rows, so at most ``n = ceil(T·k / t) + E`` tiles hold every slot, each tile belonging to
+one expert. The tiles' kernels are gathered (from the 4-bit codes when quantized, then dequantized: only the
+gathered tiles' experts are ever dequantized) and each matmul is one batched dot over tiles,
+[n, t, D] · [n, D, F]. Its FLOPs are 2 · n · t · D · F ≤ 2 · (T·k + E·t) · D · F ≈ 4 · T·k · D · F: proportional to
+top-k, independent of the number of experts (the dense alternative is 2 · T · E · D · F). Outputs go back to their
+slots by the inverse permutation and are summed over the k slots of each token with the router weights.
+`jax.lax.ragged_dot` would express the same grouping without padding, but XLA's CPU backend expands it into a dense
+matmul over every expert (E times the FLOPs), so the tiles are used everywhere.
+
+Shape letters: T tokens (B·S), E experts, K top-k, D hidden, F expert hidden, N tiles, R rows per tile.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jqlora import quant as q
+from jqlora.lora import Frozen, LoraLinear, QuantSpec
+from jqlora.models.config import ModelConfig
+from jqlora.models.layers import ACTIVATIONS
+
+
+def route(logits_TE: jax.Array, k: int, norm_topk_prob: bool) -> tuple[jax.Array, jax.Array]:
+    """float32 router weights [T, K] and expert ids int32 [T, K] (highest probability first), as transformers."""
+    probs_TE = jax.nn.softmax(logits_TE.astype(jnp.float32), axis=-1)
+    w_TK, e_TK = jax.lax.top_k(probs_TE, k)
+    if norm_topk_prob:
+        w_TK = w_TK / jnp.sum(w_TK, axis=-1, keepdims=True)
+    return w_TK, e_TK.astype(jnp.int32)
+
+
+def load_balancing_loss(logits_LTE: jax.Array, k: int, mask_T: jax.Array | None = None) -> jax.Array:
+    """Switch-Transformer auxiliary loss as transformers computes it over all layers at once:
+    E · Σ_e f_e · P_e with f_e the fraction of (layer, token) slots routed to e (top-k counted) and P_e the mean
+    router probability of e, both over every layer's (unmasked) tokens."""
+    E = logits_LTE.shape[-1]
+    probs_LTE = jax.nn.softmax(logits_LTE.astype(jnp.float32), axis=-1)
+    _, e_LTK = jax.lax.top_k(probs_LTE, k)
+    m_T = jnp.ones(logits_LTE.shape[1], jnp.float32) if mask_T is None else mask_T.astype(jnp.float32)
+    counts_E = jnp.sum(jax.nn.one_hot(e_LTK, E, dtype=jnp.float32) * m_T[None, :, None, None], axis=(0, 1, 2))
+    rows = logits_LTE.shape[0] * jnp.sum(m_T)
+    prob_E = jnp.sum(probs_LTE * m_T[None, :, None], axis=(0, 1))
+    return E * jnp.sum((counts_E / rows) * (prob_E / rows))
+
+
+def tile_rows(tokens: int, k: int, experts: int) -> tuple[int, int]:
+    """(rows per tile, number of tiles) for ``tokens`` · ``k`` slots over ``experts`` (see the module docstring)."""
+    slots = tokens * k
+    rows = max(1, -(-slots // experts))
+    return rows, -(-slots // rows) + experts
+
+
+def _take(kernel: LoraLinear, e_N: jax.Array) -> jax.Array:
+    """The [N, O, I] kernels of experts ``e_N`` in the compute dtype (dequantizing only those)."""
+    if kernel.quant.enabled:
+        t = kernel.quantized()
+        picked = jax.tree_util.tree_map(lambda a: jnp.take(a, e_N, axis=0), t)
+        return q.dequantize(picked, kernel.dtype)
+    return jnp.take(kernel.weight[...], e_N, axis=0).astype(kernel.dtype)
+
+
+def _tile_dot(x_NRI: jax.Array, w_NOI: jax.Array) -> jax.Array:
+    return jax.lax.dot_general(x_NRI, w_NOI, (((2,), (2,)), ((0,), (0,))))
+
+
+class Router(nnx.Module):
+    def __init__(self, cfg: ModelConfig, dtype: Any, rngs: nnx.Rngs):
+        E, D = cfg.num_experts, cfg.hidden_size
+        self.weight = Frozen((0.02 * jax.random.normal(rngs.params(), (E, D), jnp.float32)).astype(dtype))
+
+    def __call__(self, x_TD: jax.Array) -> jax.Array:
+        """Router logits [T, E] in the compute dtype (as transformers' ``F.linear``)."""
+        return jax.lax.dot_general(x_TD, self.weight[...].astype(x_TD.dtype), (((1,), (1,)), ((), ())))
+
+
+class Experts(nnx.Module):
+    """``gate_proj``, ``up_proj`` [E, F, D] and ``down_proj`` [E, D, F]: frozen, no adapters."""
+
+    def __init__(self, cfg: ModelConfig, quant: QuantSpec, dtype: Any, lora_dtype: Any, rngs: nnx.Rngs):
+        D, F = cfg.hidden_size, cfg.intermediate_size
+
+        @nnx.split_rngs(splits=cfg.num_experts)
+        @nnx.vmap(in_axes=(0,), out_axes=0)
+        def make(r: nnx.Rngs):
+            kw = dict(quant=quant, dtype=dtype, param_dtype=lora_dtype, rngs=r)
+            return LoraLinear(D, F, **kw), LoraLinear(D, F, **kw), LoraLinear(F, D, **kw)
+
+        self.gate_proj, self.up_proj, self.down_proj = make(rngs)
+
+
+class MoE(nnx.Module):
+    """The sparse MLP block: ``gate`` (router) and ``experts``."""
+
+    def __init__(self, cfg: ModelConfig, quant: QuantSpec, dtype: Any, lora_dtype: Any, rngs: nnx.Rngs):
+        self.gate = Router(cfg, dtype, rngs)
+        self.experts = Experts(cfg, quant, dtype, lora_dtype, rngs)
+        self.num_experts, self.top_k = cfg.num_experts, cfg.num_experts_per_tok
+        self.norm_topk_prob, self.weights_f32 = cfg.norm_topk_prob, cfg.router_weights_f32
+        self.act = cfg.hidden_act
+        self.dtype = dtype
+
+    def __call__(self, x_BSD: jax.Array, *, deterministic: bool = True, keys=None) -> jax.Array:
+        del deterministic, keys  # (no adapters, no dropout)
+        B, S, D = x_BSD.shape
+        E, K = self.num_experts, self.top_k
+        x_TD = x_BSD.reshape(B * S, D).astype(self.dtype)
+        T = x_TD.shape[0]
+        w_TK, e_TK = route(self.gate(x_TD), K, self.norm_topk_prob)
+
+        # sort the T·K slots by expert and give each expert whole tiles of R rows
+        R, N = tile_rows(T, K, E)
+        e_S = e_TK.reshape(-1)
+        order_S = jnp.argsort(e_S, stable=True)
+        e_sorted_S = e_S[order_S]
+        count_E = jnp.bincount(e_S, length=E).astype(jnp.int32)
+        tiles_E = -(-count_E // R)
+        tile_end_E = jnp.cumsum(tiles_E)
+        slot_start_E = jnp.cumsum(count_E) - count_E
+        rank_S = jnp.arange(T * K, dtype=jnp.int32) - slot_start_E[e_sorted_S]
+        row_S = (tile_end_E - tiles_E)[e_sorted_S] * R + rank_S  # each sorted slot's row among the N·R
+        tile_expert_N = jnp.minimum(jnp.searchsorted(tile_end_E, jnp.arange(N), side="right"), E - 1)
+
+        x_NRD = jnp.zeros((N * R, D), x_TD.dtype).at[row_S].set(x_TD[order_S // K]).reshape(N, R, D)
+        ex = self.experts
+        gate_NRF = _tile_dot(x_NRD, _take(ex.gate_proj, tile_expert_N))
+        up_NRF = _tile_dot(x_NRD, _take(ex.up_proj, tile_expert_N))
+        y_NRD = _tile_dot(ACTIVATIONS[self.act](gate_NRF) * up_NRF, _take(ex.down_proj, tile_expert_N))
+        y_sorted_SD = y_NRD.reshape(N * R, D)[row_S]
+        y_TKD = jnp.zeros_like(y_sorted_SD).at[order_S].set(y_sorted_SD).reshape(T, K, D)
+        if self.weights_f32:  # Mixtral: float32 products, rounded once per slot
+            y_TKD = (y_TKD.astype(jnp.float32) * w_TK[..., None]).astype(self.dtype)
+        else:  # Qwen3-MoE: the weights rounded to the compute dtype first
+            y_TKD = y_TKD * w_TK.astype(self.dtype)[..., None]
+        return jnp.sum(y_TKD, axis=1).reshape(B, S, D)
