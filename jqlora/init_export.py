@@ -40,7 +40,7 @@ def prepare_run(model: Any, cfg: Any, out: str | os.PathLike) -> None:
     if init == "pissa":
         peft.save_adapter(model, out / INIT_ADAPTER, base_model_name_or_path=str(cfg.model.path), overwrite=True)
     elif init == "loftq":
-        from jqlora.export import merge_to_hf
+        from jqlora.merge import merge_to_hf
         from jqlora.step import SplitModel
 
         split = SplitModel.of(model)

@@ -114,9 +114,9 @@ def build_model(cfg, check: Callable[[Any], None] | None = None, mesh=None):
     With a ``mesh`` of several devices in a single process, every tensor is loaded straight into its shards
     (`load_model(mesh=)`); otherwise the model is loaded on the default device (and placed by the caller).
     ``train.remat=auto`` is resolved here, from the memory plan of the model's shape on this mesh."""
-    from jqlora.convert import ConvertError
+    from jqlora.hfcheckpoint import ConvertError
     from jqlora.models import ModelConfig, load_model
-    from jqlora.plan import resolve_remat
+    from jqlora.memplan import resolve_remat
 
     path = cfg.model.path
     if not os.path.isdir(path):
@@ -528,7 +528,7 @@ class Trainer:
         if not self.primary:
             return
         losses = [r["loss"] for r in self.run_dir.read_metrics() if "loss" in r]
-        from jqlora.convert import hf_source
+        from jqlora.conversion import hf_source
 
         card = {"data": self.cfg.data.path, "steps": self.step, "final_loss": f"{losses[-1]:.4f}" if losses else "n/a"}
         base = hf_source(self.cfg.model.path)  # the original HF checkpoint, also behind a converted base

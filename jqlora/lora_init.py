@@ -110,7 +110,7 @@ def load_initialized(cfg: Any, load: Callable[..., Any]) -> Any:
     """The model of a run config with its adapters initialized as ``cfg.lora.init`` says. ``load(quant, streamed=)``
     loads the base (`jqlora.models.load_model` with the run's other settings); PiSSA / LoftQ load it unquantized
     and unstreamed (the SVDs need the full-precision kernels), then quantize the adjusted base (`apply`)."""
-    from jqlora.convert import Checkpoint, is_jqlora_dir
+    from jqlora.conversion import Checkpoint, is_jqlora_dir
     from jqlora.lora import QuantSpec
 
     init, path = cfg.lora.init, cfg.model.path

@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
             return _user_error(e)
 
     from jqlora import sharding
-    from jqlora.convert import ConvertError
+    from jqlora.hfcheckpoint import ConvertError
     from jqlora.data import DataError
     from jqlora.loop import Trainer, UserError
 

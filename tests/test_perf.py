@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jqlora import plan, step
+from jqlora import memplan, plan, step
 from jqlora.lora import LoraConfig, QuantSpec
 from jqlora.models.llama import REMAT_POLICIES, LlamaForCausalLM, ModelConfig
 
@@ -114,10 +114,10 @@ def test_resolve_remat_from_config(monkeypatch):
                              "model.dtype=bfloat16"])
     assert plan.resolve_remat(cfg, shape, budget=80e9)[0] == "none"
     assert plan.resolve_remat(cfg, shape, budget=16e9)[0] == "full"
-    monkeypatch.setattr(plan, "device_budget", lambda: None)  # a backend that reports no memory (CPU)
+    monkeypatch.setattr(memplan, "device_budget", lambda: None)  # a backend that reports no memory (CPU)
     policy, why = plan.resolve_remat(cfg, shape)
     assert policy == "full" and "does not report its memory" in why
-    monkeypatch.setattr(plan, "device_budget", lambda: 80e9)  # the device's own budget when none is given
+    monkeypatch.setattr(memplan, "device_budget", lambda: 80e9)  # the device's own budget when none is given
     assert plan.resolve_remat(cfg, shape)[0] == "none"
     fixed = load_config(None, ["train.remat=save_dots"])
     assert plan.resolve_remat(fixed, shape, budget=1.0)[0] == "save_dots"

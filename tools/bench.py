@@ -70,7 +70,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from jqlora.plan import PUBLISHED  # noqa: E402
+from jqlora.published import PUBLISHED  # noqa: E402
 
 LORA_R, LORA_ALPHA = 16, 32.0
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -78,7 +78,7 @@ LEARNING_RATE = 1e-4
 MAX_GRAD_NORM = 1.0
 INIT_STD = 0.02
 
-# Published config.json values live in jqlora.plan (one table for the plan and the benchmark).
+# Published config.json values live in jqlora.published (one table for the plan and the benchmark).
 MODELS: dict[str, dict] = {
     **{k: v for k, v in PUBLISHED.items() if k != "llama3-70b"},
     # meta-llama/Meta-Llama-3-70B, only the first --layers layers (default 4)

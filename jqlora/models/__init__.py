@@ -87,7 +87,7 @@ def load_model(
     by `jqlora.sharding`'s partition rules while loading, one tensor at a time, so no device and no host ever holds
     the whole model unquantized (see the module docstring); the values equal the unsharded load's bit for bit.
     """
-    from jqlora import convert
+    from jqlora import conversion as convert
 
     if mesh is not None and not isinstance(mesh, Mesh):
         raise TypeError(f"mesh must be a jax.sharding.Mesh (jqlora.sharding.make_mesh), got {type(mesh).__name__}")
@@ -134,7 +134,7 @@ def load_model(
 def _naming_the_tensor(build, cfg: ModelConfig, get: TensorGetter, file_of, **kwargs):
     """``build(cfg, get, **kwargs)``, where a ValueError about a tensor's values (NaN/Inf weights, ...) becomes a
     `convert.ConvertError` naming the checkpoint file and the key of the tensor it came from."""
-    from jqlora import convert
+    from jqlora import conversion as convert
 
     last: list[str | None] = [None]
 

@@ -1,0 +1,160 @@
+"""Merging adapters into full Hugging Face checkpoints, and restoring a run's model for export (`jqlora.export`'s
+library; its docstring says what a merge computes)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm.auto import tqdm
+
+from jqlora import dora, quant
+from jqlora.io import ShardWriter, atomic_directory, copy_side_files
+from jqlora.lora import LoraLinear
+from jqlora.rundir import find_run
+
+
+class ExportError(ValueError):
+    """A problem with what is being exported or where; the message names the file or directory."""
+
+
+def _module_at(model: Any, path: tuple[str, ...]) -> Any:
+    for part in path:
+        model = getattr(model, part)
+    return model
+
+
+def _layer_slice(tree: Any, layer: int | tuple[int, ...] | None) -> Any:
+    """``tree`` at stacked index ``layer`` (a layer, or (layer, expert) for MoE experts; None: as it is)."""
+    if layer is None or layer == ():
+        return tree
+    return jax.tree_util.tree_map(lambda a: a[layer], tree)
+
+
+def merged_tensor(model: Any, entry: Any) -> np.ndarray:
+    """float32 Hugging Face tensor for one key-table ``entry``: linear kernels merged with their adapter."""
+    module = _module_at(model, entry.path)
+    i = getattr(entry, "index", entry.layer)
+    if entry.kind == "linear":
+        assert isinstance(module, LoraLinear)
+        if module.quant.enabled:
+            w = quant.dequantize(_layer_slice(module.quantized(), i), jnp.float32)
+        else:
+            w = _layer_slice(module.weight[...], i).astype(jnp.float32)
+        if module.lora_a is not None:
+            a = _layer_slice(module.lora_a[...], i).astype(jnp.float32)
+            b = _layer_slice(module.lora_b[...], i).astype(jnp.float32)
+            if module.magnitude is not None:  # DoRA: (m / ‖W + s BA‖) · (W + s BA)
+                w = dora.merged_kernel(_layer_slice(module.magnitude[...], i), w, a, b, module.scaling)
+            else:
+                w = w + module.scaling * (a @ b).T
+        return np.asarray(w)
+    if entry.name == "weight" and getattr(module, "spec", None) is not None:  # an adapted embedding / LM head
+        if module is model.model.embed_tokens:
+            if model.lm_head is None:
+                raise ExportError("cannot merge an embed_tokens adapter into a model with tied embeddings (the "
+                                  "merged embedding would change the output head too); export the adapter instead")
+            s = module.spec.scaling
+            a = module.lora_embedding_a[...].astype(jnp.float32)
+            return np.asarray(module.weight[...].astype(jnp.float32) + s * (a @ module.lora_embedding_b[...]))
+        a, b = module.lora_a[...].astype(jnp.float32), module.lora_b[...].astype(jnp.float32)
+        return np.asarray(module.weight[...].astype(jnp.float32) + module.spec.scaling * (a @ b).T)
+    value = getattr(module, entry.name)[...]
+    return np.asarray(_layer_slice(value, i).astype(jnp.float32))
+
+
+def merge_to_hf(
+    model: Any,
+    base_path: str | os.PathLike,
+    dst: str | os.PathLike,
+    *,
+    dtype: str = "bfloat16",
+    max_shard_bytes: int = 5 * 10**9,
+    overwrite: bool = False,
+) -> Path:
+    """Write ``model`` (base + adapters) as a plain Hugging Face checkpoint; ``base_path`` supplies config/tokenizer."""
+    from jqlora.hfcheckpoint import read_config
+    from jqlora.models.llama import hf_key_table
+
+    if dtype not in quant.DTYPES:
+        raise ExportError(f"--dtype {dtype!r}: expected one of {', '.join(quant.DTYPES)}")
+    config = dict(read_config(base_path))
+    config.pop("quantization_config", None)
+    config["torch_dtype"] = dtype
+    config["dtype"] = dtype
+    table = hf_key_table(model.config)
+    out_dtype = jnp.dtype(dtype)
+    need = sum(int(np.prod(entry.shape)) for entry in table) * out_dtype.itemsize
+    with atomic_directory(dst, overwrite=overwrite, error=ExportError, need=need) as tmp:
+        writer = ShardWriter(tmp, max_shard_bytes, {"format": "pt"})
+        for entry in tqdm(table, desc="merging", unit="tensor", disable=None, dynamic_ncols=True):
+            value = merged_tensor(model, entry)
+            if value.shape != tuple(entry.shape):
+                raise AssertionError(f"{entry.key}: merged shape {value.shape}, expected {entry.shape}")
+            writer.add({entry.key: np.asarray(jnp.asarray(value).astype(out_dtype))})
+        writer.finish()
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        copy_side_files(base_path, tmp)
+    return Path(dst)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Sources: a run directory or an adapter
+
+
+def _is_adapter_dir(path: Path) -> bool:
+    return (path / "adapter_config.json").is_file()
+
+
+def _base_of_adapter(adapter: Path, base: str | None) -> Path:
+    if base:
+        return Path(base)
+    cfg = json.loads((adapter / "adapter_config.json").read_text())
+    name = cfg.get("base_model_name_or_path") or ""
+    if not name or not Path(name).is_dir():
+        raise ExportError(
+            f"{adapter / 'adapter_config.json'}: base_model_name_or_path {name!r} is not a local directory; "
+            "pass --base MODEL_DIR"
+        )
+    return Path(name)
+
+
+
+def restore_for_export(src: str | os.PathLike, *, step: int | None = None, quant: str | None = None):
+    """(model with the adapter of ``step`` (default latest), config, step) from a run dir or a checkpoint in it."""
+    import dataclasses
+
+    from jqlora import optim
+    from jqlora.config import load_config
+    from jqlora.loop import build_model
+    from jqlora.rundir import RunDir
+    from jqlora.step import SplitModel
+
+    src, step = find_run(src, step)
+    cfg = load_config(str(src / "config.yaml"), [])
+    if quant is not None:
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, quant=quant))
+    run = RunDir(src, create=False)
+    steps = run.steps()
+    if not steps:
+        raise ExportError(f"{run.checkpoints}: no complete checkpoint to export")
+    step = steps[-1] if step is None else step
+    if step not in steps:
+        raise ExportError(f"{run.checkpoints}: no checkpoint for step {step} (have {', '.join(map(str, steps))})")
+    why = run.verify(step)
+    if why is not None:
+        raise ExportError(f"{run.step_dir(step)}: not usable ({why})")
+    meta = run.restore_meta(step)
+    model = build_model(cfg)
+    split = SplitModel.of(model)
+    tx, _ = optim.make_optimizer(cfg.train, int(meta["total_steps"]), cfg.lora.plus_ratio)
+    opt_leaves = jax.tree.leaves(tx.init(split.lora))
+    tree = {"lora": split.lora, "opt": {f"{i:05d}": x for i, x in enumerate(opt_leaves)},
+            "rng": jax.random.PRNGKey(0)}
+    state, _ = run.restore(step, tree)
+    return split.model(state["lora"]), cfg, step
