@@ -52,15 +52,10 @@ def route(logits_TE: jax.Array, k: int, norm_topk_prob: bool) -> tuple[jax.Array
 def load_balancing_loss(logits_LTE: jax.Array, k: int, mask_T: jax.Array | None = None) -> jax.Array:
     """Switch-Transformer auxiliary loss as transformers computes it over all layers at once:
     E · Σ_e f_e · P_e with f_e the fraction of (layer, token) slots routed to e (top-k counted) and P_e the mean
-    router probability of e, both over every layer's (unmasked) tokens."""
-    E = logits_LTE.shape[-1]
-    probs_LTE = jax.nn.softmax(logits_LTE.astype(jnp.float32), axis=-1)
-    _, e_LTK = jax.lax.top_k(probs_LTE, k)
-    m_T = jnp.ones(logits_LTE.shape[1], jnp.float32) if mask_T is None else mask_T.astype(jnp.float32)
-    counts_E = jnp.sum(jax.nn.one_hot(e_LTK, E, dtype=jnp.float32) * m_T[None, :, None, None], axis=(0, 1, 2))
-    rows = logits_LTE.shape[0] * jnp.sum(m_T)
-    prob_E = jnp.sum(probs_LTE * m_T[None, :, None], axis=(0, 1))
-    return E * jnp.sum((counts_E / rows) * (prob_E / rows))
+    router probability of e, both over every layer's (unmasked) tokens. (The train step gets the same from the
+    per-layer `router_stats`, which is all that leaves the scanned layer stack.)"""
+    stats_L2E = jax.vmap(lambda lg: router_stats(lg, k, mask_T))(logits_LTE)
+    return aux_from_stats(stats_L2E, mask_T, logits_LTE.shape[1])
 
 
 def router_stats(logits_TE: jax.Array, k: int, mask_T: jax.Array | None = None) -> jax.Array:
