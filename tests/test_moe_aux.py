@@ -94,6 +94,11 @@ def test_aux_loss_and_gradients_match_transformers(tmp_path):
     np.testing.assert_allclose(float(moe.aux_from_stats(stats_L2E, batch["segment_ids"].reshape(-1), B * S)),
                                want_aux, rtol=1e-5)
     assert np.allclose(np.asarray(stats_L2E[:, 0].sum(-1)), 2 * float(attn.sum()))
+    ours.scan_layers = False  # the unrolled stack gathers the same per-layer statistics
+    _, unrolled = ours.hidden_states(batch["input_ids"], batch["segment_ids"], batch["positions"],
+                                     router_stats_mask=batch["segment_ids"])
+    np.testing.assert_allclose(np.asarray(unrolled), np.asarray(stats_L2E), rtol=1e-5, atol=1e-5)
+    ours.scan_layers = True
 
     # default 0: exactly the old path (the plain CE), and transformers' loss without the aux term
     assert TrainConfig().router_aux_loss_coef == 0.0
