@@ -117,7 +117,7 @@ class DecoderLayer(nnx.Module):
 
     def add_mlp(self, h_BSD: jax.Array, *, deterministic: bool, keys, stats_mask_T=None):
         """The residual stream after the MLP block (and, given ``stats_mask_T``, the MoE's router statistics)."""
-        kw = dict(deterministic=deterministic, keys=keys)
+        kw = {"deterministic": deterministic, "keys": keys}
         if stats_mask_T is not None:
             kw["stats_mask_T"] = stats_mask_T
         if self.pre_feedforward_layernorm is not None:
