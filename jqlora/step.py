@@ -14,6 +14,7 @@ With k > 1 micro-step j differentiates (k/N) Σ_j ℓ + c · aux_j, so the step'
 tokens plus c · (1/k) Σ_j aux_j: the mean of the micro-batches' aux losses, as transformers' Trainer accumulates
 (aux is a product of two token means, so it is not the aux of the k-times-larger batch: accumulation = big batch
 holds for the CE term only). The returned Σℓ then includes c · aux_j · N/k, so Σ_j / N is that step loss.
+Evaluation (`make_eval_step`, `make_eval_stats_step`) reports the CE alone.
 
 Cross-entropy is computed in chunks of `ce_chunk` tokens (a `jax.lax.scan` over a `jax.checkpoint`-ed chunk body):
 logits [chunk, V] in float32 exist for one chunk at a time, and are recomputed in the backward pass, so the
