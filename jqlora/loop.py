@@ -129,6 +129,9 @@ def build_model(cfg, check: Callable[[Any], None] | None = None, mesh=None):
         if "lm_head" in cfg.lora.target_modules and shape.tie_word_embeddings:
             raise UserError(f"lora.targets: lm_head cannot be adapted in {path}: its embeddings are tied "
                             "(tie_word_embeddings=true); adapt embed_tokens, or leave lm_head out")
+        if cfg.train.router_aux_loss_coef and not shape.num_experts:
+            raise UserError(f"train.router_aux_loss_coef={cfg.train.router_aux_loss_coef} needs a model with experts "
+                            f"(Mixtral, Qwen3-MoE); {path} has a dense MLP: set it to 0")
         if check is not None:
             try:
                 check(shape)
@@ -225,7 +228,8 @@ class Trainer:
         self.trained_tokens = 0  # cumulative over the run (resumes included)
         self.window = {"loss": 0.0, "steps": 0, "tokens": 0}  # the steps since the last log line
         self.evaluated_at: int | None = None
-        self.train_step = make_train_step(self.split, self.tx, ce_chunk, packed=cfg.data.packing)
+        self.train_step = make_train_step(self.split, self.tx, ce_chunk, packed=cfg.data.packing,
+                                          aux_coef=self.tc.router_aux_loss_coef)
         self.eval_step = make_eval_stats_step(self.split, ce_chunk)
         self.eval_accuracy: float | None = None  # of the last evaluate(): trained tokens predicted right (argmax)
         self._stop_signal: int | None = None

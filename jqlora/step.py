@@ -6,6 +6,16 @@ tokens, L = (1/N) Σ_tokens ℓ. Micro-step j computes the gradient of (k/N) Σ_
 averages the k micro-gradients, (1/k) Σ_j (k/N) ∇Σ_j ℓ = ∇L, so k micro-batches give exactly the update of one
 k-times-larger batch, however the trained tokens are spread over the micro-batches.
 
+MoE load-balancing loss (train.router_aux_loss_coef = c > 0, models with experts only). Each micro-batch's objective
+is its share of the mean CE plus c · aux, aux = `moe.load_balancing_loss` of that micro-batch's router logits over
+every layer, its real tokens (segment_ids > 0, transformers' attention_mask). At k = 1 the step loss is exactly
+transformers' MixtralForCausalLM ``loss`` (mean CE + router_aux_loss_coef · aux_loss, output_router_logits=True).
+With k > 1 micro-step j differentiates (k/N) Σ_j ℓ + c · aux_j, so the step's loss is the mean CE over the N
+tokens plus c · (1/k) Σ_j aux_j: the mean of the micro-batches' aux losses, as transformers' Trainer accumulates
+(aux is a product of two token means, so it is not the aux of the k-times-larger batch: accumulation = big batch
+holds for the CE term only). The returned Σℓ then includes c · aux_j · N/k, so Σ_j / N is that step loss.
+Evaluation (`make_eval_step`, `make_eval_stats_step`) reports the CE alone.
+
 Cross-entropy is computed in chunks of `ce_chunk` tokens (a `jax.lax.scan` over a `jax.checkpoint`-ed chunk body):
 logits [chunk, V] in float32 exist for one chunk at a time, and are recomputed in the backward pass, so the
 [B·S, V] float32 logits are never materialized.
@@ -128,31 +138,50 @@ class SplitModel:
         return nnx.merge(self.graphdef, self.to_state(self.lora if lora is None else lora), self.frozen)
 
 
-def make_loss_fn(split: SplitModel, ce_chunk: int = CE_CHUNK, packed: bool = True) -> Callable:
-    """loss_fn(lora, frozen, batch, rng, deterministic) -> (Σ token losses, number of trained tokens).
+def make_loss_fn(split: SplitModel, ce_chunk: int = CE_CHUNK, packed: bool = True,
+                 aux_coef: float = 0.0) -> Callable:
+    """loss_fn(lora, frozen, batch, rng, deterministic) -> (Σ token losses, number of trained tokens), and with
+    ``aux_coef`` > 0 a third value: the micro-batch's MoE load-balancing loss (see the module docstring).
 
     ``packed=False`` (rows of one right-padded example each, data.packing=false) leaves the segment ids out of
     attention: causality alone keeps every real token from the padding after it, and padding carries no loss, so
     the loss and its gradient are the same, with plain causal attention (cuDNN's cheapest mask)."""
+    if aux_coef and not split.model().config.num_experts:
+        raise ValueError(f"train.router_aux_loss_coef: {aux_coef} needs a model with experts (Mixtral, Qwen3-MoE); "
+                         "this model has a dense MLP: set it to 0")
 
     def loss_fn(lora, frozen, batch, rng, deterministic=False):
+        from jqlora.models import moe
+
         model = nnx.merge(split.graphdef, split.to_state(lora), frozen)
-        h_BSD = model.hidden_states(batch["input_ids"], batch["segment_ids"] if packed else None,
-                                    batch["positions"], deterministic=deterministic, key=rng)
+        mask_BS = (jnp.asarray(batch["segment_ids"]) > 0).astype(jnp.float32) if aux_coef else None
+        out = model.hidden_states(batch["input_ids"], batch["segment_ids"] if packed else None,
+                                  batch["positions"], deterministic=deterministic, key=rng,
+                                  router_stats_mask=mask_BS)
+        h_BSD, stats_L2E = out if aux_coef else (out, None)
         loss_sum = chunked_ce_sum(h_BSD, model.lm_head_weight(), batch["targets"], batch["loss_mask"], ce_chunk,
                                   logit_cap=model.config.final_softcap)
-        return loss_sum, jnp.sum(batch["loss_mask"].astype(jnp.float32))
+        n = jnp.sum(batch["loss_mask"].astype(jnp.float32))
+        if not aux_coef:
+            return loss_sum, n
+        return loss_sum, n, moe.aux_from_stats(stats_L2E, mask_BS.reshape(-1), mask_BS.size)
 
     return loss_fn
 
 
-def make_grad_fn(split: SplitModel, ce_chunk: int = CE_CHUNK, packed: bool = True) -> Callable:
-    """grad_fn(lora, frozen, batch, rng, grad_scale) -> (grad_scale · ∇Σℓ, Σℓ); not jitted."""
-    loss_fn = make_loss_fn(split, ce_chunk, packed)
+def make_grad_fn(split: SplitModel, ce_chunk: int = CE_CHUNK, packed: bool = True,
+                 aux_coef: float = 0.0) -> Callable:
+    """grad_fn(lora, frozen, batch, rng, grad_scale) -> (∇ objective, Σℓ); not jitted. The objective is
+    grad_scale · Σℓ, plus ``aux_coef`` · aux when > 0 (then the returned Σℓ holds aux_coef · aux / grad_scale
+    too: see the module docstring)."""
+    loss_fn = make_loss_fn(split, ce_chunk, packed, aux_coef)
 
     def scaled(lora, frozen, batch, rng, grad_scale):
-        loss_sum, _ = loss_fn(lora, frozen, batch, rng)
-        return loss_sum * grad_scale, loss_sum
+        out = loss_fn(lora, frozen, batch, rng)
+        if not aux_coef:
+            return out[0] * grad_scale, out[0]
+        objective = out[0] * grad_scale + aux_coef * out[2]
+        return objective, objective / grad_scale
 
     def grad_fn(lora, frozen, batch, rng, grad_scale):
         grads, loss_sum = jax.grad(scaled, has_aux=True)(lora, frozen, batch, rng, grad_scale)
@@ -161,9 +190,10 @@ def make_grad_fn(split: SplitModel, ce_chunk: int = CE_CHUNK, packed: bool = Tru
     return grad_fn
 
 
-def make_train_step(split: SplitModel, tx, ce_chunk: int = CE_CHUNK, packed: bool = True) -> Callable:
+def make_train_step(split: SplitModel, tx, ce_chunk: int = CE_CHUNK, packed: bool = True,
+                    aux_coef: float = 0.0) -> Callable:
     """The jitted micro-step (lora, opt_state, frozen, batch, rng, grad_scale) -> (lora, opt_state, Σℓ)."""
-    grad_fn = make_grad_fn(split, ce_chunk, packed)
+    grad_fn = make_grad_fn(split, ce_chunk, packed, aux_coef)
 
     def step(lora, opt_state, frozen, batch, rng, grad_scale):
         grads, loss_sum = grad_fn(lora, frozen, batch, rng, grad_scale)

@@ -440,7 +440,7 @@ def test_unsupported_moe_config_is_one_clear_line(change, message):
 
 def test_load_balancing_loss_matches_transformers(fam):
     """`moe.load_balancing_loss` on transformers' own router logits equals its ``aux_loss`` (with and without a
-    padding mask). (Not yet wired into the train step: no config key uses it.)"""
+    padding mask). (Its use in the train step, train.router_aux_loss_coef: tests/test_moe_aux.py.)"""
     _, hf, _ = fam
     x = torch.from_numpy(ids(9)).long()
     mask = torch.ones_like(x)

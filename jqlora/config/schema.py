@@ -193,6 +193,7 @@ class TrainConfig:
     stop_on_divergence: bool = True
     # with lora.init_from a jqlora run: also continue its optimizer state (Adam moments; the lr schedule is this run's)
     resume_optimizer: bool = False
+    router_aux_loss_coef: float = 0.0  # MoE only: loss = CE + coef * load-balancing aux loss (transformers'); 0: off
 
     def __post_init__(self):
         _check(self.batch_size >= 1, "train.batch_size", self.batch_size, "must be >= 1")
@@ -200,6 +201,7 @@ class TrainConfig:
         if self.max_steps is not None:
             _check(self.max_steps >= 1, "train.max_steps", self.max_steps, "must be >= 1 (or null to use epochs)")
         _check(self.epochs > 0, "train.epochs", self.epochs, "must be > 0")
+        _check(self.router_aux_loss_coef >= 0, "train.router_aux_loss_coef", self.router_aux_loss_coef, "must be >= 0")
         _check(self.learning_rate > 0, "train.learning_rate", self.learning_rate, "must be > 0")
         _one_of(self.lr_schedule, "train.lr_schedule", LR_SCHEDULES)
         _check(self.warmup_steps >= 0, "train.warmup_steps", self.warmup_steps, "must be >= 0")

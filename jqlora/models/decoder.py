@@ -115,21 +115,29 @@ class DecoderLayer(nnx.Module):
             return x_BSD + self.post_attention_layernorm(attn_BSD)
         return x_BSD + attn_BSD
 
-    def add_mlp(self, h_BSD: jax.Array, *, deterministic: bool, keys) -> jax.Array:
-        """The residual stream after the MLP block."""
+    def add_mlp(self, h_BSD: jax.Array, *, deterministic: bool, keys, stats_mask_T=None):
+        """The residual stream after the MLP block (and, given ``stats_mask_T``, the MoE's router statistics)."""
+        kw = {"deterministic": deterministic, "keys": keys}
+        if stats_mask_T is not None:
+            kw["stats_mask_T"] = stats_mask_T
         if self.pre_feedforward_layernorm is not None:
-            mlp = self.mlp(self.pre_feedforward_layernorm(h_BSD), deterministic=deterministic, keys=keys)
-            return h_BSD + self.post_feedforward_layernorm(mlp)
-        return h_BSD + self.mlp(self.post_attention_layernorm(h_BSD), deterministic=deterministic, keys=keys)
+            out = self.mlp(self.pre_feedforward_layernorm(h_BSD), **kw)
+        else:
+            out = self.mlp(self.post_attention_layernorm(h_BSD), **kw)
+        mlp, stats = out if stats_mask_T is not None else (out, None)
+        if self.pre_feedforward_layernorm is not None:
+            mlp = self.post_feedforward_layernorm(mlp)
+        return h_BSD + mlp if stats_mask_T is None else (h_BSD + mlp, stats)
 
     def __call__(self, x_BSD, cos_BSH, sin_BSH, segment_ids_BS, window, *, implementation: str,
-                 deterministic: bool, key) -> jax.Array:
+                 deterministic: bool, key, stats_mask_T=None):
         keys = None if key is None else jax.random.split(key, 7)
         attn = self.self_attn(self.input_layernorm(x_BSD), cos_BSH, sin_BSH, segment_ids_BS, window,
                               implementation=implementation, deterministic=deterministic,
                               keys=None if keys is None else keys[:4])
         h_BSD = self.add_attention(x_BSD, attn)
-        return self.add_mlp(h_BSD, deterministic=deterministic, keys=None if keys is None else keys[4:])
+        return self.add_mlp(h_BSD, deterministic=deterministic, keys=None if keys is None else keys[4:],
+                            stats_mask_T=stats_mask_T)
 
 
 class DecoderModel(nnx.Module):
@@ -207,9 +215,20 @@ class CausalLM(nnx.Module):
         *,
         deterministic: bool = True,
         key: jax.Array | None = None,
-    ) -> jax.Array:
-        """Final-norm hidden states ``[B, S, D]`` in the compute dtype."""
+        router_stats_mask: jax.Array | None = None,
+    ):
+        """Final-norm hidden states ``[B, S, D]`` in the compute dtype.
+
+        With ``router_stats_mask`` ([B, S], 1 = a real token; MoE models only) it returns (hidden states, the
+        per-layer router statistics float32 [L, 2, E] of `moe.router_stats`) for the load-balancing loss. They
+        leave the scanned stack as the scan's per-layer output: 2·E floats a layer, the cheapest form (the router
+        logits themselves would be [L, B·S, E]; the loss is a product of two sums over layers and tokens, so
+        those sums are all it needs), and remat recomputes nothing extra for them."""
         cfg = self.config
+        want_stats = router_stats_mask is not None
+        if want_stats and not cfg.num_experts:
+            raise ValueError("router statistics need a model with experts (num_experts = 0: a dense MLP)")
+        stats_mask_T = (jnp.asarray(router_stats_mask, jnp.float32).reshape(-1) if want_stats else None)
         ids_BS = jnp.asarray(input_ids, jnp.int32)
         B, S = ids_BS.shape
         if positions is None:
@@ -236,18 +255,23 @@ class CausalLM(nnx.Module):
             if cos_RBSH.shape[0] == 1:  # one RoPE: a static slice, no per-layer selection
                 rope = 0
             w = (window if shared_window is None else shared_window) if windowed else None
-            return layer(h, cos_RBSH[rope], sin_RBSH[rope], seg_BS, w,
-                         implementation=self.attention, deterministic=not use_dropout, key=layer_key), None
+            out = layer(h, cos_RBSH[rope], sin_RBSH[rope], seg_BS, w, implementation=self.attention,
+                        deterministic=not use_dropout, key=layer_key, stats_mask_T=stats_mask_T)
+            return out if want_stats else (out, None)
 
         if self.remat != "none":
             body = jax.checkpoint(body, policy=_remat_policy(self.remat), prevent_cse=not self.scan_layers)
         xs = (state, jnp.asarray(windows, jnp.int32), jnp.asarray(cfg.layer_ropes, jnp.int32), keys)
         if self.scan_layers:
-            h_BSD, _ = jax.lax.scan(body, h_BSD, xs)
+            h_BSD, stats_L2E = jax.lax.scan(body, h_BSD, xs)
         else:
+            per_layer = []
             for i in range(cfg.num_hidden_layers):
-                h_BSD, _ = body(h_BSD, jax.tree_util.tree_map(lambda x, i=i: x[i], xs))
-        return self.model.norm(h_BSD)
+                h_BSD, st = body(h_BSD, jax.tree_util.tree_map(lambda x, i=i: x[i], xs))
+                per_layer.append(st)
+            stats_L2E = jnp.stack(per_layer) if want_stats else None
+        h_BSD = self.model.norm(h_BSD)
+        return (h_BSD, stats_L2E) if want_stats else h_BSD
 
     def __call__(
         self,

@@ -52,15 +52,31 @@ def route(logits_TE: jax.Array, k: int, norm_topk_prob: bool) -> tuple[jax.Array
 def load_balancing_loss(logits_LTE: jax.Array, k: int, mask_T: jax.Array | None = None) -> jax.Array:
     """Switch-Transformer auxiliary loss as transformers computes it over all layers at once:
     E · Σ_e f_e · P_e with f_e the fraction of (layer, token) slots routed to e (top-k counted) and P_e the mean
-    router probability of e, both over every layer's (unmasked) tokens."""
-    E = logits_LTE.shape[-1]
-    probs_LTE = jax.nn.softmax(logits_LTE.astype(jnp.float32), axis=-1)
-    _, e_LTK = jax.lax.top_k(probs_LTE, k)
-    m_T = jnp.ones(logits_LTE.shape[1], jnp.float32) if mask_T is None else mask_T.astype(jnp.float32)
-    counts_E = jnp.sum(jax.nn.one_hot(e_LTK, E, dtype=jnp.float32) * m_T[None, :, None, None], axis=(0, 1, 2))
-    rows = logits_LTE.shape[0] * jnp.sum(m_T)
-    prob_E = jnp.sum(probs_LTE * m_T[None, :, None], axis=(0, 1))
-    return E * jnp.sum((counts_E / rows) * (prob_E / rows))
+    router probability of e, both over every layer's (unmasked) tokens. (The train step gets the same from the
+    per-layer `router_stats`, which is all that leaves the scanned layer stack.)"""
+    stats_L2E = jax.vmap(lambda lg: router_stats(lg, k, mask_T))(logits_LTE)
+    return aux_from_stats(stats_L2E, mask_T, logits_LTE.shape[1])
+
+
+def router_stats(logits_TE: jax.Array, k: int, mask_T: jax.Array | None = None) -> jax.Array:
+    """One layer's load-balancing statistics float32 [2, E]: (top-k picks of each expert, Σ router probabilities of
+    each expert) over the unmasked tokens. Summed over layers they give `aux_from_stats` = `load_balancing_loss`."""
+    E = logits_TE.shape[-1]
+    probs_TE = jax.nn.softmax(logits_TE.astype(jnp.float32), axis=-1)
+    _, e_TK = jax.lax.top_k(probs_TE, k)
+    m_T = jnp.ones(logits_TE.shape[0], jnp.float32) if mask_T is None else mask_T.astype(jnp.float32)
+    counts_E = jnp.sum(jax.nn.one_hot(e_TK, E, dtype=jnp.float32) * m_T[:, None, None], axis=(0, 1))
+    return jnp.stack([counts_E, jnp.sum(probs_TE * m_T[:, None], axis=0)])
+
+
+def aux_from_stats(stats_L2E: jax.Array, mask_T: jax.Array | None, tokens: int) -> jax.Array:
+    """transformers' load-balancing loss from the per-layer `router_stats` [L, 2, E] of ``tokens`` tokens
+    (``mask_T`` the same mask): E · Σ_e (picks_e / rows) · (Σ p_e / rows), rows = L · unmasked tokens."""
+    L, _, E = stats_L2E.shape
+    n = jnp.float32(tokens) if mask_T is None else jnp.sum(mask_T.astype(jnp.float32))
+    rows = L * n
+    total_2E = jnp.sum(stats_L2E, axis=0)
+    return E * jnp.sum((total_2E[0] / rows) * (total_2E[1] / rows))
 
 
 def tile_rows(tokens: int, k: int, experts: int) -> tuple[int, int]:
@@ -119,13 +135,15 @@ class MoE(nnx.Module):
         self.act = cfg.hidden_act
         self.dtype = dtype
 
-    def __call__(self, x_BSD: jax.Array, *, deterministic: bool = True, keys=None) -> jax.Array:
+    def __call__(self, x_BSD: jax.Array, *, deterministic: bool = True, keys=None, stats_mask_T=None):
+        """y [B, S, D]; with ``stats_mask_T`` (float [B·S], 1 = a real token) also this layer's `router_stats`."""
         del deterministic, keys  # (no adapters, no dropout)
         B, S, D = x_BSD.shape
         E, K = self.num_experts, self.top_k
         x_TD = x_BSD.reshape(B * S, D).astype(self.dtype)
         T = x_TD.shape[0]
-        w_TK, e_TK = route(self.gate(x_TD), K, self.norm_topk_prob)
+        logits_TE = self.gate(x_TD)
+        w_TK, e_TK = route(logits_TE, K, self.norm_topk_prob)
 
         # sort the T·K slots by expert and give each expert whole tiles of R rows
         R, N = tile_rows(T, K, E)
@@ -151,4 +169,7 @@ class MoE(nnx.Module):
             y_TKD = (y_TKD.astype(jnp.float32) * w_TK[..., None]).astype(self.dtype)
         else:  # Qwen3-MoE: the weights rounded to the compute dtype first
             y_TKD = y_TKD * w_TK.astype(self.dtype)[..., None]
-        return jnp.sum(y_TKD, axis=1).reshape(B, S, D)
+        y_BSD = jnp.sum(y_TKD, axis=1).reshape(B, S, D)
+        if stats_mask_T is None:
+            return y_BSD
+        return y_BSD, router_stats(logits_TE, K, stats_mask_T)
