@@ -47,10 +47,13 @@ def test_flops_tiny_by_hand():
 @pytest.mark.parametrize("model", sorted(bench.MODELS))
 def test_flops_count_matches_key_table(model):
     # N counts exactly the linear kernels + lm_head the model loads (biases, norms, embeddings excluded; a tied
-    # lm_head is the embedding)
+    # lm_head is the embedding); of a MoE layer's experts, the top-k a token visits, plus its router
     cfg = ModelConfig.from_hf(bench.hf_config(model))
-    head = ("linear", "lm_head", "embedding") if cfg.tie_word_embeddings else ("linear", "lm_head")
-    n = sum(math.prod(e.shape) for e in hf_key_table(cfg) if e.kind in head)
+    head = ("linear", "lm_head", "router") + (("embedding",) if cfg.tie_word_embeddings else ())
+    share = {None: 1}
+    if cfg.num_experts:
+        share = {None: 1, **{e: cfg.num_experts_per_tok / cfg.num_experts for e in range(cfg.num_experts)}}
+    n = sum(math.prod(e.shape) * share[e.expert] for e in hf_key_table(cfg) if e.kind in head)
     f = bench.flops_per_token(cfg, 2048)
     assert f["n_linear"] == n
     assert f["attention"] == 6 * cfg.num_hidden_layers * 2048 * cfg.num_attention_heads * cfg.head_dim

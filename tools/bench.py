@@ -117,6 +117,8 @@ def flops_per_token(cfg, seq: int) -> dict:
     q = cfg.num_attention_heads * cfg.head_dim
     kv = cfg.num_key_value_heads * cfg.head_dim
     per_layer = D * q + 2 * D * kv + q * D + 3 * D * F
+    if getattr(cfg, "num_experts", None):  # MoE: the router and the top-k experts each token visits
+        per_layer = D * q + 2 * D * kv + q * D + D * cfg.num_experts + 3 * D * F * cfg.num_experts_per_tok
     n_linear = L * per_layer + V * D
     linear = 4 * n_linear
     attention = 6 * L * seq * q
