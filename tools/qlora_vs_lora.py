@@ -11,7 +11,8 @@ the loss is to learn the mapping into the adapter:
   mapping          one value per key (optimum 0): the final losses are small numbers whose ratio is dominated by how
                    far each run got before the learning rate decayed; reported for completeness.
 
-Both runs share the demo base model, data order, seed and hyperparameters; only `model.quant` differs. The QLoRA
+Both runs share a random base (the demo's architecture and tokenizer, weights drawn from numpy seed 0 as transformers
+initializes Llama: `random_base`), data order, seed and hyperparameters; only `model.quant` differs. The QLoRA
 paper's claim, at small scale: the 4-bit base reaches the same loss as the 16-bit one (here: within 5%).
 
     python tools/qlora_vs_lora.py [--task pairs|mapping] [--steps 400] [--seeds 0,1,2] [--out runs/qlora_vs_lora]
@@ -108,12 +109,46 @@ def _pct(x: float | None) -> str:
     return "n/a (QLoRA not above LoRA)" if x is None else f"{x:+.1%}"
 
 
+def random_base(out: Path) -> Path:
+    """A randomly initialized model of the demo's shape with the demo tokenizer, in ``out``: the demo's own base is
+    pretrained (it knows capitals), this one knows nothing, so only the adapter can learn the task."""
+    import shutil
+
+    import jax.numpy as jnp
+    import numpy as np
+    import transformers
+
+    from jqlora.config import demo_config
+    from jqlora.io import save_safetensors
+    from jqlora.models.llama import ModelConfig, hf_key_table
+
+    demo = Path(demo_config().model.path)
+    out.mkdir(parents=True, exist_ok=True)
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "config.json"):
+        shutil.copy(demo / name, out / name)
+    config = transformers.AutoConfig.from_pretrained(out)
+    rng = np.random.default_rng(0)
+    tensors = {}
+    for entry in hf_key_table(ModelConfig.from_hf(config.to_dict())):
+        if entry.kind == "norm":
+            value = np.ones(entry.shape, np.float32)
+        else:
+            # a frozen random lm_head at std 0.02 caps every logit near 0.02·sqrt(hidden)·sqrt(hidden); 1/sqrt(hidden)
+            # leaves the adapters room to learn
+            std = config.hidden_size ** -0.5 if entry.kind == "lm_head" else config.initializer_range
+            value = rng.normal(0.0, std, entry.shape).astype(np.float32)
+        tensors[entry.key] = jnp.asarray(value, jnp.bfloat16)
+    save_safetensors(tensors, out / "model.safetensors", metadata={"format": "pt"})
+    return out
+
+
 def compare(task: str, steps: int, out: Path, extra: list[str] = ()) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         data = make_task(Path(tmp) / f"{task}.jsonl", task)
         floor = optimal_loss(data) if task == "pairs" else 0.0
-        curves = {q: run(q, data, Path(tmp) / q, steps, list(extra)) for q in VARIANTS}
+        base = random_base(Path(tmp) / "base")
+        curves = {q: run(q, data, Path(tmp) / q, steps, [f"model.path={base}", *extra]) for q in VARIANTS}
     final = {q: c[-1][1] for q, c in curves.items()}  # loss over all rows after the last step
     result = {"task": task, "optimal_loss": floor, "curves": curves, "final": final,
               "relative_gap": (final["nf4"] - final["none"]) / final["none"]}
