@@ -150,6 +150,21 @@ def family(model_type: str):
     return importlib.import_module(f"jqlora.models.{FAMILIES[model_type]}")
 
 
+def config_errors(d: dict[str, Any], where: str, model_types: tuple[str, ...], activation: str,
+                  act_keys: tuple[str, ...] = ("hidden_act",)) -> Callable[[str], ValueError]:
+    """The checks every family's ``config_from_dict`` starts with (it was routed by ``model_type``; its MLP's
+    activation, read from the first of ``act_keys`` that is set, is the one implemented), and the ``bad(what)``
+    maker of its one-line errors naming ``where``."""
+    def bad(what: str) -> ValueError:
+        return ValueError(f"{where}: {what}")
+
+    assert d.get("model_type") in model_types, d.get("model_type")
+    act = next((d[k] for k in act_keys if d.get(k)), activation)
+    if act != activation:
+        raise bad(f"unsupported {act_keys[0]} {act!r}: only {activation!r} is implemented")
+    return bad
+
+
 def positive_ints(d: dict[str, Any], bad: Callable[[str], ValueError], *keys: str) -> None:
     for key in keys:
         if not isinstance(d.get(key), int) or isinstance(d.get(key), bool) or d[key] <= 0:

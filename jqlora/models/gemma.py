@@ -30,7 +30,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from jqlora.models.config import ModelConfig, RopeConfig, positive_ints, rope_from_dict
+from jqlora.models.config import ModelConfig, RopeConfig, config_errors, positive_ints, rope_from_dict
 from jqlora.models.hf import HFKey, layer_table
 from jqlora.models.llama import attention_keys, mlp_keys
 
@@ -41,14 +41,8 @@ _DEFAULT_PATTERN = {"gemma2": 2, "gemma3_text": 6}  # every n-th layer is global
 
 def config_from_dict(d: dict[str, Any], where: str) -> ModelConfig:
     """A Gemma 2 / Gemma 3 text ``config.json`` (``d``, read from ``where``) as a `ModelConfig`."""
-    def bad(what: str) -> ValueError:
-        return ValueError(f"{where}: {what}")
-
-    model_type = d.get("model_type")
-    assert model_type in MODEL_TYPES, model_type
-    act = d.get("hidden_activation") or d.get("hidden_act") or "gelu_pytorch_tanh"
-    if act not in ("gelu_pytorch_tanh",):
-        raise bad(f"unsupported hidden_activation {act!r}: only 'gelu_pytorch_tanh' is implemented")
+    bad = config_errors(d, where, MODEL_TYPES, "gelu_pytorch_tanh", ("hidden_activation", "hidden_act"))
+    model_type = d["model_type"]
     if d.get("use_bidirectional_attention"):
         raise bad("unsupported use_bidirectional_attention=true: only causal attention is implemented")
     positive_ints(d, bad, "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
@@ -89,7 +83,7 @@ def config_from_dict(d: dict[str, Any], where: str) -> ModelConfig:
         sliding_windows=tuple(windows),
         max_position_embeddings=max_pos,
         rope=rope,
-        hidden_act=act,
+        hidden_act="gelu_pytorch_tanh",
         norm_unit_offset=True,
         sandwich_norms=True,
         embed_scale=True,

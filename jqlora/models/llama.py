@@ -15,7 +15,7 @@ from __future__ import annotations
 from typing import Any, Callable
 
 from jqlora.models.attention import NO_WINDOW as _NO_WINDOW  # noqa: F401 - re-exported
-from jqlora.models.config import ModelConfig, RopeConfig, positive_ints, rope_from_dict
+from jqlora.models.config import ModelConfig, RopeConfig, config_errors, positive_ints, rope_from_dict
 from jqlora.models.decoder import (  # noqa: F401 - re-exported: the decoder every family shares
     Attention,
     CausalLM,
@@ -46,14 +46,8 @@ MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 
 def config_from_dict(d: dict[str, Any], where: str) -> ModelConfig:
     """The Llama family's ``config.json`` (``d``, read from ``where``) as a `ModelConfig`."""
-    def bad(what: str) -> ValueError:
-        return ValueError(f"{where}: {what}")
-
-    model_type = d.get("model_type")
-    assert model_type in MODEL_TYPES, model_type
-    act = d.get("hidden_act", d.get("hidden_activation", "silu"))
-    if act != "silu":
-        raise bad(f"unsupported hidden_act {act!r}: only 'silu' is implemented")
+    bad = config_errors(d, where, MODEL_TYPES, "silu", ("hidden_act", "hidden_activation"))
+    model_type = d["model_type"]
     if d.get("mlp_bias"):
         raise bad("unsupported mlp_bias=true: only bias-free MLPs are implemented")
     prf = d.get("partial_rotary_factor", (d.get("rope_parameters") or d.get("rope_scaling") or {}).get(

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from jqlora.models.config import ModelConfig, positive_ints
+from jqlora.models.config import ModelConfig, config_errors, positive_ints
 from jqlora.models.hf import HFKey
 from jqlora.models.llama import _rope, attention_keys
 
@@ -33,13 +33,7 @@ EXPERT_NAMES = {"gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"}  # ours -
 
 def config_from_dict(d: dict[str, Any], where: str) -> ModelConfig:
     """A Mixtral ``config.json`` (``d``, read from ``where``) as a `ModelConfig`."""
-    def bad(what: str) -> ValueError:
-        return ValueError(f"{where}: {what}")
-
-    assert d.get("model_type") in MODEL_TYPES, d.get("model_type")
-    act = d.get("hidden_act", "silu")
-    if act != "silu":
-        raise bad(f"unsupported hidden_act {act!r}: only 'silu' is implemented")
+    bad = config_errors(d, where, MODEL_TYPES, "silu")
     positive_ints(d, bad, "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                   "num_attention_heads", "num_local_experts", "num_experts_per_tok")
     n_layers, heads = d["num_hidden_layers"], d["num_attention_heads"]

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from jqlora.models.config import ModelConfig, positive_ints
+from jqlora.models.config import ModelConfig, config_errors, positive_ints
 from jqlora.models.hf import HFKey, layer_table
 from jqlora.models.llama import _rope
 
@@ -24,13 +24,7 @@ MODEL_TYPES = ("phi3",)
 
 def config_from_dict(d: dict[str, Any], where: str) -> ModelConfig:
     """A Phi-3 family ``config.json`` (``d``, read from ``where``) as a `ModelConfig`."""
-    def bad(what: str) -> ValueError:
-        return ValueError(f"{where}: {what}")
-
-    assert d.get("model_type") in MODEL_TYPES, d.get("model_type")
-    act = d.get("hidden_act", "silu")
-    if act != "silu":
-        raise bad(f"unsupported hidden_act {act!r}: only 'silu' is implemented")
+    bad = config_errors(d, where, MODEL_TYPES, "silu")
     positive_ints(d, bad, "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
     heads = d["num_attention_heads"]
     head_dim = int(d.get("head_dim") or d["hidden_size"] // heads)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from jqlora.models.config import ModelConfig, positive_ints
+from jqlora.models.config import ModelConfig, config_errors, positive_ints
 from jqlora.models.hf import HFKey
 from jqlora.models.mixtral import moe_config, moe_table
 
@@ -24,13 +24,7 @@ MODEL_TYPES = ("qwen3_moe",)
 
 def config_from_dict(d: dict[str, Any], where: str) -> ModelConfig:
     """A Qwen3-MoE ``config.json`` (``d``, read from ``where``) as a `ModelConfig`."""
-    def bad(what: str) -> ValueError:
-        return ValueError(f"{where}: {what}")
-
-    assert d.get("model_type") in MODEL_TYPES, d.get("model_type")
-    act = d.get("hidden_act", "silu")
-    if act != "silu":
-        raise bad(f"unsupported hidden_act {act!r}: only 'silu' is implemented")
+    bad = config_errors(d, where, MODEL_TYPES, "silu")
     experts = d.get("num_experts", d.get("num_local_experts"))
     d = {**d, "num_experts": experts}
     positive_ints(d, bad, "vocab_size", "hidden_size", "moe_intermediate_size", "num_hidden_layers",
