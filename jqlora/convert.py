@@ -30,15 +30,10 @@ import re
 import sys
 
 from jqlora.config.schema import DTYPES
+from jqlora.lazy import forward_to
 
 
-def __getattr__(name: str):
-    from jqlora import conversion, hfcheckpoint
-
-    for module in (conversion, hfcheckpoint):
-        if hasattr(module, name):
-            return getattr(module, name)
-    raise AttributeError(f"module 'jqlora.convert' has no attribute {name!r}")
+__getattr__ = forward_to(__name__, "jqlora.conversion", "jqlora.hfcheckpoint")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -21,15 +21,10 @@ import sys
 from pathlib import Path
 
 from jqlora.config.schema import DTYPES
+from jqlora.lazy import forward_to
 
 
-def __getattr__(name: str):
-    from jqlora import merge
-
-    try:
-        return getattr(merge, name)
-    except AttributeError:
-        raise AttributeError(f"module 'jqlora.export' has no attribute {name!r}") from None
+__getattr__ = forward_to(__name__, "jqlora.merge")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -15,14 +15,10 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from jqlora.lazy import forward_to
 
-def __getattr__(name: str):
-    from jqlora import decode
 
-    try:
-        return getattr(decode, name)
-    except AttributeError:
-        raise AttributeError(f"module 'jqlora.generate' has no attribute {name!r}") from None
+__getattr__ = forward_to(__name__, "jqlora.decode")
 
 
 class UsageError(Exception):

@@ -18,19 +18,14 @@ import sys
 from typing import TYPE_CHECKING, Any
 
 from jqlora.config.schema import DTYPES, REMAT_POLICIES as REMATS
+from jqlora.lazy import forward_to
 from jqlora.published import HUB_IDS, NAMES, PUBLISHED
 
 if TYPE_CHECKING:
     from jqlora.memplan import ModelConfig, Plan
 
 
-def __getattr__(name: str):
-    from jqlora import memplan
-
-    try:
-        return getattr(memplan, name)
-    except AttributeError:
-        raise AttributeError(f"module 'jqlora.plan' has no attribute {name!r}") from None
+__getattr__ = forward_to(__name__, "jqlora.memplan")
 
 
 # Mistral-7B v0.3 (the mistral-7b recipe's checkpoint): v0.1's shape with a 32768 vocabulary and no sliding window

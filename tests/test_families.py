@@ -16,13 +16,13 @@ import pytest
 import torch
 from flax import nnx
 from safetensors.torch import load_file
-from tiny import FAMILY_CONFIGS, make_family_model
-from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+from tiny import FAMILY_CONFIGS, bnb_model, jq_logits, make_family_model, randomize_lora, torch_logits
+from transformers import AutoModelForCausalLM
 
 import jqlora
 from jqlora import convert, export, step
 from jqlora import generate as gen
-from jqlora.lora import LoraConfig, LoraLinear
+from jqlora.lora import LoraConfig
 from jqlora.models import ModelConfig, hf_key_table
 from jqlora.peft import load_model_with_adapter, save_adapter
 
@@ -48,33 +48,14 @@ def ids(seed=0, shape=(2, SEQ)) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 128, shape).astype(np.int32)
 
 
-def torch_logits(model, x: np.ndarray) -> np.ndarray:
-    with torch.no_grad():
-        return model(torch.from_numpy(x).long()).logits.float().numpy()
 
 
-def jq_logits(model, x: np.ndarray) -> np.ndarray:
-    return np.asarray(model(jnp.asarray(x)))
 
 
-def bnb_config() -> BitsAndBytesConfig:
-    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                              bnb_4bit_compute_dtype=torch.float32)
 
 
-def bnb_model(src) -> torch.nn.Module:
-    # train(): bitsandbytes' exact CPU path (see tests/test_load.py); the tiny configs have no dropout
-    return AutoModelForCausalLM.from_pretrained(src, quantization_config=bnb_config(), dtype=torch.float32,
-                                                attn_implementation="eager").train()
 
 
-def randomize_lora(model, seed: int, scale: float = 0.2) -> None:
-    key = jax.random.key(seed)
-    for i, (_, m) in enumerate(nnx.iter_modules(model)):
-        if isinstance(m, LoraLinear) and m.lora_a is not None:
-            ka, kb = jax.random.split(jax.random.fold_in(key, i))
-            m.lora_a.set_value(scale * jax.random.normal(ka, m.lora_a.shape, m.lora_a.dtype))
-            m.lora_b.set_value(scale * jax.random.normal(kb, m.lora_b.shape, m.lora_b.dtype))
 
 
 def variant(model, **change):

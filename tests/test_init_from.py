@@ -20,18 +20,7 @@ SAME = ["train.lr_schedule=constant", "train.warmup_steps=0", "data.shuffle=fals
         "train.grad_accum_steps=1", "lora.dropout=0", "train.adam_eps=1e-6", "train.learning_rate=5e-3"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def compilation_cache(tmp_path_factory):
-    """Every trainer here compiles the same step: reuse it."""
-    keys = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
-            "jax_persistent_cache_min_entry_size_bytes")
-    old = {k: getattr(jax.config, k) for k in keys}
-    jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("xla_cache")))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-    yield
-    for k, v in old.items():
-        jax.config.update(k, v)
+pytestmark = pytest.mark.usefixtures("compilation_cache")  # every trainer here compiles the same step
 
 
 def _cfg(assets, out, *overrides):

@@ -9,14 +9,14 @@ import numpy as np
 import peft
 import pytest
 import torch
-from tiny import make_model, make_moe_model
+from tiny import make_model, make_moe_model, randomize_lora
 from transformers import AutoModelForCausalLM
 
 import jqlora
 from jqlora import step
 from jqlora import train as T
 from jqlora.config import TrainConfig
-from jqlora.lora import LoraConfig, LoraLinear
+from jqlora.lora import LoraConfig
 from jqlora.models import moe
 from jqlora.peft import save_adapter
 
@@ -25,15 +25,6 @@ COEF = 0.5  # large, so the aux term visibly moves the adapter gradients
 B, S = 2, 20
 
 
-def randomize_lora(model, seed: int, scale: float = 0.2) -> None:
-    from flax import nnx
-
-    key = jax.random.key(seed)
-    for i, (_, m) in enumerate(nnx.iter_modules(model)):
-        if isinstance(m, LoraLinear) and m.lora_a is not None:
-            ka, kb = jax.random.split(jax.random.fold_in(key, i))
-            m.lora_a.set_value(scale * jax.random.normal(ka, m.lora_a.shape, m.lora_a.dtype))
-            m.lora_b.set_value(scale * jax.random.normal(kb, m.lora_b.shape, m.lora_b.dtype))
 
 
 def _inputs():

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import jax
+import jax.numpy as jnp
+import numpy as np
 import torch
 import transformers
 
@@ -129,3 +132,41 @@ def make_moe_model(path: Path, family: str, seed: int = 0, **overrides):
                 p.copy_(torch.randn_like(p) / p.shape[-1] ** 0.5)
     model.save_pretrained(path)
     return model, Path(path)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Helpers the family tests share (tests/test_families.py, test_moe.py, test_moe_aux.py)
+
+
+def torch_logits(model, x: np.ndarray) -> np.ndarray:
+    with torch.no_grad():
+        return model(torch.from_numpy(x).long()).logits.float().numpy()
+
+
+def jq_logits(model, x: np.ndarray) -> np.ndarray:
+    return np.asarray(model(jnp.asarray(x)))
+
+
+def randomize_lora(model, seed: int, scale: float = 0.2) -> None:
+    """Nonzero random A and B in every adapted module (a fresh adapter has B = 0 and would hide transposes)."""
+    from flax import nnx
+
+    from jqlora.lora import LoraLinear
+
+    key = jax.random.key(seed)
+    for i, (_, m) in enumerate(nnx.iter_modules(model)):
+        if isinstance(m, LoraLinear) and m.lora_a is not None:
+            ka, kb = jax.random.split(jax.random.fold_in(key, i))
+            m.lora_a.set_value(scale * jax.random.normal(ka, m.lora_a.shape, m.lora_a.dtype))
+            m.lora_b.set_value(scale * jax.random.normal(kb, m.lora_b.shape, m.lora_b.dtype))
+
+
+def bnb_config() -> transformers.BitsAndBytesConfig:
+    return transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                           bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.float32)
+
+
+def bnb_model(src) -> torch.nn.Module:
+    """transformers + bitsandbytes; train(): bitsandbytes' exact CPU path (the tiny configs have no dropout)."""
+    return transformers.AutoModelForCausalLM.from_pretrained(src, quantization_config=bnb_config(),
+                                                             dtype=torch.float32, attn_implementation="eager").train()
