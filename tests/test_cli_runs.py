@@ -202,15 +202,11 @@ def test_adapter_on_a_converted_base_loads_in_peft_from_anywhere(work, interrupt
     np.testing.assert_allclose(got, ours, atol=1e-4, rtol=0)
 
 
-def test_quiet_wrong_settings_warn(assets, tmp_path):
+def test_quiet_wrong_settings_warn(assets):
     """defect 8: warmup past the run, less than one epoch of a small dataset, every row truncated."""
     tok = load_tokenizer(str(assets / "model"))
-    rows = [{"messages": [{"role": "user", "content": "Reverse the word river."},
-                          {"role": "assistant", "content": "revir " * (6 + i)}]} for i in range(12)]
-    long_rows = tmp_path / "long.jsonl"  # prompts of 25 tokens, answers past 30: every row is cut at 30
-    long_rows.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    cfg = load_config(None, [f"model.path={assets / 'model'}", f"data.path={long_rows}",
-                             "data.max_length=30", "train.max_steps=2", "train.warmup_steps=2", "train.batch_size=2",
+    cfg = load_config(None, [f"model.path={assets / 'model'}", f"data.path={assets / 'train.jsonl'}",
+                             "data.max_length=15", "train.max_steps=2", "train.warmup_steps=2", "train.batch_size=2",
                              "train.grad_accum_steps=1"])
     train_ds, _ = build_datasets(cfg.data, tok)
     lines = report.settings_warnings(cfg, train_ds, 2)
@@ -219,7 +215,7 @@ def test_quiet_wrong_settings_warn(assets, tmp_path):
     assert f"sees 4 of the {len(train_ds)} training rows" in lines[1]
     assert f"every one of the {len(train_ds.examples)} training examples is cut" in lines[2]
     ok = load_config(None, [f"model.path={assets / 'model'}", f"data.path={assets / 'train.jsonl'}",
-                            "data.max_length=96", "train.max_steps=20", "train.warmup_steps=2"])
+                            "data.max_length=48", "train.max_steps=20", "train.warmup_steps=2"])
     train_ds, _ = build_datasets(ok.data, tok)
     assert report.settings_warnings(ok, train_ds, 20) == []
 

@@ -3,7 +3,7 @@ micro-batches equal one k-times-larger batch (also with very uneven trained-toke
 the no-remat gradients, a resumed run equals an uninterrupted one, only LoRA leaves have optimizer state, and user
 mistakes are one stderr line with exit code 2.
 
-A tiny random Llama (tests/tiny.py) with the demo tokenizer (vocab 512) and a small chat set built here.
+A tiny random Llama (tests/tiny.py) with the test tokenizer (tests/data/tokenizer, vocab 512) and a small chat set built here.
 """
 
 import json
