@@ -57,7 +57,7 @@ def save_adapter(model: Any, cfg: Any, run_out: str | os.PathLike, dst: str | os
                  base: str, dtype: str = "float32", card: Mapping[str, Any] | None = None,
                  overwrite: bool = False) -> Path:
     """`jqlora.peft.save_adapter`, converted for PiSSA / pointed at the saved base for LoftQ."""
-    from jqlora import peft
+    from jqlora import peft, peft_import
     from jqlora.io import atomic_directory
 
     base = base_for_adapter(cfg, run_out, base)
@@ -71,7 +71,7 @@ def save_adapter(model: Any, cfg: Any, run_out: str | os.PathLike, dst: str | os
         raise peft.AdapterError(f"{init_dir}: missing (a PiSSA run saves its initial adapter there at its start; "
                                 "the export needs it to convert the adapter onto the original base)")
     tensors = peft.adapter_tensors(model)
-    initial = peft._read_tensors(init_dir / peft.WEIGHTS_NAME)
+    initial = peft_import._read_tensors(init_dir / peft.WEIGHTS_NAME)
     config = peft.adapter_config_dict(model, lora_config, base)
     out: dict[str, np.ndarray] = {}
     for key, value in tensors.items():

@@ -1,4 +1,5 @@
-"""LoRA adapters in the Hugging Face ``peft`` format: export, import, and loading a base model with an adapter.
+"""LoRA adapters in the Hugging Face ``peft`` format: export here; import and loading a base model with an adapter in
+`jqlora.peft_import` (its names are reachable from here too: ``jqlora.peft.load_adapter``).
 
 A peft LoRA adapter directory holds ``adapter_config.json`` and ``adapter_model.safetensors`` with, for every
 adapted module ``M`` of layer ``i``, ``base_model.model.model.layers.{i}.M.lora_A.weight`` ``[r, in]`` and
@@ -20,7 +21,6 @@ import json
 import math
 import os
 import re
-from collections import Counter
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -29,9 +29,9 @@ import numpy as np
 from flax import nnx
 
 from jqlora.io import atomic_directory
-from jqlora.lora import ADAPTABLE_MODULES, LoraConfig, LoraLinear
-from jqlora.peft_heads import (BASE_COPY_RE, EMBED_KEY_RE, HEADS, check_base_copy, head_modules, head_specs,
-                               head_tensors, head_updates)
+from jqlora.lazy import forward_to
+from jqlora.lora import LoraConfig, LoraLinear
+from jqlora.peft_heads import HEADS, head_modules, head_tensors
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -219,278 +219,7 @@ def save_adapter(
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Import
+# Import lives in jqlora.peft_import; its names stay reachable as jqlora.peft.<name> (imported on first use, so that
+# the two modules can share this one's constants without an import cycle).
 
-
-def _read_config(adapter_dir: Path) -> dict:
-    path = adapter_dir / CONFIG_NAME
-    if not adapter_dir.is_dir():
-        raise AdapterError(f"{adapter_dir}: not a directory (expected a peft adapter directory)")
-    if not path.is_file():
-        raise AdapterError(f"{path}: missing; {adapter_dir} is not a peft adapter directory")
-    try:
-        cfg = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise AdapterError(f"{path}: cannot read JSON ({e})") from None
-    if not isinstance(cfg, dict):
-        raise AdapterError(f"{path}: expected a JSON object")
-    peft_type = cfg.get("peft_type")
-    if peft_type != "LORA":
-        raise AdapterError(f"{path}: peft_type {peft_type!r} is not supported; jqlora reads LORA adapters only")
-    unsupported = {  # settings jqlora cannot represent: anything but null / false / empty is refused
-        "fan_in_fan_out": "fan_in_fan_out=true (Conv1D models)",
-        "lora_bias": "LoRA biases (lora_bias=true)",
-        "modules_to_save": "modules_to_save (fully trained extra modules)",
-        "trainable_token_indices": "trainable_token_indices",
-        "layer_replication": "layer_replication",
-        "target_parameters": "target_parameters",
-        "use_qalora": "QA-LoRA (use_qalora=true)",
-        "alora_invocation_tokens": "activated LoRA (alora_invocation_tokens)",
-    }
-    for key, what in unsupported.items():
-        if cfg.get(key) not in (None, False, [], {}):
-            raise AdapterError(f"{path}: {what} is not supported by jqlora ({key}={cfg.get(key)!r})")
-    if cfg.get("bias", "none") != "none":
-        raise AdapterError(f"{path}: bias={cfg.get('bias')!r} is not supported by jqlora (only 'none')")
-    task = cfg.get("task_type")
-    if task not in (None, "CAUSAL_LM"):
-        raise AdapterError(f"{path}: task_type {task!r} is not supported; jqlora reads CAUSAL_LM adapters")
-    if cfg.get("layers_to_transform") not in (None, []):
-        raise AdapterError(f"{path}: layers_to_transform={cfg['layers_to_transform']!r} is not supported: jqlora "
-                           "stacks layers, so a module kind is adapted in every layer or in none")
-    for key in ("r", "lora_alpha"):
-        if not isinstance(cfg.get(key), (int, float)) or isinstance(cfg.get(key), bool) or cfg[key] <= 0:
-            raise AdapterError(f"{path}: {key} must be a positive number, got {cfg.get(key)!r}")
-    return cfg
-
-
-def _weights_file(adapter_dir: Path) -> Path:
-    for name in (WEIGHTS_NAME, WEIGHTS_NAME_BIN):
-        if (adapter_dir / name).is_file():
-            return adapter_dir / name
-    raise AdapterError(f"{adapter_dir / WEIGHTS_NAME}: missing (no adapter weights in {adapter_dir})")
-
-
-def _read_tensors(path: Path) -> dict[str, np.ndarray]:
-    """All tensors of an adapter weights file as float32 numpy arrays."""
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors import safe_open
-
-            out = {}
-            with safe_open(str(path), framework="flax") as f:
-                for k in f.keys():
-                    out[k] = np.asarray(f.get_tensor(k).astype(jnp.float32))
-            return out
-        import torch  # a legacy .bin adapter
-
-        sd = torch.load(str(path), map_location="cpu", weights_only=True)
-        return {k: v.detach().float().numpy() for k, v in sd.items()}
-    except AdapterError:
-        raise
-    except Exception as e:  # noqa: BLE001 - a corrupt file: say which
-        raise AdapterError(f"{path}: cannot read adapter weights ({type(e).__name__}: {e})") from None
-
-
-def _read_shapes(path: Path) -> dict[str, tuple[int, ...]]:
-    """Shapes of the adapter's LoRA tensors (peft's copies of base embedding / head weights left out)."""
-    return {k: v for k, v in _read_all_shapes(path).items() if not BASE_COPY_RE.match(k)}
-
-
-def _read_all_shapes(path: Path) -> dict[str, tuple[int, ...]]:
-    if path.suffix == ".safetensors":
-        from safetensors import safe_open
-
-        try:
-            with safe_open(str(path), framework="numpy") as f:
-                return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
-        except Exception as e:  # noqa: BLE001
-            raise AdapterError(f"{path}: cannot read adapter weights ({type(e).__name__}: {e})") from None
-    return {k: tuple(v.shape) for k, v in _read_tensors(path).items()}
-
-
-def _parse_key(key: str, where: Path) -> tuple[str, str, str | None]:
-    """``(module name inside the base model, 'A' | 'B' | 'M', adapter name)`` of a peft LoRA key (M: a DoRA
-    ``lora_magnitude_vector``)."""
-    m = _KEY_RE.match(key) or EMBED_KEY_RE.match(key)
-    ab = m["ab"] if m is not None else "M"
-    m = m if m is not None else _MAGNITUDE_RE.match(key)
-    if m is None:
-        raise AdapterError(f"{where}: unexpected key {key!r} (not a LoRA lora_A / lora_B weight or DoRA magnitude)")
-    module = m["module"]
-    if module.startswith(PREFIX):
-        module = module[len(PREFIX):]
-    return module, ab, m["adapter"]
-
-
-def _pattern_value(pattern: Mapping[str, Any] | None, module: str, default: Any) -> Any:
-    """peft's rule: the first key K with ``re.match(rf"(.*\\.)?({K})$", module)`` decides."""
-    for key, value in (pattern or {}).items():
-        if re.match(rf"(.*\.)?({key})$", module):
-            return value
-    return default
-
-
-def _adapted_modules(adapter_dir: Path, cfg: dict) -> dict[str, dict[int, tuple[int, float]]]:
-    """``{name inside a layer: {layer: (r, alpha)}}`` from the weight keys (ranks from A's shape)."""
-    path = _weights_file(adapter_dir)
-    shapes = _read_shapes(path)
-    adapters = {_parse_key(k, path)[2] for k in shapes}
-    if len(adapters) > 1:
-        raise AdapterError(f"{path}: holds several adapters {sorted(map(str, adapters))}; jqlora loads one")
-    found: dict[str, dict[int, tuple[int, float]]] = {}
-    magnitudes = {_parse_key(k, path)[0] for k in shapes if _parse_key(k, path)[1] == "M"}
-    for key, shape in shapes.items():
-        module, ab, _ = _parse_key(key, path)
-        if ab != "A" or module in HEADS:
-            continue
-        if bool(cfg.get("use_dora")) and module not in magnitudes:
-            raise AdapterError(f"{path}: the adapter config says use_dora=true but {module} has no DoRA magnitude "
-                               f"(no {PREFIX}{module}.lora_magnitude_vector)")
-        m = _LAYER_RE.match(module)
-        if m is None or m["sub"] not in {f"{p}.{n}" for p, ns in _PARENTS.items() for n in ns}:
-            raise AdapterError(f"{path}: unexpected key {key!r}: no such adaptable module in a supported model "
-                               f"(an adapter for another architecture?)")
-        if len(shape) != 2:
-            raise AdapterError(f"{path}: {key} has shape {shape}, expected [r, in]")
-        r = int(shape[0])
-        alpha = float(_pattern_value(cfg.get("alpha_pattern"), module, cfg["lora_alpha"]))
-        found.setdefault(m["sub"], {})[int(m["layer"])] = (r, alpha)
-    if not found and not head_specs(shapes, cfg, path):
-        raise AdapterError(f"{path}: no LoRA weights in the adapter")
-    return found
-
-
-_PARENTS = {"self_attn": ("q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj"),
-            "mlp": ("gate_proj", "up_proj", "down_proj", "gate_up_proj")}
-# every linear module of one layout: an adapter on all of them was made with "all-linear"
-_ALL_LINEAR = ({"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"},
-               {"qkv_proj", "o_proj", "gate_up_proj", "down_proj"})
-
-
-def read_adapter_config(adapter_dir: str | os.PathLike, *, dropout: float | None = None) -> LoraConfig:
-    """The jqlora `LoraConfig` that builds a model able to hold the peft adapter in ``adapter_dir``.
-
-    Targets and per-module ranks come from the adapter's weights (so subsets and ``rank_pattern`` are honoured);
-    alpha from ``lora_alpha`` / ``alpha_pattern`` as peft resolves them. A module kind whose rank or alpha differs
-    between layers, or that is adapted in some layers only, is an `AdapterError` (jqlora stacks layers).
-    """
-    adapter_dir = Path(adapter_dir)
-    cfg = _read_config(adapter_dir)
-    found = _adapted_modules(adapter_dir, cfg)
-    layers = sorted({i for per_layer in found.values() for i in per_layer})
-    specs: dict[str, tuple[int, float]] = {}
-    for name, per_layer in sorted(found.items()):
-        missing = [i for i in layers if i not in per_layer]
-        if missing:
-            raise AdapterError(f"{adapter_dir}: {name} is adapted in layers {sorted(per_layer)} but not in {missing}; "
-                               "jqlora stacks layers, so a module kind is adapted in every layer or in none")
-        values = set(per_layer.values())
-        if len(values) > 1:
-            detail = ", ".join(f"layer {i}: r={r}, alpha={_num(a)}" for i, (r, a) in sorted(per_layer.items()))
-            raise AdapterError(f"{adapter_dir}: {name} has different rank/alpha per layer ({detail}); jqlora stacks "
-                               "layers and needs one rank and alpha per module kind")
-        specs[name] = values.pop()
-    heads = head_specs(_read_shapes(_weights_file(adapter_dir)), cfg, _weights_file(adapter_dir))
-    ranks = [r for r, _ in list(specs.values()) + list(heads.values())]
-    r = Counter(ranks).most_common(1)[0][0]
-    r = int(cfg["r"]) if int(cfg["r"]) in ranks else r
-    alpha = float(cfg["lora_alpha"])
-    targets = tuple(n for n in ADAPTABLE_MODULES if any(name.endswith("." + n) for name in specs))
-    if heads:  # named targets (all-linear never covers embed_tokens / lm_head)
-        specs.update(heads)
-        targets = tuple(n for n in ADAPTABLE_MODULES if any(name.endswith("." + n) for name in specs)) + tuple(heads)
-    return LoraConfig(
-        r=r,
-        alpha=alpha,
-        dropout=float(cfg.get("lora_dropout") or 0.0) if dropout is None else dropout,
-        targets="all-linear" if set(targets) in _ALL_LINEAR else targets,  # (never with heads: they are in it)
-        rslora=bool(cfg.get("use_rslora", False)),
-        dora=bool(cfg.get("use_dora", False)),
-        rank_pattern={name: s[0] for name, s in specs.items() if s[0] != r},
-        alpha_pattern={name: _num(s[1]) for name, s in specs.items() if not math.isclose(s[1], alpha)},
-    )
-
-
-def load_adapter(model: nnx.Module, adapter_dir: str | os.PathLike) -> nnx.Module:
-    """Fill ``model``'s LoRA A/B from the peft adapter in ``adapter_dir`` (in place; returns ``model``).
-
-    ``model`` must be built with ``read_adapter_config(adapter_dir)`` (or an equivalent LoraConfig): every adapted
-    module of the adapter must exist in the model with the same rank and scaling, and every adapter of the model
-    must be in the file. Missing or unexpected keys and shapes that do not fit raise `AdapterError` naming the key.
-    """
-    adapter_dir = Path(adapter_dir)
-    cfg = _read_config(adapter_dir)
-    path = _weights_file(adapter_dir)
-    tensors = _read_tensors(path)
-    by_module: dict[tuple[str, str], tuple[str, np.ndarray]] = {}
-    adapters = set()
-    for key, value in list(tensors.items()):
-        copy = BASE_COPY_RE.match(key)
-        if copy is not None:  # peft's full copy of a base weight: must be the base model's own
-            check_base_copy(model, copy, key, value, path)
-            continue
-        module, ab, adapter = _parse_key(key, path)
-        adapters.add(adapter)
-        by_module[(module, ab)] = (key, value)
-    if len(adapters) > 1:
-        raise AdapterError(f"{path}: holds several adapters {sorted(map(str, adapters))}; jqlora loads one")
-    suffix = "" if adapters == {None} else f".{adapters.pop()}"
-    rslora = bool(cfg.get("use_rslora", False))
-    modules = _lora_modules(model)
-    if not modules and not head_modules(model):
-        raise AdapterError(f"{adapter_dir}: the model has no LoRA adapters to fill; build it with "
-                           "lora=jqlora.peft.read_adapter_config(adapter_dir)")
-    dora = bool(cfg.get("use_dora", False))
-    if any((m.magnitude is not None) != dora for _, m in modules):
-        raise AdapterError(f"{adapter_dir}: the adapter has use_dora={dora} but the model was built with "
-                           f"dora={not dora}; build it with lora=jqlora.peft.read_adapter_config(adapter_dir)")
-    used: set[tuple[str, str]] = set()
-    updates = []
-    for name, m in modules:
-        L = m.lora_a.shape[0]
-        r, I, O = m.spec.r, m.in_features, m.out_features
-        a_LIR = np.zeros((L, I, r), np.float32)
-        b_LRO = np.zeros((L, r, O), np.float32)
-        mag_LO = np.zeros((L, O), np.float32) if dora else None
-        for i in range(L):
-            module = f"model.layers.{i}.{name}"
-            parts = [("A", (r, I), a_LIR), ("B", (O, r), b_LRO)] + ([("M", (O,), mag_LO)] if dora else [])
-            for ab, expected, buf in parts:
-                key = (f"{PREFIX}{module}.lora_magnitude_vector" if ab == "M"
-                       else f"{PREFIX}{module}.lora_{ab}{suffix}.weight")
-                if (module, ab) not in by_module:
-                    raise AdapterError(f"{path}: missing key {key!r} (the model adapts {name} with r={r})")
-                key, value = by_module[(module, ab)]
-                if tuple(value.shape) != expected:
-                    raise AdapterError(f"{path}: {key} has shape {tuple(value.shape)}, expected {expected}")
-                buf[i] = value.T
-                used.add((module, ab))
-            alpha = float(_pattern_value(cfg.get("alpha_pattern"), module, cfg["lora_alpha"]))
-            scaling = alpha / math.sqrt(r) if rslora else alpha / r
-            if not math.isclose(scaling, m.scaling, rel_tol=1e-6):
-                raise AdapterError(f"{adapter_dir}: {module} has LoRA scaling {scaling:g} in the adapter "
-                                   f"(alpha={_num(alpha)}, r={r}, rslora={rslora}) but {m.scaling:g} in the model; "
-                                   "build the model with lora=jqlora.peft.read_adapter_config(adapter_dir)")
-        updates.append((m, a_LIR, b_LRO, mag_LO))
-    head_values = head_updates(model, by_module, suffix, cfg, path, adapter_dir, used)
-    unexpected = sorted(by_module[k][0] for k in by_module if k not in used)
-    if unexpected:
-        more = f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""
-        raise AdapterError(f"{path}: unexpected key {unexpected[0]!r}{more}: the model has no adapter there; build "
-                           "it with lora=jqlora.peft.read_adapter_config(adapter_dir)")
-    for m, a_LIR, b_LRO, mag_LO in updates:
-        m.lora_a.set_value(jnp.asarray(a_LIR, m.lora_a.dtype))
-        m.lora_b.set_value(jnp.asarray(b_LRO, m.lora_b.dtype))
-        if mag_LO is not None:
-            m.magnitude.set_value(jnp.asarray(mag_LO, m.magnitude.dtype))
-    for var, value in head_values:
-        var.set_value(jnp.asarray(value, var.dtype))
-    return model
-
-
-def load_model_with_adapter(path: str | os.PathLike, adapter_dir: str | os.PathLike, **kw: Any) -> nnx.Module:
-    """`jqlora.load_model(path, adapter=adapter_dir, ...)`: ranks and targets come from the adapter."""
-    import jqlora
-
-    return jqlora.load_model(path, adapter=adapter_dir, **kw)
+__getattr__ = forward_to(__name__, "jqlora.peft_import")

@@ -64,7 +64,7 @@ def check_base_copy(model: Any, match: re.Match, key: str, value: np.ndarray, pa
 
 def head_specs(shapes: dict[str, tuple[int, ...]], cfg: dict, path: Any) -> dict[str, tuple[int, float]]:
     """``{"embed_tokens" | "lm_head": (r, alpha)}`` from an adapter's tensor shapes and config."""
-    from jqlora.peft import AdapterError, _parse_key, _pattern_value
+    from jqlora.peft_import import AdapterError, _parse_key, _pattern_value
 
     out = {}
     for key, shape in shapes.items():
@@ -81,7 +81,7 @@ def head_updates(model: Any, by_module: dict, suffix: str, cfg: dict, path: Any,
                  used: set) -> list[tuple[Any, np.ndarray]]:
     """``(variable, value)`` for every embedding / head adapter of ``model`` from the adapter's tensors
     ``by_module[(module, 'A' | 'B')] = (key, value)``; the keys taken are added to ``used``."""
-    from jqlora.peft import AdapterError, _pattern_value
+    from jqlora.peft_import import AdapterError, _pattern_value
 
     rslora = bool(cfg.get("use_rslora", False))
     updates = []
