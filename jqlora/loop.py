@@ -82,7 +82,8 @@ def _lora_config(cfg):
     from jqlora.lora import LoraConfig
 
     return LoraConfig(r=cfg.lora.r, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout, targets=cfg.lora.targets,
-                      rslora=cfg.lora.rslora, dora=cfg.lora.dora)
+                      rslora=cfg.lora.rslora, dora=cfg.lora.dora, rank_pattern=dict(cfg.lora.rank_pattern),
+                      alpha_pattern=dict(cfg.lora.alpha_pattern), layers_to_transform=cfg.lora.layers_to_transform)
 
 
 def _open_run_dir(cfg, primary: bool) -> RunDir:
@@ -143,14 +144,15 @@ def build_model(cfg, check: Callable[[Any], None] | None = None, mesh=None):
             log.info(why)
         streamed = mesh is not None and mesh.size > 1 and jax.process_count() == 1
         from jqlora import lora_init
+        from jqlora.lora import LoraError
 
         try:
             return lora_init.load_initialized(cfg, lambda quant, **kw: load_model(
                 path, quant=quant, double_quant=cfg.model.double_quant, block_size=cfg.model.block_size,
                 dtype=cfg.model.dtype, lora=_lora_config(cfg), seed=cfg.train.seed, remat=remat,
                 mesh=mesh if streamed and kw.get("streamed", True) else None))
-        except lora_init.InitError as e:
-            raise UserError(str(e)) from None
+        except (lora_init.InitError, LoraError) as e:
+            raise UserError(str(e).splitlines()[0]) from None
     except (ConvertError, FileNotFoundError) as e:
         raise UserError(str(e).splitlines()[0]) from None
 

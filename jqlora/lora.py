@@ -11,6 +11,18 @@ starts as peft does (``kaiming_uniform_(a=√5)`` on its ``[r, in]`` weight, i.e
 so a fresh adapter leaves the base model unchanged. peft stores the transposes (``lora_A.weight`` ``[r, in]``,
 ``lora_B.weight`` ``[out, r]``); export transposes.
 
+Per-layer ranks and alphas (``rank_pattern`` / ``alpha_pattern`` keys naming one layer's module, e.g.
+``model.layers.3.self_attn.q_proj``, and ``layers_to_transform``): layers are stacked and scanned, so a module kind
+whose rank differs between layers is stored at the largest rank R with a frozen 0/1 mask ``[L, R]`` (1 on the first
+r_l columns) and a frozen per-layer scaling ``[L]`` (s_l = alpha_l / r_l; 0 and an all-zero mask on a layer that is
+not transformed)::
+
+    y = x · Wᵀ + s_l · (((dropout(x) · A) ⊙ m_l) · B)
+
+The masked columns of A and rows of B start at 0 and get exactly 0 gradient, so Adam's moments stay 0 and weight decay
+keeps them 0: the math of a rank-r_l adapter in every layer. Only module kinds that differ between layers get the
+mask / scaling; the uniform case is unchanged.
+
 Variables: adapters are ``nnx.LoRAParam`` (the only thing trained); every frozen array is a ``Frozen`` variable
 (not an ``nnx.Param``), and quantized data its subclass ``QuantData``, so ``nnx.state(model, nnx.LoRAParam)`` selects
 exactly the adapters and nothing frozen can get a gradient or optimizer state.
@@ -52,6 +64,10 @@ class QuantData(Frozen):
     """Frozen 4-bit quantized kernel data: packed codes, block scales, nested scales, offset."""
 
 
+class LoraError(ValueError):
+    """LoRA settings that do not fit the model (a rank pattern, layers_to_transform): one line naming the setting."""
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Settings
 
@@ -65,19 +81,39 @@ class LoraSpec:
     dropout: float = 0.0
     rslora: bool = False
     dora: bool = False  # DoRA magnitudes (jqlora.dora)
+    # per-layer ranks / alphas of a stacked module kind that differs between layers (0: layer not adapted); r is
+    # then their maximum (the stored width) and alpha that of a layer with rank r
+    layer_ranks: tuple[int, ...] | None = None
+    layer_alphas: tuple[float, ...] | None = None
 
     @property
     def scaling(self) -> float:
         return self.alpha / math.sqrt(self.r) if self.rslora else self.alpha / self.r
+
+    @property
+    def per_layer(self) -> bool:
+        return self.layer_ranks is not None
+
+    @property
+    def masked(self) -> bool:
+        """Per-layer ranks that differ (or a layer left out): the adapter needs its rank mask."""
+        return self.per_layer and len(set(self.layer_ranks)) > 1
+
+    def layer_scalings(self) -> tuple[float, ...]:
+        """s_l of every layer (0 where the layer is not adapted)."""
+        return tuple(0.0 if r == 0 else (a / math.sqrt(r) if self.rslora else a / r)
+                     for r, a in zip(self.layer_ranks, self.layer_alphas))
 
 
 @dataclasses.dataclass(frozen=True)
 class LoraConfig:
     """Which linear modules get adapters, and their rank / alpha / dropout (peft's names and defaults where shared).
 
-    ``rank_pattern`` / ``alpha_pattern`` override ``r`` / ``alpha`` per module, like peft: a key matches a module when
-    the module's dotted name inside a layer (e.g. ``self_attn.q_proj``) ends with it (regex, ``(.*\\.)?KEY$``).
-    Layers are stacked, so the rank can differ between module kinds but not between layers.
+    ``rank_pattern`` / ``alpha_pattern`` override ``r`` / ``alpha`` per module, like peft: the first key K with
+    ``re.match(rf"(.*\\.)?({K})$", name)`` on the module's full name (``model.layers.3.self_attn.q_proj``) decides, so
+    ``q_proj`` / ``self_attn.q_proj`` name a module kind and ``model.layers.3.self_attn.q_proj`` one layer's module.
+    ``layers_to_transform`` (layer indices; None: all) adapts those layers only, like peft's. A module kind whose
+    rank differs between layers is padded to its largest rank with a frozen mask (see the module docstring).
     """
 
     r: int = 16
@@ -88,6 +124,7 @@ class LoraConfig:
     rank_pattern: Mapping[str, int] = dataclasses.field(default_factory=dict)
     alpha_pattern: Mapping[str, float] = dataclasses.field(default_factory=dict)
     dora: bool = False  # DoRA (jqlora.dora): a trained magnitude per output row of every adapted module
+    layers_to_transform: Sequence[int] | None = None  # adapt these layers only (peft's layers_to_transform)
 
     def __post_init__(self):
         if isinstance(self.targets, str) and self.targets != "all-linear":
@@ -107,28 +144,80 @@ class LoraConfig:
         for key, value in self.rank_pattern.items():
             if not (isinstance(value, int) and value > 0):
                 raise ValueError(f"rank_pattern[{key!r}] must be a positive integer, got {value!r}")
+        if self.layers_to_transform is not None:
+            layers = self.layers_to_transform
+            layers = [layers] if isinstance(layers, int) else list(layers)
+            if not layers or any(not isinstance(i, int) or isinstance(i, bool) or i < 0 for i in layers):
+                raise ValueError(f"lora.layers_to_transform must be a non-empty list of layer indices >= 0, got "
+                                 f"{self.layers_to_transform!r}")
+            object.__setattr__(self, "layers_to_transform", tuple(sorted(set(layers))))
+            heads = [t for t in self.target_modules if t in HEAD_MODULES]
+            if heads:
+                raise ValueError(f"lora.layers_to_transform with lora.targets {heads}: layers_to_transform selects "
+                                 "decoder layers, embed_tokens / lm_head are outside them; drop one of the two")
 
     @property
     def target_modules(self) -> tuple[str, ...]:
         return LINEAR_MODULES if self.targets == "all-linear" else tuple(self.targets)
 
-    def for_module(self, name: str) -> LoraSpec | None:
-        """The settings for the module ``name`` (e.g. ``self_attn.q_proj``), or None if it gets no adapter."""
+    def for_module(self, name: str, num_layers: int | None = None) -> LoraSpec | None:
+        """The settings for the module ``name`` (a decoder-layer module like ``self_attn.q_proj`` when
+        ``num_layers`` is given, its ``num_layers`` stacked copies resolved one by one as ``model.layers.{i}.NAME``;
+        else e.g. ``embed_tokens``), or None if it gets no adapter. A module kind whose rank or alpha differs
+        between layers (or that some layers leave out) gets a spec with ``layer_ranks`` / ``layer_alphas``."""
         short = name.rsplit(".", 1)[-1]
         fused = self.targets == "all-linear" and short in FUSED_MODULES  # (a Phi-3 layout's linear modules)
         if short not in self.target_modules and not fused:
             return None
-        r = _match_pattern(self.rank_pattern, name, self.r)
-        alpha = _match_pattern(self.alpha_pattern, name, self.alpha)
-        return LoraSpec(r=int(r), alpha=float(alpha), dropout=float(self.dropout), rslora=bool(self.rslora),
-                        dora=bool(self.dora))
+        common = dict(dropout=float(self.dropout), rslora=bool(self.rslora), dora=bool(self.dora))
+        if num_layers is None:
+            return LoraSpec(r=int(match_pattern(self.rank_pattern, name, self.r)),
+                            alpha=float(match_pattern(self.alpha_pattern, name, self.alpha)), **common)
+        self.check_layers(num_layers)
+        chosen = self.layers_to_transform
+        ranks, alphas = [], []
+        for i in range(num_layers):
+            full = f"model.layers.{i}.{name}"
+            on = chosen is None or i in chosen
+            ranks.append(int(match_pattern(self.rank_pattern, full, self.r)) if on else 0)
+            alphas.append(float(match_pattern(self.alpha_pattern, full, self.alpha)) if on else 0.0)
+        if not any(ranks):
+            return None
+        if len(set(ranks)) == 1 and len(set(alphas)) == 1:  # uniform: the plain stacked adapter
+            return LoraSpec(r=ranks[0], alpha=alphas[0], **common)
+        top = ranks.index(max(ranks))
+        if self.dora and 0 in ranks:
+            raise LoraError(f"lora.dora=true with {name} adapted in some layers only (lora.layers_to_transform): "
+                            "DoRA magnitudes would train in the other layers too; adapt every layer or drop DoRA")
+        return LoraSpec(r=ranks[top], alpha=alphas[top], layer_ranks=tuple(ranks), layer_alphas=tuple(alphas),
+                        **common)
+
+    def check_layers(self, num_layers: int) -> None:
+        """`LoraError` if ``layers_to_transform`` names a layer the model does not have."""
+        bad = [i for i in self.layers_to_transform or () if i >= num_layers]
+        if bad:
+            raise LoraError(f"lora.layers_to_transform names layer(s) {bad}, but the model has {num_layers} layers "
+                            f"(0..{num_layers - 1})")
 
 
-def _match_pattern(pattern: Mapping[str, Any], name: str, default: Any) -> Any:
-    for key, value in pattern.items():
-        if re.match(rf"(.*\.)?{key}$", name):
+def match_pattern(pattern: Mapping[str, Any] | None, name: str, default: Any) -> Any:
+    """peft's rule (``get_pattern_key``): the first key K with ``re.match(rf"(.*\\.)?({K})$", name)`` decides."""
+    for key, value in (pattern or {}).items():
+        if re.match(rf"(.*\.)?({key})$", name):
             return value
     return default
+
+
+def check_rank_fits(spec: LoraSpec | None, name: str, in_features: int, out_features: int) -> None:
+    """`LoraError` if a rank exceeds ``min(in, out)`` of the kernel it adapts (no such rank can be used)."""
+    if spec is None:
+        return
+    ranks = spec.layer_ranks if spec.per_layer else (spec.r,)
+    for i, r in enumerate(ranks):
+        if r > min(in_features, out_features):
+            where = f"model.layers.{i}.{name}" if spec.per_layer else name
+            raise LoraError(f"lora rank {r} (lora.r / lora.rank_pattern) does not fit {where}, a {out_features}x"
+                            f"{in_features} kernel: its rank is at most {min(in_features, out_features)}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -175,7 +264,9 @@ class LoraLinear(nnx.Module):
     ``offset`` with double quantization) as QuantData plus plain attributes ``quant_shape``, ``quant_dtype``,
     ``block_size``, ``quant_type``; ``bias`` (Frozen ``[O]``) if ``use_bias``; ``lora_a`` ``[I, R]`` and ``lora_b``
     ``[R, O]`` (nnx.LoRAParam in ``param_dtype``) if ``lora`` is given, and ``magnitude`` ``[O]`` (nnx.LoRAParam)
-    with DoRA (``lora.dora``; `jqlora.dora`). Arrays may carry leading axes (stacked layers).
+    with DoRA (``lora.dora``; `jqlora.dora`). Arrays may carry leading axes (stacked layers). A per-layer spec
+    (``lora.per_layer``) adds Frozen ``lora_scale`` (``[L]`` stacked) and, where ranks differ, ``lora_mask`` (``[L, R]``),
+    filled by `set_layer_values` once the layers are stacked.
     """
 
     def __init__(
@@ -209,6 +300,10 @@ class LoraLinear(nnx.Module):
             self.lora_b = nnx.LoRAParam(jnp.zeros((lora.r, out_features), self.param_dtype))
         else:
             self.lora_a = self.lora_b = None
+        per_layer = lora is not None and lora.per_layer
+        # placeholders (a layer body is built once for all layers): set_layer_values writes each layer's
+        self.lora_scale = Frozen(jnp.asarray(lora.scaling, jnp.float32)) if per_layer else None
+        self.lora_mask = Frozen(jnp.ones((lora.r,), self.dtype)) if per_layer and lora.masked else None
         if lora is not None and lora.dora:
             self.magnitude = nnx.LoRAParam(jnp.zeros((out_features,), self.param_dtype))
             self.reset_magnitude()
@@ -244,24 +339,67 @@ class LoraLinear(nnx.Module):
         return self.weight[...].astype(self.dtype)
 
     @property
-    def scaling(self) -> float:
-        return self.spec.scaling if self.spec is not None else 0.0
+    def scaling(self) -> float | jax.Array:
+        """s; a per-layer adapter's s_l (``[L]`` when stacked, a scalar inside the scanned layer body)."""
+        if self.spec is None:
+            return 0.0
+        return self.lora_scale[...] if self.lora_scale is not None else self.spec.scaling
+
+    def _scaling_for(self, ndim: int) -> float | jax.Array:
+        """`scaling` broadcastable against a (possibly stacked) array of ``ndim`` dims whose last 2 are per layer."""
+        s = self.scaling
+        if isinstance(s, float) or s.ndim == 0:
+            return s
+        return s.reshape(s.shape + (1,) * (ndim - s.ndim))
+
+    def masked_a(self) -> jax.Array:
+        """A ``[..., I, R]`` with a per-layer adapter's unused columns zeroed (A itself otherwise)."""
+        a = self.lora_a[...]
+        return a if self.lora_mask is None else a * self.lora_mask[...][..., None, :].astype(a.dtype)
+
+    def set_layer_values(self) -> None:
+        """Write a per-layer adapter's stacked mask and scaling from its spec, and zero A's / B's unused entries
+        (call once the layers are stacked; nothing for a uniform adapter)."""
+        if self.lora_scale is None:
+            return
+        spec = self.spec
+        if self.lora_scale.shape != (len(spec.layer_ranks),):
+            raise ValueError(f"per-layer LoRA spec for {len(spec.layer_ranks)} layers on an adapter stacked as "
+                             f"{self.lora_scale.shape}")
+        self.lora_scale.set_value(jnp.asarray(spec.layer_scalings(), jnp.float32))
+        if self.lora_mask is not None:
+            mask = np.arange(spec.r)[None, :] < np.asarray(spec.layer_ranks)[:, None]
+            self.lora_mask.set_value(jnp.asarray(mask, self.dtype))
+            self.lora_a.set_value(self.masked_a())
+            self.lora_b.set_value(self.lora_b[...] * jnp.asarray(mask, self.param_dtype)[..., :, None])
+        self.reset_magnitude()
+
+    def layer_adapter(self, layer: int) -> tuple[np.ndarray, np.ndarray, float]:
+        """float32 ``(A [I, r_l], B [r_l, O], s_l)`` of one stacked layer (``r_l`` = 0: the layer is not adapted)."""
+        a = np.asarray(self.lora_a[...][layer].astype(jnp.float32))
+        b = np.asarray(self.lora_b[...][layer].astype(jnp.float32))
+        if not self.spec.per_layer:
+            return a, b, float(self.spec.scaling)
+        r = self.spec.layer_ranks[layer]
+        return a[:, :r], b[:r], float(self.spec.layer_scalings()[layer])
 
     def merged_kernel(self) -> jax.Array:
         """float32 ``W + s (A B)ᵀ`` ``[..., O, I]``: the kernel a merged Hugging Face checkpoint stores."""
         w = self.kernel().astype(jnp.float32)
         if self.lora_a is None:
             return w
+        s = self._scaling_for(w.ndim)
         if self.magnitude is not None:
-            return dora.merged_kernel(self.magnitude[...], w, self.lora_a[...], self.lora_b[...], self.scaling)
-        delta_IO = jnp.matmul(self.lora_a[...].astype(jnp.float32), self.lora_b[...].astype(jnp.float32))
-        return w + self.scaling * jnp.swapaxes(delta_IO, -1, -2)
+            return dora.merged_kernel(self.magnitude[...], w, self.masked_a(), self.lora_b[...], s)
+        delta_IO = jnp.matmul(self.masked_a().astype(jnp.float32), self.lora_b[...].astype(jnp.float32))
+        return w + s * jnp.swapaxes(delta_IO, -1, -2)
 
     def reset_lora(self, key: jax.Array) -> None:
         """Re-initialize the adapter as peft does (A uniform, B zero), keeping shapes and any stacked axes."""
         if self.lora_a is None:
             return
         self.lora_a.set_value(lora_a_init(key, self.lora_a.shape, self.in_features, self.param_dtype))
+        self.lora_a.set_value(self.masked_a())  # (a per-layer adapter's unused columns stay 0)
         self.lora_b.set_value(jnp.zeros(self.lora_b.shape, self.param_dtype))
         self.reset_magnitude()
 
@@ -271,7 +409,7 @@ class LoraLinear(nnx.Module):
         if self.magnitude is None:
             return
         w = self.kernel().astype(jnp.float32)
-        self.magnitude.set_value(dora.weight_norm(w, self.lora_a[...], self.lora_b[...], self.scaling)
+        self.magnitude.set_value(dora.weight_norm(w, self.masked_a(), self.lora_b[...], self._scaling_for(w.ndim))
                                  .astype(self.param_dtype))
 
     # -- the call ---------------------------------------------------------------------------------------------------
@@ -298,7 +436,13 @@ class LoraLinear(nnx.Module):
             h = jnp.where(keep, h / jnp.asarray(1.0 - self.spec.dropout, h.dtype), jnp.zeros((), h.dtype))
         a_IR = self.lora_a[...].astype(self.dtype)
         b_RO = self.lora_b[...].astype(self.dtype)
-        delta = jnp.matmul(jnp.matmul(h, a_IR), b_RO)
+        hA = jnp.matmul(h, a_IR)
+        if self.lora_mask is not None:  # per-layer ranks: this layer's unused columns are 0 (and get 0 gradient)
+            mask_R = self.lora_mask[...].astype(self.dtype)
+            hA = hA * mask_R
+            if self.magnitude is not None:
+                a_IR = a_IR * mask_R
+        delta = jnp.matmul(hA, b_RO)
         if self.magnitude is not None:  # DoRA (jqlora.dora); with dropout the base term sees the dropped input
             w_OI = self.kernel()
             if h is not x:
@@ -339,3 +483,10 @@ quantized_matmul.defvjp(_quantized_matmul_fwd, _quantized_matmul_bwd)
 def count_params(tree: Any) -> int:
     """Number of array elements in a pytree of arrays / Variables / states."""
     return int(sum(np.prod(np.shape(x), dtype=np.int64) for x in jax.tree_util.tree_leaves(tree)))
+
+
+def set_layer_values(layers: nnx.Module) -> None:
+    """`LoraLinear.set_layer_values` on every adapter of the stacked ``layers``."""
+    for _, m in nnx.iter_modules(layers):
+        if isinstance(m, LoraLinear) and m.lora_a is not None:
+            m.set_layer_values()

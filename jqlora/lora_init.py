@@ -155,12 +155,23 @@ def apply(model: Any, init: str, *, seed: int, quant: Any, loftq_iters: int = 1)
         key = jax.random.key(seed)
         for i, (_, m) in enumerate(modules):
             if m.lora_a is not None:
-                m.lora_a.set_value(gaussian_a(jax.random.fold_in(key, i), m.lora_a.shape, m.spec.r, m.param_dtype))
+                if m.spec.per_layer:  # each layer's own rank: N(0, 1/r_l²), unused columns 0
+                    r_L1 = np.maximum(np.asarray(m.spec.layer_ranks, np.float32), 1.0)[:, None, None]
+                    a = gaussian_a(jax.random.fold_in(key, i), m.lora_a.shape, 1, m.param_dtype) / r_L1
+                    m.lora_a.set_value(a.astype(m.param_dtype))
+                    m.lora_a.set_value(m.masked_a())
+                else:
+                    m.lora_a.set_value(gaussian_a(jax.random.fold_in(key, i), m.lora_a.shape, m.spec.r,
+                                                  m.param_dtype))
                 m.lora_b.set_value(np.zeros(m.lora_b.shape, m.param_dtype))
         return []
     if init not in ("pissa", "loftq"):
         raise ValueError(f"unknown LoRA init {init!r}: expected one of {', '.join(INITS)}")
     for path, m in modules:
+        if m.lora_a is not None and m.spec.per_layer:
+            raise ValueError(f"{'.'.join(path[2:])} has ranks / alphas that differ between layers (lora.rank_pattern "
+                             f"/ alpha_pattern by layer, or lora.layers_to_transform): {init} needs one rank per "
+                             "module kind")
         if m.lora_a is not None:
             check_rank_fits(m.spec.r, m.out_features, m.in_features, ".".join(path[2:]) or ".".join(path))
 

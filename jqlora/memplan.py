@@ -208,7 +208,10 @@ def settings_from_config(cfg: Any, axes: dict[str, int] | None = None) -> dict[s
                                                                                                "tensor")}
     rows = axes["data"] * axes["fsdp"] if all(isinstance(axes[n], int) for n in ("data", "fsdp")) else 1
     # train.batch_size is the global micro-batch: its rows are split over the data × fsdp devices
-    return dict(seq=cfg.data.max_length, batch=max(1, cfg.train.batch_size // rows), r=cfg.lora.r,
+    return dict(seq=cfg.data.max_length, batch=max(1, cfg.train.batch_size // rows),
+                # every adapter at the largest rank: per-layer ranks are stored padded to it (an upper bound when
+                # module kinds differ)
+                r=max([cfg.lora.r, *cfg.lora.rank_pattern.values()]),
                 dropout=cfg.lora.dropout, dtype=cfg.model.dtype,
                 quant=cfg.model.quant, double_quant=cfg.model.double_quant and cfg.model.quant != "none",
                 block_size=cfg.model.block_size, **axes,

@@ -49,10 +49,14 @@ def merged_tensor(model: Any, entry: Any) -> np.ndarray:
         if module.lora_a is not None:
             a = _layer_slice(module.lora_a[...], i).astype(jnp.float32)
             b = _layer_slice(module.lora_b[...], i).astype(jnp.float32)
+            s = module.scaling
+            if module.spec.per_layer:  # this layer's rank and scaling (not adapted: r = 0, s = 0)
+                a, b, s = (jnp.asarray(v) for v in module.layer_adapter(i if isinstance(i, int) else i[0]))
+                s = float(s)
             if module.magnitude is not None:  # DoRA: (m / ‖W + s BA‖) · (W + s BA)
-                w = dora.merged_kernel(_layer_slice(module.magnitude[...], i), w, a, b, module.scaling)
+                w = dora.merged_kernel(_layer_slice(module.magnitude[...], i), w, a, b, s)
             else:
-                w = w + module.scaling * (a @ b).T
+                w = w + s * (a @ b).T
         return np.asarray(w)
     if entry.name == "weight" and getattr(module, "spec", None) is not None:  # an adapted embedding / LM head
         if module is model.model.embed_tokens:

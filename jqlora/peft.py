@@ -7,8 +7,11 @@ adapted module ``M`` of layer ``i``, ``base_model.model.model.layers.{i}.M.lora_
 ``y = x Wᵀ + s · x Aᵀ Bᵀ`` with ``s = alpha / r`` (``alpha / √r`` with rsLoRA); jqlora keeps ``A [in, r]`` and
 ``B [r, out]`` stacked over layers (leading axis L), so export transposes and un-stacks, import stacks and
 transposes. Per-module ``rank_pattern`` / ``alpha_pattern`` are resolved the way peft resolves them (the first
-pattern key ``K`` with ``re.match(rf"(.*\\.)?({K})$", module_name)``); because layers are stacked, a module kind
-must have the same rank and alpha in every layer. DoRA adapters (``use_dora: true``) also hold
+pattern key ``K`` with ``re.match(rf"(.*\\.)?({K})$", module_name)`` on the full name, e.g.
+``model.layers.3.self_attn.q_proj``). A module kind whose rank or alpha differs between layers is stacked at its
+largest rank with a frozen mask (`jqlora.lora`); export writes each layer's own rank (``rank_pattern`` /
+``alpha_pattern`` keys naming that layer's module) and only the adapted layers' keys, with ``layers_to_transform``
+when some layers are left out, so peft rebuilds the same modules. DoRA adapters (``use_dora: true``) also hold
 ``...lora_magnitude_vector`` ``[out]`` per module (`jqlora.dora`), stacked as ``magnitude`` ``[L, O]``.
 Adapters on the embedding and the LM head: `jqlora.peft_heads`.
 
@@ -82,16 +85,46 @@ def adapter_config_dict(model: nnx.Module, lora_config: LoraConfig, base_model_n
             rank_pattern[HEADS[name]] = int(m.spec.r)
         if not math.isclose(m.spec.alpha, alpha):
             alpha_pattern[HEADS[name]] = _num(m.spec.alpha)
+    layer_sets = {}
+    for name, m in modules:
+        ranks = m.spec.layer_ranks if m.spec.per_layer else (m.spec.r,) * m.lora_a.shape[0]
+        layer_sets[name] = tuple(i for i, ri in enumerate(ranks) if ri)
+    layers_to_transform = None
+    if layer_sets:
+        sets = set(layer_sets.values())
+        if len(sets) > 1:
+            detail = "; ".join(f"{n}: {list(v)}" for n, v in layer_sets.items())
+            raise AdapterError(f"the module kinds are adapted in different layers ({detail}); peft's "
+                               "layers_to_transform holds one set of layers for all of them")
+        chosen = sets.pop()
+        if len(chosen) < modules[0][1].lora_a.shape[0]:
+            layers_to_transform = list(chosen)
     for name, m in modules:
         if m.spec.rslora != bool(lora_config.rslora):
             raise AdapterError(f"{name}: use_rslora={m.spec.rslora} differs from the LoraConfig's {lora_config.rslora}")
         if (m.magnitude is not None) != bool(getattr(lora_config, "dora", False)):
             raise AdapterError(f"{name}: DoRA={m.magnitude is not None} differs from the LoraConfig's "
                                f"{bool(getattr(lora_config, 'dora', False))}")
-        if m.spec.r != r:
-            rank_pattern[name] = int(m.spec.r)
-        if not math.isclose(m.spec.alpha, alpha):
-            alpha_pattern[name] = _num(m.spec.alpha)
+        if not m.spec.per_layer:
+            if m.spec.r != r:
+                rank_pattern[name] = int(m.spec.r)
+            if not math.isclose(m.spec.alpha, alpha):
+                alpha_pattern[name] = _num(m.spec.alpha)
+            continue
+        on = [(i, ri, ai) for i, (ri, ai) in enumerate(zip(m.spec.layer_ranks, m.spec.layer_alphas)) if ri]
+        # one value on every adapted layer: the kind's key; else a key per layer (never both, so the first
+        # matching key is the right one in any order: json sorts them)
+        if len({ri for _, ri, _ in on}) == 1:
+            if on[0][1] != r:
+                rank_pattern[name] = on[0][1]
+        else:
+            rank_pattern.update({f"model.layers.{i}.{name}": ri for i, ri, _ in on if ri != r})
+        if len({ai for _, _, ai in on}) == 1:
+            if not math.isclose(on[0][2], alpha):
+                alpha_pattern[name] = _num(on[0][2])
+        else:
+            alpha_pattern.update({f"model.layers.{i}.{name}": _num(ai) for i, _, ai in on
+                                  if not math.isclose(ai, alpha)})
     cfg = {
         "alora_invocation_tokens": None,
         "alpha_pattern": alpha_pattern,
@@ -109,7 +142,7 @@ def adapter_config_dict(model: nnx.Module, lora_config: LoraConfig, base_model_n
         "kasa_config": None,
         "layer_replication": None,
         "layers_pattern": None,
-        "layers_to_transform": None,
+        "layers_to_transform": layers_to_transform,
         "loftq_config": {},
         "lora_alpha": _num(alpha),
         "lora_bias": False,
@@ -143,13 +176,14 @@ def adapter_tensors(model: nnx.Module, dtype: str = "float32") -> dict[str, np.n
         raise AdapterError(f"unsupported adapter dtype {dtype!r}: expected one of {', '.join(SAVE_DTYPES)}")
     out: dict[str, np.ndarray] = {}
     for name, m in _lora_modules(model):
-        a_LIR = np.asarray(m.lora_a[...].astype(jnp.float32))
-        b_LRO = np.asarray(m.lora_b[...].astype(jnp.float32))
         mag_LO = None if m.magnitude is None else np.asarray(m.magnitude[...].astype(jnp.float32))
-        for i in range(a_LIR.shape[0]):
+        for i in range(m.lora_a.shape[0]):
+            a_IR, b_RO, _ = m.layer_adapter(i)  # (a per-layer adapter: this layer's rank; none if not adapted)
+            if a_IR.shape[-1] == 0:
+                continue
             stem = f"{PREFIX}model.layers.{i}.{name}"
-            out[f"{stem}.lora_A.weight"] = np.ascontiguousarray(a_LIR[i].T)
-            out[f"{stem}.lora_B.weight"] = np.ascontiguousarray(b_LRO[i].T)
+            out[f"{stem}.lora_A.weight"] = np.ascontiguousarray(a_IR.T)
+            out[f"{stem}.lora_B.weight"] = np.ascontiguousarray(b_RO.T)
             if mag_LO is not None:
                 out[f"{stem}.lora_magnitude_vector"] = np.ascontiguousarray(mag_LO[i])
     out.update(head_tensors(model))

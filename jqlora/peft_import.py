@@ -61,9 +61,15 @@ def _read_config(adapter_dir: Path) -> dict:
     task = cfg.get("task_type")
     if task not in (None, "CAUSAL_LM"):
         raise AdapterError(f"{path}: task_type {task!r} is not supported; jqlora reads CAUSAL_LM adapters")
-    if cfg.get("layers_to_transform") not in (None, []):
-        raise AdapterError(f"{path}: layers_to_transform={cfg['layers_to_transform']!r} is not supported: jqlora "
-                           "stacks layers, so a module kind is adapted in every layer or in none")
+    layers = cfg.get("layers_to_transform")
+    if layers not in (None, []):
+        ok = isinstance(layers, int) or (isinstance(layers, list) and all(isinstance(i, int) for i in layers))
+        if not ok or isinstance(layers, bool):
+            raise AdapterError(f"{path}: layers_to_transform must be a layer index or a list of them, got {layers!r}")
+        pattern = cfg.get("layers_pattern")
+        if pattern not in (None, "", [], "layers", ["layers"]):
+            raise AdapterError(f"{path}: layers_pattern={pattern!r} is not supported by jqlora (its decoder layers "
+                               "are model.layers; use null or 'layers')")
     for key in ("r", "lora_alpha"):
         if not isinstance(cfg.get(key), (int, float)) or isinstance(cfg.get(key), bool) or cfg[key] <= 0:
             raise AdapterError(f"{path}: {key} must be a positive number, got {cfg.get(key)!r}")
@@ -178,30 +184,43 @@ def read_adapter_config(adapter_dir: str | os.PathLike, *, dropout: float | None
     """The jqlora `LoraConfig` that builds a model able to hold the peft adapter in ``adapter_dir``.
 
     Targets and per-module ranks come from the adapter's weights (so subsets and ``rank_pattern`` are honoured);
-    alpha from ``lora_alpha`` / ``alpha_pattern`` as peft resolves them. A module kind whose rank or alpha differs
-    between layers, or that is adapted in some layers only, is an `AdapterError` (jqlora stacks layers).
+    alpha from ``lora_alpha`` / ``alpha_pattern`` as peft resolves them. Ranks and alphas may differ between layers
+    (the result's ``rank_pattern`` / ``alpha_pattern`` keys then name one layer's module, as peft's may) and layers may
+    be left out (``layers_to_transform``), but every module kind must be adapted in the same layers (peft's
+    layers_to_transform is one set for all), else `AdapterError`.
     """
     adapter_dir = Path(adapter_dir)
     cfg = _read_config(adapter_dir)
     found = _adapted_modules(adapter_dir, cfg)
     layers = sorted({i for per_layer in found.values() for i in per_layer})
-    specs: dict[str, tuple[int, float]] = {}
     for name, per_layer in sorted(found.items()):
         missing = [i for i in layers if i not in per_layer]
         if missing:
-            raise AdapterError(f"{adapter_dir}: {name} is adapted in layers {sorted(per_layer)} but not in {missing}; "
-                               "jqlora stacks layers, so a module kind is adapted in every layer or in none")
-        values = set(per_layer.values())
-        if len(values) > 1:
-            detail = ", ".join(f"layer {i}: r={r}, alpha={_num(a)}" for i, (r, a) in sorted(per_layer.items()))
-            raise AdapterError(f"{adapter_dir}: {name} has different rank/alpha per layer ({detail}); jqlora stacks "
-                               "layers and needs one rank and alpha per module kind")
-        specs[name] = values.pop()
+            raise AdapterError(f"{adapter_dir}: {name} is adapted in layers {sorted(per_layer)} but not in {missing} "
+                               "while other modules are; jqlora (like peft's layers_to_transform) adapts every "
+                               "module kind in the same layers")
     heads = head_specs(_read_shapes(_weights_file(adapter_dir)), cfg, _weights_file(adapter_dir))
-    ranks = [r for r, _ in list(specs.values()) + list(heads.values())]
+    ranks = [r for per_layer in found.values() for r, _ in per_layer.values()] + [r for r, _ in heads.values()]
     r = Counter(ranks).most_common(1)[0][0]
     r = int(cfg["r"]) if int(cfg["r"]) in ranks else r
     alpha = float(cfg["lora_alpha"])
+    specs: dict[str, tuple[int, float]] = {}  # module kinds with one rank and alpha
+    rank_pattern: dict[str, int] = {}
+    alpha_pattern: dict[str, int | float] = {}
+    for name, per_layer in sorted(found.items()):
+        if len(set(per_layer.values())) == 1:
+            specs[name] = next(iter(per_layer.values()))
+            continue
+        # per layer: a key per layer that differs from r / alpha (keys name one module, so any order is right)
+        specs[name] = (r, alpha)  # (for the targets below)
+        rank_pattern.update({f"model.layers.{i}.{name}": ri for i, (ri, _) in sorted(per_layer.items()) if ri != r})
+        alpha_pattern.update({f"model.layers.{i}.{name}": _num(ai) for i, (_, ai) in sorted(per_layer.items())
+                              if not math.isclose(ai, alpha)})
+    # layers_to_transform: as the adapter config says, or when the adapted layers have gaps
+    chosen = cfg.get("layers_to_transform") not in (None, []) or layers != list(range(len(layers)))
+    if chosen and heads:
+        raise AdapterError(f"{adapter_dir}: adapters on {sorted(HEADS[h] for h in heads)} next to layers_to_transform"
+                           f"={layers}: jqlora's layers_to_transform leaves the embedding and head alone")
     targets = tuple(n for n in ADAPTABLE_MODULES if any(name.endswith("." + n) for name in specs))
     if heads:  # named targets (all-linear never covers embed_tokens / lm_head)
         specs.update(heads)
@@ -213,8 +232,10 @@ def read_adapter_config(adapter_dir: str | os.PathLike, *, dropout: float | None
         targets="all-linear" if set(targets) in _ALL_LINEAR else targets,  # (never with heads: they are in it)
         rslora=bool(cfg.get("use_rslora", False)),
         dora=bool(cfg.get("use_dora", False)),
-        rank_pattern={name: s[0] for name, s in specs.items() if s[0] != r},
-        alpha_pattern={name: _num(s[1]) for name, s in specs.items() if not math.isclose(s[1], alpha)},
+        rank_pattern={**{name: s[0] for name, s in specs.items() if s[0] != r}, **rank_pattern},
+        alpha_pattern={**{name: _num(s[1]) for name, s in specs.items() if not math.isclose(s[1], alpha)},
+                       **alpha_pattern},
+        layers_to_transform=tuple(layers) if chosen and layers else None,
     )
 
 
@@ -255,11 +276,14 @@ def load_adapter(model: nnx.Module, adapter_dir: str | os.PathLike) -> nnx.Modul
     updates = []
     for name, m in modules:
         L = m.lora_a.shape[0]
-        r, I, O = m.spec.r, m.in_features, m.out_features
-        a_LIR = np.zeros((L, I, r), np.float32)
-        b_LRO = np.zeros((L, r, O), np.float32)
+        R, I, O = m.spec.r, m.in_features, m.out_features
+        a_LIR = np.zeros((L, I, R), np.float32)  # (a per-layer adapter: layer i fills its first r_i columns)
+        b_LRO = np.zeros((L, R, O), np.float32)
         mag_LO = np.zeros((L, O), np.float32) if dora else None
         for i in range(L):
+            r = m.spec.layer_ranks[i] if m.spec.per_layer else R
+            if r == 0:  # a layer this adapter leaves out: its keys, if any, are unexpected below
+                continue
             module = f"model.layers.{i}.{name}"
             parts = [("A", (r, I), a_LIR), ("B", (O, r), b_LRO)] + ([("M", (O,), mag_LO)] if dora else [])
             for ab, expected, buf in parts:
@@ -270,13 +294,19 @@ def load_adapter(model: nnx.Module, adapter_dir: str | os.PathLike) -> nnx.Modul
                 key, value = by_module[(module, ab)]
                 if tuple(value.shape) != expected:
                     raise AdapterError(f"{path}: {key} has shape {tuple(value.shape)}, expected {expected}")
-                buf[i] = value.T
+                if ab == "A":
+                    buf[i, :, :r] = value.T
+                elif ab == "B":
+                    buf[i, :r] = value.T
+                else:
+                    buf[i] = value
                 used.add((module, ab))
             alpha = float(_pattern_value(cfg.get("alpha_pattern"), module, cfg["lora_alpha"]))
             scaling = alpha / math.sqrt(r) if rslora else alpha / r
-            if not math.isclose(scaling, m.scaling, rel_tol=1e-6):
+            ours = m.spec.layer_scalings()[i] if m.spec.per_layer else m.spec.scaling
+            if not math.isclose(scaling, ours, rel_tol=1e-6):
                 raise AdapterError(f"{adapter_dir}: {module} has LoRA scaling {scaling:g} in the adapter "
-                                   f"(alpha={_num(alpha)}, r={r}, rslora={rslora}) but {m.scaling:g} in the model; "
+                                   f"(alpha={_num(alpha)}, r={r}, rslora={rslora}) but {ours:g} in the model; "
                                    "build the model with lora=jqlora.peft.read_adapter_config(adapter_dir)")
         updates.append((m, a_LIR, b_LRO, mag_LO))
     head_values = head_updates(model, by_module, suffix, cfg, path, adapter_dir, used)

@@ -107,7 +107,7 @@ def _check_structure(tree: Any, source: str, prefix: str = "") -> list[str]:
                                   f"not a value; got {value!r:.80}")
             leaves += _check_structure(value, source, key + ".")
         else:
-            if isinstance(value, dict):
+            if isinstance(value, dict) and typing.get_origin(_KEYS[key]) is not dict:  # (a mapping-valued leaf)
                 raise ConfigError(f"{source}: {key} must be {_describe_type(_KEYS[key])}, not a mapping")
             leaves.append(key)
     return leaves

@@ -6,7 +6,7 @@ The package docstring (`jqlora.config`) says how a run's configuration is assemb
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Dict, Optional
 
 
 QUANT_TYPES = ("nf4", "fp4", "none")
@@ -84,9 +84,15 @@ class LoraConfig:
     loftq_iters: int = 1  # LoftQ iterations (lora.init=loftq)
     dora: bool = False  # DoRA: a trained magnitude per output row over the normalized W + s·BA (QDoRA on nf4/fp4)
     plus_ratio: Optional[float] = None  # LoRA+: B (and DoRA magnitudes) learn at plus_ratio x the lr; null/0: off
+    # peft's rank_pattern / alpha_pattern: the first key K matching a module's full name as (.*\.)?(K)$ decides, so
+    # q_proj / mlp.down_proj name a module kind, model.layers.3.self_attn.q_proj one layer's module
+    rank_pattern: Dict[str, Any] = field(default_factory=dict)  # {module pattern: rank} (peft's rank_pattern)
+    alpha_pattern: Dict[str, Any] = field(default_factory=dict)  # {module pattern: alpha} (peft's alpha_pattern)
+    layers_to_transform: Any = None  # null (every layer) or the decoder layer indices to adapt (peft's)
 
     def __post_init__(self):
         _check(self.r >= 1, "lora.r", self.r, "must be >= 1")
+        self._check_patterns()
         if self.init_from is not None:
             _check(bool(self.init_from), "lora.init_from", self.init_from, "must name a directory (or be null)")
         _one_of(self.init, "lora.init", LORA_INITS)
@@ -111,6 +117,10 @@ class LoraConfig:
                 raise _Invalid("lora.targets", f"lora.targets={list(targets)!r} names a module twice")
             object.__setattr__(self, "targets", tuple(targets))
             heads = [n for n in targets if n in HEAD_MODULES]
+            if heads and self.layers_to_transform is not None:
+                raise _Invalid("lora.layers_to_transform", f"lora.layers_to_transform={self.layers_to_transform} with "
+                               f"lora.targets {heads}: it selects decoder layers, and embed_tokens / lm_head are "
+                               "outside them; drop one of the two")
             if heads and self.dora:
                 raise _Invalid("lora.dora", f"lora.dora=true with lora.targets {heads}: DoRA is for the linear "
                                "projections only; drop embed_tokens / lm_head or set lora.dora=false")
@@ -121,6 +131,32 @@ class LoraConfig:
         else:
             _check(targets == "all-linear", "lora.targets", targets,
                    "must be 'all-linear' or a list of module names")
+
+    def _check_patterns(self) -> None:
+        import re
+
+        for key, positive in (("rank_pattern", "an integer >= 1"), ("alpha_pattern", "a number > 0")):
+            pattern = getattr(self, key)
+            _check(isinstance(pattern, dict), f"lora.{key}", pattern, "must be a mapping {module pattern: value}")
+            for k, v in pattern.items():
+                try:
+                    re.compile(str(k))
+                except re.error as e:
+                    raise _Invalid(f"lora.{key}", f"lora.{key} key {k!r} is not a regular expression ({e})") from None
+                number = isinstance(v, (int, float)) and not isinstance(v, bool)
+                ok = number and (v >= 1 and float(v).is_integer() if key == "rank_pattern" else v > 0)
+                _check(ok, f"lora.{key}", {k: v}, f"must map to {positive}")
+            object.__setattr__(self, key, {str(k): (int(v) if key == "rank_pattern" else v)
+                                           for k, v in pattern.items()})
+        layers = self.layers_to_transform
+        if layers is None:
+            return
+        layers = [layers] if isinstance(layers, int) and not isinstance(layers, bool) else layers
+        ok = isinstance(layers, (list, tuple)) and len(layers) > 0 and all(
+            isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in layers)
+        _check(ok, "lora.layers_to_transform", self.layers_to_transform,
+               "must be null or a non-empty list of decoder layer indices >= 0")
+        object.__setattr__(self, "layers_to_transform", sorted(set(layers)))
 
     @property
     def target_modules(self) -> tuple[str, ...]:

@@ -41,7 +41,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jqlora import quant as q
-from jqlora.lora import LoraConfig, LoraLinear, QuantSpec, compute_dtype
+from jqlora.lora import LoraConfig, LoraLinear, QuantSpec, compute_dtype, set_layer_values
 from jqlora.models.llama import (
     REMAT_POLICIES,
     HFKey,
@@ -359,6 +359,11 @@ def _init_lora_sharded(model: LlamaForCausalLM, seed: int, placer: _Placer) -> N
     for module in modules:
         module.lora_a.set_value(jnp.zeros(module.lora_a.shape, module.lora_a.dtype))
         module.lora_b.set_value(jnp.zeros(module.lora_b.shape, module.lora_b.dtype))
+    set_layer_values(model.model.layers)  # per-layer ranks / alphas: masks and scalings, replicated
+    for module in modules:
+        for var in (module.lora_scale, module.lora_mask):
+            if var is not None:
+                var.set_value(jax.device_put(var[...], NamedSharding(placer.mesh, P())))
     model.init_lora(jax.random.key(seed))
     _place_lora(model, placer.mesh)
 

@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jqlora.lora import LoraConfig, LoraLinear, QuantSpec, compute_dtype
+from jqlora.lora import LoraConfig, LoraLinear, QuantSpec, compute_dtype, set_layer_values
 from jqlora.models.attention import IMPLEMENTATIONS as ATTENTION_IMPLEMENTATIONS
 from jqlora.models.attention import NO_WINDOW, attention
 from jqlora.models.config import ModelConfig
@@ -43,7 +43,7 @@ class Attention(nnx.Module):
     def __init__(self, cfg: ModelConfig, lora: LoraConfig | None, quant: QuantSpec, dtype: Any, lora_dtype: Any,
                  rngs: nnx.Rngs):
         D, N, K, H = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        kw = dict(quant=quant, dtype=dtype, lora_dtype=lora_dtype, rngs=rngs)
+        kw = dict(quant=quant, dtype=dtype, lora_dtype=lora_dtype, rngs=rngs, num_layers=cfg.num_hidden_layers)
         if cfg.fused_qkv:  # Phi-3: one kernel, rows q | k | v
             self.qkv_proj = linear(lora, "self_attn.qkv_proj", D, (N + 2 * K) * H, bias=cfg.qkv_bias, **kw)
             self.q_proj = self.k_proj = self.v_proj = None
@@ -155,6 +155,7 @@ class DecoderModel(nnx.Module):
             return DecoderLayer(cfg, lora, quant, dtype, lora_dtype, r)
 
         self.layers = make_layers(rngs)
+        set_layer_values(self.layers)  # per-layer LoRA ranks / alphas: each layer's mask and scaling
         self.norm = rms_norm(cfg, cfg.hidden_size, dtype)
 
 

@@ -16,7 +16,7 @@ import numpy as np
 from flax import nnx
 
 from jqlora import quant as q
-from jqlora.lora import LoraConfig, LoraLinear, QuantSpec, compute_dtype
+from jqlora.lora import LoraConfig, LoraLinear, QuantSpec, compute_dtype, set_layer_values
 from jqlora.models.config import ModelConfig, family
 
 
@@ -202,6 +202,7 @@ def from_hf_tensors(
         if isinstance(module, LoraLinear) and module.lora_a is not None:
             module.lora_a.set_value(jnp.zeros(module.lora_a.shape, module.lora_a.dtype))
             module.lora_b.set_value(jnp.zeros(module.lora_b.shape, module.lora_b.dtype))
+    set_layer_values(model.model.layers)  # per-layer ranks / alphas: masks and scalings (built abstractly above)
     model.init_lora(jax.random.key(seed))
     _check_filled(model)
     return model

@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jqlora.lora import Frozen, LoraConfig, LoraLinear, LoraSpec, QuantSpec, lora_a_init
+from jqlora.lora import Frozen, LoraConfig, LoraLinear, LoraSpec, QuantSpec, check_rank_fits, lora_a_init
 from jqlora.models.config import ModelConfig
 
 ACTIVATIONS = {"silu": jax.nn.silu, "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True)}
@@ -114,9 +114,11 @@ class LMHead(nnx.Module):
 
 
 def linear(cfg_lora: LoraConfig | None, name: str, n_in: int, n_out: int, *, bias: bool, quant: QuantSpec,
-           dtype: Any, lora_dtype: Any, rngs: nnx.Rngs) -> LoraLinear:
-    """A (possibly quantized) frozen kernel with the adapter ``cfg_lora`` asks for at module ``name``."""
-    spec = cfg_lora.for_module(name) if cfg_lora is not None else None
+           dtype: Any, lora_dtype: Any, rngs: nnx.Rngs, num_layers: int | None = None) -> LoraLinear:
+    """A (possibly quantized) frozen kernel with the adapter ``cfg_lora`` asks for at module ``name`` (of each of
+    ``num_layers`` stacked decoder layers: per-layer ranks / alphas are resolved layer by layer)."""
+    spec = cfg_lora.for_module(name, num_layers) if cfg_lora is not None else None
+    check_rank_fits(spec, name, n_in, n_out)
     return LoraLinear(n_in, n_out, lora=spec, quant=quant, use_bias=bias, dtype=dtype, param_dtype=lora_dtype,
                       rngs=rngs)
 
@@ -125,7 +127,8 @@ class MLP(nnx.Module):
     def __init__(self, cfg: ModelConfig, lora: LoraConfig | None, quant: QuantSpec, dtype: Any, lora_dtype: Any,
                  rngs: nnx.Rngs):
         D, F = cfg.hidden_size, cfg.intermediate_size
-        kw = dict(bias=False, quant=quant, dtype=dtype, lora_dtype=lora_dtype, rngs=rngs)
+        kw = dict(bias=False, quant=quant, dtype=dtype, lora_dtype=lora_dtype, rngs=rngs,
+                  num_layers=cfg.num_hidden_layers)
         if cfg.fused_gate_up:  # Phi-3: one kernel, gate rows first
             self.gate_up_proj = linear(lora, "mlp.gate_up_proj", D, 2 * F, **kw)
             self.gate_proj = self.up_proj = None
