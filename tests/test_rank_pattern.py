@@ -7,9 +7,11 @@ layers_to_transform, stacked at the largest rank with a frozen mask (`jqlora.lor
 - training: 5 steps of jqlora's scanned, padded step equal 5 steps of peft + the transformers Trainer with the same
   per-layer ranks (peft's modules are unstacked, each at its own rank): losses within 2e-5, adapters within 2e-3
   relative (adam_eps 1e-4); the padded entries of A and B and their Adam moments stay exactly 0;
+- DoRA over per-layer ranks gives peft's logits, and its merged checkpoint gives ours in transformers;
 - a uniform pattern builds the very same model as no pattern (no mask, no per-layer scaling);
 - one-line errors: a rank that does not fit its kernel, layers_to_transform naming a missing layer, PiSSA with
-  per-layer ranks (through the trainer's build_model), and an adapter whose module kinds use different layers.
+  per-layer ranks, DoRA on some layers only (through the trainer's build_model), and an adapter whose module kinds
+  use different layers.
 """
 
 from __future__ import annotations
@@ -188,6 +190,32 @@ def test_training_with_layer_ranks_equals_transformers_trainer(hf_dirs, tmp_path
     assert padded > 0
 
 
+def test_dora_with_layer_ranks_and_its_merge_match_peft(hf_dirs, tmp_path):
+    """DoRA over per-layer ranks and alphas: peft's adapter gives peft's logits in jqlora, and the merged checkpoint
+    (each layer merged at its own rank and scaling) gives jqlora's in transformers."""
+    from jqlora import export
+
+    src = hf_dirs["llama"]
+    torch.manual_seed(1)
+    made = peft.get_peft_model(AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32), peft.LoraConfig(
+        task_type="CAUSAL_LM", r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"], use_dora=True,
+        rank_pattern={"model.layers.2.self_attn.q_proj": 8}, alpha_pattern={"model.layers.0.mlp.down_proj": 3}))
+    with torch.no_grad():
+        for name, p in made.named_parameters():
+            if "lora_A" in name or "lora_B" in name:
+                torch.nn.init.normal_(p, std=0.2)
+            elif "magnitude" in name:
+                p.mul_(1 + 0.05 * torch.randn_like(p))
+    made.save_pretrained(tmp_path / "dora")
+    x = ids(5)
+    ours = jqlora.load_model(src, adapter=tmp_path / "dora", quant="none", dtype="float32")
+    assert adapted(ours)["model.layers.self_attn.q_proj"].spec.layer_ranks == (4, 4, 8)
+    np.testing.assert_allclose(jq_logits(ours, x), torch_logits(made.eval(), x), atol=1e-4, rtol=0)
+    merged = AutoModelForCausalLM.from_pretrained(export.merge_to_hf(ours, src, tmp_path / "merged", dtype="float32"),
+                                                  dtype=torch.float32).eval()
+    np.testing.assert_allclose(torch_logits(merged, x), jq_logits(ours, x), atol=1e-4, rtol=0)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # One-line errors
 
@@ -198,7 +226,9 @@ def test_training_with_layer_ranks_equals_transformers_trainer(hf_dirs, tmp_path
     (["lora.layers_to_transform=[0, 3]"], "lora.layers_to_transform names layer(s) [3], but the model has 3 layers"),
     (["lora.init=pissa", "model.quant=none", "lora.rank_pattern={model.layers.0.self_attn.q_proj: 2}"],
      "lora.init=pissa: self_attn.q_proj has ranks / alphas that differ between layers"),
-], ids=["rank-does-not-fit", "missing-layer", "pissa"])
+    (["lora.dora=true", "lora.layers_to_transform=[1]"],
+     "lora.dora=true with self_attn.q_proj adapted in some layers only"),
+], ids=["rank-does-not-fit", "missing-layer", "pissa", "dora-on-some-layers"])
 def test_bad_layer_patterns_are_one_line(hf_dirs, override, expected):
     from jqlora.config import load_config
     from jqlora.loop import UserError, build_model

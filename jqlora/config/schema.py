@@ -86,9 +86,9 @@ class LoraConfig:
     plus_ratio: Optional[float] = None  # LoRA+: B (and DoRA magnitudes) learn at plus_ratio x the lr; null/0: off
     # peft's rank_pattern / alpha_pattern: the first key K matching a module's full name as (.*\.)?(K)$ decides, so
     # q_proj / mlp.down_proj name a module kind, model.layers.3.self_attn.q_proj one layer's module
-    rank_pattern: Dict[str, Any] = field(default_factory=dict)  # {module pattern: rank} (peft's rank_pattern)
-    alpha_pattern: Dict[str, Any] = field(default_factory=dict)  # {module pattern: alpha} (peft's alpha_pattern)
-    layers_to_transform: Any = None  # null (every layer) or the decoder layer indices to adapt (peft's)
+    rank_pattern: Dict[str, Any] = field(default_factory=dict, hash=False)  # {module pattern: rank} (peft's rank_pattern)
+    alpha_pattern: Dict[str, Any] = field(default_factory=dict, hash=False)  # {module pattern: alpha} (peft's alpha_pattern)
+    layers_to_transform: Any = field(default=None, hash=False)  # null (every layer) or the decoder layer indices to adapt (peft's)
 
     def __post_init__(self):
         _check(self.r >= 1, "lora.r", self.r, "must be >= 1")
@@ -156,7 +156,7 @@ class LoraConfig:
             isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in layers)
         _check(ok, "lora.layers_to_transform", self.layers_to_transform,
                "must be null or a non-empty list of decoder layer indices >= 0")
-        object.__setattr__(self, "layers_to_transform", sorted(set(layers)))
+        object.__setattr__(self, "layers_to_transform", sorted(set(layers)))  # (fields kept out of the hash)
 
     @property
     def target_modules(self) -> tuple[str, ...]:
