@@ -208,16 +208,18 @@ def match_pattern(pattern: Mapping[str, Any] | None, name: str, default: Any) ->
     return default
 
 
-def check_rank_fits(spec: LoraSpec | None, name: str, in_features: int, out_features: int) -> None:
-    """`LoraError` if a rank exceeds ``min(in, out)`` of the kernel it adapts (no such rank can be used)."""
+def check_rank_fits(spec: LoraSpec | None, name: str, in_features: int, out_features: int, default_r: int) -> None:
+    """`LoraError` if a rank that a rank pattern set (one that is not ``default_r``, the config's r) exceeds
+    ``min(in, out)`` of the kernel it adapts: a rank the kernel cannot use, most likely a pattern meant for another
+    module. (A uniform r above it stays allowed, as in peft; PiSSA / LoftQ check theirs.)"""
     if spec is None:
         return
     ranks = spec.layer_ranks if spec.per_layer else (spec.r,)
     for i, r in enumerate(ranks):
-        if r > min(in_features, out_features):
+        if r != default_r and r > min(in_features, out_features):
             where = f"model.layers.{i}.{name}" if spec.per_layer else name
-            raise LoraError(f"lora rank {r} (lora.r / lora.rank_pattern) does not fit {where}, a {out_features}x"
-                            f"{in_features} kernel: its rank is at most {min(in_features, out_features)}")
+            raise LoraError(f"lora.rank_pattern: rank {r} does not fit {where}, a {out_features}x{in_features} "
+                            f"kernel: its rank is at most {min(in_features, out_features)}")
 
 
 @dataclasses.dataclass(frozen=True)

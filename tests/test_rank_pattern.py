@@ -222,7 +222,7 @@ def test_dora_with_layer_ranks_and_its_merge_match_peft(hf_dirs, tmp_path):
 
 @pytest.mark.parametrize("override,expected", [
     (["lora.rank_pattern={model.layers.1.self_attn.k_proj: 40}"],
-     "lora rank 40 (lora.r / lora.rank_pattern) does not fit model.layers.1.self_attn.k_proj, a 32x64 kernel"),
+     "lora.rank_pattern: rank 40 does not fit model.layers.1.self_attn.k_proj, a 32x64 kernel"),
     (["lora.layers_to_transform=[0, 3]"], "lora.layers_to_transform names layer(s) [3], but the model has 3 layers"),
     (["lora.init=pissa", "model.quant=none", "lora.rank_pattern={model.layers.0.self_attn.q_proj: 2}"],
      "lora.init=pissa: self_attn.q_proj has ranks / alphas that differ between layers"),

@@ -118,7 +118,8 @@ def linear(cfg_lora: LoraConfig | None, name: str, n_in: int, n_out: int, *, bia
     """A (possibly quantized) frozen kernel with the adapter ``cfg_lora`` asks for at module ``name`` (of each of
     ``num_layers`` stacked decoder layers: per-layer ranks / alphas are resolved layer by layer)."""
     spec = cfg_lora.for_module(name, num_layers) if cfg_lora is not None else None
-    check_rank_fits(spec, name, n_in, n_out)
+    if cfg_lora is not None:
+        check_rank_fits(spec, name, n_in, n_out, cfg_lora.r)
     return LoraLinear(n_in, n_out, lora=spec, quant=quant, use_bias=bias, dtype=dtype, param_dtype=lora_dtype,
                       rngs=rngs)
 
