@@ -10,16 +10,15 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 from collections import Counter
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jqlora.lora import ADAPTABLE_MODULES, LoraConfig
+from jqlora.lora import ADAPTABLE_MODULES, LoraConfig, match_pattern
 from jqlora.peft import (_KEY_RE, _LAYER_RE, _MAGNITUDE_RE, CONFIG_NAME, PREFIX, WEIGHTS_NAME, WEIGHTS_NAME_BIN,
                          AdapterError, _lora_modules, _num)
 from jqlora.peft_heads import BASE_COPY_RE, EMBED_KEY_RE, HEADS, check_base_copy, head_modules, head_specs, head_updates
@@ -135,12 +134,7 @@ def _parse_key(key: str, where: Path) -> tuple[str, str, str | None]:
     return module, ab, m["adapter"]
 
 
-def _pattern_value(pattern: Mapping[str, Any] | None, module: str, default: Any) -> Any:
-    """peft's rule: the first key K with ``re.match(rf"(.*\\.)?({K})$", module)`` decides."""
-    for key, value in (pattern or {}).items():
-        if re.match(rf"(.*\.)?({key})$", module):
-            return value
-    return default
+_pattern_value = match_pattern  # peft's rule: the first key K with re.match(rf"(.*\.)?({K})$", module) decides
 
 
 def _adapted_modules(adapter_dir: Path, cfg: dict) -> dict[str, dict[int, tuple[int, float]]]:
