@@ -33,7 +33,8 @@ from flax import nnx
 
 from jqlora import optim, report, sharding
 from jqlora.config import save_config
-from jqlora.data import BatchIterator, build_datasets, eval_batches, load_tokenizer
+from jqlora.batches import BatchIterator, eval_batches
+from jqlora.data import build_datasets, load_tokenizer
 from jqlora.divergence import DivergenceMonitor
 from jqlora.rundir import RunDir, RunDirError, open_run_dir
 from jqlora.runlock import LockError, RunLock
