@@ -109,8 +109,9 @@ def _open_run_dir(cfg, primary: bool) -> RunDir:
     return run_dir
 
 
-def build_model(cfg, check: Callable[[Any], None] | None = None, mesh=None):
+def build_model(cfg, check: Callable[[Any], None] | None = None, mesh=None, run_dir: str | None = None):
     """The quantized base model with fresh adapters, as the config says; ``check(ModelConfig)`` runs before loading.
+    ``run_dir``: the run directory whose start PiSSA / LoftQ saved (`jqlora.init_export`), for resumes and exports.
 
     With a ``mesh`` of several devices in a single process, every tensor is loaded straight into its shards
     (`load_model(mesh=)`); otherwise the model is loaded on the default device (and placed by the caller).
@@ -149,7 +150,7 @@ def build_model(cfg, check: Callable[[Any], None] | None = None, mesh=None):
             return lora_init.load_initialized(cfg, lambda quant, **kw: load_model(
                 path, quant=quant, double_quant=cfg.model.double_quant, block_size=cfg.model.block_size,
                 dtype=cfg.model.dtype, lora=_lora_config(cfg), seed=cfg.train.seed, remat=remat,
-                mesh=mesh if streamed and kw.get("streamed", True) else None))
+                mesh=mesh if streamed and kw.get("streamed", True) else None), run_dir=run_dir)
         except lora_init.InitError as e:
             raise UserError(str(e)) from None
     except (ConvertError, FileNotFoundError) as e:
@@ -203,7 +204,7 @@ class Trainer:
             except init_from.InitFromError as e:
                 raise UserError(str(e)) from None
         self.model = build_model(cfg, lambda shape: sharding.check_model_fits(
-            self.mesh, shape, self.tc.batch_size, self.tc.eval_batch_size), mesh=self.mesh)
+            self.mesh, shape, self.tc.batch_size, self.tc.eval_batch_size), mesh=self.mesh, run_dir=self.out)
         self.tokenizer = tokenizer = load_tokenizer(cfg.model.tokenizer_path or cfg.model.path)
         self.train_ds, self.eval_ds = build_datasets(cfg.data, tokenizer, seed=self.tc.seed)
         self.iterator = BatchIterator(sharding.RowIds(len(self.train_ds)), self.tc.batch_size, seed=self.tc.seed,

@@ -150,7 +150,7 @@ def restore_for_export(src: str | os.PathLike, *, step: int | None = None, quant
     if why is not None:
         raise ExportError(f"{run.step_dir(step)}: not usable ({why})")
     meta = run.restore_meta(step)
-    model = build_model(cfg)
+    model = build_model(cfg, run_dir=str(src))
     split = SplitModel.of(model)
     tx, _ = optim.make_optimizer(cfg.train, int(meta["total_steps"]), cfg.lora.plus_ratio)
     opt_leaves = jax.tree.leaves(tx.init(split.lora))

@@ -88,3 +88,38 @@ def test_bad_init_is_one_line(assets, tmp_path, capsys, extra, expect):
     assert T.main(["--no-progress", *args, *extra.split()]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and expect in err and "Traceback" not in err, err
+
+
+def test_loftq_resume_and_export_take_the_saved_start(assets, tmp_path, monkeypatch):
+    """resume = uninterrupted, with the SVDs switched off after the start: the resumed run and the export read the
+    adjusted base and initial adapters the run's start saved (init_state) instead of computing LoftQ again."""
+    from jqlora import lora_init
+    from jqlora.merge import restore_for_export
+
+    x = jnp.asarray(np.random.default_rng(1).integers(0, 512, (2, 12)).astype(np.int32))
+    args = ("lora.init=loftq", "lora.loftq_iters=2", "train.max_steps=3")
+    whole = T.Trainer(_cfg(assets / "model", assets, tmp_path / "whole", *args), progress=False)
+    assert whole.run() == 0
+    want = np.asarray(whole.split.model(whole.lora)(x))
+
+    first = T.Trainer(_cfg(assets / "model", assets, tmp_path / "run", *args, "train.stop_at_step=1"), progress=False)
+    assert first.run() == 0 and first.step == 1
+    assert (tmp_path / "run" / "init_state" / "init_state.json").is_file()
+
+    def no_svds(*a, **k):
+        raise AssertionError("lora.init computed again")
+
+    monkeypatch.setattr(lora_init, "apply", no_svds)
+    resumed = T.Trainer(_cfg(assets / "model", assets, tmp_path / "run", *args), progress=False)
+    assert resumed.run() == 0 and resumed.step == 3
+    got = np.asarray(resumed.split.model(resumed.lora)(x))
+    np.testing.assert_allclose(got, want, atol=1e-6, rtol=0)
+    assert np.abs(got - np.asarray(build_model(_cfg(assets / "model", assets, tmp_path / "x"))(x))).max() > 1e-3
+    exported, _, step = restore_for_export(tmp_path / "run")
+    assert step == 3
+    np.testing.assert_allclose(np.asarray(exported(x)), want, atol=1e-6, rtol=0)
+
+    # other settings in the same directory: not used (computed again, here refused by the patch)
+    with pytest.raises(AssertionError, match="computed again"):
+        build_model(_cfg(assets / "model", assets, tmp_path / "run", "lora.init=loftq", "lora.loftq_iters=1"),
+                    run_dir=str(tmp_path / "run"))

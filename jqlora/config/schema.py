@@ -82,6 +82,9 @@ class LoraConfig:
     # becomes the residual) | loftq (alternating quantization and SVD, so 4-bit base + AB ~ W); jqlora/lora_init.py
     init: str = "default"
     loftq_iters: int = 1  # LoftQ iterations (lora.init=loftq)
+    # PiSSA / LoftQ SVDs: null = exact (float32, numpy, on the host); N = randomized rank-r SVD with N power
+    # iterations on the default device (peft's pissa_niter_N; Halko et al. 2011): seconds per 8B kernel, not minutes
+    svd_niter: Optional[int] = None
     dora: bool = False  # DoRA: a trained magnitude per output row over the normalized W + s·BA (QDoRA on nf4/fp4)
     plus_ratio: Optional[float] = None  # LoRA+: B (and DoRA magnitudes) learn at plus_ratio x the lr; null/0: off
 
@@ -91,6 +94,8 @@ class LoraConfig:
             _check(bool(self.init_from), "lora.init_from", self.init_from, "must name a directory (or be null)")
         _one_of(self.init, "lora.init", LORA_INITS)
         _check(self.loftq_iters >= 1, "lora.loftq_iters", self.loftq_iters, "must be >= 1")
+        if self.svd_niter is not None:
+            _check(self.svd_niter >= 0, "lora.svd_niter", self.svd_niter, "must be >= 0 (or null: the exact SVD)")
         _check(not (self.dora and self.init in ("pissa", "loftq")), "lora.init", self.init,
                "cannot be combined with lora.dora=true (its magnitudes would be taken on the adjusted base)")
         if self.plus_ratio is not None:
