@@ -287,11 +287,15 @@ def test_greedy_generation_matches_transformers(family, tmp_path):
     np.testing.assert_allclose(np.stack([lg for _, lg in steps], 1), ref_logits, atol=1e-4, rtol=0)
 
 
-def test_training_invariants(tmp_path):
+@pytest.mark.parametrize("family,quant", [("mixtral", "none"), ("qwen3_moe", "nf4")])
+def test_training_invariants(family, quant, tmp_path):
     """packing = separate rows; remat = no remat; two micro-batches = one batch (the micro-batches have other token
-    counts, so other dispatch tiles). Mixtral only: Qwen3-MoE runs the same MoE code (CI time)."""
-    _, path = make_moe_model(tmp_path / "hf", "mixtral")  # (float base: the 4-bit path's invariants are Llama's)
-    model = jqlora.load_model(path, quant="none", dtype="float32", lora=LORA, remat="none")
+    counts, so other dispatch tiles). Each family once, float or NF4 + double quant experts and attention (CI time:
+    not every pair)."""
+    _, path = make_moe_model(tmp_path / "hf", family)
+    model = jqlora.load_model(path, quant=quant, double_quant=True, dtype="float32", lora=LORA, remat="none")
+    if quant == "nf4":  # the experts are 4-bit: the invariants hold through the dequantizing dispatch
+        assert model.model.layers.mlp.experts.gate_proj.nested_absmax is not None
     randomize_lora(model, seed=4, scale=0.1)
     a, b = ids(6, (1, 9)), ids(7, (1, 8))
     packed = np.concatenate([a, b, np.zeros((1, 3), np.int32)], axis=1)
