@@ -89,10 +89,10 @@ FAMILY_CONFIGS = {
 
 
 def make_family_model(path: Path, family: str, seed: int = 0, **overrides):
-    """A tiny random ``family`` model (`FAMILY_CONFIGS`, eager attention, float32) with weights scaled so every term
-    matters (kernels ~ 1/sqrt(fan-in); norm weights off their neutral value), saved to ``path``.
+    """A tiny random ``family`` model (`FAMILY_CONFIGS` or `FAMILIES`, eager attention, float32) with weights scaled so
+    every term matters (kernels ~ 1/sqrt(fan-in); norm weights off their neutral value), saved to ``path``.
     Returns (the transformers model, ``path``)."""
-    cls, extra = FAMILY_CONFIGS[family]
+    cls, extra = {**FAMILIES, **FAMILY_CONFIGS}[family]
     config = cls(**{**BASE, **extra, **overrides})
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager").float().eval()
