@@ -20,6 +20,11 @@ Both also save the model as it starts, ``OUTPUT_DIR/init_state``: every adjusted
 the SVDs (an 8B model's LoftQ is many minutes of host SVDs, a 70B's hours), so a resume is also bit-exact on any
 machine. Settings that differ (another base, rank, quantization, seed, ...) or a damaged file: recomputed, with a
 warning. Its size is the 4-bit base's (about 4.5 GB for an 8B model).
+
+``gaussian`` leaves the base alone: its adapter is a plain LoRA whose ``adapter_config.json`` says
+``init_lora_weights: "gaussian"``, as peft writes for that init (peft reads it back, then loads the weights over it).
+(LoftQ's keeps ``true``: with peft's own ``"loftq"``, peft would run LoftQ again, on a CUDA device, when it loads
+the adapter.)
 """
 
 from __future__ import annotations
@@ -75,8 +80,15 @@ def save_adapter(model: Any, cfg: Any, run_out: str | os.PathLike, dst: str | os
 
     base = base_for_adapter(cfg, run_out, base)
     if cfg.lora.init != "pissa":
-        return peft.save_adapter(model, dst, lora_config=lora_config, base_model_name_or_path=base, dtype=dtype,
-                                 card=card, overwrite=overwrite)
+        out = peft.save_adapter(model, dst, lora_config=lora_config, base_model_name_or_path=base, dtype=dtype,
+                                card=card, overwrite=overwrite)
+        if cfg.lora.init == "gaussian":  # what peft writes for init_lora_weights="gaussian"
+            path = out / peft.CONFIG_NAME
+            config = {**json.loads(path.read_text()), "init_lora_weights": "gaussian"}
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+            os.replace(tmp, path)
+        return out
     from safetensors.numpy import save_file
 
     init_dir = Path(run_out) / INIT_ADAPTER
