@@ -13,15 +13,15 @@ import jqlora
 
 # hidden 80, intermediate 150, head_dim 20: no kernel width is a multiple of 64; [80, 150] and [150, 80] kernels
 # hold 12000 values, 187.5 blocks of 64
-ODD = dict(hidden_size=80, intermediate_size=150, num_attention_heads=4, num_key_value_heads=2, head_dim=20)
+ODD = {"hidden_size": 80, "intermediate_size": 150, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 20}
 EXTRA = {
     "llama": {},
     "gemma2": {},
     "gemma3": {},
     # rotary dims 20 · 0.5 = 10: five LongRoPE factors
-    "phi3": dict(rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_factor": 0.5,
-                                  "short_factor": [1.0, 1.3, 2.1, 3.7, 5.0],
-                                  "long_factor": [1.1, 2.5, 6.0, 17.0, 30.0]}),
+    "phi3": {"rope_parameters": {"rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_factor": 0.5,
+                                 "short_factor": [1.0, 1.3, 2.1, 3.7, 5.0],
+                                 "long_factor": [1.1, 2.5, 6.0, 17.0, 30.0]}},
     "mixtral": {},
 }
 CONFIGS = {**FAMILIES, **FAMILY_CONFIGS, **MOE_CONFIGS}

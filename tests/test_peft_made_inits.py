@@ -1,7 +1,8 @@
 """Adapters that peft's own PiSSA and LoftQ made import into jqlora with peft's logits (float32 bases): PiSSA
 converted to a plain rank-2r LoRA on the original base (``path_initial_model_for_weight_conversion``) and PiSSA as
 trained, rank r on the residual base peft leaves behind; LoftQ (4-bit) on the adjusted base the user saves, in float
-and re-quantized to NF4 as a QLoRA run loads it. (jqlora's own lora.init=pissa / loftq: tests/test_lora_init_model.py.)"""
+and re-quantized to NF4 as a QLoRA run loads it. (jqlora's own lora.init=pissa / loftq:
+tests/test_lora_init_model.py.)"""
 
 import contextlib
 

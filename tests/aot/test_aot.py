@@ -48,7 +48,7 @@ def hlo() -> dict[str, str]:
     return out
 
 
-_INSTR = re.compile(r"^\s*(?:ROOT )?%\S+ = (\([^)]*\)|\S+) ([\w-]+)\((.*)$", re.M)
+_INSTR = re.compile(r"^\s*(?:ROOT )?%\S+ = (\([^)]*\)|\S+) ([\w-]+)\((.*)$", re.MULTILINE)
 
 
 def _instructions(text: str):
@@ -159,11 +159,11 @@ def _dot_flops(text: str) -> float:
     """2 · (output elements) · (contracted elements) summed over every dot of the HLO (each computation once: a
     loop body counts once however many times it runs, the same in both compiles compared)."""
     shapes = {}
-    for m in re.finditer(r"^\s*(?:ROOT )?%([\w.-]+) = \w+\[([\d,]*)\]", text, re.M):
+    for m in re.finditer(r"^\s*(?:ROOT )?%([\w.-]+) = \w+\[([\d,]*)\]", text, re.MULTILINE):
         shapes[m.group(1)] = [int(d) for d in m.group(2).split(",") if d]
     total = 0.0
     for m in re.finditer(r"^\s*(?:ROOT )?%[\w.-]+ = \w+\[([\d,]*)\]\S* dot\(%([\w.-]+), %[\w.-]+\)"
-                         r".*?lhs_contracting_dims=\{([\d,]*)\}", text, re.M):
+                         r".*?lhs_contracting_dims=\{([\d,]*)\}", text, re.MULTILINE):
         out = math.prod(int(d) for d in m.group(1).split(",") if d)
         lhs = shapes[m.group(2)]
         total += 2.0 * out * math.prod(lhs[int(d)] for d in m.group(3).split(",") if d)
