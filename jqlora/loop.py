@@ -83,7 +83,7 @@ def _lora_config(cfg):
     from jqlora.lora import LoraConfig
 
     return LoraConfig(r=cfg.lora.r, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout, targets=cfg.lora.targets,
-                      rslora=cfg.lora.rslora, dora=cfg.lora.dora)
+                      rslora=cfg.lora.rslora, dora=cfg.lora.dora, experts=cfg.lora.experts)
 
 
 def _open_run_dir(cfg, primary: bool) -> RunDir:

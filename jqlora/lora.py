@@ -88,6 +88,7 @@ class LoraConfig:
     rank_pattern: Mapping[str, int] = dataclasses.field(default_factory=dict)
     alpha_pattern: Mapping[str, float] = dataclasses.field(default_factory=dict)
     dora: bool = False  # DoRA (jqlora.dora): a trained magnitude per output row of every adapted module
+    experts: bool = False  # MoE models: also adapt the experts' fused gate_up_proj / down_proj (jqlora.models.moe)
 
     def __post_init__(self):
         if isinstance(self.targets, str) and self.targets != "all-linear":
@@ -107,6 +108,9 @@ class LoraConfig:
         for key, value in self.rank_pattern.items():
             if not (isinstance(value, int) and value > 0):
                 raise ValueError(f"rank_pattern[{key!r}] must be a positive integer, got {value!r}")
+        if self.experts and (self.dropout > 0 or self.dora):  # (peft's ParamWrapper refuses both)
+            raise ValueError(f"LoRA on the MoE experts takes no {'DoRA' if self.dora else 'dropout'} (peft refuses "
+                             f"it on target_parameters): set dropout=0 and dora=False, or experts=False")
 
     @property
     def target_modules(self) -> tuple[str, ...]:

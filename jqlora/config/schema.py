@@ -87,6 +87,9 @@ class LoraConfig:
     svd_niter: Optional[int] = None
     dora: bool = False  # DoRA: a trained magnitude per output row over the normalized W + s·BA (QDoRA on nf4/fp4)
     plus_ratio: Optional[float] = None  # LoRA+: B (and DoRA magnitudes) learn at plus_ratio x the lr; null/0: off
+    # MoE (Mixtral, Qwen3-MoE): also adapt every expert's fused gate_up_proj / down_proj (peft target_parameters);
+    # off by default: peft refuses lora.dropout > 0 there (the default is 0.05) and vLLM may not serve it (README)
+    experts: bool = False
 
     def __post_init__(self):
         _check(self.r >= 1, "lora.r", self.r, "must be >= 1")
@@ -103,6 +106,13 @@ class LoraConfig:
                    and self.plus_ratio >= 0, "lora.plus_ratio", self.plus_ratio, "must be a number >= 0 (or null: off)")
         _check(self.alpha > 0, "lora.alpha", self.alpha, "must be > 0")
         _check(0.0 <= self.dropout < 1.0, "lora.dropout", self.dropout, "must be in [0, 1)")
+        if self.experts:  # peft's ParamWrapper (target_parameters) refuses dropout and DoRA
+            _check(self.dropout == 0, "lora.dropout", self.dropout, "must be 0 with lora.experts=true (peft "
+                   "refuses dropout on the fused expert parameters); set lora.dropout=0 or lora.experts=false")
+            _check(not self.dora, "lora.dora", self.dora, "cannot be combined with lora.experts=true (peft refuses "
+                   "DoRA on the fused expert parameters)")
+            _check(self.init == "default", "lora.init", self.init, "is not implemented for the expert adapters "
+                   "(lora.experts=true): use lora.init=default")
         targets = self.targets
         if isinstance(targets, str) and targets != "all-linear":
             targets = [targets]
