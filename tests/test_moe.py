@@ -1,6 +1,7 @@
 """Sparse MoE families (Mixtral, Qwen3-MoE) against transformers, bitsandbytes and peft: the router picks the same
 experts, the dispatch's compiled matmul FLOPs scale with top-k and not with the number of experts, NF4 experts,
-bnb-4bit checkpoints, adapters on attention, generation and the training invariants."""
+bnb-4bit checkpoints, adapters on attention (on the experts: test_moe_lora.py), generation and the training
+invariants."""
 
 import json
 import re
@@ -214,10 +215,10 @@ def set_experts(hf_model, ours) -> None:
 
 @pytest.mark.parametrize("family,quant", [("mixtral", "none"), ("mixtral", "nf4"), ("qwen3_moe", "none")])
 def test_peft_round_trip(family, quant, tmp_path_factory, tmp_path):
-    """Adapters on the attention (what jqlora's all-linear adapts on these models): keys and shapes equal peft's for
-    the target_modules our adapter_config names, and peft reproduces our logits. (peft 0.21's own all-linear on
-    transformers 5.24's MoE also adds target_parameters for the router and the fused 3-D experts: not adapted here,
-    see models/mixtral.py.) The 4-bit base on Mixtral only: the same attention code as Qwen3-MoE's (CI time)."""
+    """Adapters on the attention (jqlora's all-linear on these models, with lora.experts off): keys and shapes equal
+    peft's for the target_modules our adapter_config names, and peft reproduces our logits. (The experts' adapters,
+    peft's target_parameters: tests/test_moe_lora.py.) The 4-bit base on Mixtral only: the same attention code as
+    Qwen3-MoE's (CI time)."""
     _, path = make_moe_model(tmp_path_factory.mktemp(f"{family}-{quant}") / "hf", family)
     ours = jqlora.load_model(path, quant=quant, dtype="float32", lora=LORA)
     randomize_lora(ours, seed=1)
