@@ -4,7 +4,6 @@ bnb-4bit checkpoints, adapters on attention (on the experts: test_moe_lora.py), 
 invariants."""
 
 import json
-import re
 from pathlib import Path
 
 import bitsandbytes.functional as bnbf
@@ -16,14 +15,14 @@ import pytest
 import torch
 from flax import nnx
 from safetensors.torch import load_file
-from tiny import MOE_CONFIGS, bnb_model, jq_logits, make_moe_model, randomize_lora, torch_logits
+from tiny import MOE_CONFIGS, bnb_model, jq_logits, make_moe_model, moe_block_dots, randomize_lora, torch_logits
 from transformers import AutoModelForCausalLM
 
 import jqlora
 from jqlora import convert, step
 from jqlora import generate as gen
 from jqlora import quant as qmod
-from jqlora.lora import LoraConfig, QuantSpec
+from jqlora.lora import LoraConfig
 from jqlora.models import ModelConfig, hf_key_table, moe
 from jqlora.peft import load_model_with_adapter, save_adapter
 
@@ -91,29 +90,8 @@ def test_qwen3_moe_unnormalized_top_k_matches_transformers(tmp_path):
 
 
 def _dot_flops(E: int, k: int, T: int = 256, D: int = 64, F: int = 128) -> float:
-    cfg = ModelConfig(model_type="mixtral", vocab_size=8, hidden_size=D, intermediate_size=F, num_hidden_layers=1,
-                      num_attention_heads=1, num_key_value_heads=1, head_dim=D, num_experts=E,
-                      num_experts_per_tok=k)
-    block = moe.MoE(cfg, QuantSpec("none"), jnp.float32, jnp.float32, nnx.Rngs(0))
-    graphdef, state = nnx.split(block)
-    fn = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x))
-    hlo = fn.lower(state, jax.ShapeDtypeStruct((1, T, D), jnp.float32)).compile().as_text()
-    # FLOPs of every dot in the compiled HLO: 2 · (product of the output dims) · (contracted dims)
-    total = 0.0
-    shapes = {}
-    for line in hlo.splitlines():
-        m = re.match(r"\s*(?:ROOT )?%?([\w.-]+) = \w+\[([\d,]*)\]", line)
-        if m:
-            shapes[m.group(1)] = [int(d) for d in m.group(2).split(",") if d]
-    for line in hlo.splitlines():
-        m = re.match(r"\s*(?:ROOT )?%?[\w.-]+ = \w+\[([\d,]*)\][^=]*? dot\(%?([\w.-]+), %?([\w.-]+)\).*"
-                     r"lhs_contracting_dims=\{([\d,]*)\}", line)
-        if m:
-            out = np.prod([int(d) for d in m.group(1).split(",") if d])
-            lhs = shapes[m.group(2)]
-            contracted = np.prod([lhs[int(d)] for d in m.group(4).split(",") if d])
-            total += 2.0 * out * contracted
-    return total
+    """FLOPs of every dot in one MoE block's compiled forward HLO."""
+    return sum(2.0 * np.prod(out) * np.prod(contracted) for out, contracted in moe_block_dots(E, k, T, D, F))
 
 
 def test_dispatch_flops_scale_with_top_k_not_experts():

@@ -15,7 +15,7 @@ import pytest
 import torch
 from flax import nnx
 from safetensors.torch import load_file
-from tiny import jq_logits, make_moe_model, torch_logits
+from tiny import jq_logits, make_moe_model, moe_block_dots, torch_logits
 from transformers import AutoModelForCausalLM
 
 import jqlora
@@ -179,29 +179,9 @@ def test_peft_made_adapter_imports(family, tmp_path):
 
 def _adapter_dot_flops(E: int, k: int, r: int, T: int = 128, D: int = 64, F: int = 128) -> float:
     """FLOPs of the adapter dots (those with the rank r among their output or contracted dims; r matches no other
-    dim) in one MoE block's compiled forward HLO: 2 · (product of the output dims) · (contracted dims)."""
-    cfg = ModelConfig(model_type="mixtral", vocab_size=8, hidden_size=D, intermediate_size=F, num_hidden_layers=1,
-                      num_attention_heads=1, num_key_value_heads=1, head_dim=D, num_experts=E,
-                      num_experts_per_tok=k)
-    block = moe.MoE(cfg, QuantSpec("none"), jnp.float32, jnp.float32, nnx.Rngs(0),
-                    LoraConfig(r=r, alpha=8, experts=True))
-    graphdef, state = nnx.split(block)
-    fn = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x))
-    hlo = fn.lower(state, jax.ShapeDtypeStruct((1, T, D), jnp.float32)).compile().as_text()
-    shapes, total = {}, 0.0
-    for line in hlo.splitlines():
-        m = re.match(r"\s*(?:ROOT )?%?([\w.-]+) = \w+\[([\d,]*)\]", line)
-        if m:
-            shapes[m.group(1)] = [int(d) for d in m.group(2).split(",") if d]
-    for line in hlo.splitlines():
-        m = re.match(r"\s*(?:ROOT )?%?[\w.-]+ = \w+\[([\d,]*)\][^=]*? dot\(%?([\w.-]+), %?([\w.-]+)\).*"
-                     r"lhs_contracting_dims=\{([\d,]*)\}", line)
-        if m:
-            out = [int(d) for d in m.group(1).split(",") if d]
-            contracted = [shapes[m.group(2)][int(d)] for d in m.group(4).split(",") if d]
-            if r in out or r in contracted:
-                total += 2.0 * np.prod(out) * np.prod(contracted)
-    return total
+    dim) in one MoE block's compiled forward HLO."""
+    dots = moe_block_dots(E, k, T, D, F, LoraConfig(r=r, alpha=8, experts=True))
+    return sum(2.0 * np.prod(out) * np.prod(c) for out, c in dots if r in out or r in c)
 
 
 def test_expert_lora_flops_scale_with_top_k_not_experts():

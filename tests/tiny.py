@@ -229,3 +229,36 @@ def nf4_dq_float64_model(model: torch.nn.Module) -> torch.nn.Module:
                         mod.gate_up_proj[e, rows] = torch.from_numpy(nf4_dq_float64(w))
                     mod.down_proj[e] = torch.from_numpy(nf4_dq_float64(mod.down_proj[e].float().numpy()))
     return model
+
+
+def moe_block_dots(E: int, k: int, T: int, D: int, F: int, lora=None) -> list[tuple[list[int], list[int]]]:
+    """``(output dims, contracted dims)`` of every dot in the compiled forward HLO of one float32 Mixtral-shaped MoE
+    block (``lora``: a `jqlora.lora.LoraConfig`, e.g. with expert adapters) on T tokens; a dot's FLOPs are
+    2 · prod(output) · prod(contracted)."""
+    import re
+
+    from flax import nnx
+
+    from jqlora.lora import QuantSpec
+    from jqlora.models import moe
+    from jqlora.models.config import ModelConfig
+
+    cfg = ModelConfig(model_type="mixtral", vocab_size=8, hidden_size=D, intermediate_size=F, num_hidden_layers=1,
+                      num_attention_heads=1, num_key_value_heads=1, head_dim=D, num_experts=E,
+                      num_experts_per_tok=k)
+    block = moe.MoE(cfg, QuantSpec("none"), jnp.float32, jnp.float32, nnx.Rngs(0), *([lora] if lora else []))
+    graphdef, state = nnx.split(block)
+    fn = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x))
+    hlo = fn.lower(state, jax.ShapeDtypeStruct((1, T, D), jnp.float32)).compile().as_text()
+    shapes, dots = {}, []
+    for line in hlo.splitlines():
+        m = re.match(r"\s*(?:ROOT )?%?([\w.-]+) = \w+\[([\d,]*)\]", line)
+        if m:
+            shapes[m.group(1)] = [int(d) for d in m.group(2).split(",") if d]
+    for line in hlo.splitlines():
+        m = re.match(r"\s*(?:ROOT )?%?[\w.-]+ = \w+\[([\d,]*)\][^=]*? dot\(%?([\w.-]+), %?([\w.-]+)\).*"
+                     r"lhs_contracting_dims=\{([\d,]*)\}", line)
+        if m:
+            out = [int(d) for d in m.group(1).split(",") if d]
+            dots.append((out, [shapes[m.group(2)][int(d)] for d in m.group(4).split(",") if d]))
+    return dots
