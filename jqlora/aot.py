@@ -182,7 +182,8 @@ def compile_step(shape, cfg, gpu: str | None = "h100-sxm", *, remat: str | None 
     tx, _ = optim.make_optimizer(cfg.train, max(1, cfg.train.max_steps or 1), cfg.lora.plus_ratio)
     args = step_arguments(split, tx, batch=batch or cfg.train.batch_size, seq=seq or cfg.data.max_length,
                           sharding=SingleDeviceSharding(device))
-    train_step = make_train_step(split, tx, ce_chunk or CE_CHUNK, packed=cfg.data.packing)
+    train_step = make_train_step(split, tx, ce_chunk or CE_CHUNK, packed=cfg.data.packing,
+                                 aux_coef=cfg.train.router_aux_loss_coef)  # the step jqlora.train jits
     with _traced_for(gpu):
         traced = train_step.trace(*args)
     compiled = traced.lower().compile()

@@ -43,7 +43,8 @@ def _output_dir_line(cfg) -> str:
 
 def dry_run(cfg, out=print) -> int:
     from jqlora import optim, plan
-    from jqlora.data import BatchIterator, DataError, build_datasets, load_tokenizer
+    from jqlora.batches import BatchIterator
+    from jqlora.data import DataError, build_datasets, load_tokenizer
 
     from jqlora.loop import ensure_demo_model
 

@@ -13,14 +13,27 @@ Both adjust the base (`jqlora.lora_init`), so an adapter alone, on the original 
   float32 Hugging Face checkpoint holding deq(Q) (written by `jqlora.export.merge_to_hf` with zero adapters), and the
   exported adapter names it as ``base_model_name_or_path``. peft / transformers load it as a base (in float, or
   quantized again with bitsandbytes: re-quantizing deq(Q) gives Q back up to double quantization's rounding).
+
+Both also save the model as it starts, ``OUTPUT_DIR/init_state``: every adjusted base kernel exactly as trained on
+(the 4-bit codes and scales, or the float residual) and the initial adapters, with the settings that made them
+(``init_state.json``). A resumed run and ``jqlora.export`` load the base normally and take these instead of redoing
+the SVDs (an 8B model's LoftQ is many minutes of host SVDs, a 70B's hours), so a resume is also bit-exact on any
+machine. Settings that differ (another base, rank, quantization, seed, ...) or a damaged file: recomputed, with a
+warning. Its size is the 4-bit base's (about 4.5 GB for an 8B model).
+
+``gaussian`` leaves the base alone: its adapter is a plain LoRA whose ``adapter_config.json`` says
+``init_lora_weights: "gaussian"``, as peft writes for that init (peft reads it back, then loads the weights over it).
+(LoftQ's keeps ``true``: with peft's own ``"loftq"``, peft would run LoftQ again, on a CUDA device, when it loads
+the adapter.)
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +43,10 @@ import numpy as np
 
 INIT_ADAPTER = "init_adapter"
 BASE = "base"
+INIT_STATE = "init_state"
+INIT_STATE_META = "init_state.json"
+_KERNEL_VARS = ("weight", "codes", "absmax", "nested_absmax", "offset", "lora_a", "lora_b", "magnitude")
+log = logging.getLogger("jqlora.train")
 
 
 def prepare_run(model: Any, cfg: Any, out: str | os.PathLike) -> None:
@@ -37,6 +54,7 @@ def prepare_run(model: Any, cfg: Any, out: str | os.PathLike) -> None:
     from jqlora import peft
 
     init, out = cfg.lora.init, Path(out)
+    save_init_state(model, cfg, out)
     if init == "pissa":
         peft.save_adapter(model, out / INIT_ADAPTER, base_model_name_or_path=str(cfg.model.path), overwrite=True)
     elif init == "loftq":
@@ -62,8 +80,15 @@ def save_adapter(model: Any, cfg: Any, run_out: str | os.PathLike, dst: str | os
 
     base = base_for_adapter(cfg, run_out, base)
     if cfg.lora.init != "pissa":
-        return peft.save_adapter(model, dst, lora_config=lora_config, base_model_name_or_path=base, dtype=dtype,
-                                 card=card, overwrite=overwrite)
+        out = peft.save_adapter(model, dst, lora_config=lora_config, base_model_name_or_path=base, dtype=dtype,
+                                card=card, overwrite=overwrite)
+        if cfg.lora.init == "gaussian":  # what peft writes for init_lora_weights="gaussian"
+            path = out / peft.CONFIG_NAME
+            config = {**json.loads(path.read_text()), "init_lora_weights": "gaussian"}
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+            os.replace(tmp, path)
+        return out
     from safetensors.numpy import save_file
 
     init_dir = Path(run_out) / INIT_ADAPTER
@@ -94,3 +119,84 @@ def save_adapter(model: Any, cfg: Any, run_out: str | os.PathLike, dst: str | os
         (tmp / peft.CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         (tmp / "README.md").write_text(peft._model_card(base, card))
     return Path(dst)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The adjusted base and initial adapters, saved once so that resumes and exports do not redo the SVDs
+
+
+def _fingerprint(cfg: Any) -> dict:
+    """The settings that decide the adjusted base and the initial adapters."""
+    m, lo = cfg.model, cfg.lora
+    return {"model": {k: getattr(m, k) for k in ("path", "quant", "double_quant", "block_size", "dtype")},
+            "lora": {k: (list(v) if isinstance(v, tuple) else v) for k, v in
+                     ((k, getattr(lo, k)) for k in ("init", "loftq_iters", "svd_niter", "r", "alpha", "rslora",
+                                                      "targets", "dora"))},
+            "seed": cfg.train.seed}
+
+
+def _lora_linears(model: Any) -> Iterator[tuple[str, Any]]:
+    from flax import nnx
+
+    from jqlora.lora import LoraLinear
+
+    for path, m in nnx.iter_modules(model):
+        if isinstance(m, LoraLinear):
+            yield ".".join(map(str, path)), m
+
+
+def save_init_state(model: Any, cfg: Any, out: str | os.PathLike) -> None:
+    """``out/init_state``: the kernels and adapters of every LoraLinear of ``model`` (as it starts), sharded."""
+    if jax.process_count() > 1:  # (the arrays are spread over processes; resumes recompute: same numbers)
+        return
+    from jqlora.io import ShardWriter, atomic_directory
+
+    with atomic_directory(Path(out) / INIT_STATE, overwrite=True) as tmp:
+        writer = ShardWriter(tmp, 1 << 30, {"format": "jqlora-init-state"})
+        for name, m in _lora_linears(model):
+            writer.add({f"{name}.{v}": np.asarray(getattr(m, v)[...]) for v in _KERNEL_VARS
+                        if getattr(m, v, None) is not None})
+        writer.finish()
+        (tmp / INIT_STATE_META).write_text(json.dumps(_fingerprint(cfg), indent=2, sort_keys=True) + "\n")
+
+
+def load_init_state(cfg: Any, run_dir: str | os.PathLike, load: Callable[[], Any]) -> Any | None:
+    """The model as the run in ``run_dir`` started (``load()`` builds the base, quantized as configured; its kernels
+    and adapters are then replaced by the saved ones), or None when nothing usable is saved there."""
+    from safetensors import safe_open
+
+    from jqlora.io import WEIGHTS, WEIGHTS_INDEX
+
+    where = Path(run_dir) / INIT_STATE
+    if not (where / INIT_STATE_META).is_file():
+        return None
+    try:
+        saved = json.loads((where / INIT_STATE_META).read_text())
+    except (OSError, ValueError):
+        saved = None
+    if saved != json.loads(json.dumps(_fingerprint(cfg))):
+        log.warning("%s: saved with other settings; lora.init=%s is computed again", where, cfg.lora.init)
+        return None
+    files = ([where / WEIGHTS] if (where / WEIGHTS).is_file() else
+             sorted({where / f for f in json.loads((where / WEIGHTS_INDEX).read_text())["weight_map"].values()})
+             if (where / WEIGHTS_INDEX).is_file() else [])
+    model = load()
+    try:
+        handles = [safe_open(str(f), framework="flax") for f in files]
+        owner = {k: h for h in handles for k in h.keys()}
+        todo = [(m, v, f"{name}.{v}") for name, m in _lora_linears(model) for v in _KERNEL_VARS
+                if getattr(m, v, None) is not None]
+        if {key for _, _, key in todo} != set(owner):
+            raise ValueError("it holds other tensors than this model has")
+        for m, v, key in todo:
+            value, var = owner[key].get_tensor(key), getattr(m, v)
+            if tuple(value.shape) != tuple(var.shape) or value.dtype != var[...].dtype:
+                raise ValueError(f"{key} is {value.dtype}{list(value.shape)}, the model's {var[...].dtype}"
+                                 f"{list(var.shape)}")
+            var.set_value(value)
+    except Exception as e:  # noqa: BLE001 - a damaged or foreign file: the numbers can always be computed again
+        log.warning("%s: not usable (%s); lora.init=%s is computed again", where, str(e).splitlines()[0] if str(e)
+                    else type(e).__name__, cfg.lora.init)
+        return None
+    log.info("lora.init=%s: the adjusted base and initial adapters from %s", cfg.lora.init, where)
+    return model

@@ -33,7 +33,8 @@ from flax import nnx
 
 from jqlora import optim, report, sharding
 from jqlora.config import save_config
-from jqlora.data import BatchIterator, build_datasets, eval_batches, load_tokenizer
+from jqlora.batches import BatchIterator, eval_batches
+from jqlora.data import build_datasets, load_tokenizer
 from jqlora.divergence import DivergenceMonitor
 from jqlora.rundir import RunDir, RunDirError, open_run_dir
 from jqlora.runlock import LockError, RunLock
@@ -82,8 +83,9 @@ def _lora_config(cfg):
     from jqlora.lora import LoraConfig
 
     return LoraConfig(r=cfg.lora.r, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout, targets=cfg.lora.targets,
-                      rslora=cfg.lora.rslora, dora=cfg.lora.dora, rank_pattern=dict(cfg.lora.rank_pattern),
-                      alpha_pattern=dict(cfg.lora.alpha_pattern), layers_to_transform=cfg.lora.layers_to_transform)
+                      rslora=cfg.lora.rslora, dora=cfg.lora.dora, experts=cfg.lora.experts,
+                      rank_pattern=dict(cfg.lora.rank_pattern), alpha_pattern=dict(cfg.lora.alpha_pattern),
+                      layers_to_transform=cfg.lora.layers_to_transform)
 
 
 def _open_run_dir(cfg, primary: bool) -> RunDir:
@@ -109,8 +111,9 @@ def _open_run_dir(cfg, primary: bool) -> RunDir:
     return run_dir
 
 
-def build_model(cfg, check: Callable[[Any], None] | None = None, mesh=None):
+def build_model(cfg, check: Callable[[Any], None] | None = None, mesh=None, run_dir: str | None = None):
     """The quantized base model with fresh adapters, as the config says; ``check(ModelConfig)`` runs before loading.
+    ``run_dir``: the run directory whose start PiSSA / LoftQ saved (`jqlora.init_export`), for resumes and exports.
 
     With a ``mesh`` of several devices in a single process, every tensor is loaded straight into its shards
     (`load_model(mesh=)`); otherwise the model is loaded on the default device (and placed by the caller).
@@ -150,7 +153,7 @@ def build_model(cfg, check: Callable[[Any], None] | None = None, mesh=None):
             return lora_init.load_initialized(cfg, lambda quant, **kw: load_model(
                 path, quant=quant, double_quant=cfg.model.double_quant, block_size=cfg.model.block_size,
                 dtype=cfg.model.dtype, lora=_lora_config(cfg), seed=cfg.train.seed, remat=remat,
-                mesh=mesh if streamed and kw.get("streamed", True) else None))
+                mesh=mesh if streamed and kw.get("streamed", True) else None), run_dir=run_dir)
         except (lora_init.InitError, LoraError) as e:
             raise UserError(str(e).splitlines()[0]) from None
     except (ConvertError, FileNotFoundError) as e:
@@ -204,7 +207,7 @@ class Trainer:
             except init_from.InitFromError as e:
                 raise UserError(str(e)) from None
         self.model = build_model(cfg, lambda shape: sharding.check_model_fits(
-            self.mesh, shape, self.tc.batch_size, self.tc.eval_batch_size), mesh=self.mesh)
+            self.mesh, shape, self.tc.batch_size, self.tc.eval_batch_size), mesh=self.mesh, run_dir=self.out)
         self.tokenizer = tokenizer = load_tokenizer(cfg.model.tokenizer_path or cfg.model.path)
         self.train_ds, self.eval_ds = build_datasets(cfg.data, tokenizer, seed=self.tc.seed)
         self.iterator = BatchIterator(sharding.RowIds(len(self.train_ds)), self.tc.batch_size, seed=self.tc.seed,

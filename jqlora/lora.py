@@ -124,6 +124,7 @@ class LoraConfig:
     rank_pattern: Mapping[str, int] = dataclasses.field(default_factory=dict)
     alpha_pattern: Mapping[str, float] = dataclasses.field(default_factory=dict)
     dora: bool = False  # DoRA (jqlora.dora): a trained magnitude per output row of every adapted module
+    experts: bool = False  # MoE models: also adapt the experts' fused gate_up_proj / down_proj (jqlora.models.moe)
     layers_to_transform: Sequence[int] | None = None  # adapt these layers only (peft's layers_to_transform)
 
     def __post_init__(self):
@@ -144,6 +145,9 @@ class LoraConfig:
         for key, value in self.rank_pattern.items():
             if not (isinstance(value, int) and value > 0):
                 raise ValueError(f"rank_pattern[{key!r}] must be a positive integer, got {value!r}")
+        if self.experts and (self.dropout > 0 or self.dora):  # (peft's ParamWrapper refuses both)
+            raise ValueError(f"LoRA on the MoE experts takes no {'DoRA' if self.dora else 'dropout'} (peft refuses "
+                             f"it on target_parameters): set dropout=0 and dora=False, or experts=False")
         if self.layers_to_transform is not None:
             layers = self.layers_to_transform
             layers = [layers] if isinstance(layers, int) else list(layers)
@@ -155,6 +159,9 @@ class LoraConfig:
             if heads:
                 raise ValueError(f"lora.layers_to_transform with lora.targets {heads}: layers_to_transform selects "
                                  "decoder layers, embed_tokens / lm_head are outside them; drop one of the two")
+            if self.experts:
+                raise ValueError("lora.layers_to_transform with lora.experts=true: the expert adapters are in every "
+                                 "layer (at lora.r / lora.alpha); drop one of the two")
 
     @property
     def target_modules(self) -> tuple[str, ...]:

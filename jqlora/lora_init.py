@@ -22,6 +22,7 @@ Shape letters: O out features, I in features, R rank.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import time
@@ -44,14 +45,42 @@ def gaussian_a(key: jax.Array, shape: tuple[int, ...], r: int, dtype: Any = np.f
     return (jax.random.normal(key, shape, np.float32) / r).astype(dtype)
 
 
-def _svd(w_OI: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    return np.linalg.svd(np.asarray(w_OI, np.float32), full_matrices=False)
+OVERSAMPLE = 8  # extra columns of the randomized SVD's sketch (then truncated to r)
 
 
-def pissa(w_OI: np.ndarray, r: int, scaling: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``(A [R, I], B [O, R], W_res [O, I])`` float32, peft's PiSSA: ``W_res + s B A = W``."""
+def top_svd(w_OI: np.ndarray, r: int, niter: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The r leading singular triplets ``(U [O, R], S [R], Vᵀ [R, I])`` of ``w`` in float32.
+
+    ``niter=None``: numpy's full SVD, truncated. ``niter=N``: the randomized range finder with N power (subspace)
+    iterations, re-orthonormalized each pass (Halko, Martinsson & Tropp, "Finding structure with randomness", 2011,
+    Algorithms 4.4 and 5.1; what peft's ``pissa_niter_N`` does through ``torch.svd_lowrank``), on the default JAX
+    device: only matmuls and thin QRs of [O, r + 8] matrices, so a GPU does an 8B kernel in well under a second."""
+    if niter is None:
+        u, s, vh = np.linalg.svd(np.asarray(w_OI, np.float32), full_matrices=False)
+        return u[:, :r], s[:r], vh[:r]
+    k = min(r + OVERSAMPLE, *w_OI.shape)
+    u, s, vh = _randomized_svd(jax.numpy.asarray(w_OI, np.float32), k, int(niter))
+    return np.asarray(u[:, :r]), np.asarray(s[:r]), np.asarray(vh[:r])
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def _randomized_svd(w_OI: jax.Array, k: int, niter: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    jnp = jax.numpy
+    hi = jax.lax.Precision.HIGHEST  # (float32 products on GPUs too, not TF32)
+    omega_IK = jax.random.normal(jax.random.key(0), (w_OI.shape[1], k), jnp.float32)
+    q_OK, _ = jnp.linalg.qr(jnp.matmul(w_OI, omega_IK, precision=hi))
+    for _ in range(niter):
+        z_IK, _ = jnp.linalg.qr(jnp.matmul(w_OI.T, q_OK, precision=hi))
+        q_OK, _ = jnp.linalg.qr(jnp.matmul(w_OI, z_IK, precision=hi))
+    u_KK, s_K, vh_KI = jnp.linalg.svd(jnp.matmul(q_OK.T, w_OI, precision=hi), full_matrices=False)
+    return jnp.matmul(q_OK, u_KK, precision=hi), s_K, vh_KI
+
+
+def pissa(w_OI: np.ndarray, r: int, scaling: float, niter: int | None = None) -> tuple[np.ndarray, np.ndarray,
+                                                                                          np.ndarray]:
+    """``(A [R, I], B [O, R], W_res [O, I])`` float32, peft's PiSSA: ``W_res + s B A = W`` (SVD: `top_svd`)."""
     w = np.asarray(w_OI, np.float32)
-    u, s, vh = _svd(w)
+    u, s, vh = top_svd(w, r, niter)
     root = np.sqrt(s[:r] / scaling)
     a = root[:, None] * vh[:r]
     b = u[:, :r] * root[None, :]
@@ -64,6 +93,7 @@ def loftq_steps(
     scaling: float,
     quantize: Callable[[np.ndarray], Any],
     dequantize: Callable[[Any], np.ndarray],
+    niter: int | None = None,
 ) -> Iterator[tuple[np.ndarray, np.ndarray, Any, float]]:
     """LoftQ's iterations, endlessly: ``(A [R, I], B [O, R], Q, error)`` after each, where ``Q = quantize(...)`` is
     the base to train on (``dequantize(Q) [O, I]`` float32) and ``error`` the Frobenius norm of
@@ -73,7 +103,7 @@ def loftq_steps(
     while True:
         qt = quantize(w - low)
         err = w - np.asarray(dequantize(qt), np.float32)
-        u, s, vh = _svd(err)
+        u, s, vh = top_svd(err, r, niter)
         root = np.sqrt(s[:r] / scaling)
         a = root[:, None] * vh[:r]
         b = u[:, :r] * root[None, :]
@@ -81,11 +111,12 @@ def loftq_steps(
         yield a, b, qt, float(np.linalg.norm(err - low))
 
 
-def loftq(w_OI, r, scaling, quantize, dequantize, iters: int = 1) -> tuple[np.ndarray, np.ndarray, Any, float]:
+def loftq(w_OI, r, scaling, quantize, dequantize, iters: int = 1, niter: int | None = None
+          ) -> tuple[np.ndarray, np.ndarray, Any, float]:
     """``(A, B, Q, error)`` after ``iters`` LoftQ iterations (`loftq_steps`)."""
     if iters < 1:
         raise ValueError(f"LoftQ needs at least one iteration, got {iters}")
-    for i, out in enumerate(loftq_steps(w_OI, r, scaling, quantize, dequantize), 1):
+    for i, out in enumerate(loftq_steps(w_OI, r, scaling, quantize, dequantize, niter), 1):
         if i == iters:
             return out
     raise AssertionError("unreachable")
@@ -106,10 +137,11 @@ def scaling_of(r: int, alpha: float, rslora: bool) -> float:
 # On a model
 
 
-def load_initialized(cfg: Any, load: Callable[..., Any]) -> Any:
+def load_initialized(cfg: Any, load: Callable[..., Any], run_dir: Any = None) -> Any:
     """The model of a run config with its adapters initialized as ``cfg.lora.init`` says. ``load(quant, streamed=)``
     loads the base (`jqlora.models.load_model` with the run's other settings); PiSSA / LoftQ load it unquantized
-    and unstreamed (the SVDs need the full-precision kernels), then quantize the adjusted base (`apply`)."""
+    and unstreamed (the SVDs need the full-precision kernels), then quantize the adjusted base (`apply`), unless
+    ``run_dir`` (a run directory being resumed or exported) holds what its start saved (`jqlora.init_export`)."""
     from jqlora.conversion import Checkpoint, is_jqlora_dir
     from jqlora.lora import QuantSpec
 
@@ -124,12 +156,18 @@ def load_initialized(cfg: Any, load: Callable[..., Any]) -> Any:
         if bnb or is_jqlora_dir(path):
             raise InitError(f"lora.init={init}: model.path {path} is a 4-bit checkpoint (bitsandbytes, or jqlora's "
                             f"converted copy); {init} needs the full-precision Hugging Face checkpoint")
+        if run_dir is not None:
+            from jqlora.init_export import load_init_state
+
+            model = load_init_state(cfg, run_dir, lambda: load(cfg.model.quant, streamed=False))
+            if model is not None:
+                return model
         model = load("none", streamed=False)
     if init == "default":
         return model
     t0 = time.perf_counter()
     try:
-        notes = apply(model, init, seed=cfg.train.seed, loftq_iters=cfg.lora.loftq_iters,
+        notes = apply(model, init, seed=cfg.train.seed, loftq_iters=cfg.lora.loftq_iters, svd_niter=cfg.lora.svd_niter,
                       quant=QuantSpec(cfg.model.quant, cfg.model.double_quant, cfg.model.block_size))
     except ValueError as e:
         raise InitError(f"lora.init={init}: {str(e).splitlines()[0]}") from None
@@ -137,7 +175,8 @@ def load_initialized(cfg: Any, load: Callable[..., Any]) -> Any:
     return model
 
 
-def apply(model: Any, init: str, *, seed: int, quant: Any, loftq_iters: int = 1) -> list[str]:
+def apply(model: Any, init: str, *, seed: int, quant: Any, loftq_iters: int = 1, svd_niter: int | None = None
+          ) -> list[str]:
     """Initialize every adapter of ``model`` (loaded with an unquantized base when ``init`` is pissa / loftq) as
     ``init`` says, in place; the base kernels are then adjusted (pissa: the residual; loftq: Q) and, if ``quant``
     (a `jqlora.lora.QuantSpec`) is enabled, quantized, adapted or not. Returns one line per adjusted module kind
@@ -194,10 +233,10 @@ def apply(model: Any, init: str, *, seed: int, quant: Any, loftq_iters: int = 1)
                 continue
             s = m.scaling
             if init == "pissa":
-                a, b, res = pissa(w, m.spec.r, s)
+                a, b, res = pissa(w, m.spec.r, s, svd_niter)
                 kernels.append(quantize(res) if quant.enabled else res)
             else:
-                a, b, qt, err = loftq(w, m.spec.r, s, quantize, dequantize, iters=loftq_iters)
+                a, b, qt, err = loftq(w, m.spec.r, s, quantize, dequantize, iters=loftq_iters, niter=svd_niter)
                 kernels.append(qt)
                 gains.append(err / max(float(np.linalg.norm(w - dequantize(quantize(w)))), 1e-30))
             a_list.append(a.T)

@@ -90,9 +90,15 @@ def weight_bytes(shape: ModelConfig, *, quant: str = "nf4", double_quant: bool =
             "per_layer_quantized": per_layer, "total": quantized + unquantized}
 
 
-def lora_param_count(shape: ModelConfig, r: int = 16, targets: tuple[str, ...] = LINEARS) -> int:
-    return shape.num_hidden_layers * sum(r * (O + I) for name, (O, I) in linear_shapes(shape).items()
-                                         if name in targets)
+def lora_param_count(shape: ModelConfig, r: int = 16, targets: tuple[str, ...] = LINEARS,
+                     experts: bool = False) -> int:
+    """Adapter parameters of ``targets`` (and, with ``experts`` on a MoE model, every expert's LoRA on the fused
+    gate_up_proj [2F, D] and down_proj [D, F]: E · r · (D + 2F + F + D) per layer, `jqlora.models.moe`)."""
+    n = sum(r * (O + I) for name, (O, I) in linear_shapes(shape).items() if name in targets)
+    if experts and shape.num_experts:
+        D, F = shape.hidden_size, shape.intermediate_size
+        n += shape.num_experts * r * (D + 2 * F + F + D)
+    return shape.num_hidden_layers * n
 
 
 @dataclasses.dataclass
@@ -124,7 +130,7 @@ def memory_plan(shape: ModelConfig, *, seq: int, batch: int = 1, data: int = 1, 
                 remat: str = "full", r: int = 16, targets: tuple[str, ...] = LINEARS, quant: str = "nf4",
                 double_quant: bool = True, block_size: int = 64, dtype: str = "bfloat16",
                 ce_chunk: int = CE_CHUNK, name: str = "model", attention: str = "xla",
-                dropout: float = 0.0) -> Plan:
+                dropout: float = 0.0, experts: bool = False) -> Plan:
     """Bytes per device; ``batch`` is rows per device (each device of the data × fsdp axes sees its own rows)."""
     if remat not in REMATS:
         raise ValueError(f"remat {remat!r}: expected one of {', '.join(REMATS)}")
@@ -141,7 +147,7 @@ def memory_plan(shape: ModelConfig, *, seq: int, batch: int = 1, data: int = 1, 
     rows[WEIGHTS_ROW] = (w["total"] - w["norms"]) / P + w["norms"]
     if P > 1:
         rows["gathered layer (fsdp prefetch, x2)"] = 2 * w["per_layer_quantized"] * (1 - 1 / P)
-    n_lora = lora_param_count(shape, r, targets)
+    n_lora = lora_param_count(shape, r, targets, experts)
     rows["LoRA params+grad+acc+AdamW (fp32)"] = 20 * n_lora / fsdp
     residual = L * T * D * c
     acts = T * (6 * D + 2 * N * H + 2 * K * H + 3 * F) * c / tensor
@@ -214,7 +220,7 @@ def settings_from_config(cfg: Any, axes: dict[str, int] | None = None) -> dict[s
                 r=max([cfg.lora.r, *cfg.lora.rank_pattern.values()]),
                 dropout=cfg.lora.dropout, dtype=cfg.model.dtype,
                 quant=cfg.model.quant, double_quant=cfg.model.double_quant and cfg.model.quant != "none",
-                block_size=cfg.model.block_size, **axes,
+                block_size=cfg.model.block_size, experts=bool(getattr(cfg.lora, "experts", False)), **axes,
                 targets=LINEARS if cfg.lora.targets == "all-linear" else tuple(cfg.lora.target_modules))
 
 

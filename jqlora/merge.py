@@ -36,6 +36,21 @@ def _layer_slice(tree: Any, layer: int | tuple[int, ...] | None) -> Any:
     return jax.tree_util.tree_map(lambda a: a[layer], tree)
 
 
+def _expert_delta(experts: Any, name: str, index: tuple[int, ...]) -> jax.Array | float:
+    """The expert adapter's s · (A B)ᵀ for expert kernel ``name`` (gate_proj / up_proj: its half of the fused
+    gate_up_proj's [2F, D]) at (layer, expert) ``index``; 0 without expert adapters (`jqlora.models.moe`)."""
+    m = getattr(experts, "down_lora" if name == "down_proj" else "gate_up_lora", None)
+    if m is None:
+        return 0.0
+    a = _layer_slice(m.lora_a[...], index).astype(jnp.float32)
+    b = _layer_slice(m.lora_b[...], index).astype(jnp.float32)
+    d = m.scaling * (a @ b).T
+    if name == "down_proj":
+        return d
+    F = d.shape[0] // 2
+    return d[:F] if name == "gate_proj" else d[F:]
+
+
 def merged_tensor(model: Any, entry: Any) -> np.ndarray:
     """float32 Hugging Face tensor for one key-table ``entry``: linear kernels merged with their adapter."""
     module = _module_at(model, entry.path)
@@ -57,6 +72,8 @@ def merged_tensor(model: Any, entry: Any) -> np.ndarray:
                 w = dora.merged_kernel(_layer_slice(module.magnitude[...], i), w, a, b, s)
             else:
                 w = w + s * (a @ b).T
+        if getattr(entry, "expert", None) is not None:
+            w = w + _expert_delta(_module_at(model, entry.path[:-1]), entry.path[-1], i)
         return np.asarray(w)
     if entry.name == "weight" and getattr(module, "spec", None) is not None:  # an adapted embedding / LM head
         if module is model.model.embed_tokens:
@@ -154,7 +171,7 @@ def restore_for_export(src: str | os.PathLike, *, step: int | None = None, quant
     if why is not None:
         raise ExportError(f"{run.step_dir(step)}: not usable ({why})")
     meta = run.restore_meta(step)
-    model = build_model(cfg)
+    model = build_model(cfg, run_dir=str(src))
     split = SplitModel.of(model)
     tx, _ = optim.make_optimizer(cfg.train, int(meta["total_steps"]), cfg.lora.plus_ratio)
     opt_leaves = jax.tree.leaves(tx.init(split.lora))

@@ -13,7 +13,8 @@ largest rank with a frozen mask (`jqlora.lora`); export writes each layer's own 
 ``alpha_pattern`` keys naming that layer's module) and only the adapted layers' keys, with ``layers_to_transform``
 when some layers are left out, so peft rebuilds the same modules. DoRA adapters (``use_dora: true``) also hold
 ``...lora_magnitude_vector`` ``[out]`` per module (`jqlora.dora`), stacked as ``magnitude`` ``[L, O]``.
-Adapters on the embedding and the LM head: `jqlora.peft_heads`.
+Adapters on the embedding and the LM head: `jqlora.peft_heads`; on the MoE experts (peft's ``target_parameters``):
+`jqlora.peft_experts`.
 
 Shape letters: L layers, I in features, O out features, R LoRA rank.
 """
@@ -34,6 +35,7 @@ from flax import nnx
 from jqlora.io import atomic_directory
 from jqlora.lazy import forward_to
 from jqlora.lora import LoraConfig, LoraLinear
+from jqlora.peft_experts import check_export, expert_modules, expert_tensors
 from jqlora.peft_heads import HEADS, head_modules, head_tensors
 
 CONFIG_NAME = "adapter_config.json"
@@ -75,8 +77,9 @@ def adapter_config_dict(model: nnx.Module, lora_config: LoraConfig, base_model_n
     """The ``adapter_config.json`` contents for ``model``'s adapters (the keys current peft writes, sorted)."""
     modules = _lora_modules(model)
     heads = head_modules(model)
-    if not modules and not heads:
+    if not modules and not heads and not expert_modules(model):
         raise AdapterError("the model has no LoRA adapters to export (build it with a LoraConfig)")
+    target_parameters = check_export(model, lora_config)
     r, alpha = int(lora_config.r), float(lora_config.alpha)
     rank_pattern: dict[str, int] = {}
     alpha_pattern: dict[str, int | float] = {}
@@ -158,7 +161,7 @@ def adapter_config_dict(model: nnx.Module, lora_config: LoraConfig, base_model_n
         "rank_pattern": rank_pattern,
         "revision": None,
         "target_modules": sorted({name.rsplit(".", 1)[-1] for name, _ in modules} | {HEADS[h[0]] for h in heads}),
-        "target_parameters": None,
+        "target_parameters": target_parameters,
         "task_type": "CAUSAL_LM",
         "trainable_token_indices": None,
         "use_bdlora": None,
@@ -187,6 +190,7 @@ def adapter_tensors(model: nnx.Module, dtype: str = "float32") -> dict[str, np.n
             if mag_LO is not None:
                 out[f"{stem}.lora_magnitude_vector"] = np.ascontiguousarray(mag_LO[i])
     out.update(head_tensors(model))
+    out.update(expert_tensors(model))
     return out
 
 

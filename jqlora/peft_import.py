@@ -21,6 +21,7 @@ from flax import nnx
 from jqlora.lora import ADAPTABLE_MODULES, LoraConfig, match_pattern
 from jqlora.peft import (_KEY_RE, _LAYER_RE, _MAGNITUDE_RE, CONFIG_NAME, PREFIX, WEIGHTS_NAME, WEIGHTS_NAME_BIN,
                          AdapterError, _lora_modules, _num)
+from jqlora.peft_experts import EXPERT_MODULES, check_config, expert_modules, expert_updates
 from jqlora.peft_heads import BASE_COPY_RE, EMBED_KEY_RE, HEADS, check_base_copy, head_modules, head_specs, head_updates
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -48,7 +49,6 @@ def _read_config(adapter_dir: Path) -> dict:
         "modules_to_save": "modules_to_save (fully trained extra modules)",
         "trainable_token_indices": "trainable_token_indices",
         "layer_replication": "layer_replication",
-        "target_parameters": "target_parameters",
         "use_qalora": "QA-LoRA (use_qalora=true)",
         "alora_invocation_tokens": "activated LoRA (alora_invocation_tokens)",
     }
@@ -72,6 +72,9 @@ def _read_config(adapter_dir: Path) -> dict:
     for key in ("r", "lora_alpha"):
         if not isinstance(cfg.get(key), (int, float)) or isinstance(cfg.get(key), bool) or cfg[key] <= 0:
             raise AdapterError(f"{path}: {key} must be a positive number, got {cfg.get(key)!r}")
+    if check_config(cfg, path) and (cfg.get("lora_dropout") or cfg.get("use_dora")):  # (peft refuses these too)
+        raise AdapterError(f"{path}: expert adapters (target_parameters) with lora_dropout={cfg.get('lora_dropout')}"
+                           f" / use_dora={cfg.get('use_dora')}: peft allows neither on target_parameters")
     return cfg
 
 
@@ -150,6 +153,12 @@ def _adapted_modules(adapter_dir: Path, cfg: dict) -> dict[str, dict[int, tuple[
         module, ab, _ = _parse_key(key, path)
         if ab != "A" or module in HEADS:
             continue
+        m = _LAYER_RE.match(module)
+        if m is not None and m["sub"] in EXPERT_MODULES:  # (jqlora.peft_experts)
+            if not check_config(cfg, path):
+                raise AdapterError(f"{path}: {key} is an expert adapter but the adapter config has no "
+                                   "target_parameters")
+            continue
         if bool(cfg.get("use_dora")) and module not in magnitudes:
             raise AdapterError(f"{path}: the adapter config says use_dora=true but {module} has no DoRA magnitude "
                                f"(no {PREFIX}{module}.lora_magnitude_vector)")
@@ -162,7 +171,7 @@ def _adapted_modules(adapter_dir: Path, cfg: dict) -> dict[str, dict[int, tuple[
         r = int(shape[0])
         alpha = float(_pattern_value(cfg.get("alpha_pattern"), module, cfg["lora_alpha"]))
         found.setdefault(m["sub"], {})[int(m["layer"])] = (r, alpha)
-    if not found and not head_specs(shapes, cfg, path):
+    if not found and not head_specs(shapes, cfg, path) and not check_config(cfg, path):
         raise AdapterError(f"{path}: no LoRA weights in the adapter")
     return found
 
@@ -195,8 +204,12 @@ def read_adapter_config(adapter_dir: str | os.PathLike, *, dropout: float | None
                                "module kind in the same layers")
     heads = head_specs(_read_shapes(_weights_file(adapter_dir)), cfg, _weights_file(adapter_dir))
     ranks = [r for per_layer in found.values() for r, _ in per_layer.values()] + [r for r, _ in heads.values()]
+    if not ranks:  # (expert adapters alone: jqlora's LoraConfig names at least one target module)
+        raise AdapterError(f"{adapter_dir}: expert adapters (target_parameters) without any target_modules are not "
+                           "supported; jqlora adapts the experts together with linear modules")
     r = Counter(ranks).most_common(1)[0][0]
-    r = int(cfg["r"]) if int(cfg["r"]) in ranks else r
+    experts = check_config(cfg, adapter_dir / CONFIG_NAME)
+    r = int(cfg["r"]) if int(cfg["r"]) in ranks or experts or not ranks else r  # (expert adapters: the config's r)
     alpha = float(cfg["lora_alpha"])
     specs: dict[str, tuple[int, float]] = {}  # module kinds with one rank and alpha
     rank_pattern: dict[str, int] = {}
@@ -212,6 +225,9 @@ def read_adapter_config(adapter_dir: str | os.PathLike, *, dropout: float | None
                               if not math.isclose(ai, alpha)})
     # layers_to_transform: as the adapter config says, or when the adapted layers have gaps
     chosen = cfg.get("layers_to_transform") not in (None, []) or layers != list(range(len(layers)))
+    if chosen and experts:
+        raise AdapterError(f"{adapter_dir}: expert adapters (target_parameters) next to layers_to_transform={layers}: "
+                           "jqlora adapts the experts in every layer")
     if chosen and heads:
         raise AdapterError(f"{adapter_dir}: adapters on {sorted(HEADS[h] for h in heads)} next to layers_to_transform"
                            f"={layers}: jqlora's layers_to_transform leaves the embedding and head alone")
@@ -226,6 +242,7 @@ def read_adapter_config(adapter_dir: str | os.PathLike, *, dropout: float | None
         targets="all-linear" if set(targets) in _ALL_LINEAR else targets,  # (never with heads: they are in it)
         rslora=bool(cfg.get("use_rslora", False)),
         dora=bool(cfg.get("use_dora", False)),
+        experts=experts,
         rank_pattern={**{name: s[0] for name, s in specs.items() if s[0] != r}, **rank_pattern},
         alpha_pattern={**{name: _num(s[1]) for name, s in specs.items() if not math.isclose(s[1], alpha)},
                        **alpha_pattern},
@@ -259,7 +276,7 @@ def load_adapter(model: nnx.Module, adapter_dir: str | os.PathLike) -> nnx.Modul
     suffix = "" if adapters == {None} else f".{adapters.pop()}"
     rslora = bool(cfg.get("use_rslora", False))
     modules = _lora_modules(model)
-    if not modules and not head_modules(model):
+    if not modules and not head_modules(model) and not expert_modules(model):
         raise AdapterError(f"{adapter_dir}: the model has no LoRA adapters to fill; build it with "
                            "lora=jqlora.peft.read_adapter_config(adapter_dir)")
     dora = bool(cfg.get("use_dora", False))
@@ -304,6 +321,11 @@ def load_adapter(model: nnx.Module, adapter_dir: str | os.PathLike) -> nnx.Modul
                                    "build the model with lora=jqlora.peft.read_adapter_config(adapter_dir)")
         updates.append((m, a_LIR, b_LRO, mag_LO))
     head_values = head_updates(model, by_module, suffix, cfg, path, adapter_dir, used)
+    if check_config(cfg, path) != bool(expert_modules(model)):
+        raise AdapterError(f"{adapter_dir}: the adapter has {'' if check_config(cfg, path) else 'no '}expert "
+                           "adapters (target_parameters) but the model was built with lora.experts="
+                           f"{bool(expert_modules(model))}; build it with lora=jqlora.peft.read_adapter_config(...)")
+    head_values += expert_updates(model, by_module, suffix, cfg, path, used)
     unexpected = sorted(by_module[k][0] for k in by_module if k not in used)
     if unexpected:
         more = f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""

@@ -408,7 +408,7 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 
 class RowIds:
-    """Stands in for a dataset in `jqlora.data.BatchIterator`: its "batches" are the row ids (None: a padding row), to
+    """Stands in for a dataset in `jqlora.batches.BatchIterator`: its "batches" are the row ids (None: a padding row), to
     be built by `assemble_batch` on each process for its own devices only."""
 
     def __init__(self, n: int):

@@ -133,6 +133,8 @@ def test_unknown_keys_suggest_the_right_one(tmp_path):
     ("train.batch_size=2.5", "train.batch_size=2.5 is not an integer"),
     ("train.learning_rate=fast", "train.learning_rate='fast' is not a number"),
     ("data.packing=maybe", "data.packing='maybe' is not a boolean (true/false)"),
+    ("lora.dora=3", "lora.dora=3 is not a boolean (true/false)"),  # (omegaconf alone reads 3 as true)
+    ("data.packing=1", "data.packing=1 is not a boolean (true/false)"),
     ("output_dir=null", "output_dir=None is not a string"),
     ("train.eval_batches=many", "train.eval_batches='many' is not an integer (or null)"),
 ])

@@ -71,3 +71,31 @@ def test_loftq_error_falls_and_beats_nf4(double_quant):
 def test_rank_that_does_not_fit():
     with pytest.raises(ValueError, match="rank 80 does not fit q_proj, a 96x64 kernel"):
         LI.check_rank_fits(80, 96, 64, "q_proj")
+
+
+@pytest.mark.parametrize("shape", [(128, 256), (256, 96)])
+def test_randomized_svd_is_near_optimal(shape):
+    """lora.svd_niter: the randomized rank-r SVD against float64's exact one (Eckart–Young: the truncated SVD is the
+    best rank-r approximation). With 4 power iterations its error is within 0.2% of the optimum; its singular values
+    within 1% of the leading ones; PiSSA with it still splits W exactly (W_res + s B A = W) and LoftQ still beats
+    plain NF4 from iteration 1."""
+    w = _weight(*shape, seed=3)
+    w64 = w.astype(np.float64)
+    r = 8
+    u64, s64, vh64 = np.linalg.svd(w64, full_matrices=False)
+    best = np.linalg.norm(w64 - (u64[:, :r] * s64[:r]) @ vh64[:r])
+    errors = {}
+    for niter in (0, 1, 4):
+        u, s, vh = LI.top_svd(w, r, niter)
+        assert u.shape == (shape[0], r) and s.shape == (r,) and vh.shape == (r, shape[1])
+        np.testing.assert_allclose(u.T.astype(np.float64) @ u, np.eye(r), atol=1e-5)  # orthonormal columns
+        errors[niter] = np.linalg.norm(w64 - (u.astype(np.float64) * s) @ vh) / best
+    assert errors[4] < 1.002 and errors[0] > errors[1] > errors[4], errors
+    np.testing.assert_allclose(LI.top_svd(w, r, 4)[1], s64[:r], rtol=1e-2)
+    sc = 2.0
+    a, b, res = LI.pissa(w, r, sc, niter=4)
+    np.testing.assert_allclose(res.astype(np.float64) + sc * (b.astype(np.float64) @ a), w, atol=2e-6, rtol=0)
+    quantize = lambda x: q.quantize(x, "nf4", block_size=64, double_quant=True)
+    dequantize = lambda t: np.asarray(q.dequantize(t, np.float32))
+    _, _, _, err = LI.loftq(w, r, sc, quantize, dequantize, iters=1, niter=4)
+    assert err < 0.9 * np.linalg.norm(w64 - dequantize(quantize(w)))

@@ -1,7 +1,8 @@
 """lora.init on a model, tiny Llama and Qwen2, through jqlora.loop.Trainer: PiSSA leaves the float32 model's logits
 as transformers computes them and its exported (converted, rank-2r) adapter gives, in peft on the original base, the
 trained model's logits; LoftQ's start is closer to the float base than plain NF4's, and its exported adapter on the
-saved LoftQ base gives the trained logits in peft; bad combinations are one line, exit 2."""
+saved LoftQ base gives the trained logits in peft; gaussian's export (B randomized) gives our logits in peft with
+the adapter_config peft writes for that init; bad combinations are one line, exit 2."""
 
 import shutil
 from pathlib import Path
@@ -88,3 +89,85 @@ def test_bad_init_is_one_line(assets, tmp_path, capsys, extra, expect):
     assert T.main(["--no-progress", *args, *extra.split()]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and expect in err and "Traceback" not in err, err
+
+
+def test_loftq_resume_and_export_take_the_saved_start(assets, tmp_path, monkeypatch):
+    """resume = uninterrupted, with the SVDs switched off after the start: the resumed run and the export read the
+    adjusted base and initial adapters the run's start saved (init_state) instead of computing LoftQ again."""
+    from jqlora import lora_init
+    from jqlora.merge import restore_for_export
+
+    x = jnp.asarray(np.random.default_rng(1).integers(0, 512, (2, 12)).astype(np.int32))
+    args = ("lora.init=loftq", "lora.loftq_iters=2", "train.max_steps=3")
+    whole = T.Trainer(_cfg(assets / "model", assets, tmp_path / "whole", *args), progress=False)
+    assert whole.run() == 0
+    want = np.asarray(whole.split.model(whole.lora)(x))
+
+    first = T.Trainer(_cfg(assets / "model", assets, tmp_path / "run", *args, "train.stop_at_step=1"), progress=False)
+    assert first.run() == 0 and first.step == 1
+    assert (tmp_path / "run" / "init_state" / "init_state.json").is_file()
+
+    def no_svds(*a, **k):
+        raise AssertionError("lora.init computed again")
+
+    monkeypatch.setattr(lora_init, "apply", no_svds)
+    resumed = T.Trainer(_cfg(assets / "model", assets, tmp_path / "run", *args), progress=False)
+    assert resumed.run() == 0 and resumed.step == 3
+    got = np.asarray(resumed.split.model(resumed.lora)(x))
+    np.testing.assert_allclose(got, want, atol=1e-6, rtol=0)
+    assert np.abs(got - np.asarray(build_model(_cfg(assets / "model", assets, tmp_path / "x"))(x))).max() > 1e-3
+    exported, _, step = restore_for_export(tmp_path / "run")
+    assert step == 3
+    np.testing.assert_allclose(np.asarray(exported(x)), want, atol=1e-6, rtol=0)
+
+    # other settings in the same directory: not used (computed again, here refused by the patch)
+    with pytest.raises(AssertionError, match="computed again"):
+        build_model(_cfg(assets / "model", assets, tmp_path / "run", "lora.init=loftq", "lora.loftq_iters=1"),
+                    run_dir=str(tmp_path / "run"))
+
+
+def test_gaussian_export_is_peft_gaussian(assets, tmp_path):
+    """lora.init=gaussian: peft's law at the start (A ~ N(0, 1/r²), B = 0); with B then randomized (so the adapter is
+    not a no-op) the exported adapter gives our logits in peft, and its adapter_config is what peft writes for a
+    gaussian LoRA of these settings."""
+    import json
+
+    from flax import nnx
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from jqlora import init_export
+    from jqlora.lora import LoraLinear
+
+    path = assets / "model"
+    cfg = _cfg(path, assets, tmp_path / "run", "model.quant=none", "lora.init=gaussian", "lora.alpha=8")
+    model = build_model(cfg)
+    a = np.concatenate([np.asarray(m.lora_a.get_value()).ravel() for _, m in nnx.iter_modules(model)
+                        if isinstance(m, LoraLinear) and m.lora_a is not None])
+    assert abs(a.std() * cfg.lora.r - 1) < 0.05 and abs(a.mean()) < 0.01, (a.std(), a.mean())
+    g = np.random.default_rng(0)
+    for _, m in nnx.iter_modules(model):
+        if isinstance(m, LoraLinear) and m.lora_a is not None:
+            assert not np.any(np.asarray(m.lora_b.get_value()))
+            m.lora_b.set_value(jnp.asarray(0.3 * g.standard_normal(m.lora_b.shape), m.lora_b.dtype))
+    out = init_export.save_adapter(model, cfg, tmp_path / "run", tmp_path / "adapter", lora_config=model.lora_config,
+                                   base=str(path))
+    x = np.random.default_rng(1).integers(0, 512, (2, 12)).astype(np.int32)
+    got = np.asarray(model(jnp.asarray(x)))
+
+    def hf():
+        return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+    assert np.abs(got - _hf_logits(hf(), x)).max() > 1e-2  # the adapter matters
+    theirs = PeftModel.from_pretrained(hf(), out).eval()
+    np.testing.assert_allclose(_hf_logits(theirs, x), got, atol=1e-4, rtol=0)
+    ours = json.loads((out / "adapter_config.json").read_text())
+    ref_model = get_peft_model(hf(), LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, init_lora_weights="gaussian",
+                                                target_modules=ours["target_modules"], task_type="CAUSAL_LM"))
+    ref_model.save_pretrained(tmp_path / "peft")
+    ref = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    assert set(ours) == set(ref) - {"peft_version"}
+    assert ours["init_lora_weights"] == "gaussian"
+    assert {k: v for k, v in ours.items() if k != "target_modules"} == {
+        k: v for k, v in ref.items() if k not in ("target_modules", "peft_version")}
+    assert ours["target_modules"] == sorted(ref["target_modules"])

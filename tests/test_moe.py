@@ -1,9 +1,9 @@
 """Sparse MoE families (Mixtral, Qwen3-MoE) against transformers, bitsandbytes and peft: the router picks the same
 experts, the dispatch's compiled matmul FLOPs scale with top-k and not with the number of experts, NF4 experts,
-bnb-4bit checkpoints, adapters on attention, generation and the training invariants."""
+bnb-4bit checkpoints, adapters on attention (on the experts: test_moe_lora.py), generation and the training
+invariants."""
 
 import json
-import re
 from pathlib import Path
 
 import bitsandbytes.functional as bnbf
@@ -15,14 +15,14 @@ import pytest
 import torch
 from flax import nnx
 from safetensors.torch import load_file
-from tiny import MOE_CONFIGS, bnb_model, jq_logits, make_moe_model, randomize_lora, torch_logits
+from tiny import MOE_CONFIGS, bnb_model, jq_logits, make_moe_model, moe_block_dots, randomize_lora, torch_logits
 from transformers import AutoModelForCausalLM
 
 import jqlora
 from jqlora import convert, step
 from jqlora import generate as gen
 from jqlora import quant as qmod
-from jqlora.lora import LoraConfig, QuantSpec
+from jqlora.lora import LoraConfig
 from jqlora.models import ModelConfig, hf_key_table, moe
 from jqlora.peft import load_model_with_adapter, save_adapter
 
@@ -90,29 +90,8 @@ def test_qwen3_moe_unnormalized_top_k_matches_transformers(tmp_path):
 
 
 def _dot_flops(E: int, k: int, T: int = 256, D: int = 64, F: int = 128) -> float:
-    cfg = ModelConfig(model_type="mixtral", vocab_size=8, hidden_size=D, intermediate_size=F, num_hidden_layers=1,
-                      num_attention_heads=1, num_key_value_heads=1, head_dim=D, num_experts=E,
-                      num_experts_per_tok=k)
-    block = moe.MoE(cfg, QuantSpec("none"), jnp.float32, jnp.float32, nnx.Rngs(0))
-    graphdef, state = nnx.split(block)
-    fn = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x))
-    hlo = fn.lower(state, jax.ShapeDtypeStruct((1, T, D), jnp.float32)).compile().as_text()
-    # FLOPs of every dot in the compiled HLO: 2 · (product of the output dims) · (contracted dims)
-    total = 0.0
-    shapes = {}
-    for line in hlo.splitlines():
-        m = re.match(r"\s*(?:ROOT )?%?([\w.-]+) = \w+\[([\d,]*)\]", line)
-        if m:
-            shapes[m.group(1)] = [int(d) for d in m.group(2).split(",") if d]
-    for line in hlo.splitlines():
-        m = re.match(r"\s*(?:ROOT )?%?[\w.-]+ = \w+\[([\d,]*)\][^=]*? dot\(%?([\w.-]+), %?([\w.-]+)\).*"
-                     r"lhs_contracting_dims=\{([\d,]*)\}", line)
-        if m:
-            out = np.prod([int(d) for d in m.group(1).split(",") if d])
-            lhs = shapes[m.group(2)]
-            contracted = np.prod([lhs[int(d)] for d in m.group(4).split(",") if d])
-            total += 2.0 * out * contracted
-    return total
+    """FLOPs of every dot in one MoE block's compiled forward HLO."""
+    return sum(2.0 * np.prod(out) * np.prod(contracted) for out, contracted in moe_block_dots(E, k, T, D, F))
 
 
 def test_dispatch_flops_scale_with_top_k_not_experts():
@@ -214,10 +193,10 @@ def set_experts(hf_model, ours) -> None:
 
 @pytest.mark.parametrize("family,quant", [("mixtral", "none"), ("mixtral", "nf4"), ("qwen3_moe", "none")])
 def test_peft_round_trip(family, quant, tmp_path_factory, tmp_path):
-    """Adapters on the attention (what jqlora's all-linear adapts on these models): keys and shapes equal peft's for
-    the target_modules our adapter_config names, and peft reproduces our logits. (peft 0.21's own all-linear on
-    transformers 5.24's MoE also adds target_parameters for the router and the fused 3-D experts: not adapted here,
-    see models/mixtral.py.) The 4-bit base on Mixtral only: the same attention code as Qwen3-MoE's (CI time)."""
+    """Adapters on the attention (jqlora's all-linear on these models, with lora.experts off): keys and shapes equal
+    peft's for the target_modules our adapter_config names, and peft reproduces our logits. (The experts' adapters,
+    peft's target_parameters: tests/test_moe_lora.py.) The 4-bit base on Mixtral only: the same attention code as
+    Qwen3-MoE's (CI time)."""
     _, path = make_moe_model(tmp_path_factory.mktemp(f"{family}-{quant}") / "hf", family)
     ours = jqlora.load_model(path, quant=quant, dtype="float32", lora=LORA)
     randomize_lora(ours, seed=1)
@@ -287,11 +266,15 @@ def test_greedy_generation_matches_transformers(family, tmp_path):
     np.testing.assert_allclose(np.stack([lg for _, lg in steps], 1), ref_logits, atol=1e-4, rtol=0)
 
 
-def test_training_invariants(tmp_path):
+@pytest.mark.parametrize("family,quant", [("mixtral", "none"), ("qwen3_moe", "nf4")])
+def test_training_invariants(family, quant, tmp_path):
     """packing = separate rows; remat = no remat; two micro-batches = one batch (the micro-batches have other token
-    counts, so other dispatch tiles). Mixtral only: Qwen3-MoE runs the same MoE code (CI time)."""
-    _, path = make_moe_model(tmp_path / "hf", "mixtral")  # (float base: the 4-bit path's invariants are Llama's)
-    model = jqlora.load_model(path, quant="none", dtype="float32", lora=LORA, remat="none")
+    counts, so other dispatch tiles). Each family once, float or NF4 + double quant experts and attention (CI time:
+    not every pair)."""
+    _, path = make_moe_model(tmp_path / "hf", family)
+    model = jqlora.load_model(path, quant=quant, double_quant=True, dtype="float32", lora=LORA, remat="none")
+    if quant == "nf4":  # the experts are 4-bit: the invariants hold through the dequantizing dispatch
+        assert model.model.layers.mlp.experts.gate_proj.nested_absmax is not None
     randomize_lora(model, seed=4, scale=0.1)
     a, b = ids(6, (1, 9)), ids(7, (1, 8))
     packed = np.concatenate([a, b, np.zeros((1, 3), np.int32)], axis=1)

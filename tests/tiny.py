@@ -89,10 +89,10 @@ FAMILY_CONFIGS = {
 
 
 def make_family_model(path: Path, family: str, seed: int = 0, **overrides):
-    """A tiny random ``family`` model (`FAMILY_CONFIGS`, eager attention, float32) with weights scaled so every term
-    matters (kernels ~ 1/sqrt(fan-in); norm weights off their neutral value), saved to ``path``.
+    """A tiny random ``family`` model (`FAMILY_CONFIGS` or `FAMILIES`, eager attention, float32) with weights scaled so
+    every term matters (kernels ~ 1/sqrt(fan-in); norm weights off their neutral value), saved to ``path``.
     Returns (the transformers model, ``path``)."""
-    cls, extra = FAMILY_CONFIGS[family]
+    cls, extra = {**FAMILIES, **FAMILY_CONFIGS}[family]
     config = cls(**{**BASE, **extra, **overrides})
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager").float().eval()
@@ -170,3 +170,95 @@ def bnb_model(src) -> torch.nn.Module:
     """transformers + bitsandbytes; train(): bitsandbytes' exact CPU path (the tiny configs have no dropout)."""
     return transformers.AutoModelForCausalLM.from_pretrained(src, quantization_config=bnb_config(),
                                                              dtype=torch.float32, attn_implementation="eager").train()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# A float64 oracle of NF4 + double quantization in bitsandbytes' flat-block layout, written from the format (not from
+# jqlora.quant): for widths that are not multiples of 64, where bitsandbytes' own CPU 4-bit matmul is wrong.
+
+
+def nf4_dq_float64(w: np.ndarray, block: int = 64, nested_block: int = 256) -> np.ndarray:
+    """``w`` [out, in] quantized to NF4 with double quantization and dequantized, in float64.
+
+    The weight is flattened row-major into blocks of ``block`` (the last one partial); per block absmax a and
+    code = nearest NF4 entry to clip(w · (1/a), -1, 1) in float32 (the partial block divides by a), a value on a
+    float32 midpoint taking the lower entry, as bitsandbytes buckets it. Double quantization: c = mean(a),
+    a - c in blocks of ``nested_block`` scaled by their max |.|, each the exact nearest (ties lower) entry of
+    bitsandbytes' signed dynamic 8-bit map. Value = NF4[code] · (D[q] · m + c). The codebooks are bitsandbytes'."""
+    import bitsandbytes.functional as bnbf
+
+    nf4 = bnbf.get_4bit_type("nf4", device="cpu").numpy().astype(np.float32)
+    dyn = bnbf.create_dynamic_map(signed=True).numpy().astype(np.float64)
+    flat = np.asarray(w, np.float32).reshape(-1)
+    full = flat.size - flat.size % block
+    rows = [flat[i:i + block] for i in range(0, flat.size, block)]
+    absmax = np.array([np.abs(r).max() for r in rows], np.float32)
+    scaled = np.concatenate([np.clip(r * (np.float32(1) / a) if i * block < full else r / a, -1, 1)
+                             for i, (r, a) in enumerate(zip(rows, absmax))]).astype(np.float32)
+    mid = ((nf4[:-1] + nf4[1:]) / np.float32(2)).astype(np.float32)
+    codes = np.searchsorted(mid, scaled, side="left")  # mid[i-1] < s <= mid[i] -> i
+    c = np.float64(absmax.astype(np.float64).mean())
+    centered = absmax.astype(np.float64) - c
+    scales = np.empty_like(centered)
+    for i in range(0, centered.size, nested_block):
+        part = centered[i:i + nested_block]
+        m = np.abs(part).max()
+        t = part / m
+        dist = np.abs(t[:, None] - dyn[None, :])
+        q = np.argmin(dist, axis=1)  # first minimum: ties to the lower entry (dyn is sorted)
+        scales[i:i + nested_block] = dyn[q] * m
+    scale = scales + c
+    return (nf4[codes].astype(np.float64) * np.repeat(scale, block)[: flat.size]).reshape(np.shape(w))
+
+
+def nf4_dq_float64_model(model: torch.nn.Module) -> torch.nn.Module:
+    """``model`` (transformers) in float64 with every kernel jqlora stores in 4-bit replaced by `nf4_dq_float64` of
+    its float32 weight: each ``nn.Linear`` but ``lm_head``, and each expert's gate, up and down kernel of a fused
+    3-D ``experts.gate_up_proj`` [E, 2F, D] / ``down_proj`` [E, D, F] (the checkpoint's per-expert w1 / w3 / w2).
+    The MoE router stays in float, as bitsandbytes leaves it."""
+    model = model.to(torch.float64)
+    with torch.no_grad():
+        for name, mod in model.named_modules():
+            if isinstance(mod, torch.nn.Linear) and name != "lm_head":
+                mod.weight.copy_(torch.from_numpy(nf4_dq_float64(mod.weight.float().numpy())))
+            elif hasattr(mod, "gate_up_proj") and isinstance(mod.gate_up_proj, torch.nn.Parameter):
+                F = mod.gate_up_proj.shape[1] // 2
+                for e in range(mod.gate_up_proj.shape[0]):
+                    for rows in (slice(0, F), slice(F, 2 * F)):
+                        w = mod.gate_up_proj[e, rows].float().numpy()
+                        mod.gate_up_proj[e, rows] = torch.from_numpy(nf4_dq_float64(w))
+                    mod.down_proj[e] = torch.from_numpy(nf4_dq_float64(mod.down_proj[e].float().numpy()))
+    return model
+
+
+def moe_block_dots(E: int, k: int, T: int, D: int, F: int, lora=None) -> list[tuple[list[int], list[int]]]:
+    """``(output dims, contracted dims)`` of every dot in the compiled forward HLO of one float32 Mixtral-shaped MoE
+    block (``lora``: a `jqlora.lora.LoraConfig`, e.g. with expert adapters) on T tokens; a dot's FLOPs are
+    2 · prod(output) · prod(contracted)."""
+    import re
+
+    from flax import nnx
+
+    from jqlora.lora import QuantSpec
+    from jqlora.models import moe
+    from jqlora.models.config import ModelConfig
+
+    cfg = ModelConfig(model_type="mixtral", vocab_size=8, hidden_size=D, intermediate_size=F, num_hidden_layers=1,
+                      num_attention_heads=1, num_key_value_heads=1, head_dim=D, num_experts=E,
+                      num_experts_per_tok=k)
+    block = moe.MoE(cfg, QuantSpec("none"), jnp.float32, jnp.float32, nnx.Rngs(0), *([lora] if lora else []))
+    graphdef, state = nnx.split(block)
+    fn = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x))
+    hlo = fn.lower(state, jax.ShapeDtypeStruct((1, T, D), jnp.float32)).compile().as_text()
+    shapes, dots = {}, []
+    for line in hlo.splitlines():
+        m = re.match(r"\s*(?:ROOT )?%?([\w.-]+) = \w+\[([\d,]*)\]", line)
+        if m:
+            shapes[m.group(1)] = [int(d) for d in m.group(2).split(",") if d]
+    for line in hlo.splitlines():
+        m = re.match(r"\s*(?:ROOT )?%?[\w.-]+ = \w+\[([\d,]*)\][^=]*? dot\(%?([\w.-]+), %?([\w.-]+)\).*"
+                     r"lhs_contracting_dims=\{([\d,]*)\}", line)
+        if m:
+            out = [int(d) for d in m.group(1).split(",") if d]
+            dots.append((out, [shapes[m.group(2)][int(d)] for d in m.group(4).split(",") if d]))
+    return dots

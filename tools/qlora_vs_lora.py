@@ -18,7 +18,8 @@ paper's claim, at small scale: the 4-bit base reaches the same loss as the 16-bi
     python tools/qlora_vs_lora.py [--task pairs|mapping] [--steps 400] [--seeds 0,1,2] [--out runs/qlora_vs_lora]
     python tools/qlora_vs_lora.py --loftq-iters 2 ...      (a third run, from a LoftQ start on NF4: the share of the
                                                             QLoRA-vs-LoRA gap it closes)
-    python tools/qlora_vs_lora.py --layer-cost [--loftq-iters 2]   (LoftQ / PiSSA start-up cost, one 8B-shaped kernel)
+    python tools/qlora_vs_lora.py --layer-cost [--loftq-iters 2] [--svd-niter 4]
+        (LoftQ / PiSSA start-up cost, one 8B-shaped kernel; --svd-niter: the randomized SVD, lora.svd_niter)
 
 prints, per seed, both loss curves (the loss over the whole training set, measured every steps/6) and the final
 losses, then the means over seeds (run-to-run variance on this tiny random base is large, so one seed says little),
@@ -167,14 +168,18 @@ def main() -> None:
     ap.add_argument("--out", default=str(REPO / "runs" / "qlora_vs_lora"))
     ap.add_argument("--loftq-iters", type=int, default=0,
                     help="also train from a LoftQ start (lora.init=loftq, this many iterations) on the NF4 base")
+    ap.add_argument("--svd-niter", type=int, default=None,
+                    help="PiSSA / LoftQ with the randomized SVD of this many power iterations (lora.svd_niter)")
     ap.add_argument("--layer-cost", action="store_true",
                     help="only time LoftQ / PiSSA / plain NF4 on one 8B-shaped kernel (4096x14336) on this CPU")
     args = ap.parse_args()
     if args.layer_cost:
-        layer_cost(max(args.loftq_iters, 1))
+        layer_cost(max(args.loftq_iters, 1), niter=args.svd_niter)
         return
     if args.loftq_iters:
         VARIANTS["loftq"] = ["model.quant=nf4", "lora.init=loftq", f"lora.loftq_iters={args.loftq_iters}"]
+        if args.svd_niter is not None:
+            VARIANTS["loftq"].append(f"lora.svd_niter={args.svd_niter}")
     out = Path(args.out)
     results = {}
     for seed in (int(x) for x in args.seeds.split(",")):
@@ -227,7 +232,8 @@ def main() -> None:
     print(f"wrote {out / 'curves.png'}")
 
 
-def layer_cost(iters: int, r: int = 16, alpha: float = 32.0, shape: tuple[int, int] = (4096, 14336)) -> None:
+def layer_cost(iters: int, r: int = 16, alpha: float = 32.0, shape: tuple[int, int] = (4096, 14336),
+               niter: int | None = None) -> None:
     """Wall time of plain NF4 + DQ, PiSSA and LoftQ (``iters``) on one random bf16-like kernel of ``shape``, and the
     LoftQ error per iteration relative to plain NF4's (the start-up cost is this times the number of kernels)."""
     import time
@@ -245,13 +251,16 @@ def layer_cost(iters: int, r: int = 16, alpha: float = 32.0, shape: tuple[int, i
     t0 = time.perf_counter()
     plain = float(np.linalg.norm(w - dequantize(quantize(w))))
     t_plain = time.perf_counter() - t0
+    if niter is not None:
+        LI.top_svd(w, r, niter)  # (compiled once)
     t0 = time.perf_counter()
-    LI.pissa(w, r, alpha / r)
+    LI.pissa(w, r, alpha / r, niter)
     t_pissa = time.perf_counter() - t0
-    print(f"kernel {shape[0]}x{shape[1]}, r={r}: NF4+DQ quantize+dequantize {t_plain:.2f} s; PiSSA (full SVD) "
+    how = "full SVD" if niter is None else f"randomized SVD, {niter} power iterations"
+    print(f"kernel {shape[0]}x{shape[1]}, r={r}: NF4+DQ quantize+dequantize {t_plain:.2f} s; PiSSA ({how}) "
           f"{t_pissa:.1f} s", flush=True)
     t0 = time.perf_counter()
-    for i, (_, _, _, err) in zip(range(1, iters + 1), LI.loftq_steps(w, r, alpha / r, quantize, dequantize)):
+    for i, (_, _, _, err) in zip(range(1, iters + 1), LI.loftq_steps(w, r, alpha / r, quantize, dequantize, niter)):
         print(f"  LoftQ iteration {i}: {time.perf_counter() - t0:.1f} s so far, error {err / plain:.4f} of plain "
               "NF4's", flush=True)
 

@@ -109,6 +109,9 @@ def _check_structure(tree: Any, source: str, prefix: str = "") -> list[str]:
         else:
             if isinstance(value, dict) and typing.get_origin(_KEYS[key]) is not dict:  # (a mapping-valued leaf)
                 raise ConfigError(f"{source}: {key} must be {_describe_type(_KEYS[key])}, not a mapping")
+            if _KEYS[key] in (bool, typing.Optional[bool]) and not isinstance(value, bool) and value is not None:
+                # (omegaconf would read 3, 0.5 or "on" as a boolean: say what is wanted instead)
+                raise ConfigError(f"{source}: {key}={value!r} is not {_describe_type(_KEYS[key])}")
             leaves.append(key)
     return leaves
 

@@ -82,21 +82,32 @@ class LoraConfig:
     # becomes the residual) | loftq (alternating quantization and SVD, so 4-bit base + AB ~ W); jqlora/lora_init.py
     init: str = "default"
     loftq_iters: int = 1  # LoftQ iterations (lora.init=loftq)
+    # PiSSA / LoftQ SVDs: null = exact (float32, numpy, on the host); N = randomized rank-r SVD with N power
+    # iterations on the default device (peft's pissa_niter_N; Halko et al. 2011): seconds per 8B kernel, not minutes
+    svd_niter: Optional[int] = None
     dora: bool = False  # DoRA: a trained magnitude per output row over the normalized W + s·BA (QDoRA on nf4/fp4)
     plus_ratio: Optional[float] = None  # LoRA+: B (and DoRA magnitudes) learn at plus_ratio x the lr; null/0: off
+    # MoE (Mixtral, Qwen3-MoE): also adapt every expert's fused gate_up_proj / down_proj (peft target_parameters);
+    # off by default: peft refuses lora.dropout > 0 there (the default is 0.05) and vLLM may not serve it (README)
+    experts: bool = False
     # peft's rank_pattern / alpha_pattern: the first key K matching a module's full name as (.*\.)?(K)$ decides, so
     # q_proj / mlp.down_proj name a module kind, model.layers.3.self_attn.q_proj one layer's module
-    rank_pattern: Dict[str, Any] = field(default_factory=dict, hash=False)  # {module pattern: rank} (peft's rank_pattern)
-    alpha_pattern: Dict[str, Any] = field(default_factory=dict, hash=False)  # {module pattern: alpha} (peft's alpha_pattern)
-    layers_to_transform: Any = field(default=None, hash=False)  # null (every layer) or the decoder layer indices to adapt (peft's)
+    rank_pattern: Dict[str, Any] = field(default_factory=dict, hash=False)  # {module pattern: rank} (peft's)
+    alpha_pattern: Dict[str, Any] = field(default_factory=dict, hash=False)  # {module pattern: alpha} (peft's)
+    layers_to_transform: Any = field(default=None, hash=False)  # null (every layer) or the layer indices to adapt
 
     def __post_init__(self):
         _check(self.r >= 1, "lora.r", self.r, "must be >= 1")
         self._check_patterns()
+        _check(not (self.experts and self.layers_to_transform is not None), "lora.layers_to_transform",
+               self.layers_to_transform, "cannot be combined with lora.experts=true (the expert adapters are in "
+               "every layer)")
         if self.init_from is not None:
             _check(bool(self.init_from), "lora.init_from", self.init_from, "must name a directory (or be null)")
         _one_of(self.init, "lora.init", LORA_INITS)
         _check(self.loftq_iters >= 1, "lora.loftq_iters", self.loftq_iters, "must be >= 1")
+        if self.svd_niter is not None:
+            _check(self.svd_niter >= 0, "lora.svd_niter", self.svd_niter, "must be >= 0 (or null: the exact SVD)")
         _check(not (self.dora and self.init in ("pissa", "loftq")), "lora.init", self.init,
                "cannot be combined with lora.dora=true (its magnitudes would be taken on the adjusted base)")
         if self.plus_ratio is not None:
@@ -104,6 +115,13 @@ class LoraConfig:
                    and self.plus_ratio >= 0, "lora.plus_ratio", self.plus_ratio, "must be a number >= 0 (or null: off)")
         _check(self.alpha > 0, "lora.alpha", self.alpha, "must be > 0")
         _check(0.0 <= self.dropout < 1.0, "lora.dropout", self.dropout, "must be in [0, 1)")
+        if self.experts:  # peft's ParamWrapper (target_parameters) refuses dropout and DoRA
+            _check(self.dropout == 0, "lora.dropout", self.dropout, "must be 0 with lora.experts=true (peft "
+                   "refuses dropout on the fused expert parameters); set lora.dropout=0 or lora.experts=false")
+            _check(not self.dora, "lora.dora", self.dora, "cannot be combined with lora.experts=true (peft refuses "
+                   "DoRA on the fused expert parameters)")
+            _check(self.init == "default", "lora.init", self.init, "is not implemented for the expert adapters "
+                   "(lora.experts=true): use lora.init=default")
         targets = self.targets
         if isinstance(targets, str) and targets != "all-linear":
             targets = [targets]

@@ -101,7 +101,7 @@ class DecoderLayer(nnx.Module):
         if cfg.num_experts:  # Mixtral, Qwen3-MoE: a sparse MLP (moe.py)
             from jqlora.models.moe import MoE
 
-            self.mlp = MoE(cfg, quant, dtype, lora_dtype, rngs)
+            self.mlp = MoE(cfg, quant, dtype, lora_dtype, rngs, lora)
         else:
             self.mlp = MLP(cfg, lora, quant, dtype, lora_dtype, rngs)
         self.input_layernorm = rms_norm(cfg, D, dtype)
@@ -291,8 +291,10 @@ class CausalLM(nnx.Module):
 
     def init_lora(self, key: jax.Array) -> None:
         """(Re)initialize every adapter as peft does (A uniform, B zero); deterministic in ``key``."""
+        from jqlora.models.moe import ExpertLora
+
         for i, (_, module) in enumerate(sorted(nnx.iter_modules(self), key=lambda pm: tuple(map(str, pm[0])))):
-            if isinstance(module, LoraLinear):
+            if isinstance(module, (LoraLinear, ExpertLora)):
                 module.reset_lora(jax.random.fold_in(key, i))
         # the embedding / head adapters after (keys apart, so the layers' adapters start as they always did)
         for j, head in enumerate((self.model.embed_tokens, self.lm_head)):

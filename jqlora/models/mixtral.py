@@ -14,9 +14,10 @@ holds 4-bit attention kernels and unquantized experts and router; the experts ar
 Adapters: the attention projections q/k/v/o (``target_modules``, as in Llama) are adapted, and an exported
 adapter names them explicitly. The experts are fused 3-D parameters in transformers 5.24, which peft 0.21 adapts
 only through ``target_parameters`` (a ParamWrapper per parameter: ``mlp.experts.base_layer.lora_A`` [E·r, D] /
-``lora_B`` [2F, E·r] for ``gate_up_proj``, ``mlp.experts.lora_A`` / ``lora_B`` for ``down_proj``); peft's own
-``all-linear`` on these models adds those and the router (``gate.weight``). Not implemented here: the experts carry
-no adapter and the router stays frozen; importing a peft adapter with ``target_parameters`` is not supported.
+``lora_B`` [2F, r·E] for ``gate_up_proj``, ``mlp.experts.lora_A`` / ``lora_B`` for ``down_proj``). With
+``lora.experts`` jqlora adapts both (`moe.py`) and exports / imports them that way (`jqlora.peft_experts`); peft's
+own ``all-linear`` on these models adds those and the router (``gate.weight``): the router stays frozen here, and an
+adapter on it is refused on import.
 """
 
 from __future__ import annotations

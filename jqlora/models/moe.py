@@ -9,8 +9,20 @@ Per token x (Shazeer et al., "Outrageously Large Neural Networks", 2017; Jiang e
 
 The experts are frozen `LoraLinear` kernels stacked on an expert axis (variables [L, E, ...] under the layer
 stack), NF4-quantized like every other linear when quantization is on, each expert's [O, I] kernel quantized on its
-own (the blocks bitsandbytes would make for that expert's matrix). They carry no adapter: see the family modules
-for what peft can and cannot express for them.
+own (the blocks bitsandbytes would make for that expert's matrix). The router stays frozen.
+
+Expert adapters (``LoraConfig.experts``), as peft 0.21 adapts transformers' fused 3-D expert parameters
+(``target_parameters``, one ``ParamWrapper`` per parameter): per expert e, one LoRA on the fused
+``gate_up_proj`` [2F, D] (A shared by gate and up, B over both halves, gate first) and one on ``down_proj`` [D, F]:
+
+    [g | u] = x (W_gu,e)ᵀ + s · (x A_gu,e) B_gu,e          A_gu,e [D, r], B_gu,e [r, 2F]
+    y       = h (W_d,e)ᵀ  + s · (h A_d,e) B_d,e,  h = act(g) * u    A_d,e [F, r], B_d,e [r, D]
+
+with s = alpha / r (alpha / √r with rsLoRA), A uniform and B zero at init (peft's init: the fresh adapter leaves the
+model unchanged), no dropout and no DoRA (peft refuses both there). ``ExpertLora`` holds them as ``lora_a`` [E, I, r]
+/ ``lora_b`` [E, r, O] (``nnx.LoRAParam``, [L, E, ...] under the stack); `jqlora.peft_experts` maps them to peft's
+keys. The adapter terms are computed on the gathered tiles only (each tile gathers its expert's A and B), so their
+FLOPs also scale with top-k: 2 · N · R · r · (D + 2F + F + D).
 
 Dispatch (capacity-free, no token is dropped, no expert runs on a token that did not pick it):
 the T·k token slots are sorted by expert (stable argsort); each expert's run of slots is padded up to whole tiles
@@ -35,7 +47,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jqlora import quant as q
-from jqlora.lora import Frozen, LoraLinear, QuantSpec
+from jqlora.lora import Frozen, LoraConfig, LoraLinear, LoraSpec, QuantSpec, lora_a_init
 from jqlora.models.config import ModelConfig
 from jqlora.models.layers import ACTIVATIONS
 
@@ -109,11 +121,54 @@ class Router(nnx.Module):
         return jax.lax.dot_general(x_TD, self.weight[...].astype(x_TD.dtype), (((1,), (1,)), ((), ())))
 
 
-class Experts(nnx.Module):
-    """``gate_proj``, ``up_proj`` [E, F, D] and ``down_proj`` [E, D, F]: frozen, no adapters."""
+class ExpertLora(nnx.Module):
+    """One LoRA per expert over a fused expert parameter [E, O, I]: ``lora_a`` [E, I, r], ``lora_b`` [E, r, O]."""
 
-    def __init__(self, cfg: ModelConfig, quant: QuantSpec, dtype: Any, lora_dtype: Any, rngs: nnx.Rngs):
-        D, F = cfg.hidden_size, cfg.intermediate_size
+    def __init__(self, experts: int, in_features: int, out_features: int, spec: LoraSpec, param_dtype: Any,
+                 rngs: nnx.Rngs):
+        self.in_features, self.out_features, self.spec = in_features, out_features, spec
+        self.param_dtype = jnp.dtype(param_dtype)
+        self.lora_a = nnx.LoRAParam(lora_a_init(rngs.params(), (experts, in_features, spec.r), in_features,
+                                                param_dtype))
+        self.lora_b = nnx.LoRAParam(jnp.zeros((experts, spec.r, out_features), self.param_dtype))
+
+    @property
+    def scaling(self) -> float:
+        return self.spec.scaling
+
+    def reset_lora(self, key: jax.Array) -> None:
+        """A uniform, B zero (peft's init), keeping shapes and any stacked axes."""
+        self.lora_a.set_value(lora_a_init(key, self.lora_a.shape, self.in_features, self.param_dtype))
+        self.lora_b.set_value(jnp.zeros(self.lora_b.shape, self.param_dtype))
+
+    def delta(self, x_NRI: jax.Array, e_N: jax.Array) -> jax.Array:
+        """s · (x A_e) B_e [N, R, O] for tiles ``x_NRI`` of experts ``e_N`` (gathering only those A / B)."""
+        a_NIr = jnp.take(self.lora_a[...], e_N, axis=0).astype(x_NRI.dtype)
+        b_NrO = jnp.take(self.lora_b[...], e_N, axis=0).astype(x_NRI.dtype)
+        h_NRr = jax.lax.dot_general(x_NRI, a_NIr, (((2,), (1,)), ((0,), (0,))))
+        y_NRO = jax.lax.dot_general(h_NRr, b_NrO, (((2,), (1,)), ((0,), (0,))))
+        return y_NRO * jnp.asarray(self.scaling, x_NRI.dtype)
+
+    def merged_delta(self) -> jax.Array:
+        """float32 s · (A_e B_e)ᵀ [..., E, O, I]: what merging adds to each expert's kernel."""
+        d = jnp.matmul(self.lora_a[...].astype(jnp.float32), self.lora_b[...].astype(jnp.float32))
+        return self.scaling * jnp.swapaxes(d, -1, -2)
+
+
+def expert_spec(lora: LoraConfig | None) -> LoraSpec | None:
+    """The expert adapters' settings (``lora.r`` / ``lora.alpha``), or None when ``lora.experts`` is off."""
+    if lora is None or not getattr(lora, "experts", False):
+        return None
+    return LoraSpec(r=int(lora.r), alpha=float(lora.alpha), rslora=bool(lora.rslora))
+
+
+class Experts(nnx.Module):
+    """``gate_proj``, ``up_proj`` [E, F, D] and ``down_proj`` [E, D, F] (frozen), and with ``lora`` the expert
+    adapters ``gate_up_lora`` (over the fused [2F, D]) and ``down_lora``."""
+
+    def __init__(self, cfg: ModelConfig, quant: QuantSpec, dtype: Any, lora_dtype: Any, rngs: nnx.Rngs,
+                 lora: LoraSpec | None = None):
+        D, F, E = cfg.hidden_size, cfg.intermediate_size, cfg.num_experts
 
         @nnx.split_rngs(splits=cfg.num_experts)
         @nnx.vmap(in_axes=(0,), out_axes=0)
@@ -122,14 +177,20 @@ class Experts(nnx.Module):
             return LoraLinear(D, F, **kw), LoraLinear(D, F, **kw), LoraLinear(F, D, **kw)
 
         self.gate_proj, self.up_proj, self.down_proj = make(rngs)
+        if lora is not None:
+            self.gate_up_lora = ExpertLora(E, D, 2 * F, lora, lora_dtype, rngs)
+            self.down_lora = ExpertLora(E, F, D, lora, lora_dtype, rngs)
+        else:
+            self.gate_up_lora = self.down_lora = None
 
 
 class MoE(nnx.Module):
     """The sparse MLP block: ``gate`` (router) and ``experts``."""
 
-    def __init__(self, cfg: ModelConfig, quant: QuantSpec, dtype: Any, lora_dtype: Any, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, quant: QuantSpec, dtype: Any, lora_dtype: Any, rngs: nnx.Rngs,
+                 lora: LoraConfig | None = None):
         self.gate = Router(cfg, dtype, rngs)
-        self.experts = Experts(cfg, quant, dtype, lora_dtype, rngs)
+        self.experts = Experts(cfg, quant, dtype, lora_dtype, rngs, expert_spec(lora))
         self.num_experts, self.top_k = cfg.num_experts, cfg.num_experts_per_tok
         self.norm_topk_prob, self.weights_f32 = cfg.norm_topk_prob, cfg.router_weights_f32
         self.act = cfg.hidden_act
@@ -137,7 +198,7 @@ class MoE(nnx.Module):
 
     def __call__(self, x_BSD: jax.Array, *, deterministic: bool = True, keys=None, stats_mask_T=None):
         """y [B, S, D]; with ``stats_mask_T`` (float [B·S], 1 = a real token) also this layer's `router_stats`."""
-        del deterministic, keys  # (no adapters, no dropout)
+        del deterministic, keys  # (expert adapters take no dropout)
         B, S, D = x_BSD.shape
         E, K = self.num_experts, self.top_k
         x_TD = x_BSD.reshape(B * S, D).astype(self.dtype)
@@ -162,7 +223,14 @@ class MoE(nnx.Module):
         ex = self.experts
         gate_NRF = _tile_dot(x_NRD, _take(ex.gate_proj, tile_expert_N))
         up_NRF = _tile_dot(x_NRD, _take(ex.up_proj, tile_expert_N))
-        y_NRD = _tile_dot(ACTIVATIONS[self.act](gate_NRF) * up_NRF, _take(ex.down_proj, tile_expert_N))
+        if ex.gate_up_lora is not None:
+            F = gate_NRF.shape[-1]
+            d_NR2F = ex.gate_up_lora.delta(x_NRD, tile_expert_N)
+            gate_NRF, up_NRF = gate_NRF + d_NR2F[..., :F], up_NRF + d_NR2F[..., F:]
+        h_NRF = ACTIVATIONS[self.act](gate_NRF) * up_NRF
+        y_NRD = _tile_dot(h_NRF, _take(ex.down_proj, tile_expert_N))
+        if ex.down_lora is not None:
+            y_NRD = y_NRD + ex.down_lora.delta(h_NRF, tile_expert_N)
         y_sorted_SD = y_NRD.reshape(N * R, D)[row_S]
         y_TKD = jnp.zeros_like(y_sorted_SD).at[order_S].set(y_sorted_SD).reshape(T, K, D)
         if self.weights_f32:  # Mixtral: float32 products, rounded once per slot

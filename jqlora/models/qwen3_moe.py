@@ -8,7 +8,8 @@ dtype before they scale the expert outputs (Qwen Team, "Qwen3 Technical Report",
 Checkpoint layout (hub, and what transformers 5.24 saves): per layer ``mlp.gate.weight`` [E, D] (the router) and
 ``mlp.experts.{e}.{gate,up,down}_proj.weight``. Layers with a dense MLP (``mlp_only_layers``,
 ``decoder_sparse_step`` > 1) are not supported: the layer stack scans one layer body. Adapters as for Mixtral
-(`mixtral.py`): attention only; experts and router carry none.
+(`mixtral.py`): the attention, and with ``lora.experts`` the fused experts (peft ``target_parameters``, same keys);
+the router carries none.
 """
 
 from __future__ import annotations

@@ -16,6 +16,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import json
+import math
 import re
 
 import pytest
@@ -47,7 +48,7 @@ def hlo() -> dict[str, str]:
     return out
 
 
-_INSTR = re.compile(r"^\s*(?:ROOT )?%\S+ = (\([^)]*\)|\S+) ([\w-]+)\((.*)$", re.M)
+_INSTR = re.compile(r"^\s*(?:ROOT )?%\S+ = (\([^)]*\)|\S+) ([\w-]+)\((.*)$", re.MULTILINE)
 
 
 def _instructions(text: str):
@@ -137,3 +138,62 @@ def test_plan_compile_names_an_unknown_gpu(capsys):
     assert plan.main(["--model", "llama3-8b", "--compile", "--gpu", "h999"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--gpu h999" in err[0] and "h100-sxm" in err[0], err
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# (e) A Mixtral-shaped MoE step with the load-balancing loss (train.router_aux_loss_coef > 0): it compiles for the
+#     GPU, the router statistics leave the scanned layers (the aux loss is in the step), and the dot FLOPs follow
+#     the sparse dispatch's tiles (models/moe.py): they grow with top-k, not with the number of experts.
+
+MOE_T, MOE_D, MOE_F = 512, 256, 512
+
+
+def _moe_shape(experts: int, k: int):
+    return dataclasses.replace(BUILTIN["mixtral-8x7b"], num_hidden_layers=L, hidden_size=MOE_D,
+                               intermediate_size=MOE_F, num_attention_heads=4, num_key_value_heads=2, head_dim=64,
+                               vocab_size=512, sliding_windows=(None,) * L, num_experts=experts,
+                               num_experts_per_tok=k)
+
+
+def _dot_flops(text: str) -> float:
+    """2 · (output elements) · (contracted elements) summed over every dot of the HLO (each computation once: a
+    loop body counts once however many times it runs, the same in both compiles compared)."""
+    shapes = {}
+    for m in re.finditer(r"^\s*(?:ROOT )?%([\w.-]+) = \w+\[([\d,]*)\]", text, re.MULTILINE):
+        shapes[m.group(1)] = [int(d) for d in m.group(2).split(",") if d]
+    total = 0.0
+    for m in re.finditer(r"^\s*(?:ROOT )?%[\w.-]+ = \w+\[([\d,]*)\]\S* dot\(%([\w.-]+), %[\w.-]+\)"
+                         r".*?lhs_contracting_dims=\{([\d,]*)\}", text, re.MULTILINE):
+        out = math.prod(int(d) for d in m.group(1).split(",") if d)
+        lhs = shapes[m.group(2)]
+        total += 2.0 * out * math.prod(lhs[int(d)] for d in m.group(3).split(",") if d)
+    return total
+
+
+def _tile_rows(experts: int, k: int) -> int:
+    """Rows of the dispatch's tiles (models/moe.py): t = ceil(T·k / E) rows in n = ceil(T·k / t) + E tiles."""
+    t = -(-MOE_T * k // experts)
+    return t * (-(-MOE_T * k // t) + experts)
+
+
+def test_moe_step_with_aux_loss_compiles_and_dot_flops_scale_with_top_k():
+    """E=4, k=1 against E=8, k=2 (two compiles, CI time; tests/test_moe.py varies each alone on CPU): the tiles add
+    T·k rows when k doubles, whatever E; doubling E on the dense path (every expert on every token) would add T·E."""
+    flops = {}
+    for experts, k in ((4, 1), (8, 2)):
+        cfg = load_config("configs/mixtral-8x7b.yaml", ["model.path=/not/needed", f"data.max_length={MOE_T}",
+                                                        "train.batch_size=1", "train.router_aux_loss_coef=0.02",
+                                                        "train.remat=none"])
+        text = aot.compile_step(_moe_shape(experts, k), cfg, GPU).hlo()
+        # the per-layer router statistics [L, 2, E] (fraction routed, mean probability) out of the layer scan:
+        # only a step with the aux loss has them
+        assert f"f32[{L},2,{experts}]" in text
+        flops[experts, k] = _dot_flops(text)
+    rows = _tile_rows(8, 2) - _tile_rows(4, 1)
+    assert rows == 2 * MOE_T  # (slots padded per expert to whole tiles: 2 · T · k rows at both points)
+    # per added row: the tiles' gate, up and down matmuls forward and their input gradients backward (the experts
+    # are frozen: no weight gradients), 6 · 2 · D · F; the rest of the step is the same up to the [D, E] router
+    sparse = 6 * 2.0 * rows * MOE_D * MOE_F
+    dense = 6 * 2.0 * MOE_T * (8 - 4) * MOE_D * MOE_F
+    assert dense == 2 * sparse
+    assert flops[8, 2] - flops[4, 1] == pytest.approx(sparse, rel=5e-3), flops
