@@ -274,8 +274,8 @@ class LoraLinear(nnx.Module):
     ``block_size``, ``quant_type``; ``bias`` (Frozen ``[O]``) if ``use_bias``; ``lora_a`` ``[I, R]`` and ``lora_b``
     ``[R, O]`` (nnx.LoRAParam in ``param_dtype``) if ``lora`` is given, and ``magnitude`` ``[O]`` (nnx.LoRAParam)
     with DoRA (``lora.dora``; `jqlora.dora`). Arrays may carry leading axes (stacked layers). A per-layer spec
-    (``lora.per_layer``) adds Frozen ``lora_scale`` (``[L]`` stacked) and, where ranks differ, ``lora_mask`` (``[L, R]``),
-    filled by `set_layer_values` once the layers are stacked.
+    (``lora.per_layer``) adds Frozen ``lora_scale`` (``[L]`` stacked) and, where ranks differ, ``lora_mask``
+    (``[L, R]``), filled by `set_layer_values` once the layers are stacked.
     """
 
     def __init__(
