@@ -225,12 +225,12 @@ def test_training_invariants(fam):
     for policy, scan in [("full", True)]:  # (every policy, and unrolled, on Llama: tests/test_model.py)
         g, loss = grads(policy, scan)
         np.testing.assert_allclose(loss, ref_loss, rtol=1e-6)
-        for u, v in zip(g, ref):
-            np.testing.assert_allclose(u, v, atol=1e-5, rtol=1e-5)  # (|grads| up to ~10)
+        for u, v in zip(g, ref):  # (float32 sums in another order: a few 1e-6 of the leaf's largest |grad|, ~30)
+            np.testing.assert_allclose(u, v, atol=3e-6 * np.abs(v).max(), rtol=1e-5)
     (g1, l1), (g2, l2) = grads("none", True, slice(0, 2)), grads("none", True, slice(2, 4))
     np.testing.assert_allclose(l1 + l2, ref_loss, rtol=1e-5)
     for u, v, w in zip(g1, g2, ref):
-        np.testing.assert_allclose(u + v, w, atol=1e-5, rtol=1e-5)
+        np.testing.assert_allclose(u + v, w, atol=3e-6 * np.abs(w).max(), rtol=1e-5)
     # the loss sees the soft-capped logits (Gemma 2): the chunked CE equals the CE of the model's own logits
     logits = model(batch["input_ids"], batch["segment_ids"], batch["positions"])
     np.testing.assert_allclose(ref_loss, float(step.full_ce_sum(logits, batch["targets"], batch["loss_mask"])),
