@@ -130,7 +130,7 @@ def _memory(compiled) -> dict[str, int]:
 
 def abstract_model(shape, cfg, *, remat: str, attention: str = "cudnn", scan_layers: bool = True):
     """The run's model as shapes only (`nnx.eval_shape`): no weights are drawn or loaded."""
-    from jqlora.loop import _lora_config  # the run's own LoRA settings
+    from jqlora.build import lora_config as _lora_config  # the run's own LoRA settings
     from jqlora.lora import QuantSpec, compute_dtype
     from jqlora.models.llama import LlamaForCausalLM
 

@@ -46,7 +46,7 @@ def dry_run(cfg, out=print) -> int:
     from jqlora.batches import BatchIterator
     from jqlora.data import DataError, build_datasets, load_tokenizer
 
-    from jqlora.loop import ensure_demo_model
+    from jqlora.build import ensure_demo_model
 
     ensure_demo_model(cfg.model.path)  # (the demo's tiny base is built on first use, as training would)
     model_json = os.path.join(cfg.model.path, "config.json")

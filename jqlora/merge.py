@@ -152,7 +152,7 @@ def restore_for_export(src: str | os.PathLike, *, step: int | None = None, quant
 
     from jqlora import optim
     from jqlora.config import load_config
-    from jqlora.loop import build_model
+    from jqlora.build import build_model
     from jqlora.rundir import RunDir
     from jqlora.step import SplitModel
 

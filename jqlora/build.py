@@ -1,0 +1,95 @@
+"""From a run config to the model it trains: the checks that need only the checkpoint's config.json (before minutes
+of loading), the LoRA settings of the run, loading (streamed into shards on a multi-device mesh) and the adapters'
+initialization (`jqlora.lora_init`). The trainer (`jqlora.loop`) and the export (`jqlora.merge`) build through here.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import jax
+
+log = logging.getLogger("jqlora.train")
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEMO_MODEL = "assets/demo/model"
+
+
+class UserError(ValueError):
+    """A user mistake found by the trainer (missing model, unwritable output_dir, ...): one line, exit code 2."""
+
+
+def _has_weights(path: str) -> bool:
+    p = Path(path)
+    return (p / "config.json").is_file() and (any(p.glob("*.safetensors")) or any(p.glob("*.bin")))
+
+
+def ensure_demo_model(path: str) -> None:
+    """The demo's base weights are committed (pretrained by tools/make_demo_model.py); say how to get them back."""
+    demo = (REPO_ROOT / DEMO_MODEL).resolve()
+    if Path(path).resolve() == demo and not _has_weights(path):
+        raise UserError(f"{path}: the demo's base model is missing (restore it with `git checkout -- {DEMO_MODEL}`, "
+                        "or rebuild it with `python tools/make_demo_model.py`, which needs torch)")
+
+
+def lora_config(cfg):
+    """The `jqlora.lora.LoraConfig` of a run config's ``lora`` section."""
+    from jqlora.lora import LoraConfig
+
+    return LoraConfig(r=cfg.lora.r, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout, targets=cfg.lora.targets,
+                      rslora=cfg.lora.rslora, dora=cfg.lora.dora, experts=cfg.lora.experts,
+                      rank_pattern=dict(cfg.lora.rank_pattern), alpha_pattern=dict(cfg.lora.alpha_pattern),
+                      layers_to_transform=cfg.lora.layers_to_transform)
+
+
+def build_model(cfg, check: Callable[[Any], None] | None = None, mesh=None, run_dir: str | None = None):
+    """The quantized base model with fresh adapters, as the config says; ``check(ModelConfig)`` runs before loading.
+    ``run_dir``: the run directory whose start PiSSA / LoftQ saved (`jqlora.init_export`), for resumes and exports.
+
+    With a ``mesh`` of several devices in a single process, every tensor is loaded straight into its shards
+    (`load_model(mesh=)`); otherwise the model is loaded on the default device (and placed by the caller).
+    ``train.remat=auto`` is resolved here, from the memory plan of the model's shape on this mesh."""
+    from jqlora.hfcheckpoint import ConvertError
+    from jqlora.models import ModelConfig, load_model
+    from jqlora.memplan import resolve_remat
+
+    path = cfg.model.path
+    if not os.path.isdir(path):
+        raise UserError(f"model.path {path}: no such directory")
+    ensure_demo_model(path)
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise UserError(f"model.path {path}: no config.json (not a Hugging Face checkpoint directory)")
+    try:
+        shape = ModelConfig.from_hf(path)
+        if "lm_head" in cfg.lora.target_modules and shape.tie_word_embeddings:
+            raise UserError(f"lora.targets: lm_head cannot be adapted in {path}: its embeddings are tied "
+                            "(tie_word_embeddings=true); adapt embed_tokens, or leave lm_head out")
+        if cfg.train.router_aux_loss_coef and not shape.num_experts:
+            raise UserError(f"train.router_aux_loss_coef={cfg.train.router_aux_loss_coef} needs a model with experts "
+                            f"(Mixtral, Qwen3-MoE); {path} has a dense MLP: set it to 0")
+        if check is not None:
+            try:
+                check(shape)
+            except ValueError as e:
+                raise UserError(str(e).splitlines()[0]) from None
+        axes = {k: int(v) for k, v in mesh.shape.items()} if mesh is not None else None
+        remat, why = resolve_remat(cfg, shape, axes)
+        if cfg.train.remat == "auto":
+            log.info(why)
+        streamed = mesh is not None and mesh.size > 1 and jax.process_count() == 1
+        from jqlora import lora_init
+        from jqlora.lora import LoraError
+
+        try:
+            return lora_init.load_initialized(cfg, lambda quant, **kw: load_model(
+                path, quant=quant, double_quant=cfg.model.double_quant, block_size=cfg.model.block_size,
+                dtype=cfg.model.dtype, lora=lora_config(cfg), seed=cfg.train.seed, remat=remat,
+                mesh=mesh if streamed and kw.get("streamed", True) else None), run_dir=run_dir)
+        except (lora_init.InitError, LoraError) as e:
+            raise UserError(str(e).splitlines()[0]) from None
+    except (ConvertError, FileNotFoundError) as e:
+        raise UserError(str(e).splitlines()[0]) from None
