@@ -145,7 +145,8 @@ def _batch(seed: int = 5, B: int = 4, S: int = 24):
     return ours, rows
 
 
-def _train_ours(model, batch, plus_ratio):
+def _train_ours(model, batch, plus_ratio=None):
+    """STEPS steps of jqlora's own train step on one batch: (losses, trained model, optimizer state)."""
     tc = TrainConfig(batch_size=4, grad_accum_steps=1, max_steps=STEPS, learning_rate=LR, lr_schedule="constant",
                      warmup_steps=0, weight_decay=WD, adam_eps=EPS, max_grad_norm=1.0)
     split = ST.SplitModel.of(model)
@@ -157,7 +158,7 @@ def _train_ours(model, batch, plus_ratio):
     for _ in range(STEPS):
         lora, opt_state, loss_sum = step(lora, opt_state, split.frozen, batch, jax.random.key(0), 1.0 / n)
         losses.append(float(loss_sum) / n)
-    return losses, split.model(lora)
+    return losses, split.model(lora), opt_state
 
 
 def _train_theirs(src, adapter_dir, rows, plus_ratio, out_dir):
@@ -202,7 +203,7 @@ def test_training_equals_transformers_trainer(hf_dirs, tmp_path, variant, family
     randomize(model, seed=6, scale=0.05)  # B != 0, so A has gradients from the first step
     start = save_adapter(model, tmp_path / "start", lora_config=lora)
     ours_batch, rows = _batch()
-    ours_losses, trained = _train_ours(model, ours_batch, plus)
+    ours_losses, trained, _ = _train_ours(model, ours_batch, plus)
     their_losses, their_sd = _train_theirs(src, start, rows, plus, tmp_path / "hf")
     assert len(their_losses) == STEPS
     np.testing.assert_allclose(ours_losses, their_losses, atol=2e-5, rtol=0)

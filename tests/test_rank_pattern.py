@@ -26,14 +26,11 @@ import pytest
 import torch
 from flax import nnx
 from safetensors.torch import load_file, save_file
-from test_lora_variants_a import EPS, LR, STEPS, WD, _batch, _train_theirs
+from test_lora_variants_a import _batch, _train_ours, _train_theirs
 from tiny import bnb_model, jq_logits, make_model, torch_logits
 from transformers import AutoModelForCausalLM
 
 import jqlora
-from jqlora import optim
-from jqlora import step as ST
-from jqlora.config import TrainConfig
 from jqlora.lora import LoraConfig, LoraLinear
 from jqlora.peft import AdapterError, adapter_tensors, read_adapter_config, save_adapter
 
@@ -131,21 +128,6 @@ def test_uniform_pattern_builds_the_plain_model(hf_dirs):
     for (p, va), (_, vb) in zip(a, b):
         np.testing.assert_array_equal(np.asarray(va.get_value()), np.asarray(vb.get_value()), err_msg=str(p))
     assert all(m.lora_mask is None and m.lora_scale is None for m in adapted(same).values())
-
-
-def _train_ours(model, batch):
-    tc = TrainConfig(batch_size=4, grad_accum_steps=1, max_steps=STEPS, learning_rate=LR, lr_schedule="constant",
-                     warmup_steps=0, weight_decay=WD, adam_eps=EPS, max_grad_norm=1.0)
-    split = ST.SplitModel.of(model)
-    tx, _ = optim.make_optimizer(tc, STEPS, None)
-    step = ST.make_train_step(split, tx)
-    lora, opt_state = split.lora, tx.init(split.lora)
-    n = float(batch["loss_mask"].sum())
-    losses = []
-    for _ in range(STEPS):
-        lora, opt_state, loss_sum = step(lora, opt_state, split.frozen, batch, jax.random.key(0), 1.0 / n)
-        losses.append(float(loss_sum) / n)
-    return losses, split.model(lora), opt_state
 
 
 def test_training_with_layer_ranks_equals_transformers_trainer(hf_dirs, tmp_path):
