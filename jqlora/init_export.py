@@ -29,6 +29,7 @@ the adapter.)
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -177,26 +178,32 @@ def load_init_state(cfg: Any, run_dir: str | os.PathLike, load: Callable[[], Any
     if saved != json.loads(json.dumps(_fingerprint(cfg))):
         log.warning("%s: saved with other settings; lora.init=%s is computed again", where, cfg.lora.init)
         return None
-    files = ([where / WEIGHTS] if (where / WEIGHTS).is_file() else
-             sorted({where / f for f in json.loads((where / WEIGHTS_INDEX).read_text())["weight_map"].values()})
-             if (where / WEIGHTS_INDEX).is_file() else [])
     model = load()
     try:
-        handles = [safe_open(str(f), framework="flax") for f in files]
-        owner = {k: h for h in handles for k in h.keys()}
-        todo = [(m, v, f"{name}.{v}") for name, m in _lora_linears(model) for v in _KERNEL_VARS
-                if getattr(m, v, None) is not None]
-        if {key for _, _, key in todo} != set(owner):
-            raise ValueError("it holds other tensors than this model has")
-        for m, v, key in todo:
-            value, var = owner[key].get_tensor(key), getattr(m, v)
-            if tuple(value.shape) != tuple(var.shape) or value.dtype != var[...].dtype:
-                raise ValueError(f"{key} is {value.dtype}{list(value.shape)}, the model's {var[...].dtype}"
-                                 f"{list(var.shape)}")
-            var.set_value(value)
+        files = [where / WEIGHTS]  # (one shard, or the index's: ShardWriter's layout)
+        if (where / WEIGHTS_INDEX).is_file():
+            files = sorted({where / f for f in json.loads((where / WEIGHTS_INDEX).read_text())["weight_map"].values()})
+        with contextlib.ExitStack() as stack:
+            return _fill_init_state(model, [stack.enter_context(safe_open(str(f), framework="flax")) for f in files],
+                                    cfg, where)
     except Exception as e:  # noqa: BLE001 - a damaged or foreign file: the numbers can always be computed again
         log.warning("%s: not usable (%s); lora.init=%s is computed again", where, str(e).splitlines()[0] if str(e)
                     else type(e).__name__, cfg.lora.init)
         return None
+
+
+def _fill_init_state(model: Any, handles: list, cfg: Any, where: Path) -> Any:
+    """``model`` with every LoraLinear kernel and adapter replaced by the saved one (open safetensors ``handles``)."""
+    owner = {k: h for h in handles for k in h.keys()}
+    todo = [(m, v, f"{name}.{v}") for name, m in _lora_linears(model) for v in _KERNEL_VARS
+            if getattr(m, v, None) is not None]
+    if {key for _, _, key in todo} != set(owner):
+        raise ValueError("it holds other tensors than this model has")
+    for m, v, key in todo:
+        value, var = owner[key].get_tensor(key), getattr(m, v)
+        if tuple(value.shape) != tuple(var.shape) or value.dtype != var[...].dtype:
+            raise ValueError(f"{key} is {value.dtype}{list(value.shape)}, the model's {var[...].dtype}"
+                             f"{list(var.shape)}")
+        var.set_value(value)
     log.info("lora.init=%s: the adjusted base and initial adapters from %s", cfg.lora.init, where)
     return model
