@@ -73,6 +73,23 @@ def _num(x: float) -> int | float:
     return int(x) if float(x).is_integer() else float(x)
 
 
+def _layer_values(m: LoraLinear) -> list[tuple[int, int, float]]:
+    """``(layer, r, alpha)`` of every layer a stacked module adapts (a layer left out has rank 0)."""
+    spec, L = m.spec, m.lora_a.shape[0]
+    ranks = spec.layer_ranks if spec.per_layer else (spec.r,) * L
+    alphas = spec.layer_alphas if spec.per_layer else (spec.alpha,) * L
+    return [(i, int(ri), float(ai)) for i, (ri, ai) in enumerate(zip(ranks, alphas)) if ri]
+
+
+def _pattern(name: str, values: list[tuple[int, float]], default: float, same) -> dict[str, int | float]:
+    """``rank_pattern`` / ``alpha_pattern`` entries of module kind ``name`` from its ``(layer, value)`` pairs: the
+    kind's own key when every adapted layer has one value, else a key per layer (never both, so the first matching
+    key is the right one in any order: json sorts them); values ``same`` as the default get none."""
+    if len({v for _, v in values}) == 1:
+        return {} if same(values[0][1], default) else {name: _num(values[0][1])}
+    return {f"model.layers.{i}.{name}": _num(v) for i, v in values if not same(v, default)}
+
+
 def adapter_config_dict(model: nnx.Module, lora_config: LoraConfig, base_model_name_or_path: str = "") -> dict:
     """The ``adapter_config.json`` contents for ``model``'s adapters (the keys current peft writes, sorted)."""
     modules = _lora_modules(model)
@@ -88,10 +105,8 @@ def adapter_config_dict(model: nnx.Module, lora_config: LoraConfig, base_model_n
             rank_pattern[HEADS[name]] = int(m.spec.r)
         if not math.isclose(m.spec.alpha, alpha):
             alpha_pattern[HEADS[name]] = _num(m.spec.alpha)
-    layer_sets = {}
-    for name, m in modules:
-        ranks = m.spec.layer_ranks if m.spec.per_layer else (m.spec.r,) * m.lora_a.shape[0]
-        layer_sets[name] = tuple(i for i, ri in enumerate(ranks) if ri)
+    adapted = {name: _layer_values(m) for name, m in modules}  # per kind: (layer, r, alpha) of its adapted layers
+    layer_sets = {name: tuple(i for i, _, _ in on) for name, on in adapted.items()}
     layers_to_transform = None
     if layer_sets:
         sets = set(layer_sets.values())
@@ -108,26 +123,9 @@ def adapter_config_dict(model: nnx.Module, lora_config: LoraConfig, base_model_n
         if (m.magnitude is not None) != bool(getattr(lora_config, "dora", False)):
             raise AdapterError(f"{name}: DoRA={m.magnitude is not None} differs from the LoraConfig's "
                                f"{bool(getattr(lora_config, 'dora', False))}")
-        if not m.spec.per_layer:
-            if m.spec.r != r:
-                rank_pattern[name] = int(m.spec.r)
-            if not math.isclose(m.spec.alpha, alpha):
-                alpha_pattern[name] = _num(m.spec.alpha)
-            continue
-        on = [(i, ri, ai) for i, (ri, ai) in enumerate(zip(m.spec.layer_ranks, m.spec.layer_alphas)) if ri]
-        # one value on every adapted layer: the kind's key; else a key per layer (never both, so the first
-        # matching key is the right one in any order: json sorts them)
-        if len({ri for _, ri, _ in on}) == 1:
-            if on[0][1] != r:
-                rank_pattern[name] = on[0][1]
-        else:
-            rank_pattern.update({f"model.layers.{i}.{name}": ri for i, ri, _ in on if ri != r})
-        if len({ai for _, _, ai in on}) == 1:
-            if not math.isclose(on[0][2], alpha):
-                alpha_pattern[name] = _num(on[0][2])
-        else:
-            alpha_pattern.update({f"model.layers.{i}.{name}": _num(ai) for i, _, ai in on
-                                  if not math.isclose(ai, alpha)})
+        on = adapted[name]
+        rank_pattern.update(_pattern(name, [(i, ri) for i, ri, _ in on], r, lambda x, y: x == y))
+        alpha_pattern.update(_pattern(name, [(i, ai) for i, _, ai in on], alpha, math.isclose))
     cfg = {
         "alora_invocation_tokens": None,
         "alpha_pattern": alpha_pattern,
