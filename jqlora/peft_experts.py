@@ -28,6 +28,8 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
+from jqlora.lora import LoraSpec
+
 PREFIX = "base_model.model."
 # the model's expert adapters -> peft's module name inside a layer (the nesting above) and target parameter
 WRAPPERS = {"gate_up_lora": ("mlp.experts.base_layer", "mlp.experts.gate_up_proj"),
@@ -139,7 +141,7 @@ def expert_updates(model: Any, by_module: dict, suffix: str, cfg: dict, path: An
                 used.add((module, ab))
             a_LEIR[i], b_LERO[i] = from_peft(parts["A"], parts["B"], E)
         alpha = float(cfg["lora_alpha"])
-        scaling = alpha / math.sqrt(r) if rslora else alpha / r
+        scaling = LoraSpec(r=r, alpha=alpha, rslora=rslora).scaling
         if not math.isclose(scaling, m.scaling, rel_tol=1e-6):
             raise AdapterError(f"{path}: {WRAPPERS[name][1]} has LoRA scaling {scaling:g} in the adapter but "
                                f"{m.scaling:g} in the model; build it with lora=jqlora.peft.read_adapter_config(...)")

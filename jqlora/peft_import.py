@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jqlora.lora import ADAPTABLE_MODULES, LoraConfig, match_pattern
+from jqlora.lora import ADAPTABLE_MODULES, LoraConfig, LoraSpec, match_pattern
 from jqlora.peft import (_KEY_RE, _LAYER_RE, _MAGNITUDE_RE, CONFIG_NAME, PREFIX, WEIGHTS_NAME, WEIGHTS_NAME_BIN,
                          AdapterError, _lora_modules, _num)
 from jqlora.peft_experts import EXPERT_MODULES, check_config, expert_modules, expert_updates
@@ -313,7 +313,7 @@ def load_adapter(model: nnx.Module, adapter_dir: str | os.PathLike) -> nnx.Modul
                     buf[i] = value
                 used.add((module, ab))
             alpha = float(_pattern_value(cfg.get("alpha_pattern"), module, cfg["lora_alpha"]))
-            scaling = alpha / math.sqrt(r) if rslora else alpha / r
+            scaling = LoraSpec(r=r, alpha=alpha, rslora=rslora).scaling
             ours = m.spec.layer_scalings()[i] if m.spec.per_layer else m.spec.scaling
             if not math.isclose(scaling, ours, rel_tol=1e-6):
                 raise AdapterError(f"{adapter_dir}: {module} has LoRA scaling {scaling:g} in the adapter "
