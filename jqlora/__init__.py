@@ -12,7 +12,7 @@ __all__ = ["load_model"]
 def __getattr__(name: str):
     # Lazy, so that `python -m jqlora.convert` and the quantization library do not import Flax up front.
     if name == "load_model":
-        from jqlora.models import load_model
+        from jqlora.adapters import load_model
 
         return load_model
     raise AttributeError(f"module 'jqlora' has no attribute {name!r}")

@@ -19,7 +19,8 @@ so peak host memory stays near the largest single tensor plus the quantized outp
 Tokenizer files and the generation config travel along. Output is written to a temporary directory beside DST and
 renamed into place only when complete, so a failed conversion never leaves a DST that looks finished.
 
-Layout: reading is `jqlora.hfcheckpoint`, writing and `load_jqlora` are `jqlora.conversion`; this module is the CLI
+Layout: reading is `jqlora.checkpoints.reader`, writing and `load_jqlora` are `jqlora.checkpoints.conversion`; this
+module is the CLI
 (JAX is imported only after the arguments are parsed, so `--help` is instant) and reaches both by name.
 """
 
@@ -30,10 +31,8 @@ import re
 import sys
 
 from jqlora.config.schema import DTYPES
-from jqlora.lazy import forward_to
 
 
-__getattr__ = forward_to(__name__, "jqlora.conversion", "jqlora.hfcheckpoint")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -47,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--format", default="jqlora", choices=["jqlora", "bnb"], dest="fmt")
     ap.add_argument("--max-shard-size", default="2GB", help="largest output shard, e.g. 500MB, 5GB (default 2GB)")
     args = ap.parse_args(argv)
-    from jqlora.conversion import ConvertError, convert  # (after parsing: --help and usage errors need no JAX)
+    from jqlora.checkpoints import ConvertError, convert  # (after parsing: --help and usage errors need no JAX)
 
     try:
         shard_bytes = _parse_size(args.max_shard_size)

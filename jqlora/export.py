@@ -10,8 +10,8 @@ are the dequantized 4-bit weights plus the adapter delta: the checkpoint carries
     python -m jqlora.export RUN_DIR DST [--step N] [--merge] [--dtype bfloat16]
     python -m jqlora.export ADAPTER_DIR DST --merge [--base MODEL_DIR] [--quant nf4|none]
 
-The merging and restoring functions live in `jqlora.merge` and are reachable from here too; JAX is imported only
-after the arguments are parsed, so `--help` is instant.
+Merging is `jqlora.adapters.merge_to_hf`, restoring a run's model `jqlora.run.restore_for_export`; JAX is imported
+only after the arguments are parsed, so `--help` is instant.
 """
 
 from __future__ import annotations
@@ -21,10 +21,6 @@ import sys
 from pathlib import Path
 
 from jqlora.config.schema import DTYPES
-from jqlora.lazy import forward_to
-
-
-__getattr__ = forward_to(__name__, "jqlora.merge")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -39,22 +35,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quant", default=None, choices=["nf4", "fp4", "none"],
                     help="how to load the base for merging (default: as trained)")
     args = ap.parse_args(argv)
-    from jqlora.merge import ExportError, _base_of_adapter, _is_adapter_dir, merge_to_hf, restore_for_export
-    from jqlora.rundir import find_run  # (after parsing: --help and usage errors need no JAX)
+    # (after parsing: --help and usage errors need no JAX)
+    from jqlora.adapters import ExportError, base_of_adapter, init_state, is_adapter_dir, load_model, merge_to_hf
+    from jqlora.run import find_run, restore_for_export
 
     src = Path(args.src)
     try:
         if not src.is_dir():
             raise ExportError(f"{src}: not a directory")
-        if _is_adapter_dir(src):
+        if is_adapter_dir(src):
             if args.step is not None:
                 raise ExportError("--step applies to a training run directory, not to an adapter directory")
             if not args.merge:
                 raise ExportError(f"{src} is already a peft adapter; add --merge to write a merged model")
-            import jqlora
-
-            base = _base_of_adapter(src, args.base)
-            model = jqlora.load_model(base, adapter=src, quant=args.quant or "nf4", dtype="float32")
+            base = base_of_adapter(src, args.base)
+            model = load_model(base, adapter=src, quant=args.quant or "nf4", dtype="float32")
             merge_to_hf(model, base, args.dst, dtype=args.dtype or "bfloat16")
         else:
             model, cfg, step = restore_for_export(src, step=args.step, quant=args.quant)
@@ -62,10 +57,8 @@ def main(argv: list[str] | None = None) -> int:
             if args.merge:
                 merge_to_hf(model, base, args.dst, dtype=args.dtype or "bfloat16")
             else:
-                from jqlora import init_export
-
                 run_dir, _ = find_run(src, args.step)
-                init_export.save_adapter(model, cfg, run_dir, args.dst, lora_config=model.lora_config,
+                init_state.save_adapter(model, cfg, run_dir, args.dst, lora_config=model.lora_config,
                                          base=str(base), dtype=args.dtype or "float32",
                                          card={"steps": step, "data": cfg.data.path})
     except ValueError as e:  # ExportError, AdapterError, ConvertError, ConfigError: a user's mistake

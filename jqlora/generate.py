@@ -1,4 +1,4 @@
-"""`python -m jqlora.generate`: text from a model (and adapter) with KV-cache decoding (`jqlora.decode`).
+"""`python -m jqlora.generate`: text from a model (and adapter) with KV-cache decoding (`jqlora.models.decode`).
 
     python -m jqlora.generate --model DIR [--adapter DIR] --prompt "..." [--system "..."]   # one chat turn
     python -m jqlora.generate --model DIR --prompt "..." --raw      # the prompt as it is, no chat template
@@ -6,7 +6,7 @@
 
 A prompt goes through the tokenizer's chat template (with `--system` as the system turn) unless `--raw`, as it does
 in training. JAX is imported only after the arguments are parsed, so `--help` and argument errors are instant.
-The decoding functions (`generate`, `generate_stream`, ...) live in `jqlora.decode` and are reachable from here too.
+The decoding functions (`generate`, `generate_stream`, ...) live in `jqlora.models.decode`.
 """
 
 from __future__ import annotations
@@ -15,10 +15,8 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from jqlora.lazy import forward_to
 
 
-__getattr__ = forward_to(__name__, "jqlora.decode")
 
 
 class UsageError(Exception):
@@ -69,7 +67,7 @@ def _stream_text(model, tokenizer, prompt_ids: list[int], args, eos: list[int], 
     """Generate from ``prompt_ids``, writing the decoded text to ``out`` as it grows; returns the new tokens."""
     new: list[int] = []
     shown = ""
-    from jqlora.decode import generate_stream
+    from jqlora.models.decode import generate_stream
 
     for tok in generate_stream(model, prompt_ids, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                                top_p=args.top_p, top_k=args.top_k, eos_token_id=eos or None, seed=args.seed):
@@ -109,7 +107,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise UsageError("need --temperature >= 0, 0 < --top-p <= 1, --top-k >= 0")
         import transformers
 
-        from jqlora import load_model
+        from jqlora.adapters import load_model
 
         try:
             tokenizer = transformers.AutoTokenizer.from_pretrained(args.model)

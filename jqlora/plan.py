@@ -1,12 +1,13 @@
-"""`python -m jqlora.plan`: the per-device memory plan of a QLoRA run (`jqlora.memplan`), from a built-in shape, a
-hub id, a recipe's name, a config.json or a run config, optionally beside the compiler's own peak (`--compile`).
+"""`python -m jqlora.plan`: the per-device memory plan of a QLoRA run (`jqlora.planning.memory`), from a built-in
+shape, a hub id, a recipe's name, a config.json or a run config, optionally beside the compiler's own peak
+(`--compile`).
 
     python -m jqlora.plan --model llama3-70b --seq 2048 --batch 1 --fsdp 2 --remat full
     python -m jqlora.plan --model-config path/to/config.json --seq 2048 --batch 1
     python -m jqlora.plan --config configs/llama3-8b.yaml [key.sub=value ...] [--devices 8]
 
 JAX is imported only after the arguments are parsed, so `--help` and argument errors are instant. The plan's
-functions (`memory_plan`, `resolve_remat`, `BUILTIN`, ...) live in `jqlora.memplan` and are reachable from here too.
+functions (`memory_plan`, `resolve_remat`, `BUILTIN`, ...) live in `jqlora.planning`.
 """
 
 from __future__ import annotations
@@ -18,14 +19,11 @@ import sys
 from typing import TYPE_CHECKING, Any
 
 from jqlora.config.schema import DTYPES, REMAT_POLICIES as REMATS
-from jqlora.lazy import forward_to
-from jqlora.published import HUB_IDS, NAMES, PUBLISHED
+from jqlora.planning.model_shapes import HUB_IDS, NAMES, PUBLISHED
 
 if TYPE_CHECKING:
-    from jqlora.memplan import ModelConfig, Plan
-
-
-__getattr__ = forward_to(__name__, "jqlora.memplan")
+    from jqlora.models import ModelConfig
+    from jqlora.planning import Plan
 
 
 # Mistral-7B v0.3 (the mistral-7b recipe's checkpoint): v0.1's shape with a 32768 vocabulary and no sliding window
@@ -36,17 +34,18 @@ _CLI_NAMES = {"mistral-7b-v0.3": "Mistral-7B-v0.3"}
 
 
 def _model_config(path: str) -> ModelConfig:
-    from jqlora import memplan as M
+    from jqlora.models import ModelConfig
 
     try:
-        return M.ModelConfig.from_hf(path)
+        return ModelConfig.from_hf(path)
     except (ValueError, TypeError, KeyError, OSError) as e:
         raise _Usage(f"{path}: not a usable config.json ({e})") from None
 
 
 def lookup_shape(name: str) -> tuple[ModelConfig, str] | None:
     """(shape, display name) for a built-in name, a hub id, a checkpoint directory's name or a recipe's name."""
-    from jqlora import memplan as M
+    from jqlora import planning as M
+    from jqlora.models import ModelConfig
 
     key = name.strip().rstrip("/").lower()
     if key in M.BUILTIN:
@@ -65,12 +64,12 @@ def lookup_shape(name: str) -> tuple[ModelConfig, str] | None:
         return None
     if found in M.BUILTIN:
         return M.BUILTIN[found], NAMES[found]
-    return M.ModelConfig.from_hf(_CLI_SHAPES[found]), _CLI_NAMES[found]
+    return ModelConfig.from_hf(_CLI_SHAPES[found]), _CLI_NAMES[found]
 
 
 def _model_json(text: str) -> tuple[ModelConfig, str]:
     """--model-config: a config.json, its directory, or the JSON itself (``'{"model_type": "llama", ...}'``)."""
-    from jqlora import memplan as M
+    from jqlora.models import ModelConfig
 
     import json
 
@@ -80,7 +79,7 @@ def _model_json(text: str) -> tuple[ModelConfig, str]:
         except ValueError as e:
             raise _Usage(f"--model-config: not valid JSON ({e})") from None
         try:
-            return M.ModelConfig.from_hf(d), "model"
+            return ModelConfig.from_hf(d), "model"
         except (ValueError, TypeError, KeyError) as e:
             raise _Usage(f"--model-config: not a usable config ({e})") from None
     path = os.path.join(text, "config.json") if os.path.isdir(text) else text
@@ -123,12 +122,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dtype", choices=tuple(DTYPES))
     ap.add_argument("--quant", choices=("nf4", "fp4", "none"))
     ap.add_argument("--dropout", type=float, help="LoRA dropout (default 0, or the --config's)")
-    ap.add_argument("--compile", action="store_true", help="also compile the run's real train step (jqlora.aot) and "
+    ap.add_argument("--compile", action="store_true", help="also compile the run's real train step (jqlora.planning.aot) and "
                                                            "print the compiler's peak beside the plan")
     ap.add_argument("--gpu", default=None, help="with --compile: the target GPU (h100-sxm, h200, a100-80gb, l4), "
                                                 "compiled deviceless; default: this machine's own device")
     args = ap.parse_args(argv)
-    from jqlora import memplan as M  # (after parsing: --help and usage errors need no JAX)
+    from jqlora import planning as M  # (after parsing: --help and usage errors need no JAX)
 
     try:
         settings: dict[str, Any] = dict(seq=2048, batch=1, data=1, fsdp=1, tensor=1, remat="full", r=16,
@@ -183,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
             settings["double_quant"] = False
         budget = args.memory * 1e9 if args.memory is not None else None
         if budget is None and args.compile and args.gpu is not None:
-            from jqlora.aot import GPUS
+            from jqlora.planning.aot import GPUS
 
             if args.gpu not in GPUS:
                 raise _Usage(f"--gpu {args.gpu}: unknown; expected one of {', '.join(GPUS)}")
@@ -227,7 +226,7 @@ def _on_gpu() -> bool:
 
 def _compile_run_config(settings: dict[str, Any], cfg: Any | None) -> Any:
     """The run config whose step is compiled: the --config's (or the defaults), with the plan's settings."""
-    from jqlora import memplan as M
+    from jqlora import planning as M
 
     import dataclasses as dc
 
@@ -247,9 +246,9 @@ def _compile_run_config(settings: dict[str, Any], cfg: Any | None) -> Any:
 def _print_compiled(args, shape: ModelConfig, name: str, settings: dict[str, Any], plan: Plan,
                     budget: float | None, cfg: Any | None, auto: bool) -> int:
     """--compile: the compiler's peak of the run's step beside the analytic plan (one device)."""
-    from jqlora import memplan as M
+    from jqlora import planning as M
 
-    from jqlora import aot
+    from jqlora.planning import aot
 
     if any(int(settings[a]) != 1 for a in ("data", "fsdp", "tensor")):
         raise _Usage("--compile covers one device: use data=fsdp=tensor=1 (the analytic plan covers meshes)")

@@ -3,8 +3,8 @@
     python -m jqlora.train [--config FILE] [key.sub=value ...]      # no --config and no model.path: the demo
     python -m jqlora.train --config FILE ... --dry-run               # config, data statistics, memory plan; no weights
 
-The pieces: `jqlora.step` (the pure jitted step and the chunked loss), `jqlora.loop` (the `Trainer`: setup, loop,
-eval, samples, adapter export), `jqlora.rundir` (checkpoints, metrics, plot of one run directory).
+The pieces: `jqlora.training.step` (the pure jitted step and the chunked loss), `jqlora.run.loop` (the `Trainer`:
+setup, loop, eval, samples, adapter export), `jqlora.run.directory` (checkpoints, metrics, plot of one run directory).
 JAX is imported only after the arguments are parsed, so `--help` and argument errors are instant.
 """
 
@@ -50,7 +50,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def _setup_logging() -> None:
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     log.setLevel(logging.INFO)
-    logging.getLogger("jqlora.sharding").setLevel(logging.INFO)  # the multi-process start, replicated weights
+    logging.getLogger("jqlora.parallel").setLevel(logging.INFO)  # the multi-process start, replicated weights
     logging.getLogger("jqlora.data").setLevel(logging.INFO)
     for noisy in ("absl", "orbax", "jax"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
@@ -67,24 +67,24 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         return _user_error(e)
     if args.dry_run:
-        from jqlora.dryrun import DryRunError, dry_run
+        from jqlora.run import DryRunError, dry_run
 
         try:
             return dry_run(cfg)
         except (ConfigError, DryRunError) as e:
             return _user_error(e)
 
-    from jqlora import sharding
-    from jqlora.hfcheckpoint import ConvertError
+    from jqlora import parallel
+    from jqlora.checkpoints import ConvertError
     from jqlora.data import DataError
-    from jqlora.loop import Trainer, UserError
+    from jqlora.run import Trainer, UserError
 
     try:
-        sharding.initialize_distributed()  # before anything touches the devices
+        parallel.initialize_distributed()  # before anything touches the devices
         trainer = Trainer(cfg, progress=False if args.no_progress else None)
         trainer.started = started
         return trainer.run()
-    except (ConfigError, DataError, UserError, ConvertError, sharding.DistributedError) as e:
+    except (ConfigError, DataError, UserError, ConvertError, parallel.DistributedError) as e:
         return _user_error(e)
 
 
@@ -95,12 +95,3 @@ def _user_error(e: Exception) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
-
-
-def __getattr__(name: str):
-    # `jqlora.train.Trainer` etc. still work, without importing JAX for `--help`
-    if name in ("Trainer", "build_model", "UserError", "ensure_demo_model"):
-        from jqlora import loop
-
-        return getattr(loop, name)
-    raise AttributeError(f"module 'jqlora.train' has no attribute {name!r}")

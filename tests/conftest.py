@@ -37,7 +37,7 @@ def _chat(user: str, answer: str) -> str:
 
 @pytest.fixture(scope="session")
 def assets(tmp_path_factory):
-    """A tiny random Llama with the test tokenizer (tests/data/tokenizer: a byte-level BPE of vocab 512, ChatML; the
+    """A tiny random Llama with the test tokenizer (tests/fixtures/tokenizer: a byte-level BPE of vocab 512, ChatML; the
     demo's tokenizer before the demo's data changed, kept so the tests' token counts stay what they were) and a small
     chat set for training runs."""
     import torch
@@ -47,7 +47,7 @@ def assets(tmp_path_factory):
     model = make_model(root / "model", "llama", torch.float32, vocab_size=512, hidden_size=64, intermediate_size=128,
                        max_position_embeddings=128)
     for name in TOKENIZER_FILES:
-        shutil.copy(REPO / "tests" / "data" / "tokenizer" / name, model / name)
+        shutil.copy(REPO / "tests" / "fixtures" / "tokenizer" / name, model / name)
     # Rows with very different numbers of trained tokens: one-word answers next to long ones.
     rows = []
     for i in range(12):

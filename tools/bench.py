@@ -70,7 +70,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from jqlora.published import PUBLISHED  # noqa: E402
+from jqlora.planning.model_shapes import PUBLISHED  # noqa: E402
 
 LORA_R, LORA_ALPHA = 16, 32.0
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -78,7 +78,7 @@ LEARNING_RATE = 1e-4
 MAX_GRAD_NORM = 1.0
 INIT_STD = 0.02
 
-# Published config.json values live in jqlora.published (one table for the plan and the benchmark).
+# Published config.json values live in jqlora.planning.model_shapes (one table for the plan and the benchmark).
 MODELS: dict[str, dict] = {
     **{k: v for k, v in PUBLISHED.items() if k != "llama3-70b"},
     # meta-llama/Meta-Llama-3-70B, only the first --layers layers (default 4)
@@ -204,11 +204,12 @@ def run_jqlora(hf: dict, seq: int, batch: int, remat: str, steps: int, warmup: i
     import jax.numpy as jnp
     import numpy as np
 
-    from jqlora import optim
+    from jqlora.training import optim
     from jqlora.config import TrainConfig
     from jqlora.lora import LoraConfig
     from jqlora.models.llama import ModelConfig, from_hf_tensors
-    from jqlora.step import SplitModel, make_train_step
+    from jqlora.lora import SplitModel
+    from jqlora.training.step import make_train_step
 
     cfg = ModelConfig.from_hf(hf)
     t0 = time.perf_counter()

@@ -23,13 +23,14 @@ from load_memory import write_checkpoint  # (tools/ is this script's directory: 
 MEASURE = textwrap.dedent("""
     import json, resource, sys, time
     import jax.numpy as jnp
-    from jqlora import convert, quant
+    from jqlora import quant
+    from jqlora import checkpoints
     src, dst, shapes, shard = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), int(sys.argv[4])
     for shape in shapes:  # compile first so compilation is not counted
         quant.quantize(jnp.ones(shape, jnp.bfloat16))
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     t0 = time.perf_counter()
-    convert.convert(src, dst, max_shard_bytes=shard)
+    checkpoints.convert(src, dst, max_shard_bytes=shard)
     print(json.dumps({"base_kb": base, "peak_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
                       "seconds": time.perf_counter() - t0}))
 """)

@@ -5,7 +5,7 @@
     python tools/dora_cost.py --model llama3-8b --layers 2 --seq 2048 --remat full --out dora.json   # a GPU
 
 Each variant (lora, dora, loraplus) builds the same random NF4 model (tools/bench.py's random weights, bf16 compute,
-r=16 on all seven projections), compiles `jqlora.step.make_train_step`, and reports XLA's compiled memory analysis
+r=16 on all seven projections), compiles `jqlora.training.step.make_train_step`, and reports XLA's compiled memory analysis
 (argument, output, temporary bytes: what the step needs besides the model) and the median of `--steps` timed steps
 after `--warmup` (host clock after `jax.block_until_ready`). DoRA computes ‖W + s·BA‖ per output row from the
 dequantized kernel in every forward pass (so once more per layer under remat), and trains one more vector per module.
@@ -41,11 +41,12 @@ def measure(hf: dict, variant: str, seq: int, batch: int, remat: str, steps: int
     import jax.numpy as jnp
     import numpy as np
 
-    from jqlora import optim
+    from jqlora.training import optim
     from jqlora.config import TrainConfig
     from jqlora.lora import LoraConfig, count_params
     from jqlora.models.llama import ModelConfig, from_hf_tensors
-    from jqlora.step import SplitModel, make_train_step
+    from jqlora.lora import SplitModel
+    from jqlora.training.step import make_train_step
 
     cfg = ModelConfig.from_hf(hf)
     lora = LoraConfig(r=bench.LORA_R, alpha=bench.LORA_ALPHA, targets=bench.LORA_TARGETS, dora=variant == "dora")

@@ -256,7 +256,7 @@ class Battery:
         steps = [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines() if x.strip()]
         if steps != sorted(set(steps)):
             return "a step was logged twice"
-        from jqlora.rundir import RunDir
+        from jqlora.run import RunDir
 
         latest = RunDir(out, create=False).latest_step()
         r = self.train(out, *long, f"train.stop_at_step={latest + 1}")

@@ -70,7 +70,7 @@ tail -n 3 "$ROWS"
 
 # 2. remat auto from the compiled figure on this device
 if [[ $SMOKE == 1 ]]; then
-    AUTO=full  # a CPU reports no memory: auto is full there (jqlora.plan.resolve_remat)
+    AUTO=full  # a CPU reports no memory: auto is full there (jqlora.planning.resolve_remat)
 else
     AUTO=$($PY -m jqlora.plan --model "$MODEL" --seq "$SEQ" --batch 1 --remat auto --memory "$MEM" --compile \
            | sed -n 's/^remat auto (compiled) -> \([a-z_]*\):.*/\1/p')

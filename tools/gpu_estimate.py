@@ -1,4 +1,4 @@
-"""A roofline estimate of one train step on a named GPU, from the step's compiled HLO (`jqlora.aot`, deviceless).
+"""A roofline estimate of one train step on a named GPU, from the step's compiled HLO (`jqlora.planning.aot`, deviceless).
 
     python tools/gpu_estimate.py --model llama3-8b --seq 2048 --batch 1 --gpu h100-sxm \\
         --remat full,save_dots_no_batch,save_dots,none --png estimate.png
@@ -240,7 +240,7 @@ def estimate(text: str, gpu, *, tokens: int, model_flops: float, lora_rank: int,
 
 def model_flops(shape, *, tokens: int, seq: int) -> float:
     """Useful FLOPs of one QLoRA step (see the module docstring)."""
-    from jqlora.plan import linear_shapes
+    from jqlora.planning import linear_shapes
 
     L, D, V = shape.num_hidden_layers, shape.hidden_size, shape.vocab_size
     n = L * sum(o * i for o, i in linear_shapes(shape).values()) + V * D
@@ -249,7 +249,7 @@ def model_flops(shape, *, tokens: int, seq: int) -> float:
 
 def _hlo(args, shape, cfg, remat: str) -> tuple[str, int]:
     """The compiled step's HLO text and peak bytes (from --hlo-dir when there)."""
-    from jqlora import aot
+    from jqlora.planning import aot
 
     stem = None
     if args.hlo_dir:
@@ -284,9 +284,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
 
-    from jqlora import aot
+    from jqlora.planning import aot
     from jqlora.config import load_config
-    from jqlora.plan import BUILTIN, memory_plan, settings_from_config
+    from jqlora.planning import BUILTIN, memory_plan, settings_from_config
 
     if args.model not in BUILTIN or args.gpu not in aot.GPUS:
         print(f"gpu_estimate: --model one of {', '.join(BUILTIN)}; --gpu one of {', '.join(aot.GPUS)}",

@@ -95,10 +95,10 @@ MEASURE = textwrap.dedent("""
     import jax
     from flax import nnx
     import jqlora
-    from jqlora import sharding
+    from jqlora import parallel
 
     src, warm, mesh_shape, lora_rank = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), int(sys.argv[4])
-    mesh = sharding.make_mesh(*mesh_shape) if mesh_shape else None
+    mesh = parallel.make_mesh(*mesh_shape) if mesh_shape else None
     lora = None
     if lora_rank:
         from jqlora.lora import LoraConfig
@@ -128,7 +128,7 @@ MEASURE = textwrap.dedent("""
     stop.set()
     thread.join()
     peak = status("VmHWM")
-    held = sharding.per_device_bytes(nnx.state(model))
+    held = parallel.per_device_bytes(nnx.state(model))
     print(json.dumps({"base": base, "peak": peak, "after": status("VmRSS"), "seconds": seconds,
                       "anon_increase": peaks["RssAnon"] - base_parts["RssAnon"],
                       "file_increase": peaks["RssFile"] - base_parts["RssFile"],

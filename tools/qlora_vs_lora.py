@@ -82,8 +82,8 @@ VARIANTS = {"nf4": ["model.quant=nf4"], "none": ["model.quant=none"]}  # + "loft
 
 
 def run(quant: str, data: Path, out: Path, steps: int, extra: list[str]) -> list[tuple[int, float]]:
-    from jqlora import train
     from jqlora.config import demo_config
+    from jqlora.run import Trainer
 
     cfg = demo_config([
         *VARIANTS[quant], f"data.path={data}", f"data.eval_path={data}", f"output_dir={out}",
@@ -91,7 +91,7 @@ def run(quant: str, data: Path, out: Path, steps: int, extra: list[str]) -> list
         "train.batch_size=8", "train.grad_accum_steps=1", "lora.dropout=0.0", "train.learning_rate=2e-3",
         "data.max_length=48", "train.sample_prompt=null", *extra,
     ])
-    trainer = train.Trainer(cfg, progress=False, export=False)
+    trainer = Trainer(cfg, progress=False, export=False)
     code = trainer.run()
     if code:
         sys.exit(f"training with model.quant={quant} failed ({code})")
@@ -120,7 +120,7 @@ def random_base(out: Path) -> Path:
     import transformers
 
     from jqlora.config import demo_config
-    from jqlora.io import save_safetensors
+    from jqlora.checkpoints import save_safetensors
     from jqlora.models.llama import ModelConfig, hf_key_table
 
     demo = Path(demo_config().model.path)
@@ -240,7 +240,7 @@ def layer_cost(iters: int, r: int = 16, alpha: float = 32.0, shape: tuple[int, i
 
     import numpy as np
 
-    from jqlora import lora_init as LI
+    from jqlora.lora import initialize as LI
     from jqlora import quant as q
 
     rng = np.random.default_rng(0)

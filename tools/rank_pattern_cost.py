@@ -5,7 +5,7 @@ uniform ranks, and of unstacking the layers (what per-layer ranks would need wit
     python tools/rank_pattern_cost.py                        # a 1024-wide, 8-layer Llama shape, seq 512 (CPU)
     python tools/rank_pattern_cost.py --layers 16 --out cost.json
 
-Every variant compiles `jqlora.step.make_train_step` for the same abstract NF4 model (bf16 compute, all seven
+Every variant compiles `jqlora.training.step.make_train_step` for the same abstract NF4 model (bf16 compute, all seven
 projections adapted; shapes only, nothing is run) and reports XLA's cost analysis (flops, bytes accessed), memory
 analysis (temporary and argument bytes) and the compile time. XLA's cost analysis counts a scanned layer body once,
 so the scanned rows compare one layer's step work, the unrolled row the whole stack's:
@@ -56,11 +56,13 @@ def measure(variant: str, layers: int, seq: int, batch: int, remat: str) -> dict
     from flax import nnx
     from jax.sharding import SingleDeviceSharding
 
-    from jqlora import aot, optim
+    from jqlora.planning import aot
+    from jqlora.training import optim
     from jqlora.config import TrainConfig
     from jqlora.lora import QuantSpec, count_params
     from jqlora.models.llama import LlamaForCausalLM, ModelConfig
-    from jqlora.step import SplitModel, make_train_step
+    from jqlora.lora import SplitModel
+    from jqlora.training.step import make_train_step
 
     cfg = ModelConfig(**{**SHAPE, "num_hidden_layers": layers})
     lora = lora_config(variant, layers)

@@ -323,6 +323,13 @@ def _field_docs(cls: type) -> dict[str, str]:
     return docs
 
 
+def _shown_default(f: dataclasses.Field) -> str:
+    """A field's default as YAML writes it (``null``, ``true``, ``[q_proj, v_proj]``, ``{}``)."""
+    default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+    shown = "null" if default is None else yaml.safe_dump(default, default_flow_style=True).strip()
+    return shown.removesuffix("\n...").removesuffix("...").strip()
+
+
 def schema_lines(cls: type = Config, prefix: str = "") -> list[str]:
     """Every leaf key of the schema with its default and its one-line doc, for `train --help`."""
     docs = _field_docs(cls)
@@ -332,9 +339,7 @@ def schema_lines(cls: type = Config, prefix: str = "") -> list[str]:
         if _is_section(tp):
             lines += schema_lines(tp, prefix + f.name + ".")
             continue
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        shown = "null" if default is None else yaml.safe_dump(default, default_flow_style=True).strip()
-        shown = shown.removesuffix("\n...").removesuffix("...").strip()
+        shown = _shown_default(f)
         lines.append(f"  {prefix + f.name} = {shown}" + (f"  -- {docs[f.name]}" if docs.get(f.name) else ""))
     return lines
 

@@ -79,7 +79,8 @@ class LoraConfig:
     # start the adapters from a peft adapter dir or a jqlora run dir / checkpoint (same ranks); null: fresh adapters
     init_from: Optional[str] = None
     # default (peft's: A uniform, B 0) | gaussian (A ~ N(0, 1/r^2)) | pissa (principal singular vectors; the base
-    # becomes the residual) | loftq (alternating quantization and SVD, so 4-bit base + AB ~ W); jqlora/lora_init.py
+    # becomes the residual) | loftq (alternating quantization and SVD, so 4-bit base + AB ~ W);
+    # jqlora/lora/initialize.py
     init: str = "default"
     loftq_iters: int = 1  # LoftQ iterations (lora.init=loftq)
     # PiSSA / LoftQ SVDs: null = exact (float32, numpy, on the host); N = randomized rank-r SVD with N power
@@ -88,7 +89,8 @@ class LoraConfig:
     dora: bool = False  # DoRA: a trained magnitude per output row over the normalized W + s·BA (QDoRA on nf4/fp4)
     plus_ratio: Optional[float] = None  # LoRA+: B (and DoRA magnitudes) learn at plus_ratio x the lr; null/0: off
     # MoE (Mixtral, Qwen3-MoE): also adapt every expert's fused gate_up_proj / down_proj (peft target_parameters);
-    # off by default: peft refuses lora.dropout > 0 there (the default is 0.05) and vLLM may not serve it (README)
+    # off by default: peft refuses lora.dropout > 0 there (the default is 0.05) and vLLM may not serve it
+    # (docs/guide.md)
     experts: bool = False
     # peft's rank_pattern / alpha_pattern: the first key K matching a module's full name as (.*\.)?(K)$ decides, so
     # q_proj / mlp.down_proj name a module kind, model.layers.3.self_attn.q_proj one layer's module
@@ -230,7 +232,8 @@ class TrainConfig:
     max_grad_norm: float = 1.0  # global-norm gradient clipping; 0 disables
     seed: int = 0  # LoRA init, dropout, data shuffling and the eval split
     # none | full | save_dots | save_dots_no_batch | offload: what the scanned layer body keeps for backward;
-    # auto: the fastest of none, save_dots, save_dots_no_batch, full whose memory plan fits the device (jqlora.plan)
+    # auto: the fastest of none, save_dots, save_dots_no_batch, full whose memory plan fits the device
+    # (jqlora.planning.remat)
     remat: str = "full"
     log_every: int = 10  # optimizer steps between metric lines
     eval_every: int = 25  # optimizer steps between evaluations; 0: only at the end
@@ -243,7 +246,8 @@ class TrainConfig:
     sample_prompt: Optional[str] = None  # greedy reply printed before and after training (null: none)
     eval_samples: int = 0  # at each eval, greedy replies to the first N eval prompts, logged beside the eval loss
     stop_at_step: Optional[int] = None  # save and stop after this step (the schedule still spans max_steps); rerun to go on
-    # stop (saving nothing, exporting nothing) when the loss stays far above its early value (jqlora/divergence.py)
+    # stop (saving nothing, exporting nothing) when the loss stays far above its early value
+    # (jqlora/run/divergence.py)
     stop_on_divergence: bool = True
     # with lora.init_from a jqlora run: also continue its optimizer state (Adam moments; the lr schedule is this run's)
     resume_optimizer: bool = False

@@ -80,7 +80,7 @@ def _module_at(model: nnx.Module, path: tuple[str, ...]) -> Any:
 
 def _host_array(value: Any, key: str) -> np.ndarray:
     if type(value).__module__.startswith("torch"):
-        return q._to_numpy(value, key)
+        return q.to_numpy(value, key)
     try:
         return np.asarray(value)
     except Exception as e:  # noqa: BLE001 - say which key held what
@@ -204,11 +204,11 @@ def from_hf_tensors(
             module.lora_b.set_value(jnp.zeros(module.lora_b.shape, module.lora_b.dtype))
     set_layer_values(model.model.layers)  # per-layer ranks / alphas: masks and scalings (built abstractly above)
     model.init_lora(jax.random.key(seed))
-    _check_filled(model)
+    check_filled(model)
     return model
 
 
-def _check_filled(model: nnx.Module) -> None:
+def check_filled(model: nnx.Module) -> None:
     for path, var in nnx.to_flat_state(nnx.state(model)):
         if isinstance(var.get_value(), jax.ShapeDtypeStruct):
             raise AssertionError(f"variable {'.'.join(map(str, path))} was not loaded")

@@ -27,7 +27,7 @@ from jqlora.models.decoder import (  # noqa: F401 - re-exported: the decoder eve
 from jqlora.models.hf import (  # noqa: F401 - re-exported: the loading API
     HFKey,
     TensorGetter,
-    _check_filled,
+    check_filled,
     checkpoint_pieces,
     from_hf_tensors,
     hf_key_table,

@@ -15,7 +15,7 @@ Adapters: the attention projections q/k/v/o (``target_modules``, as in Llama) ar
 adapter names them explicitly. The experts are fused 3-D parameters in transformers 5.24, which peft 0.21 adapts
 only through ``target_parameters`` (a ParamWrapper per parameter: ``mlp.experts.base_layer.lora_A`` [E·r, D] /
 ``lora_B`` [2F, r·E] for ``gate_up_proj``, ``mlp.experts.lora_A`` / ``lora_B`` for ``down_proj``). With
-``lora.experts`` jqlora adapts both (`moe.py`) and exports / imports them that way (`jqlora.peft_experts`); peft's
+``lora.experts`` jqlora adapts both (`moe.py`) and exports / imports them that way (`jqlora.adapters.experts`); peft's
 own ``all-linear`` on these models adds those and the router (``gate.weight``): the router stays frozen here, and an
 adapter on it is refused on import.
 """

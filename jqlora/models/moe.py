@@ -20,7 +20,7 @@ Expert adapters (``LoraConfig.experts``), as peft 0.21 adapts transformers' fuse
 
 with s = alpha / r (alpha / √r with rsLoRA), A uniform and B zero at init (peft's init: the fresh adapter leaves the
 model unchanged), no dropout and no DoRA (peft refuses both there). ``ExpertLora`` holds them as ``lora_a`` [E, I, r]
-/ ``lora_b`` [E, r, O] (``nnx.LoRAParam``, [L, E, ...] under the stack); `jqlora.peft_experts` maps them to peft's
+/ ``lora_b`` [E, r, O] (``nnx.LoRAParam``, [L, E, ...] under the stack); `jqlora.adapters.experts` maps them to peft's
 keys. The adapter terms are computed on the gathered tiles only (each tile gathers its expert's A and B), so their
 FLOPs also scale with top-k: 2 · N · R · r · (D + 2F + F + D).
 

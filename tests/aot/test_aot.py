@@ -1,4 +1,4 @@
-"""Deviceless GPU compiles of the real train step (jqlora.aot), checked in the compiler's own output.
+"""Deviceless GPU compiles of the real train step (jqlora.planning.aot), checked in the compiler's own output.
 
 These run in the Python 3.12 venv with jax[cuda13] that `.ci/run` makes (no GPU needed). The model is
 Llama-3-8B-shaped with 2 layers under scan (two, so the scanned layer loop stays a loop: with one layer XLA inlines
@@ -21,9 +21,11 @@ import re
 
 import pytest
 
-from jqlora import aot, plan
+from jqlora import plan
+from jqlora.planning import aot
 from jqlora.config import load_config
-from jqlora.plan import AUTO_ORDER, BUILTIN, linear_shapes
+from jqlora.planning import AUTO_ORDER, BUILTIN, linear_shapes
+from jqlora import planning
 
 GPU = "h100-sxm"
 L, SEQ, WINDOW = 2, 512, 128
@@ -119,11 +121,11 @@ def peaks() -> dict[str, int]:
 def test_remat_auto_never_picks_a_policy_over_budget(peaks):
     cfg = run_config("data.packing=true", "train.remat=auto")
     assert peaks["full"] < peaks["save_dots_no_batch"] < peaks["none"]  # the compiler sees remat save memory
-    h = plan.COMPILED_HEADROOM
+    h = planning.COMPILED_HEADROOM
     budgets = sorted({p / h for p in peaks.values()} | {p / h * 0.99 for p in peaks.values()} | {p / h * 1.01
                                                                                                 for p in peaks.values()})
     for budget in budgets:
-        chosen, why = plan.resolve_remat(cfg, SHAPE, budget=budget, gpu=GPU)
+        chosen, why = planning.resolve_remat(cfg, SHAPE, budget=budget, gpu=GPU)
         fitting = [p for p in AUTO_ORDER if peaks[p] <= h * budget]
         if fitting:
             assert peaks[chosen] <= h * budget, (budget, chosen, why)

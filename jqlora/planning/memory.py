@@ -1,0 +1,204 @@
+"""An analytic per-device memory plan (the math behind `python -m jqlora.plan`) for a QLoRA run: will it fit, and where do the bytes go?
+
+    python -m jqlora.plan --model llama3-70b --seq 2048 --batch 1 --fsdp 2 --remat full
+    python -m jqlora.plan --model-config path/to/config.json --seq 2048 --batch 1
+    python -m jqlora.plan --config configs/llama3-8b.yaml [key.sub=value ...] [--devices 8]
+
+Rows (bytes per device; B = rows per device, S = sequence, T = B·S tokens, D hidden, F MLP width, N/K query/KV heads
+of size H, L layers, V vocabulary, r LoRA rank, c = bytes of the compute dtype, P = fsdp × tensor):
+
+    base weights        exact storage of the frozen model: per linear kernel of n values ceil(n/2) code bytes +
+                        n/block absmax (1 byte with double quantization, else 4) + ceil(blocks/256)·4 nested scales
+                        + 4 offset bytes (≈ 4.127 bits/param at block 64), embeddings / lm_head / norms in the
+                        compute dtype; split over P (norms replicated), as `jqlora.parallel` places them
+    gathered layer      FSDP only: one layer's 4-bit kernels all-gathered, twice (the next layer is prefetched)
+    LoRA + AdamW        fp32 adapters + gradient + accumulated gradient (optax.MultiSteps) + 2 moments = 20 B/param,
+                        split over fsdp
+    residual stream     every remat policy but none: the scanned layer input, L · T·D·c
+    saved matmuls       save_dots: every dot output of every layer (base, LoRA A and B; with XLA attention also its
+                        scores and values, a cuDNN attention call is no dot);
+                        save_dots_no_batch: the same without attention's (batched) dots; offload: those of
+                        save_dots_no_batch in pinned host memory (a host row, not in the device total)
+    layer working set   one layer recomputed for its backward: activations T·(6D + 2NH + 2KH + 3F)·c, attention
+                        scores and probabilities B·N·S²·(2c) with XLA attention, or cuDNN flash attention's float32
+                        softmax statistics B·64·N·S·4 (its packed layout has room for 64 segments a row), and the layer's
+                        kernels dequantized to c; with remat none every layer keeps its activations (× L) but not its
+                        dequantized kernels (the 4-bit matmul's backward dequantizes again, `lora.quantized_matmul`)
+    cross-entropy       one chunk of 1024 tokens of float32 logits and their gradient, 2 · 1024·V·4, plus the final
+                        hidden states and their gradient 2·T·D·c
+
+Not counted: XLA's temporary buffers and fragmentation, the CUDA context (~0.5 GB), the batch itself.
+The tensor axis divides the per-layer working set and saved matmuls (heads and MLP are split), not the residuals.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from jqlora.lora import ADAPTABLE_MODULES as LINEARS
+from jqlora.models import ModelConfig, hf_key_table
+from jqlora.planning.model_shapes import PUBLISHED
+
+NESTED = 256
+CE_CHUNK = 1024
+DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
+REMATS = ("none", "full", "save_dots", "save_dots_no_batch", "offload")  # = jqlora.config.REMAT_POLICIES
+WEIGHTS_ROW = "base weights (4-bit + bf16)"
+HEADROOM = 0.85  # share of a device's memory the plan may fill: XLA temporaries, fragmentation, CUDA context
+
+
+BUILTIN: dict[str, ModelConfig] = {k: ModelConfig.from_hf(v) for k, v in PUBLISHED.items()}
+
+
+def linear_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """[out, in] of each linear kernel of one layer, from the model's own HF key table; MoE experts as
+    ``experts.<name>`` [E · out, in] (all experts of the layer, which carry no adapter)."""
+    shapes = {}
+    for e in hf_key_table(cfg):
+        if e.kind == "linear" and e.layer == 0 and e.expert in (None, 0):
+            if e.expert is None:
+                shapes[e.path[-1]] = e.shape
+            else:
+                shapes[f"experts.{e.path[-1]}"] = (cfg.num_experts * e.shape[0], e.shape[1])
+    return shapes
+
+
+def quantized_bytes(n: int, block_size: int = 64, double_quant: bool = True) -> int:
+    """Exact storage of one 4-bit tensor of n values: codes, absmax, nested absmax and offset."""
+    blocks = -(-n // block_size)
+    if double_quant:
+        return -(-n // 2) + blocks + 4 * -(-blocks // NESTED) + 4
+    return -(-n // 2) + 4 * blocks
+
+
+def weight_bytes(shape: ModelConfig, *, quant: str = "nf4", double_quant: bool = True, block_size: int = 64,
+                 dtype_bytes: int = 2) -> dict[str, int]:
+    """Bytes of the whole frozen model: {'quantized', 'unquantized', 'norms', 'per_layer_quantized', 'total'}."""
+    L, D, V = shape.num_hidden_layers, shape.hidden_size, shape.vocab_size
+    per_layer = 0
+    for O, I in linear_shapes(shape).values():
+        per_layer += quantized_bytes(O * I, block_size, double_quant) if quant != "none" else O * I * dtype_bytes
+    biases = (shape.num_attention_heads + 2 * shape.num_key_value_heads) * shape.head_dim if shape.qkv_bias else 0
+    router = shape.num_experts * D  # MoE: the router stays unquantized
+    norms = L * (2 * D + (2 * shape.head_dim if shape.qk_norm else 0) + biases + router) + D
+    embed = V * D * (1 if shape.tie_word_embeddings else 2)
+    quantized = L * per_layer if quant != "none" else 0
+    unquantized = (embed + norms) * dtype_bytes + (L * per_layer if quant == "none" else 0)
+    return {"quantized": quantized, "unquantized": unquantized, "norms": norms * dtype_bytes,
+            "per_layer_quantized": per_layer, "total": quantized + unquantized}
+
+
+def lora_param_count(shape: ModelConfig, r: int = 16, targets: tuple[str, ...] = LINEARS,
+                     experts: bool = False) -> int:
+    """Adapter parameters of ``targets`` (and, with ``experts`` on a MoE model, every expert's LoRA on the fused
+    gate_up_proj [2F, D] and down_proj [D, F]: E · r · (D + 2F + F + D) per layer, `jqlora.models.moe`)."""
+    n = sum(r * (O + I) for name, (O, I) in linear_shapes(shape).items() if name in targets)
+    if experts and shape.num_experts:
+        D, F = shape.hidden_size, shape.intermediate_size
+        n += shape.num_experts * r * (D + 2 * F + F + D)
+    return shape.num_hidden_layers * n
+
+
+@dataclasses.dataclass
+class Plan:
+    title: str
+    rows: dict[str, float]
+    total_weight_bytes: int
+    notes: list[str]
+    host_rows: dict[str, float] = dataclasses.field(default_factory=dict)  # pinned host memory, not on the device
+
+    @property
+    def total(self) -> float:
+        return float(sum(self.rows.values()))
+
+    def table(self) -> str:
+        width = max(len(k) for k in list(self.rows) + ["total per device"])
+        lines = [self.title, "-" * (width + 14)]
+        for k, v in self.rows.items():
+            lines.append(f"{k:<{width}}  {v / 1e9:>9.2f} GB")
+        lines.append("-" * (width + 14))
+        lines.append(f"{'total per device':<{width}}  {self.total / 1e9:>9.2f} GB")
+        for k, v in self.host_rows.items():
+            lines.append(f"{k + ' (host)':<{width}}  {v / 1e9:>9.2f} GB")
+        lines += [f"  {n}" for n in self.notes]
+        return "\n".join(lines)
+
+
+def memory_plan(shape: ModelConfig, *, seq: int, batch: int = 1, data: int = 1, fsdp: int = 1, tensor: int = 1,
+                remat: str = "full", r: int = 16, targets: tuple[str, ...] = LINEARS, quant: str = "nf4",
+                double_quant: bool = True, block_size: int = 64, dtype: str = "bfloat16",
+                ce_chunk: int = CE_CHUNK, name: str = "model", attention: str = "xla",
+                dropout: float = 0.0, experts: bool = False) -> Plan:
+    """Bytes per device; ``batch`` is rows per device (each device of the data × fsdp axes sees its own rows)."""
+    if remat not in REMATS:
+        raise ValueError(f"remat {remat!r}: expected one of {', '.join(REMATS)}")
+    c = DTYPE_BYTES[dtype]
+    P = fsdp * tensor
+    L, D, F = shape.num_hidden_layers, shape.hidden_size, shape.intermediate_size
+    if shape.num_experts:  # MoE: each token runs k experts, in dispatch tiles padded up to ~2x (models/moe.py)
+        F = 2 * shape.num_experts_per_tok * F
+    N, K, H, V = shape.num_attention_heads, shape.num_key_value_heads, shape.head_dim, shape.vocab_size
+    B, S = batch, seq
+    T = B * S
+    w = weight_bytes(shape, quant=quant, double_quant=double_quant, block_size=block_size, dtype_bytes=c)
+    rows: dict[str, float] = {}
+    rows[WEIGHTS_ROW] = (w["total"] - w["norms"]) / P + w["norms"]
+    if P > 1:
+        rows["gathered layer (fsdp prefetch, x2)"] = 2 * w["per_layer_quantized"] * (1 - 1 / P)
+    n_lora = lora_param_count(shape, r, targets, experts)
+    rows["LoRA params+grad+acc+AdamW (fp32)"] = 20 * n_lora / fsdp
+    residual = L * T * D * c
+    acts = T * (6 * D + 2 * N * H + 2 * K * H + 3 * F) * c / tensor
+    if dropout > 0 and remat == "none":
+        # what the compiler keeps per layer with LoRA dropout and no remat (read off the compiled Llama-3-8B step,
+        # h100-sxm, seq 2048): each adapter's dropped input and its mask, both float32 RMSNorm inputs, 6 F-wide
+        # and 6 D-wide compute-dtype activations, q/k/v and the attention output
+        acts = T * ((6 * F + 6 * D + 2 * N * H + 2 * K * H) * c + 2 * D * 4 + (5 * D + N * H + F)) / tensor
+    flash = attention == "cudnn"
+    scores = (B * min(64, S) * N * S * 4 if flash else 2 * B * N * S * S * c) / tensor
+    kernels = sum(O * I for O, I in linear_shapes(shape).values()) * c / tensor
+    outs = T * (N * H + 2 * K * H + D + 2 * F + D) * c
+    n_lin = len(targets)
+    no_batch_dots = (2 * outs + T * r * n_lin * c) / tensor  # base and LoRA B outputs, LoRA A outputs
+    dots = no_batch_dots + (0 if flash else (B * N * S * S * c + T * N * H * c) / tensor)  # + attention's dots
+    host: dict[str, float] = {}
+    if remat == "none":
+        rows["all layers' activations (no remat)"] = L * (acts + scores)
+        rows["one layer's dequantized kernels"] = kernels
+    else:
+        rows["residual stream checkpoints"] = residual
+        if remat == "save_dots":
+            rows["saved matmul outputs"] = L * dots
+        elif remat == "save_dots_no_batch":
+            rows["saved matmul outputs (no attention)"] = L * no_batch_dots
+        elif remat == "offload":
+            host["saved matmul outputs (no attention)"] = L * no_batch_dots
+        rows["layer working set (recomputed)"] = acts + scores + kernels
+    rows["cross-entropy chunk + final hidden"] = 2 * min(ce_chunk, T) * V * 4 + 2 * T * D * c
+    notes = [f"{w['quantized'] * 8 / max(1, sum(O * I for O, I in linear_shapes(shape).values()) * L):.3f} "
+             f"bits/param for the linear kernels; {n_lora / 1e6:.1f} M LoRA params (r={r})",
+             f"all devices together hold {w['total'] / 1e9:.2f} GB of base weights"]
+    if remat == "offload":
+        notes.append("offload: the saved matmuls live in pinned host memory (GPU; on a backend without it they stay "
+                     "on the device, as save_dots_no_batch)")
+    title = (f"{name}: seq={S} batch={B}/device data={data} fsdp={fsdp} tensor={tensor} remat={remat} "
+             f"r={r} {quant}{'+dq' if double_quant else ''} {dtype}")
+    return Plan(title, rows, w["total"], notes, host)
+
+
+def settings_from_config(cfg: Any, axes: dict[str, int] | None = None) -> dict[str, Any]:
+    """`memory_plan`'s settings from a run config; ``axes``: resolved mesh sizes (default: the config's, auto = 1)."""
+    if axes is None:
+        axes = {n: 1 if getattr(cfg.mesh, n) == "auto" else int(getattr(cfg.mesh, n)) for n in ("data", "fsdp",
+                                                                                               "tensor")}
+    rows = axes["data"] * axes["fsdp"] if all(isinstance(axes[n], int) for n in ("data", "fsdp")) else 1
+    # train.batch_size is the global micro-batch: its rows are split over the data × fsdp devices
+    return dict(seq=cfg.data.max_length, batch=max(1, cfg.train.batch_size // rows),
+                # every adapter at the largest rank: per-layer ranks are stored padded to it (an upper bound when
+                # module kinds differ)
+                r=max([cfg.lora.r, *cfg.lora.rank_pattern.values()]),
+                dropout=cfg.lora.dropout, dtype=cfg.model.dtype,
+                quant=cfg.model.quant, double_quant=cfg.model.double_quant and cfg.model.quant != "none",
+                block_size=cfg.model.block_size, experts=bool(getattr(cfg.lora, "experts", False)), **axes,
+                targets=LINEARS if cfg.lora.targets == "all-linear" else tuple(cfg.lora.target_modules))

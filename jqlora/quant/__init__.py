@@ -1,0 +1,12 @@
+"""Pure math of the frozen base: NF4 / FP4 codebooks, blockwise (de)quantization with double quantization of the
+block scales (`blockwise`), and bitsandbytes' serialized 4-bit state (`bnb`). Arrays in, arrays out: no files, no
+Flax. The math and where it differs from bitsandbytes are in `jqlora.quant.blockwise`'s docstring."""
+
+from jqlora.quant.blockwise import (BLOCK_SIZES, CODEBOOKS, DTYPES, NESTED_BLOCK_SIZE, QUANT_TYPES, QuantizedTensor,
+                                    bits_per_parameter, block_absmax, codebook, dequantize, double_quantize, quantize,
+                                    stack)
+from jqlora.quant.bnb import from_bnb, to_bnb, to_numpy
+
+__all__ = ["BLOCK_SIZES", "CODEBOOKS", "DTYPES", "NESTED_BLOCK_SIZE", "QUANT_TYPES", "QuantizedTensor",
+           "bits_per_parameter", "block_absmax", "codebook", "dequantize", "double_quantize", "from_bnb", "quantize",
+           "stack", "to_bnb", "to_numpy"]

@@ -1,0 +1,96 @@
+"""`python -m jqlora.train ... --dry-run`: what the run would do, without loading a single weight.
+
+Prints the resolved config, the dataset statistics (rows, trained tokens, truncations, packing efficiency), two
+rendered training examples with the trained tokens marked [[like this]], the warnings the run would give, what would
+happen to output_dir, and the per-device memory plan (`jqlora.plan`) of the model's shape from its config.json.
+"""
+
+from __future__ import annotations
+
+import os
+
+from jqlora.data import stats
+from jqlora.config import config_to_yaml
+
+
+class DryRunError(ValueError):
+    """A user mistake found by the dry run: one line, exit code 2."""
+
+
+def _output_dir_line(cfg) -> str:
+    from jqlora.config import resume_conflicts
+    from jqlora.run.directory import RunDirError, dir_kind, read_saved_config
+
+    out, tc = cfg.output_dir, cfg.train
+    kind = dir_kind(out)
+    if kind == "empty":
+        return f"output_dir {out}: empty, a fresh run"
+    if tc.overwrite:
+        return f"output_dir {out}: not empty; train.overwrite=true would move it aside and start afresh"
+    if kind == "foreign":
+        return f"output_dir {out}: not empty and not a jqlora run: the run would be refused"
+    if not tc.resume:
+        return f"output_dir {out}: holds a run and train.resume=false: the run would be refused"
+    try:
+        conflicts = resume_conflicts(read_saved_config(out), cfg)
+    except RunDirError as e:
+        return str(e)
+    if conflicts:
+        return (f"output_dir {out}: holds a run with another config ({', '.join(k for k, _, _ in conflicts)}): "
+                "the run would be refused")
+    return f"output_dir {out}: holds this run: it would resume from its latest checkpoint"
+
+
+def dry_run(cfg, out=print) -> int:
+    from jqlora.data import BatchIterator, DataError, build_datasets, load_tokenizer
+    from jqlora.models import ModelConfig
+    from jqlora.planning.memory import memory_plan, settings_from_config
+    from jqlora.training import optim
+
+    from jqlora.run.model import ensure_demo_model
+
+    ensure_demo_model(cfg.model.path)  # (the demo's tiny base is built on first use, as training would)
+    model_json = os.path.join(cfg.model.path, "config.json")
+    if not os.path.isfile(model_json):
+        raise DryRunError(f"model.path {cfg.model.path}: no config.json (not a Hugging Face checkpoint directory)")
+    out("# resolved config")
+    out(config_to_yaml(cfg).rstrip())
+    try:
+        tokenizer = load_tokenizer(cfg.model.tokenizer_path or cfg.model.path)
+        train_ds, eval_ds = build_datasets(cfg.data, tokenizer, seed=cfg.train.seed)
+    except DataError as e:
+        raise DryRunError(str(e).splitlines()[0]) from None
+    out("\n# data")
+    out(stats.format_stats(f"train ({cfg.data.path})", stats.dataset_stats(train_ds)))
+    if eval_ds is not None:
+        where = cfg.data.eval_path or (f"split {cfg.data.eval_split}" if cfg.data.eval_split
+                                       else f"{cfg.data.eval_fraction:g} of the training examples")
+        out(stats.format_stats(f"eval ({where})", stats.dataset_stats(eval_ds)))
+    else:
+        out("eval: none (set data.eval_path, data.eval_split or data.eval_fraction)")
+    batches = BatchIterator(train_ds, cfg.train.batch_size, seed=cfg.train.seed,
+                            shuffle=cfg.data.shuffle).batches_per_epoch
+    total = optim.total_optimizer_steps(cfg.train, batches)
+    out(f"{total} optimizer steps of {cfg.train.batch_size} x {cfg.train.grad_accum_steps} rows "
+        f"({total * cfg.train.batch_size * cfg.train.grad_accum_steps / max(len(train_ds), 1):.2f} epochs)")
+    for i, ex in enumerate(train_ds.examples[:2]):
+        out(f"\n# example {i + 1} ({ex.where}); trained tokens in [[...]]")
+        out(stats.render_example(tokenizer, ex))
+    out("")
+    for line in stats.settings_warnings(cfg, train_ds, total):
+        out(line)
+    out(_output_dir_line(cfg))
+    out("\n# memory plan per device (python -m jqlora.plan)")
+    try:
+        shape = ModelConfig.from_hf(model_json)
+    except (ValueError, TypeError, KeyError, OSError) as e:
+        raise DryRunError(f"{model_json}: not a usable config.json ({str(e).splitlines()[0]})") from None
+    axes = {n: 1 if getattr(cfg.mesh, n) == "auto" else int(getattr(cfg.mesh, n)) for n in ("data", "fsdp", "tensor")}
+    remat = "full" if cfg.train.remat == "auto" else cfg.train.remat
+    p = memory_plan(shape, name=os.path.basename(os.path.abspath(cfg.model.path)), remat=remat,
+                         **settings_from_config(cfg, axes))
+    out(p.table())
+    if cfg.train.remat == "auto":
+        out("(train.remat=auto picks on the device; shown: full)")
+    out("\ndry run: no weights loaded, nothing written")
+    return 0
