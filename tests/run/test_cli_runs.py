@@ -19,7 +19,7 @@ import pytest
 import torch
 import yaml
 
-from jqlora.data import stats as report
+from jqlora.data import stats
 from jqlora import train as T
 from jqlora.config import load_config
 from jqlora.data import build_datasets, load_tokenizer
@@ -209,7 +209,7 @@ def test_quiet_wrong_settings_warn(assets):
                              "data.max_length=15", "train.max_steps=2", "train.warmup_steps=2", "train.batch_size=2",
                              "train.grad_accum_steps=1"])
     train_ds, _ = build_datasets(cfg.data, tok)
-    lines = report.settings_warnings(cfg, train_ds, 2)
+    lines = stats.settings_warnings(cfg, train_ds, 2)
     assert len(lines) == 3, lines
     assert "warmup_steps=2 >= the run's 2" in lines[0]
     assert f"sees 4 of the {len(train_ds)} training rows" in lines[1]
@@ -217,7 +217,7 @@ def test_quiet_wrong_settings_warn(assets):
     ok = load_config(None, [f"model.path={assets / 'model'}", f"data.path={assets / 'train.jsonl'}",
                             "data.max_length=48", "train.max_steps=20", "train.warmup_steps=2"])
     train_ds, _ = build_datasets(ok.data, tok)
-    assert report.settings_warnings(ok, train_ds, 20) == []
+    assert stats.settings_warnings(ok, train_ds, 20) == []
 
 
 def test_help_lists_the_config_schema():

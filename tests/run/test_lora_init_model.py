@@ -137,7 +137,7 @@ def test_gaussian_export_is_peft_gaussian(assets, tmp_path):
     from peft import LoraConfig, PeftModel, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from jqlora.adapters import init_state as init_export
+    from jqlora.adapters import init_state
     from jqlora.lora import LoraLinear
 
     path = assets / "model"
@@ -151,8 +151,8 @@ def test_gaussian_export_is_peft_gaussian(assets, tmp_path):
         if isinstance(m, LoraLinear) and m.lora_a is not None:
             assert not np.any(np.asarray(m.lora_b.get_value()))
             m.lora_b.set_value(jnp.asarray(0.3 * g.standard_normal(m.lora_b.shape), m.lora_b.dtype))
-    out = init_export.save_adapter(model, cfg, tmp_path / "run", tmp_path / "adapter", lora_config=model.lora_config,
-                                   base=str(path))
+    out = init_state.save_adapter(model, cfg, tmp_path / "run", tmp_path / "adapter", lora_config=model.lora_config,
+                                  base=str(path))
     x = np.random.default_rng(1).integers(0, 512, (2, 12)).astype(np.int32)
     got = np.asarray(model(jnp.asarray(x)))
 
