@@ -10,7 +10,9 @@ from typing import Any
 
 from jax.sharding import Mesh
 
-from jqlora.checkpoints import conversion as convert
+from jqlora.checkpoints.conversion import is_jqlora_dir, load_jqlora
+from jqlora.checkpoints.errors import ConvertError
+from jqlora.checkpoints.reader import Checkpoint, check_checkpoint
 from jqlora.checkpoints.sharded import from_hf_tensors_sharded
 from jqlora.lora import LoraConfig
 from jqlora.models import LlamaForCausalLM, ModelConfig, TensorGetter, from_hf_tensors, hf_key_table
@@ -45,8 +47,8 @@ def load_checkpoint(
         raise TypeError(f"mesh must be a jax.sharding.Mesh (jqlora.parallel.make_mesh), got {type(mesh).__name__}")
     build = from_hf_tensors if mesh is None else functools.partial(from_hf_tensors_sharded, mesh=mesh,
                                                                    desc=f"loading {_name(path)}")
-    if convert.is_jqlora_dir(path):
-        config, meta, get, _ = convert.load_jqlora(path, host=mesh is not None)
+    if is_jqlora_dir(path):
+        config, meta, get, _ = load_jqlora(path, host=mesh is not None)
         quant, double_quant, block_size = meta["quant"], meta["double_quant"], meta["block_size"]
         stored = {m["quant_type"] for m in meta["quantized"].values()}
         if stored:
@@ -60,12 +62,12 @@ def load_checkpoint(
         return _naming_the_tensor(build, cfg, get, lambda key: where, lora=lora, quant=quant,
                                   double_quant=double_quant, block_size=block_size, dtype=dtype, seed=seed,
                                   remat=remat)
-    with convert.Checkpoint(path) as ckpt:
+    with Checkpoint(path) as ckpt:
         try:
             cfg = ModelConfig.from_hf(ckpt.config)
         except ValueError as e:
-            raise convert.ConvertError(f"{ckpt.path / 'config.json'}: {e}") from None
-        convert.check_checkpoint(ckpt)
+            raise ConvertError(f"{ckpt.path / 'config.json'}: {e}") from None
+        check_checkpoint(ckpt)
         if ckpt.bnb and quant != "none":  # a 4-bit checkpoint keeps its own quantization
             sample = ckpt.get(next(e.key for e in hf_key_table(cfg) if e.kind == "linear"))
             quant, double_quant, block_size = sample.quant_type, sample.double_quant, sample.block_size
@@ -76,7 +78,7 @@ def load_checkpoint(
 
 def _naming_the_tensor(build, cfg: ModelConfig, get: TensorGetter, file_of, **kwargs):
     """``build(cfg, get, **kwargs)``, where a ValueError about a tensor's values (NaN/Inf weights, ...) becomes a
-    `convert.ConvertError` naming the checkpoint file and the key of the tensor it came from."""
+    `ConvertError` naming the checkpoint file and the key of the tensor it came from."""
     last: list[str | None] = [None]
 
     def tracked(key: str):
@@ -85,7 +87,7 @@ def _naming_the_tensor(build, cfg: ModelConfig, get: TensorGetter, file_of, **kw
 
     try:
         return build(cfg, tracked, **kwargs)
-    except convert.ConvertError:
+    except ConvertError:
         raise
     except ValueError as e:
         key = last[0]
@@ -98,7 +100,7 @@ def _naming_the_tensor(build, cfg: ModelConfig, get: TensorGetter, file_of, **kw
             where = file_of(key)
         except (KeyError, ValueError):  # (a key the checkpoint does not hold)
             raise e from None
-        raise convert.ConvertError(f"{where}: {key}: {text}") from None
+        raise ConvertError(f"{where}: {key}: {text}") from None
 
 
 def _name(path: str | os.PathLike) -> str:

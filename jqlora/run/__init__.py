@@ -8,11 +8,11 @@ from jqlora.run.directory import RunDir, RunDirError, find_run, open_run_dir, re
 from jqlora.run.dry_run import DryRunError, dry_run
 from jqlora.run.lock import LockError, RunLock
 from jqlora.run.loop import Trainer
-from jqlora.run.model import DEMO_MODEL, UserError, build_model, ensure_demo_model, lora_config
+from jqlora.run.model import DEMO_MODEL, UserError, build_model, ensure_demo_model
 from jqlora.run.restore import restore_for_export
 
 __all__ = [
     "DEMO_MODEL", "DryRunError", "LockError", "RunDir", "RunDirError", "RunLock", "Trainer", "UserError",
-    "build_model", "dry_run", "ensure_demo_model", "find_run", "lora_config", "open_run_dir", "read_metrics",
+    "build_model", "dry_run", "ensure_demo_model", "find_run", "open_run_dir", "read_metrics",
     "restore_for_export",
 ]

@@ -33,12 +33,12 @@ from jqlora.adapters import init_state
 from jqlora.config import save_config
 from jqlora.data import BatchIterator, build_datasets, eval_batches, load_tokenizer
 from jqlora.data import stats
-from jqlora.lora import NoLoraError, SplitModel
+from jqlora.lora import LoraConfig, NoLoraError, SplitModel
 from jqlora.run import progress
 from jqlora.run.directory import RunDir, RunDirError, open_run_dir
 from jqlora.run.divergence import DivergenceMonitor
 from jqlora.run.lock import LockError, RunLock
-from jqlora.run.model import UserError, build_model, lora_config
+from jqlora.run.model import UserError, build_model
 from jqlora.training import optim
 from jqlora.training.step import CE_CHUNK, make_eval_stats_step, make_train_step, step_batch
 
@@ -467,5 +467,6 @@ class Trainer:
         if base != os.path.abspath(self.cfg.model.path):
             card["trained_on"] = f"{os.path.abspath(self.cfg.model.path)} (jqlora's 4-bit copy of the base)"
         out = init_state.save_adapter(self.split.model(lora), self.cfg, self.out, os.path.join(self.out, "adapter"),
-                                       lora_config=lora_config(self.cfg), base=base, card=card, overwrite=True)
+                                       lora_config=LoraConfig.from_config(self.cfg.lora), base=base, card=card,
+                                       overwrite=True)
         log.info("adapter written to %s", out)

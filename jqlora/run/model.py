@@ -45,11 +45,6 @@ def ensure_demo_model(path: str) -> None:
                         "or rebuild it with `python tools/make_demo_model.py`, which needs torch)")
 
 
-def lora_config(cfg):
-    """The `jqlora.lora.LoraConfig` of a run config's ``lora`` section."""
-    return LoraConfig.from_config(cfg.lora)
-
-
 def build_model(cfg, check: Callable[[Any], None] | None = None, mesh=None, run_dir: str | None = None):
     """The quantized base model with fresh adapters, as the config says; ``check(ModelConfig)`` runs before loading.
     ``run_dir``: the run directory whose start PiSSA / LoftQ saved (`jqlora.adapters.init_state`), for resumes and
@@ -85,7 +80,7 @@ def build_model(cfg, check: Callable[[Any], None] | None = None, mesh=None, run_
         try:
             return load_initialized(cfg, lambda quant, **kw: load_checkpoint(
                 path, quant=quant, double_quant=cfg.model.double_quant, block_size=cfg.model.block_size,
-                dtype=cfg.model.dtype, lora=lora_config(cfg), seed=cfg.train.seed, remat=remat,
+                dtype=cfg.model.dtype, lora=LoraConfig.from_config(cfg.lora), seed=cfg.train.seed, remat=remat,
                 mesh=mesh if streamed and kw.get("streamed", True) else None), run_dir=run_dir)
         except (InitError, LoraError) as e:
             raise UserError(str(e).splitlines()[0]) from None
