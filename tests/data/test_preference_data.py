@@ -121,3 +121,127 @@ def test_standard_equals_trl(which, request, tmp_path):
     if which == "bos_tok":
         assert all(g.prompt[0] == tok.bos_token_id for g in got)
     assert got[0].where.endswith("data.jsonl:1")
+
+
+def _user(text):
+    return [{"role": "user", "content": text}]
+
+
+def _assistant(text):
+    return [{"role": "assistant", "content": text}]
+
+
+CONVERSATIONAL = [
+    {"prompt": _user("what is the capital of france?"), "chosen": _assistant("paris."),
+     "rejected": _assistant("london, i think")},
+    {"prompt": [{"role": "system", "content": "be brief"}, *_user("add 12 and 30")], "chosen": _assistant("42"),
+     "rejected": _assistant("the answer is 41")},
+    {"prompt": _user("hello world") + _assistant("hello, how are you?") + _user("the quick brown"),
+     "chosen": _assistant("fox jumps over the lazy dog"), "rejected": _assistant("dog")},
+]
+
+
+@pytest.mark.parametrize("which", ["tok", "bos_tok"])
+def test_conversational_equals_trl(which, request, tmp_path):
+    tok = request.getfixturevalue(which)
+    examples, _, _ = trl_dpo(CONVERSATIONAL, tok, tmp_path)
+    got = ours(CONVERSATIONAL, tok)
+    assert [(g.prompt, g.chosen, g.rejected) for g in got] == \
+        [(e["prompt_ids"], e["chosen_ids"], e["rejected_ids"]) for e in examples]
+    # the prompt ends with the generation prompt; the completion is the template's continuation, end of turn included
+    header = tok("<|im_start|>assistant\n\n" if which == "bos_tok" else "<|im_start|>assistant\n",
+                 add_special_tokens=False)["input_ids"]
+    end = tok.convert_tokens_to_ids("<|im_end|>")
+    assert all(g.prompt[-len(header):] == header and end in g.chosen for g in got)
+
+
+def test_chat_template_override_equals_trl_with_that_template(tok, tmp_path):
+    from transformers import AutoTokenizer
+
+    template = ("{% for m in messages %}{{ m['role'] + ': ' + m['content'] + '<|im_end|>' }}{% endfor %}"
+                "{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}")
+    other = AutoTokenizer.from_pretrained(str(FIXTURE))
+    other.chat_template = template
+    examples, _, _ = trl_dpo(CONVERSATIONAL, other, tmp_path)
+    path = tmp_path / "template.jinja"
+    path.write_text(template)
+    got = read_preference_examples(_write(tmp_path, CONVERSATIONAL), tok, kind="paired", max_length=None,
+                                   max_prompt_length=None, chat_template=str(path))
+    assert [(g.prompt, g.chosen, g.rejected) for g in got] == \
+        [(e["prompt_ids"], e["chosen_ids"], e["rejected_ids"]) for e in examples]
+
+
+IMPLICIT_TEXT = [
+    {"chosen": "the quick brown fox jumps", "rejected": "the quick brown dog"},  # the space goes to the completions
+    {"chosen": "add 12 and 30: 42", "rejected": "add 12 and 30: 41"},
+    {"chosen": "hello world", "rejected": "hello world, how are you?"},  # one a prefix of the other: TRL's rule
+]
+
+
+@pytest.mark.parametrize("which", ["text", "conversational"])
+def test_implicit_prompt_equals_trl(which, tok, tmp_path):
+    if which == "text":
+        rows = IMPLICIT_TEXT
+    else:
+        rows = [{"chosen": r["prompt"] + r["chosen"], "rejected": r["prompt"] + r["rejected"]} for r in CONVERSATIONAL]
+    examples, _, _ = trl_dpo(rows, tok, tmp_path)
+    got = ours(rows, tok)
+    assert [(g.prompt, g.chosen, g.rejected) for g in got] == \
+        [(e["prompt_ids"], e["chosen_ids"], e["rejected_ids"]) for e in examples]
+    if which == "conversational":  # the shared turns are the prompt: the same ids as the explicit form
+        assert got == ours(CONVERSATIONAL, tok)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# KTO
+
+
+def trl_kto(rows, tok, tmp_path, *, max_length=None):
+    """TRL's KTO data path: prepared rows (prompt_ids, completion_ids, label) and the collator's sequences."""
+    from datasets import Dataset
+    from trl import KTOConfig
+    from trl.trainer.kto_trainer import DataCollatorForUnpairedPreference, KTOTrainer
+
+    args = KTOConfig(output_dir=str(tmp_path / "trl"), use_cpu=True, bf16=False, report_to=[], max_length=max_length)
+    stand_in = types.SimpleNamespace(_tokenizer=tok, calculate_KL=False, desirable_weight=1.0, undesirable_weight=1.0)
+    prepared = KTOTrainer._prepare_dataset(stand_in, Dataset.from_list(rows), tok, args, "train")
+    examples = [{k: ex[k] for k in ("prompt_ids", "completion_ids", "label")} for ex in prepared]
+    batch = DataCollatorForUnpairedPreference(pad_token_id=tok.pad_token_id, max_length=max_length)(examples)
+    seqs = [(ids[m.bool()].tolist(), cm[m.bool()].tolist()) for ids, m, cm in
+            zip(batch["input_ids"], batch["attention_mask"], batch["completion_mask"])]
+    return examples, seqs
+
+
+UNPAIRED_TEXT = [
+    {"prompt": "the quick brown", "completion": " fox jumps over the lazy dog", "label": True},
+    {"prompt": "hello world,", "completion": " today?", "label": False},
+    {"prompt": "add 12 and 30:", "completion": " 42<|im_end|>", "label": True},
+]
+UNPAIRED_CHAT = [{"prompt": r["prompt"], "completion": r[side], "label": side == "chosen"}
+                 for r in CONVERSATIONAL for side in ("chosen", "rejected")]
+
+
+@pytest.mark.parametrize("which", ["text", "conversational", "paired_text", "paired_implicit_chat"])
+def test_unpaired_equals_trl_kto(which, tok, tmp_path):
+    rows = {"text": UNPAIRED_TEXT, "conversational": UNPAIRED_CHAT, "paired_text": STANDARD,
+            "paired_implicit_chat": [{"chosen": r["prompt"] + r["chosen"], "rejected": r["prompt"] + r["rejected"]}
+                                     for r in CONVERSATIONAL]}[which]
+    examples, _ = trl_kto(rows, tok, tmp_path)
+    got = read_preference_examples(_write(tmp_path, rows), tok, kind="unpaired", max_length=None,
+                                   max_prompt_length=None)
+    assert all(isinstance(g, UnpairedIds) for g in got)
+    assert [(g.prompt, g.completion, g.label) for g in got] == \
+        [(e["prompt_ids"], e["completion_ids"], e["label"]) for e in examples]
+    if which.startswith("paired"):  # unpaired as TRL does: every chosen (desirable), then every rejected
+        assert [g.label for g in got] == [True] * len(rows) + [False] * len(rows)
+
+
+def test_unpairing_blocks_of_1000_equal_trl(tok, tmp_path):
+    rows = [{"prompt": f"add {i} and 30:", "chosen": f" {i + 30}", "rejected": " 42"} for i in range(1003)]
+    examples, _ = trl_kto(rows, tok, tmp_path)
+    got = read_preference_examples(_write(tmp_path, rows), tok, kind="unpaired", max_length=None,
+                                   max_prompt_length=None)
+    assert [(g.prompt, g.completion, g.label) for g in got] == \
+        [(e["prompt_ids"], e["completion_ids"], e["label"]) for e in examples]
+    assert [got[i].where.rsplit(":", 1)[1] for i in (0, 999, 1000, 2000, 2003)] == \
+        ["1 (chosen)", "1000 (chosen)", "1 (rejected)", "1001 (chosen)", "1001 (rejected)"]
