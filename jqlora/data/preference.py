@@ -46,6 +46,7 @@ from jqlora.data.records import DEFAULT_CHAT_TEMPLATE, ROLES, read_chat_template
 
 KINDS = ("paired", "unpaired")
 TRUNCATION_MODES = ("keep_end", "keep_start")
+_TOKENIZE_CHUNK = 512
 UNPAIR_BLOCK = 1000  # TRL's unpair_preference_dataset is a batched datasets.map: default batch size 1000
 
 
@@ -76,11 +77,13 @@ def read_preference_examples(path: str, tokenizer, *, kind: str, max_length: int
     records = read_records(path, split=split, subset=subset)
     template = read_chat_template(chat_template) if chat_template else None
     items = [(r.data, r.where) for r in records]
-    if kind == "unpaired" and "chosen" in items[0][0] and "rejected" in items[0][0]:
+    if kind == "unpaired" and isinstance(items[0][0], dict) and "chosen" in items[0][0] and "rejected" in items[0][0]:
         items = _unpair(items)
-    return [tokenize_preference_record(data, tokenizer, kind=kind, max_length=max_length,
-                                       max_prompt_length=max_prompt_length, truncation_mode=truncation_mode,
-                                       where=where, chat_template=template) for data, where in items]
+    out: list = []
+    for lo in range(0, len(items), _TOKENIZE_CHUNK):
+        out += _tokenize(items[lo: lo + _TOKENIZE_CHUNK], tokenizer, kind, max_length, max_prompt_length,
+                         truncation_mode, template)
+    return out
 
 
 def tokenize_preference_record(record: dict, tokenizer, *, kind: str, max_length: int | None,
@@ -88,37 +91,53 @@ def tokenize_preference_record(record: dict, tokenizer, *, kind: str, max_length
                                chat_template: str | None = None) -> PairIds | UnpairedIds:
     """One record's ids (see the module docstring); `where` ("file:line") starts every error message."""
     _check_options(kind, truncation_mode, max_length, max_prompt_length)
-    if not isinstance(record, dict):
-        raise DataError(_at(where, f"expected an object, got {type(record).__name__}"))
-    if kind == "paired":
-        prompt, completions = _paired_fields(record, where)
-        names = ("chosen", "rejected")
-    else:
-        prompt, completions = _unpaired_fields(record, where)
-        names = ("completion",)
-    conversational = isinstance(prompt, list)
-    if conversational:
-        template = chat_template or getattr(tokenizer, "chat_template", None) or DEFAULT_CHAT_TEMPLATE
-        kwargs = _template_kwargs(record, where)
-        prompt_ids = _chat_ids(tokenizer, prompt, template, kwargs, where, generation_prompt=True)
-        full_ids = [_chat_ids(tokenizer, prompt + c, template, kwargs, where) for c in completions]
-    else:
-        eos = tokenizer.eos_token
-        if eos:
-            completions = [c if c.endswith(eos) else c + eos for c in completions]
-        prompt_ids = list(tokenizer(text=prompt)["input_ids"])
-        full_ids = [list(tokenizer(text=prompt + c)["input_ids"]) for c in completions]
-    cut = min(_common_prefix(prompt_ids, ids) for ids in full_ids)
-    prompt_ids = prompt_ids[:cut]
-    completion_ids = [ids[cut:] for ids in full_ids]
-    for name, ids in zip(names, completion_ids):
-        if not ids:
-            raise DataError(_at(where, f"'{name}' has no tokens of its own after the prompt"))
-    prompt_ids, completion_ids = _truncate(prompt_ids, completion_ids, names, max_length, max_prompt_length,
-                                           truncation_mode, where)
-    if kind == "paired":
-        return PairIds(prompt_ids, completion_ids[0], completion_ids[1], where)
-    return UnpairedIds(prompt_ids, completion_ids[0], bool(record["label"]), where)
+    template = read_chat_template(chat_template) if chat_template else None
+    return _tokenize([(record, where)], tokenizer, kind, max_length, max_prompt_length, truncation_mode, template)[0]
+
+
+def _tokenize(items: list[tuple[dict, str]], tokenizer, kind, max_length, max_prompt_length, truncation_mode,
+              chat_template) -> list:
+    """Records to ids, the tokenizer called once per chunk: texts as they are (its special tokens added, as TRL's
+    `processing_class(text=...)`), conversations rendered and then tokenized without special tokens (which is what
+    `apply_chat_template(tokenize=True)`, TRL's call, does)."""
+    names = ("chosen", "rejected") if kind == "paired" else ("completion",)
+    template = chat_template or getattr(tokenizer, "chat_template", None) or DEFAULT_CHAT_TEMPLATE
+    eos = tokenizer.eos_token
+    texts: dict[bool, list[str]] = {True: [], False: []}  # add_special_tokens -> texts
+    plans = []
+    for record, where in items:
+        if not isinstance(record, dict):
+            raise DataError(_at(where, f"expected an object, got {type(record).__name__}"))
+        prompt, completions = (_paired_fields if kind == "paired" else _unpaired_fields)(record, where)
+        if isinstance(prompt, list):
+            kwargs = _template_kwargs(record, where)
+            strings = [_render(tokenizer, prompt, template, kwargs, where, generation_prompt=True)]
+            strings += [_render(tokenizer, prompt + c, template, kwargs, where) for c in completions]
+            special = False
+        else:
+            if eos:
+                completions = [c if c.endswith(eos) else c + eos for c in completions]
+            strings = [prompt] + [prompt + c for c in completions]
+            special = True
+        plans.append((record, where, special, len(texts[special])))
+        texts[special] += strings
+    ids = {special: tokenizer(batch, add_special_tokens=special)["input_ids"] if batch else []
+           for special, batch in texts.items()}
+    out = []
+    for record, where, special, start in plans:
+        prompt_ids, *full_ids = (list(x) for x in ids[special][start: start + 1 + len(names)])
+        cut = min(_common_prefix(prompt_ids, f) for f in full_ids)
+        prompt_ids, completion_ids = prompt_ids[:cut], [f[cut:] for f in full_ids]
+        for name, c in zip(names, completion_ids):
+            if not c:
+                raise DataError(_at(where, f"'{name}' has no tokens of its own after the prompt"))
+        prompt_ids, completion_ids = _truncate(prompt_ids, completion_ids, names, max_length, max_prompt_length,
+                                               truncation_mode, where)
+        if kind == "paired":
+            out.append(PairIds(prompt_ids, completion_ids[0], completion_ids[1], where))
+        else:
+            out.append(UnpairedIds(prompt_ids, completion_ids[0], bool(record["label"]), where))
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -256,15 +275,14 @@ def _template_kwargs(record: dict, where: str) -> dict:
     return {"tools": tools, **extra}
 
 
-def _chat_ids(tokenizer, messages: list[dict], template: str, kwargs: dict, where: str, *,
-              generation_prompt: bool = False) -> list[int]:
+def _render(tokenizer, messages: list[dict], template: str, kwargs: dict, where: str, *,
+            generation_prompt: bool = False) -> str:
     try:
-        out = tokenizer.apply_chat_template(messages, chat_template=template, tokenize=True, return_dict=True,
-                                            add_generation_prompt=generation_prompt, **kwargs)
+        return tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False,
+                                             add_generation_prompt=generation_prompt, **kwargs)
     except Exception as e:  # jinja2 TemplateError, raise_exception(...) in the template, ...
         raise DataError(_at(where, f"the chat template rejects this conversation ({str(e).splitlines()[0]})")) \
             from None
-    return list(out["input_ids"])
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:
