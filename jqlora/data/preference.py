@@ -19,7 +19,10 @@ end-of-turn marker included; no EOS is appended). The template is `chat_template
 else jqlora's built-in DEFAULT_CHAT_TEMPLATE (the SFT path's fallback). The prompt's ids are the longest common prefix
 of the tokenized prompt and each tokenized prompt + completion (the smaller of chosen's and rejected's), so a token
 that merges across the boundary or a template that renders the prompt alone differently moves into the completion.
-A record's `tools` / `chat_template_kwargs` fields reach the template, as in TRL.
+A record's `tools` / `chat_template_kwargs` fields reach the template, as in TRL. TRL's CPOTrainer (SimPO) and
+ORPOTrainer still tokenize the 0.x way (`tokenize_row`): the same ids on standard data, but on conversations they
+append an EOS id after the template's text unless it is already the last token (ChatML's text ends in a newline, so
+they train `<|im_end|>` twice); jqlora uses the DPO/KTO ids for every objective.
 
 Truncation (TRL 1.16 has no `max_prompt_length`; jqlora keeps it, applied first, as TRL 0.x did):
 1. `max_prompt_length`: a longer prompt keeps its last (`keep_end`) or first (`keep_start`) tokens.

@@ -192,6 +192,27 @@ def test_implicit_prompt_equals_trl(which, tok, tmp_path):
         assert got == ours(CONVERSATIONAL, tok)
 
 
+@pytest.mark.parametrize("which", ["tok", "bos_tok"])
+def test_standard_equals_trl_cpo_and_orpo_rows(which, request):
+    """TRL's CPOTrainer (SimPO) and ORPOTrainer tokenize with their own tokenize_row (the same code in both): on
+    standard data it gives the DPO ids, max_length included (it cuts the completions, keeping the prompt). Their
+    conversational rows differ: they append EOS after the template's text, which ends in a newline here."""
+    from trl.data_utils import maybe_apply_chat_template
+    from trl.experimental.cpo import CPOTrainer
+    from trl.experimental.orpo import ORPOTrainer
+
+    tok = request.getfixturevalue(which)
+    for trainer in (CPOTrainer, ORPOTrainer):
+        for max_length in (1000, 14):
+            stand_in = types.SimpleNamespace(processing_class=tok, is_encoder_decoder=False, max_length=max_length)
+            stand_in.build_tokenized_answer = lambda p, a, s=stand_in, t=trainer: t.build_tokenized_answer(s, p, a)
+            rows = [trainer.tokenize_row(stand_in, dict(maybe_apply_chat_template(r, tok))) for r in STANDARD]
+            got = ours(STANDARD, tok, max_length=max_length, truncation_mode="keep_start")
+            assert [(g.prompt, g.prompt + g.chosen, g.prompt + g.rejected) for g in got] == \
+                [(r["prompt_input_ids"], r["chosen_input_ids"], r["rejected_input_ids"]) for r in rows]
+            assert max_length > 100 or any(len(g.prompt + g.chosen) == max_length for g in got)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # KTO
 
@@ -359,7 +380,8 @@ GOOD_UNPAIRED = {"prompt": "hello world,", "completion": " how are you?", "label
 BAD = [
     ("paired", {"prompt": "a", "rejected": " b"}, "missing 'chosen'"),
     ("paired", {"prompt": "a", "chosen": " b", "rejected": None}, "missing 'rejected'"),
-    ("paired", {"prompt": 3, "chosen": " b", "rejected": " c"}, "'prompt' must be a string or a list of messages, got int"),
+    ("paired", {"prompt": 3, "chosen": " b", "rejected": " c"},
+     "'prompt' must be a string or a list of messages, got int"),
     ("paired", {"prompt": "a", "chosen": {"text": "b"}, "rejected": " c"}, "'chosen' must be a string or a list"),
     ("paired", {"prompt": "a", "chosen": "", "rejected": " c"}, "empty completion: 'chosen' is ''"),
     ("paired", {"prompt": "a", "chosen": " b", "rejected": "  "}, "empty completion: 'rejected' is '  '"),
