@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import json
 import types
+from pathlib import Path
 
 import pytest
 
 from jqlora.data.errors import DataError
-from jqlora.data.preference import (PairIds, UnpairedIds, read_preference_examples, tokenize_preference_record)
+from jqlora.data.preference import PairIds, UnpairedIds, read_preference_examples, tokenize_preference_record
 
-FIXTURE = __import__("pathlib").Path(__file__).resolve().parents[1] / "fixtures" / "tokenizer"
+FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "tokenizer"
 
 STANDARD = [
     {"prompt": "the quick brown", "chosen": " fox jumps over the lazy dog", "rejected": " dog"},
@@ -175,6 +176,7 @@ IMPLICIT_TEXT = [
     {"chosen": "the quick brown fox jumps", "rejected": "the quick brown dog"},  # the space goes to the completions
     {"chosen": "add 12 and 30: 42", "rejected": "add 12 and 30: 41"},
     {"chosen": "hello world", "rejected": "hello world, how are you?"},  # one a prefix of the other: TRL's rule
+    {"chosen": "hello world, yes", "rejected": "hello world, no"},  # the space rule shows in these ids
 ]
 
 
