@@ -44,6 +44,8 @@ import dataclasses
 import json
 from typing import Any
 
+import numpy as np
+
 from jqlora.data.errors import DataError
 from jqlora.data.records import DEFAULT_CHAT_TEMPLATE, ROLES, read_chat_template, read_records
 
@@ -216,7 +218,7 @@ def _unpaired_fields(record: dict, where: str) -> tuple[Any, list]:
                 if name != "prompt" and "chosen" in record else ""
             raise DataError(_at(where, f"missing '{name}'{hint}"))
     label = record["label"]
-    if not isinstance(label, bool) and type(label).__name__ != "bool_":  # JSON true/false; numpy bool from parquet
+    if not isinstance(label, (bool, np.bool_)):  # JSON true/false; a numpy bool from a table
         raise DataError(_at(where, f"'label' must be true or false, got {type(label).__name__} {label!r}"))
     prompt = _value(record, "prompt", where, prompt=True)
     completion = _value(record, "completion", where)

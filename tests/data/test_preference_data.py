@@ -257,6 +257,13 @@ def test_unpaired_equals_trl_kto(which, tok, tmp_path):
         [(e["prompt_ids"], e["completion_ids"], e["label"]) for e in examples]
     if which.startswith("paired"):  # unpaired as TRL does: every chosen (desirable), then every rejected
         assert [g.label for g in got] == [True] * len(rows) + [False] * len(rows)
+    if which == "text":  # a parquet table (labels come back as booleans of the table) reads the same
+        import pandas as pd
+
+        pd.DataFrame(rows).to_parquet(tmp_path / "data.parquet")
+        table = read_preference_examples(str(tmp_path / "data.parquet"), tok, kind="unpaired", max_length=None,
+                                         max_prompt_length=None)
+        assert [(g.prompt, g.completion, g.label) for g in table] == [(g.prompt, g.completion, g.label) for g in got]
 
 
 def test_unpairing_blocks_of_1000_equal_trl(tok, tmp_path):
