@@ -3,8 +3,9 @@
 What needs no tokenizer is checked here, in the same words the full read uses later: the path (`sources.classify`:
 a mistyped local path is "no such file", not a Hub lookup), JSON / JSON-lines files read whole (the first bad line
 as file:line, an empty file), parquet files by their footer (readable, rows), the format from the first record and
-every record's fields for it (`to_messages`), and a chat template file. Hub datasets and dataset directories are left
-to the full read (they need `datasets`).
+every record's fields for it (`to_messages`), and a chat template file. A Hub dataset is checked to be reachable or
+cached (`sources.check_hub_name`); its records and those of dataset directories are left to the full read (they
+need `datasets`).
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ def check_data(data_cfg) -> None:
             _check_parquet(path)
         elif kind == "file" and not lower.endswith(sources.FILE_TYPES):
             read_records(path, what=what)  # (its "unsupported file type" line)
+        elif kind == "hub":
+            sources.check_hub_name(str(path))
 
 
 def check_records(records: list[Record], data_cfg) -> str:

@@ -153,9 +153,7 @@ def _from_datasets(name: str, split: str, load) -> list[Record]:
         ds = load(datasets)
     except Exception as e:  # datasets raises many types (FileNotFoundError, DatasetNotFoundError, ValueError, ...)
         if sources.offline_by_env() and sources.looks_like_hub_name(name) and not os.path.exists(name):
-            raise DataError(f"{name}: not in the local Hugging Face cache, and the Hub is offline or not reachable "
-                            f"({sources.hub_endpoint()}); download it once with network, or give a local file") \
-                from None
+            raise sources.offline_error(name) from None
         raise DataError(f"{name}: cannot load split '{split}' ({type(e).__name__}: {str(e).splitlines()[0]})") \
             from None
     return [Record(dict(row), f"{name}: row {i}") for i, row in enumerate(ds)]

@@ -10,6 +10,7 @@ at once instead of after minutes of retries. Standard library only (the trainer 
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import socket
@@ -59,9 +60,15 @@ def hub_endpoint() -> str:
     return os.environ.get("HF_ENDPOINT", "").strip() or "https://huggingface.co"
 
 
-def hub_reachable(timeout: float = 3.0) -> bool:
-    """One TCP connection to the Hub's endpoint (``HF_ENDPOINT``): is there a network path to it at all?"""
-    url = urlsplit(hub_endpoint())
+def hub_reachable() -> bool:
+    """One TCP connection to the Hub's endpoint (``HF_ENDPOINT``): is there a network path to it at all? (Asked once
+    per process and endpoint.)"""
+    return _reachable(hub_endpoint())
+
+
+@functools.cache
+def _reachable(endpoint: str, timeout: float = 3.0) -> bool:
+    url = urlsplit(endpoint)
     host = url.hostname or "huggingface.co"
     port = url.port or (80 if url.scheme == "http" else 443)
     try:
@@ -69,3 +76,25 @@ def hub_reachable(timeout: float = 3.0) -> bool:
             return True
     except OSError:  # (gaierror: no DNS; refused; unreachable; timeout)
         return False
+
+
+def maybe_cached(name: str) -> bool:
+    """Whether the local caches may hold the Hub dataset ``name``: its folder in the hub cache
+    (``datasets--org--name``) or in datasets' own (``org___name``). False only when neither is there."""
+    home = os.environ.get("HF_HOME") or os.path.join(os.path.expanduser("~"), ".cache", "huggingface")
+    hub = os.environ.get("HF_HUB_CACHE") or os.environ.get("HUGGINGFACE_HUB_CACHE") or os.path.join(home, "hub")
+    data = os.environ.get("HF_DATASETS_CACHE") or os.path.join(home, "datasets")
+    org, _, repo = name.partition("/")
+    return (os.path.isdir(os.path.join(hub, f"datasets--{org}--{repo}"))
+            or os.path.isdir(os.path.join(data, f"{org}___{repo}")))
+
+
+def offline_error(name: str) -> DataError:
+    return DataError(f"{name}: not in the local Hugging Face cache, and the Hub is offline or not reachable "
+                     f"({hub_endpoint()}); download it once with network, or give a local file")
+
+
+def check_hub_name(name: str) -> None:
+    """Before datasets is imported: a Hub dataset that cannot be had (no network path, nothing cached) is an error."""
+    if (offline_by_env() or not hub_reachable()) and not maybe_cached(name):
+        raise offline_error(name)

@@ -82,6 +82,24 @@ def test_hub_name_offline_is_one_line_without_retries(work, assets, tmp_path):
     assert "someone/no-such-dataset: not in the local Hugging Face cache" in err and "Retry" not in err, err
 
 
+def test_hub_name_with_a_cache_folder_goes_offline_before_retrying(tmp_path):
+    """The full read (past the early check: a cache folder for the name exists, so it may hold the data): the Hub not
+    reachable, datasets is put offline before its first request, and fails at once in the same one line."""
+    (tmp_path / "hf" / "hub" / "datasets--someone--partly-cached").mkdir(parents=True)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+           "HF_ENDPOINT": "http://127.0.0.1:9", "HF_HOME": str(tmp_path / "hf")}
+    env.pop("HF_HUB_OFFLINE", None)
+    code = ("from jqlora.data import DataError, check_data, read_records\n"
+            "from jqlora.config import load_config\n"
+            "check_data(load_config(None, ['model.path=m', 'data.path=someone/partly-cached']).data)\n"
+            "try:\n    read_records('someone/partly-cached')\nexcept DataError as e:\n    print(e)")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0 and "someone/partly-cached: not in the local Hugging Face cache" in proc.stdout, \
+        proc.stdout + proc.stderr[-3000:]
+    assert "Retry" not in proc.stderr and "Couldn't reach" not in proc.stdout + proc.stderr, proc.stderr[-3000:]
+
+
 # -- generate: the adapter checked from its config and safetensors header -------------------------------------------
 
 def _peft_adapter(model_dir: Path, out: Path) -> Path:
