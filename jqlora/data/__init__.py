@@ -12,6 +12,7 @@ from jqlora.data.rows import BATCH_KEYS, BatchIterator, Example, TokenDataset, e
 
 __all__ = [
     "BATCH_KEYS", "DEFAULT_CHAT_TEMPLATE", "FORMATS", "ROLES", "BatchIterator", "DataError", "Example", "Record",
-    "TokenDataset", "build_datasets", "check_data", "detect_format", "encode_records", "epoch_order", "eval_batches", "fit_length",
-    "load_tokenizer", "pack", "read_chat_template", "read_records", "render_chat", "split_records", "to_messages",
+    "TokenDataset", "build_datasets", "check_data", "detect_format", "encode_records", "epoch_order", "eval_batches",
+    "fit_length", "load_tokenizer", "pack", "read_chat_template", "read_records", "render_chat", "split_records",
+    "to_messages",
 ]
