@@ -20,10 +20,10 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from test_cli_runs import _tensorboard_scalars  # noqa: E402  (the event-file reader, TFRecord framing)
 
-ARGS = ["model.path=base-bnb", "data.path=chat.jsonl", "model.dtype=float32", "data.max_length=48",
+ARGS = ["--no-progress", "model.path=base-bnb", "data.path=chat.jsonl", "model.dtype=float32", "data.max_length=48",
         "data.packing=false", "train.batch_size=2", "train.grad_accum_steps=1", "train.remat=none", "train.log_every=1",
         "train.eval_every=2", "train.save_every=1", "train.warmup_steps=0", "data.eval_fraction=0.2",
-        "output_dir=run", "--no-progress"]
+        "output_dir=run"]
 
 
 def _cli(cwd: Path, *args: str) -> subprocess.Popen:
