@@ -184,6 +184,8 @@ def main(argv: list[str] | None = None) -> int:
             shape, name = _model_json(args.model_config)
         elif shape is None and args.model and os.path.isfile(os.path.join(args.model, "config.json")):
             shape, name = _model_json(args.model)  # a local Hugging Face directory
+        elif shape is None and args.model and os.path.isdir(args.model):
+            raise _Usage(f"--model {args.model}: a directory without config.json (not a Hugging Face model directory)")
         elif shape is None:
             found = lookup_shape(args.model or "llama3-8b") or _cached_shape(args.model)
             if found is None:

@@ -10,6 +10,8 @@ need `datasets`).
 
 from __future__ import annotations
 
+import os
+
 from jqlora.data import sources
 from jqlora.data.errors import DataError
 from jqlora.data.records import FORMATS, Record, detect_format, read_chat_template, read_records, to_messages
@@ -23,7 +25,8 @@ def check_data(data_cfg) -> None:
         if path is None:
             continue
         kind = sources.classify(path, what)
-        lower = str(path).lower()
+        path = os.path.expanduser(str(path))
+        lower = path.lower()
         if kind == "file" and lower.endswith(sources.JSON_TYPES):
             check_records(read_records(path, what=what), data_cfg)
         elif kind == "file" and lower.endswith(".parquet"):

@@ -110,7 +110,7 @@ def read_records(path: str, *, split: str = "train", subset: str | None = None,
                  what: str = "data.path") -> list[Record]:
     """Every record of a local file (.jsonl/.json/.parquet/.csv), a local dataset directory, or a hub dataset
     (`jqlora.data.sources` tells which; ``what`` names the setting in the error of a path that does not exist)."""
-    path = str(path)
+    path = os.path.expanduser(str(path))
     lower = path.lower()
     kind = sources.classify(path, what)
     if kind == "file" and lower.endswith(sources.JSON_TYPES):

@@ -72,6 +72,8 @@ def test_model_dir_reads_its_config_json(capsys, tmp_path):
     got = _total(_plan(capsys, "--model", str(model), "--seq", "1024"))
     assert got == _total(_plan(capsys, "--model-config", str(model / "config.json"), "--seq", "1024"))
     assert got == _total(_plan(capsys, "--model", "gemma2-9b", "--seq", "1024"))
+    assert plan.main(["--model", str(tmp_path)]) == 2  # a directory, but no model in it
+    assert "a directory without config.json" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("memory", [80.0, 6.0])
