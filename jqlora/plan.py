@@ -122,9 +122,10 @@ def _resolve_axis(value: Any, name: str, devices: int, others: int) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m jqlora.plan", description=__doc__.split("\n")[0],
-                                 epilog="exit status: 0 the plan (it fits), 3 it does NOT fit --memory (with --compile: "
-                                        "the compiled peak does not fit --memory or the --gpu), 2 a usage error")
+    ap = argparse.ArgumentParser(
+        prog="python -m jqlora.plan", description=__doc__.split("\n")[0],
+        epilog="exit status: 0 the plan (it fits), 3 it does NOT fit --memory (with --compile: the compiled peak does "
+               "not fit --memory or the --gpu), 2 a usage error")
     src = ap.add_mutually_exclusive_group()
     src.add_argument("--model", help=f"a built-in shape ({', '.join(PUBLISHED)}), a hub id such as "
                                      "meta-llama/Meta-Llama-3-8B (others are read from the local Hugging Face cache "

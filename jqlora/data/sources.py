@@ -90,8 +90,8 @@ def maybe_cached(name: str) -> bool:
 
 
 def offline_error(name: str) -> DataError:
-    return DataError(f"{name}: not in the local Hugging Face cache, and the Hub is offline or not reachable "
-                     f"({hub_endpoint()}); download it once with network, or give a local file")
+    return DataError(f"{name}: not a local path, and not in the local Hugging Face cache while the Hub is offline or "
+                     f"not reachable ({hub_endpoint()}); download it once with network, or give a local file")
 
 
 def check_hub_name(name: str) -> None:

@@ -79,7 +79,8 @@ def test_hub_name_offline_is_one_line_without_retries(work, assets, tmp_path):
     rc, _, err = _train(work, assets, "data.path=someone/no-such-dataset", "--dry-run",
                         HF_ENDPOINT="http://127.0.0.1:9", HF_HOME=str(tmp_path / "hf"))
     assert rc == 2 and err.splitlines() == [err], err
-    assert "someone/no-such-dataset: not in the local Hugging Face cache" in err and "Retry" not in err, err
+    assert "someone/no-such-dataset: not a local path, and not in the local Hugging Face cache" in err, err
+    assert "Retry" not in err
 
 
 def test_hub_name_with_a_cache_folder_goes_offline_before_retrying(tmp_path):
@@ -95,8 +96,8 @@ def test_hub_name_with_a_cache_folder_goes_offline_before_retrying(tmp_path):
             "try:\n    read_records('someone/partly-cached')\nexcept DataError as e:\n    print(e)")
     proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
                           timeout=300)
-    assert proc.returncode == 0 and "someone/partly-cached: not in the local Hugging Face cache" in proc.stdout, \
-        proc.stdout + proc.stderr[-3000:]
+    said = "someone/partly-cached: not a local path, and not in the local Hugging Face cache"
+    assert proc.returncode == 0 and said in proc.stdout, proc.stdout + proc.stderr[-3000:]
     assert "Retry" not in proc.stderr and "Couldn't reach" not in proc.stdout + proc.stderr, proc.stderr[-3000:]
 
 
