@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dtype", default="bfloat16", choices=list(DTYPES), help="dtype of unquantized tensors")
     ap.add_argument("--format", default="jqlora", choices=["jqlora", "bnb"], dest="fmt")
     ap.add_argument("--max-shard-size", default="2GB", help="largest output shard, e.g. 500MB, 5GB (default 2GB)")
-    args = ap.parse_args(argv)
+    args = ap.parse_intermixed_args(argv)  # (flags anywhere among the arguments)
     from jqlora.checkpoints import ConvertError, convert  # (after parsing: --help and usage errors need no JAX)
 
     try:

@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--base", default=None, help="base model directory (default: from the run or the adapter)")
     ap.add_argument("--quant", default=None, choices=["nf4", "fp4", "none"],
                     help="how to load the base for merging (default: as trained)")
-    args = ap.parse_args(argv)
+    args = ap.parse_intermixed_args(argv)  # (flags anywhere among the arguments)
     # (after parsing: --help and usage errors need no JAX)
     from jqlora.adapters import ExportError, base_of_adapter, init_state, is_adapter_dir, load_model, merge_to_hf
     from jqlora.run import find_run, restore_for_export

@@ -12,11 +12,16 @@ The decoding functions (`generate`, `generate_stream`, ...) live in `jqlora.mode
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import re
+import struct
 import sys
 from collections.abc import Sequence
 
-
-
+# peft's file names and key layout (`jqlora.adapters.format`, repeated here: that wing imports JAX)
+_ADAPTER_KEY = re.compile(r"^base_model\.model\.model\.layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)\.lora_([AB])(?:\.[^.]+)?"
+                          r"\.weight$")
 
 
 class UsageError(Exception):
@@ -36,6 +41,84 @@ def _eos_from(path: str, tokenizer) -> list[int]:
     if not ids and tokenizer.eos_token_id is not None:
         ids = [tokenizer.eos_token_id]
     return ids
+
+
+_FUSED = ("phi3",)  # model types with fused qkv_proj / gate_up_proj
+
+
+def _linear_shapes(config_path: str) -> tuple[int, dict[str, tuple[int, int]], bool]:
+    """(layers, {module: (out, in)}, whether the MLP is MoE) of a decoder's linears from its config.json."""
+    try:
+        with open(config_path, encoding="utf-8") as f:
+            c = json.load(f)
+        c = c.get("text_config") or c if "hidden_size" not in c else c
+        D, N, F, L = (int(c[k]) for k in ("hidden_size", "num_attention_heads", "intermediate_size",
+                                          "num_hidden_layers"))
+        K, H = int(c.get("num_key_value_heads") or N), int(c.get("head_dim") or D // N)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return 0, {}, True  # (not a config we can read: the full load says what is wrong)
+    moe = bool(c.get("num_local_experts") or c.get("num_experts"))
+    if c.get("model_type") in _FUSED:
+        shapes = {"qkv_proj": ((N + 2 * K) * H, D), "o_proj": (D, N * H), "gate_up_proj": (2 * F, D),
+                  "down_proj": (D, F)}
+    else:
+        shapes = {"q_proj": (N * H, D), "k_proj": (K * H, D), "v_proj": (K * H, D), "o_proj": (D, N * H),
+                  "gate_proj": (F, D), "up_proj": (F, D), "down_proj": (D, F)}
+    if moe:  # (the experts' and the router's shapes are the full load's to check)
+        shapes = {k: v for k, v in shapes.items() if k in ("q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj")}
+    return L, shapes, moe
+
+
+_LINEARS = {"q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj", "gate_proj", "up_proj", "down_proj", "gate_up_proj"}
+
+
+def check_adapter(model_dir: str, adapter_dir: str) -> None:
+    """The adapter's config and its LoRA shapes (from the safetensors header, no weights read) against the base's
+    config.json, in seconds and before JAX: `UsageError` naming the file and key."""
+    config = os.path.join(adapter_dir, "adapter_config.json")
+    try:
+        with open(config, encoding="utf-8") as f:
+            cfg = json.load(f)
+    except FileNotFoundError:
+        raise UsageError(f"{config}: missing; {adapter_dir} is not a peft adapter directory") from None
+    except (OSError, ValueError) as e:
+        raise UsageError(f"{config}: cannot read JSON ({e})") from None
+    if not isinstance(cfg, dict) or cfg.get("peft_type") != "LORA":
+        got = cfg.get("peft_type") if isinstance(cfg, dict) else type(cfg).__name__
+        raise UsageError(f"{config}: peft_type {got!r} is not supported; jqlora reads LORA adapters only")
+    weights = os.path.join(adapter_dir, "adapter_model.safetensors")
+    if not os.path.isfile(weights):
+        if os.path.isfile(os.path.join(adapter_dir, "adapter_model.bin")):
+            return  # (a legacy pickle: its shapes need torch, the full load checks them)
+        raise UsageError(f"{weights}: missing (no adapter weights in {adapter_dir})")
+    try:
+        with open(weights, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(n)) if n < os.path.getsize(weights) else None
+        if not isinstance(header, dict):
+            raise ValueError("not a safetensors header")
+    except (OSError, ValueError, struct.error) as e:
+        raise UsageError(f"{weights}: cannot read adapter weights ({e})") from None
+    layers, shapes, moe = _linear_shapes(os.path.join(model_dir, "config.json"))
+    ranks: dict[tuple[str, str], int] = {}
+    for key, info in sorted(header.items()):
+        m = _ADAPTER_KEY.match(key)
+        shape = tuple(info.get("shape", ())) if isinstance(info, dict) else ()
+        if m is not None and shapes and not moe and m[2] in _LINEARS and m[2] not in shapes:
+            raise UsageError(f"{weights}: {key}: {model_dir} has no {m[2]} (its linears: {', '.join(shapes)}); an "
+                             "adapter for another architecture?")
+        if m is None or m[2] not in shapes:
+            continue
+        layer, module, ab = int(m[1]), m[2], m[3]
+        if layer >= layers:
+            raise UsageError(f"{weights}: {key}: layer {layer}, but {model_dir} has {layers} layers (an adapter for "
+                             "another model?)")
+        out, inp = shapes[module]
+        r = ranks.setdefault((m[1], module), shape[0] if ab == "A" and shape else shape[-1] if shape else 0)
+        expected = (r, inp) if ab == "A" else (out, r)
+        if shape != expected:
+            raise UsageError(f"{weights}: {key} has shape {shape}, expected {expected} for {model_dir} (an adapter "
+                             "for another model?)")
 
 
 def chat_ids(tokenizer, messages: list[dict[str, str]]) -> list[int]:
@@ -89,8 +172,7 @@ def _stream_text(model, tokenizer, prompt_ids: list[int], args, eos: list[int], 
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    import os
+    args = _parser().parse_intermixed_args(argv)
 
     try:
         if not os.path.isdir(args.model):
@@ -105,6 +187,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise UsageError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
         if args.temperature < 0 or not 0 < args.top_p <= 1 or args.top_k < 0:
             raise UsageError("need --temperature >= 0, 0 < --top-p <= 1, --top-k >= 0")
+        if args.adapter is not None:
+            check_adapter(args.model, args.adapter)  # (seconds, before JAX and the weights)
         import transformers
 
         from jqlora.adapters import load_model

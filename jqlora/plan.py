@@ -88,8 +88,29 @@ def _model_json(text: str) -> tuple[ModelConfig, str]:
     return _model_config(path), os.path.basename(os.path.dirname(os.path.abspath(path)))
 
 
+def _cached_shape(hub_id: str | None) -> tuple[ModelConfig, str] | None:
+    """A hub id's config.json from the local Hugging Face cache (``HF_HUB_CACHE``), when it was downloaded once;
+    nothing is fetched."""
+    if not hub_id or hub_id.count("/") != 1 or os.path.exists(hub_id):
+        return None
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:
+        return None
+    try:
+        found = try_to_load_from_cache(hub_id, "config.json")
+    except ValueError:  # (not a valid repo id)
+        return None
+    if not isinstance(found, str):
+        return None
+    return _model_config(found), hub_id.rsplit("/", 1)[-1]
+
+
 class _Usage(Exception):
     pass
+
+
+EXIT_DOES_NOT_FIT = 3  # the plan (or the compiled peak) is over --memory / --gpu; 2 is a usage error
 
 
 def _resolve_axis(value: Any, name: str, devices: int, others: int) -> int:
@@ -101,10 +122,14 @@ def _resolve_axis(value: Any, name: str, devices: int, others: int) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m jqlora.plan", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(
+        prog="python -m jqlora.plan", description=__doc__.split("\n")[0],
+        epilog="exit status: 0 the plan (it fits), 3 it does NOT fit --memory (with --compile: the compiled peak does "
+               "not fit --memory or the --gpu), 2 a usage error")
     src = ap.add_mutually_exclusive_group()
     src.add_argument("--model", help=f"a built-in shape ({', '.join(PUBLISHED)}), a hub id such as "
-                                     "meta-llama/Meta-Llama-3-8B, or a recipe's name (llama3-70b-fsdp2)")
+                                     "meta-llama/Meta-Llama-3-8B (others are read from the local Hugging Face cache "
+                                     "when there), a recipe's name (llama3-70b-fsdp2), or a local model directory")
     src.add_argument("--model-config", help="a Hugging Face config.json, its directory, or the JSON text itself")
     ap.add_argument("--config", help="a jqlora run config (YAML); overrides may follow. The shape comes from its "
                                      "model.path, or from --model / --model-config when that is not on this machine")
@@ -117,7 +142,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tensor", default=None)
     ap.add_argument("--devices", type=int, default=None, help="device count for 'auto' mesh axes (default 1)")
     ap.add_argument("--remat", choices=REMATS + ("auto",))
-    ap.add_argument("--memory", type=float, help="GB per device: say whether the plan fits (and pick remat auto)")
+    ap.add_argument("--memory", type=float, help="GB per device: say whether the plan fits (and pick remat auto); "
+                                                 "exit status 3 when it does NOT fit")
     ap.add_argument("--r", type=int)
     ap.add_argument("--dtype", choices=tuple(DTYPES))
     ap.add_argument("--quant", choices=("nf4", "fp4", "none"))
@@ -126,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
                                                            "print the compiler's peak beside the plan")
     ap.add_argument("--gpu", default=None, help="with --compile: the target GPU (h100-sxm, h200, a100-80gb, l4), "
                                                 "compiled deviceless; default: this machine's own device")
-    args = ap.parse_args(argv)
+    args = ap.parse_intermixed_args(argv)  # (flags anywhere among the arguments)
     from jqlora import planning as M  # (after parsing: --help and usage errors need no JAX)
 
     try:
@@ -157,8 +183,12 @@ def main(argv: list[str] | None = None) -> int:
                             remat=cfg.train.remat)
         if shape is None and args.model_config:
             shape, name = _model_json(args.model_config)
+        elif shape is None and args.model and os.path.isfile(os.path.join(args.model, "config.json")):
+            shape, name = _model_json(args.model)  # a local Hugging Face directory
+        elif shape is None and args.model and os.path.isdir(args.model):
+            raise _Usage(f"--model {args.model}: a directory without config.json (not a Hugging Face model directory)")
         elif shape is None:
-            found = lookup_shape(args.model or "llama3-8b")
+            found = lookup_shape(args.model or "llama3-8b") or _cached_shape(args.model)
             if found is None:
                 raise _Usage(f"--model {args.model}: unknown; expected one of {', '.join(PUBLISHED)}, a hub id such as "
                              "meta-llama/Meta-Llama-3-8B, a recipe's name, or the shape with --model-config")
@@ -205,17 +235,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"jqlora.plan: {str(e).splitlines()[0]}", file=sys.stderr)
         return 2
     print(plan.table())
+    fits = True
     if budget is not None:
-        verdict = "fits" if plan.total <= M.HEADROOM * budget else "does NOT fit"
-        print(f"{verdict}: {plan.total / 1e9:.2f} GB planned, {M.HEADROOM:.0%} of {budget / 1e9:.1f} GB = "
-              f"{M.HEADROOM * budget / 1e9:.2f} GB usable per device")
+        fits = plan.total <= M.HEADROOM * budget
+        print(f"{'fits' if fits else 'does NOT fit'}: {plan.total / 1e9:.2f} GB planned, {M.HEADROOM:.0%} of "
+              f"{budget / 1e9:.1f} GB = {M.HEADROOM * budget / 1e9:.2f} GB usable per device")
     if args.compile:
         try:
-            return _print_compiled(args, shape, name, settings, plan, budget, cfg if args.config else None, auto)
+            # (the compiled peak, when there is one, decides)
+            fits = _print_compiled(args, shape, name, settings, plan, budget, cfg if args.config else None, auto)
         except _Usage as e:
             print(f"jqlora.plan: {e}", file=sys.stderr)
             return 2
-    return 0
+    return 0 if fits else EXIT_DOES_NOT_FIT
 
 
 def _on_gpu() -> bool:
@@ -244,8 +276,9 @@ def _compile_run_config(settings: dict[str, Any], cfg: Any | None) -> Any:
 
 
 def _print_compiled(args, shape: ModelConfig, name: str, settings: dict[str, Any], plan: Plan,
-                    budget: float | None, cfg: Any | None, auto: bool) -> int:
-    """--compile: the compiler's peak of the run's step beside the analytic plan (one device)."""
+                    budget: float | None, cfg: Any | None, auto: bool) -> bool:
+    """--compile: the compiler's peak of the run's step beside the analytic plan (one device); False when a budget
+    is given and the peak does not fit it."""
     from jqlora import planning as M
 
     from jqlora.planning import aot
@@ -275,7 +308,8 @@ def _print_compiled(args, shape: ModelConfig, name: str, settings: dict[str, Any
         verdict = "fits" if peak <= M.COMPILED_HEADROOM * budget else "does NOT fit"
         print(f"{verdict}: compiled peak {peak / 1e9:.2f} GB, {M.COMPILED_HEADROOM:.0%} of {budget / 1e9:.2f} GB = "
               f"{M.COMPILED_HEADROOM * budget / 1e9:.2f} GB usable")
-    return 0
+        return verdict == "fits"
+    return True
 
 
 if __name__ == "__main__":

@@ -44,7 +44,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="print the resolved config, dataset statistics, two rendered examples and the memory plan, "
                         "then exit without loading weights")
     p.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. train.max_steps=100")
-    return p.parse_args(argv)
+    return p.parse_intermixed_args(argv)  # (flags anywhere among the overrides)
 
 
 def _setup_logging() -> None:
@@ -66,6 +66,13 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_run_config(args.config, args.overrides)
     except ConfigError as e:
         return _user_error(e)
+    if args.dry_run or not _holds_files(cfg.output_dir):  # (a run to resume: its own checks speak first)
+        from jqlora.data import DataError, check_data
+
+        try:
+            check_data(cfg.data)  # (seconds, before JAX and the weights)
+        except DataError as e:
+            return _user_error(e)
     if args.dry_run:
         from jqlora.run import DryRunError, dry_run
 
@@ -86,6 +93,15 @@ def main(argv: list[str] | None = None) -> int:
         return trainer.run()
     except (ConfigError, DataError, UserError, ConvertError, parallel.DistributedError) as e:
         return _user_error(e)
+
+
+def _holds_files(path: str | None) -> bool:
+    """Anything at ``path`` but an empty directory (a run to resume, a stranger's files, a file)."""
+    import os
+
+    if not path or not os.path.lexists(path):
+        return False
+    return not os.path.isdir(path) or any(os.scandir(path))
 
 
 def _user_error(e: Exception) -> int:

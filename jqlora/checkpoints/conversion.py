@@ -21,6 +21,7 @@ from jqlora.checkpoints.reader import Checkpoint, check_checkpoint, natural_key,
 
 FORMAT_VERSION = 1
 JQLORA_META = "jqlora.json"
+SOURCE_KEY = "jqlora_source"  # config.json of a `--format bnb` conversion: the checkpoint it was made from
 
 def _quantized_arrays(key: str, q: quant.QuantizedTensor) -> dict[str, np.ndarray]:
     out = {f"{key}.codes": np.asarray(q.codes), f"{key}.absmax": np.asarray(q.absmax)}
@@ -102,6 +103,7 @@ def convert(
         if fmt == "bnb":
             config["quantization_config"] = _bnb_quantization_config(quant_type, double_quant, dtype, ckpt, metas)
             config["torch_dtype"] = dtype
+            config[SOURCE_KEY] = hf_source(src)  # (the original, for an adapter trained on dst; transformers keeps it)
         else:
             meta = {
                 "format": "jqlora",
@@ -194,16 +196,16 @@ _HUB_CACHE = re.compile(r"models--([^/]+?)--(.+)")
 
 def hf_source(path: str | os.PathLike) -> str:
     """Where the original Hugging Face checkpoint behind ``path`` lives, for an adapter's base_model_name_or_path:
-    for a jqlora-converted directory, the source its conversion recorded; else the hub id (from a hub cache path
-    ``.../models--org--name/snapshots/...`` or the config's ``_name_or_path``); else the absolute path."""
+    for a jqlora- or bnb-converted directory, the source its conversion recorded; else the hub id (from a hub cache
+    path ``.../models--org--name/snapshots/...`` or the config's ``_name_or_path``); else the absolute path."""
     p = Path(path)
-    if is_jqlora_dir(p):
+    for meta, key in ((JQLORA_META, "source"), ("config.json", SOURCE_KEY)):  # jqlora / bnb conversions record it
         try:
-            source = json.loads((p / JQLORA_META).read_text()).get("source")
-        except (OSError, ValueError):
+            source = json.loads((p / meta).read_text()).get(key) if (p / meta).is_file() else None
+        except (OSError, ValueError, AttributeError):
             source = None
-        if source:
-            return str(source)
+        if isinstance(source, str) and source:
+            return source
     resolved = p.resolve()
     for part in reversed(resolved.parts):
         m = _HUB_CACHE.fullmatch(part)

@@ -35,10 +35,12 @@ import dataclasses
 import json
 import logging
 import os
+import sys
 from typing import Any, Iterable, Sequence
 
 import numpy as np
 
+from jqlora.data import sources
 from jqlora.data.errors import DataError
 from jqlora.data.rows import Example, TokenDataset
 
@@ -104,29 +106,44 @@ class Record:
     where: str  # "file:line" for JSON lines, "name: row i" (0-based) otherwise
 
 
-def read_records(path: str, *, split: str = "train", subset: str | None = None) -> list[Record]:
-    """Every record of a local file (.jsonl/.json/.parquet/.csv), a local dataset directory, or a hub dataset."""
-    path = str(path)
+def read_records(path: str, *, split: str = "train", subset: str | None = None,
+                 what: str = "data.path") -> list[Record]:
+    """Every record of a local file (.jsonl/.json/.parquet/.csv), a local dataset directory, or a hub dataset
+    (`jqlora.data.sources` tells which; ``what`` names the setting in the error of a path that does not exist)."""
+    path = os.path.expanduser(str(path))
     lower = path.lower()
-    if os.path.isfile(path) and lower.endswith((".jsonl", ".json", ".ndjson")):
+    kind = sources.classify(path, what)
+    if kind == "file" and lower.endswith(sources.JSON_TYPES):
         records = _read_json_file(path)
-    elif os.path.isfile(path) and lower.endswith((".parquet", ".csv", ".tsv")):
-        kind = "parquet" if lower.endswith(".parquet") else "csv"
+    elif kind == "file" and lower.endswith((".parquet", ".csv", ".tsv")):
+        builder = "parquet" if lower.endswith(".parquet") else "csv"
         kwargs = {"delimiter": "\t"} if lower.endswith(".tsv") else {}
-        records = _from_datasets(path, "train", lambda ds: ds.load_dataset(kind, data_files=path, split="train",
+        records = _from_datasets(path, "train", lambda ds: ds.load_dataset(builder, data_files=path, split="train",
                                                                              **kwargs))
-    elif os.path.isfile(path):
+    elif kind == "file":
         raise DataError(f"{path}: unsupported file type (use .jsonl, .json, .parquet or .csv)")
-    elif os.path.exists(path) or path.startswith((".", "/", "~")) or path.endswith((".jsonl", ".json", ".parquet",
-                                                                                   ".csv")):
-        if not os.path.isdir(path):
-            raise DataError(f"{path}: no such file or directory")
+    elif kind == "dir":
         records = _from_datasets(path, split, lambda ds: ds.load_dataset(path, subset, split=split))
     else:  # a hub dataset name such as "tatsu-lab/alpaca"
+        offline = _go_offline_if_unreachable()
         records = _from_datasets(path, split, lambda ds: ds.load_dataset(path, subset, split=split))
+        if offline:
+            log.warning("%s: the Hugging Face Hub (%s) is not reachable: read from the local cache", path,
+                        sources.hub_endpoint())
     if not records:
         raise DataError(f"{path}: no records (empty dataset)")
     return records
+
+
+def _go_offline_if_unreachable() -> bool:
+    """No network path to the Hub: datasets is told to use its cache (no retries), before it is imported."""
+    if sources.offline_by_env() or sources.hub_reachable():
+        return False
+    for name in ("datasets.config", "huggingface_hub.constants"):  # (imported already: they read the variable then)
+        if name in sys.modules:
+            sys.modules[name].HF_HUB_OFFLINE = True
+    os.environ["HF_HUB_OFFLINE"] = os.environ["HF_DATASETS_OFFLINE"] = "1"
+    return True
 
 
 def _from_datasets(name: str, split: str, load) -> list[Record]:
@@ -135,6 +152,8 @@ def _from_datasets(name: str, split: str, load) -> list[Record]:
     try:
         ds = load(datasets)
     except Exception as e:  # datasets raises many types (FileNotFoundError, DatasetNotFoundError, ValueError, ...)
+        if sources.offline_by_env() and sources.looks_like_hub_name(name) and not os.path.exists(name):
+            raise sources.offline_error(name) from None
         raise DataError(f"{name}: cannot load split '{split}' ({type(e).__name__}: {str(e).splitlines()[0]})") \
             from None
     return [Record(dict(row), f"{name}: row {i}") for i, row in enumerate(ds)]
@@ -413,7 +432,7 @@ def build_datasets(data_cfg, tokenizer, *, seed: int = 0) -> tuple[TokenDataset,
     train_records = read_records(data_cfg.path, split=data_cfg.split, subset=data_cfg.subset)
     if data_cfg.eval_path:
         eval_records = read_records(data_cfg.eval_path, split=data_cfg.eval_split or data_cfg.split,
-                                    subset=data_cfg.subset)
+                                    subset=data_cfg.subset, what="data.eval_path")
     elif data_cfg.eval_split:
         eval_records = read_records(data_cfg.path, split=data_cfg.eval_split, subset=data_cfg.subset)
     else:

@@ -265,8 +265,10 @@ class RunDir:
         ax.legend()
         ax.grid(alpha=0.3)
         fig.tight_layout()
-        fig.savefig(os.path.join(self.out, "loss.png"), dpi=100)
+        path = os.path.join(self.out, "loss.png")  # (replaced whole: a kill mid-write leaves the last one)
+        fig.savefig(path + ".tmp", dpi=100, format="png")
         plt.close(fig)
+        os.replace(path + ".tmp", path)
 
 
 def _barrier(name: str) -> None:
@@ -289,6 +291,8 @@ def read_metrics(path: str | os.PathLike) -> list[dict]:
 
 def check_writable(out: str) -> None:
     """Create ``out`` if needed and prove this process can write in it."""
+    if os.path.lexists(out) and not os.path.isdir(out):
+        raise RunDirError(f"output_dir {out}: is a file, not a directory; choose another output_dir")
     try:
         os.makedirs(out, exist_ok=True)
         probe = os.path.join(out, f".write_test.{jax.process_index()}")

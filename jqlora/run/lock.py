@@ -44,6 +44,8 @@ class RunLock:
     def __init__(self, out: str | os.PathLike):
         self.out = os.fspath(out)
         self.path = lock_path(out)
+        shown = os.path.normpath(self.out)  # (the lock as the user wrote output_dir: relative stays relative)
+        self.shown = os.path.join(os.path.dirname(shown), f".{os.path.basename(shown)}.lock")
         self._file = None  # (a file object: if it is dropped unreleased, closing it drops the lock too)
 
     def acquire(self) -> None:
@@ -70,7 +72,7 @@ class RunLock:
         os.fsync(f.fileno())
         self._file = f
         if previous and (previous.get("pid"), previous.get("host")) != (me["pid"], me["host"]):
-            log.warning("warning: took over the stale lock of %s (process %s on %s is gone)", self.path,
+            log.warning("warning: took over the stale lock of %s (process %s on %s is gone)", self.shown,
                         previous.get("pid"), previous.get("host"))
 
     def release(self) -> None:

@@ -228,6 +228,7 @@ class Trainer:
 
     def _log(self, record: dict) -> None:
         self.run_dir.log(record)
+        self.run_dir.plot()  # (loss.png as of this log or eval window)
         if self.writers is not None:
             self.writers.write(record)
 

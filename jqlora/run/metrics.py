@@ -47,6 +47,10 @@ class MetricWriters:
 
             # a resumed run drops the events a stopped session wrote after its checkpoint's step
             self.tb = SummaryWriter(os.path.join(out, "tensorboard"), purge_step=start_step + 1 if start_step else 0)
+            # tensorboardX writes from a queue in a thread, so its flush() may find the last window's events still
+            # queued (lost to a kill -9): they are written as they come instead, and flush() puts them on disk
+            events = self.tb._get_file_writer().event_writer
+            events.add_event = events._ev_writer.write_event
 
     def write(self, record: dict[str, Any]) -> None:
         step = int(record["step"])

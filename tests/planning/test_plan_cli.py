@@ -60,3 +60,64 @@ def test_readme_config_example_without_the_checkpoint(capsys):
     assert _total(got) == _total(_plan(capsys, "--model", "llama3-70b", "--fsdp", "2"))
     assert plan.main(["--config", str(REPO / "configs" / "llama3-8b.yaml"), "model.path=/nowhere/my-model"]) == 2
     assert "not a known model name" in capsys.readouterr().err
+
+
+# -- issue 28, items 4 and 5 ------------------------------------------------------------------------------------------
+
+def test_model_dir_reads_its_config_json(capsys, tmp_path):
+    """--model ./dir (a local Hugging Face directory) is the plan of its config.json, as --model-config gives it."""
+    model = tmp_path / "my-model"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps(planning.PUBLISHED["gemma2-9b"]))
+    got = _total(_plan(capsys, "--model", str(model), "--seq", "1024"))
+    assert got == _total(_plan(capsys, "--model-config", str(model / "config.json"), "--seq", "1024"))
+    assert got == _total(_plan(capsys, "--model", "gemma2-9b", "--seq", "1024"))
+    assert plan.main(["--model", str(tmp_path)]) == 2  # a directory, but no model in it
+    assert "a directory without config.json" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("memory", [80.0, 6.0])
+def test_does_not_fit_exits_non_zero(capsys, memory):
+    """The verdict follows the plan's own total against 85% of --memory (llama3-8b needs about 7.5 GB at 2048
+    tokens: 80 GB fits, 6 GB does not); "does NOT fit" is exit 3, documented in --help, apart from a usage error's 2."""
+    rc = plan.main(["--model", "llama3-8b", "--seq", "2048", "--remat", "full", "--memory", str(memory)])
+    out = capsys.readouterr().out
+    total = float(_total(out).split()[-2])
+    fits = total <= planning.HEADROOM * memory
+    assert (rc, f"{'fits' if fits else 'does NOT fit'}: {total:.2f} GB planned" in out) == (0 if fits else 3, True)
+    assert plan.EXIT_DOES_NOT_FIT == 3 and "3 it does NOT fit" in " ".join(_help().split())
+
+
+def _help() -> str:
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "jqlora.plan", "--help"], cwd=REPO, capture_output=True, text=True,
+                          timeout=120).stdout
+
+
+def test_flags_between_overrides(capsys):
+    """item 4: a flag between two overrides of --config is a flag (main: 'unrecognized arguments')."""
+    recipe = str(REPO / "configs" / "llama3-70b-fsdp2.yaml")
+    mixed = _plan(capsys, "--config", recipe, "model.path=/models/Meta-Llama-3.1-70B-Instruct", "--seq", "1024",
+                  "train.batch_size=2")
+    ordered = _plan(capsys, "--config", recipe, "--seq", "1024", "model.path=/models/Meta-Llama-3.1-70B-Instruct",
+                    "train.batch_size=2")
+    assert _total(mixed) == _total(ordered)
+
+
+def test_hub_id_from_the_local_cache(capsys, tmp_path, monkeypatch):
+    """A hub id outside the built-in table is read from the Hugging Face cache's snapshot (its documented layout:
+    models--org--name/refs/main names the snapshot holding config.json); nothing is fetched."""
+    import huggingface_hub.constants
+
+    repo = tmp_path / "hub" / "models--someone--tiny-llama"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("0" * 40)
+    snapshot = repo / "snapshots" / ("0" * 40)
+    snapshot.mkdir(parents=True)
+    (snapshot / "config.json").write_text(json.dumps(planning.PUBLISHED["phi4-mini"]))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    assert _total(_plan(capsys, "--model", "someone/tiny-llama")) == _total(_plan(capsys, "--model", "phi4-mini"))
+    assert plan.main(["--model", "someone/not-cached"]) == 2
+    assert "unknown" in capsys.readouterr().err
