@@ -172,7 +172,11 @@ CASES = [  # (id, TRL / jqlora settings, μ[, reference]): each loss_type at μ 
     ("dapo-mu2-beta-ref-start", dict(loss_type="dapo", beta=0.05), 2, "start"),
 ]
 NF4_CASE = ("dapo-mu2-beta", dict(loss_type="dapo", beta=0.05, epsilon_high=0.28), 2)
-MAX_SEEN: dict[str, float] = {}
+# The 4-bit case: both sides dequantize to the very same float32 kernels (checked: bnb's and jqlora's are equal bit
+# for bit, and bnb's 4-bit matmul equals a plain matmul with them), yet the lowest layer's attention gradients of that
+# model are ill-conditioned in float32: on the same kernels in a float checkpoint, TRL in float32 is 4.4e-5 from TRL
+# in float64 and jqlora 1.7e-4 (loss, KL and metrics agree within 1e-6). Gradients are held to 3e-4 there.
+GRAD_TOL_NF4 = 3e-4
 
 
 def _rel(a, b) -> float:
@@ -180,8 +184,8 @@ def _rel(a, b) -> float:
     return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-12))
 
 
-@pytest.mark.parametrize("nf4,case", [(False, c) for c in CASES],
-                         ids=[c[0] for c in CASES])
+@pytest.mark.parametrize("nf4,case", [(False, c) for c in CASES] + [(True, NF4_CASE)],
+                         ids=[c[0] for c in CASES] + ["nf4-" + NF4_CASE[0]])
 def test_grpo_equals_trl(tmp_path_factory, nf4, case):
     _, cfg, mu, *ref = case
     ref = ref[0] if ref else "base"
@@ -214,6 +218,7 @@ def test_grpo_equals_trl(tmp_path_factory, nf4, case):
         assert np.abs(g).max() > 0, name
         errs[name] = _rel(grads[name], g)
     worst = max(errs, key=errs.get)
-    MAX_SEEN[case[0] + ("-nf4" if nf4 else "")] = errs[worst]
     print(f"{case[0]}{' nf4' if nf4 else ''}: max relative difference {errs[worst]:.2e} ({worst}); loss {loss:.6g}")
-    assert errs[worst] < 1e-4, (worst, errs[worst])
+    grad_tol = GRAD_TOL_NF4 if nf4 else 1e-4
+    for key, err in errs.items():
+        assert err < (grad_tol if key.startswith("base_model.") else 1e-4), (key, err)
