@@ -34,7 +34,9 @@ Shape letters: B rows, P prompt slots, C completion tokens, V vocabulary, D hidd
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import warnings
 from collections.abc import Callable, Sequence
 
 import jax
@@ -82,13 +84,20 @@ class GRPOLossConfig:
 # Advantages and rollout metrics (host side, numpy)
 
 
+@contextlib.contextmanager
+def _quiet():
+    """numpy's warnings for all-NaN slices and empty means off (NaN is the intended answer there)."""
+    with warnings.catch_warnings(), np.errstate(invalid="ignore", divide="ignore"):
+        warnings.simplefilter("ignore", RuntimeWarning)
+        yield
+
+
 def _nanstd(x: np.ndarray, axis=None) -> np.ndarray:
     """Bessel-corrected std ignoring NaN (NaN with fewer than 2 values), as TRL's ``nanstd``."""
-    with np.errstate(invalid="ignore", divide="ignore"):
+    with _quiet():
         count = np.sum(~np.isnan(x), axis=axis)
-        mean = np.nanmean(x, axis=axis, keepdims=True) if count.size and np.any(count) else np.full_like(x, np.nan)
-        var = np.nanmean((x - mean) ** 2, axis=axis)
-        return np.sqrt(np.where(count > 1, var * count / np.maximum(count - 1, 1), np.nan))
+        var = np.nanmean((x - np.nanmean(x, axis=axis, keepdims=True)) ** 2, axis=axis)
+        return np.where(count > 1, np.sqrt(var * count / np.maximum(count - 1, 1)), np.nan)
 
 
 def advantages(rewards: np.ndarray, num_generations: int, scale_rewards: str = "group"):
@@ -99,7 +108,7 @@ def advantages(rewards: np.ndarray, num_generations: int, scale_rewards: str = "
     G = num_generations
     if r.size % G:
         raise ValueError(f"{r.size} rewards is not a multiple of num_generations={G}")
-    with np.errstate(invalid="ignore"), _quiet():
+    with _quiet():
         mean = np.repeat(np.nanmean(r.reshape(-1, G), axis=1), G)
         if scale_rewards == "batch":
             std = np.full_like(r, _nanstd(r) if r.size > 1 else 0.0)
@@ -110,18 +119,6 @@ def advantages(rewards: np.ndarray, num_generations: int, scale_rewards: str = "
         adv = adv / (std + 1e-4)
     zero_std = np.abs(std) <= 1e-8  # torch.isclose(std, 0): atol 1e-8 (NaN is not close)
     return np.nan_to_num(adv, nan=0.0).astype(np.float32), zero_std
-
-
-class _quiet:
-    def __enter__(self):
-        import warnings
-
-        self._w = warnings.catch_warnings()
-        self._w.__enter__()
-        warnings.simplefilter("ignore", RuntimeWarning)
-
-    def __exit__(self, *exc):
-        return self._w.__exit__(*exc)
 
 
 def rollout_metrics(rewards_per_func: np.ndarray, names: Sequence[str], weights: Sequence[float] | None,
