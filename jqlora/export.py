@@ -10,6 +10,10 @@ are the dequantized 4-bit weights plus the adapter delta: the checkpoint carries
     python -m jqlora.export RUN_DIR DST [--step N] [--merge] [--dtype bfloat16]
     python -m jqlora.export ADAPTER_DIR DST --merge [--base MODEL_DIR] [--quant nf4|none]
 
+Both carry the tokenizer files and the chat template training used (``data.chat_template``, else the tokenizer's
+own), with a tokenizer config that transformers 4.x and 5.x and llama.cpp's converter read
+(`jqlora.adapters.tokenizer_files`). An adapter export prints the vLLM flags it needs (`jqlora.adapters.serving`).
+
 Merging is `jqlora.adapters.merge_to_hf`, restoring a run's model `jqlora.run.restore_for_export`; JAX is imported
 only after the arguments are parsed, so `--help` is instant.
 """
@@ -17,6 +21,7 @@ only after the arguments are parsed, so `--help` is instant.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -37,9 +42,12 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     # (after parsing: --help and usage errors need no JAX)
     from jqlora.adapters import ExportError, base_of_adapter, init_state, is_adapter_dir, load_model, merge_to_hf
+    from jqlora.adapters.serving import vllm_notes
+    from jqlora.adapters.tokenizer_files import chat_template_of, write_tokenizer_files
+    from jqlora.data import read_chat_template
     from jqlora.run import find_run, restore_for_export
 
-    src = Path(args.src)
+    src, notes = Path(args.src), []
     try:
         if not src.is_dir():
             raise ExportError(f"{src}: not a directory")
@@ -50,21 +58,29 @@ def main(argv: list[str] | None = None) -> int:
                 raise ExportError(f"{src} is already a peft adapter; add --merge to write a merged model")
             base = base_of_adapter(src, args.base)
             model = load_model(base, adapter=src, quant=args.quant or "nf4", dtype="float32")
-            merge_to_hf(model, base, args.dst, dtype=args.dtype or "bfloat16")
+            merge_to_hf(model, base, args.dst, dtype=args.dtype or "bfloat16", chat_template=chat_template_of(src))
         else:
             model, cfg, step = restore_for_export(src, step=args.step, quant=args.quant)
             base = Path(args.base or cfg.model.path)
+            tokenizer = Path(cfg.model.tokenizer_path or cfg.model.path)
+            # the template training rendered with (`jqlora.data.records`): the configured one, else the tokenizer's
+            template = (read_chat_template(cfg.data.chat_template) if cfg.data.chat_template
+                        else chat_template_of(tokenizer))
             if args.merge:
-                merge_to_hf(model, base, args.dst, dtype=args.dtype or "bfloat16")
+                merge_to_hf(model, base, args.dst, dtype=args.dtype or "bfloat16", chat_template=template)
             else:
                 run_dir, _ = find_run(src, args.step)
-                init_state.save_adapter(model, cfg, run_dir, args.dst, lora_config=model.lora_config,
-                                         base=str(base), dtype=args.dtype or "float32",
-                                         card={"steps": step, "data": cfg.data.path})
-    except ValueError as e:  # ExportError, AdapterError, ConvertError, ConfigError: a user's mistake
+                out = init_state.save_adapter(
+                    model, cfg, run_dir, args.dst, lora_config=model.lora_config, base=str(base),
+                    dtype=args.dtype or "float32", card={"steps": step, "data": cfg.data.path},
+                    side_files=lambda tmp: write_tokenizer_files(tokenizer, tmp, template))
+                notes = vllm_notes(json.loads((out / "adapter_config.json").read_text()), str(args.dst))
+    except ValueError as e:  # ExportError, DataError, AdapterError, ConvertError, ConfigError: a user's mistake
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"wrote {args.dst}")
+    for line in notes:
+        print(line, file=sys.stderr if line.startswith("warning:") else sys.stdout)
     return 0
 
 
