@@ -9,6 +9,10 @@ are the dequantized 4-bit weights plus the adapter delta: the checkpoint carries
 
     python -m jqlora.export RUN_DIR DST [--step N] [--merge] [--dtype bfloat16]
     python -m jqlora.export ADAPTER_DIR DST --merge [--base MODEL_DIR] [--quant nf4|none]
+    python -m jqlora.export RUN_DIR|ADAPTER_DIR DST --gguf f16|bf16|q8_0|q4_k_m|q5_k_m|q6_k
+
+``--gguf TYPE`` writes the merged model as one GGUF file, ``DST/model-TYPE.gguf``, for llama.cpp / Ollama / LM
+Studio (`jqlora.adapters.gguf`: what is supported, and what each type needs).
 
 Both carry the tokenizer files and the chat template training used (``data.chat_template``, else the tokenizer's
 own), with a tokenizer config that transformers 4.x and 5.x and llama.cpp's converter read
@@ -35,6 +39,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--merge", action="store_true", help="write a merged full model instead of the adapter")
     ap.add_argument("--dtype", default=None, choices=list(DTYPES),
                     help="dtype of the merged weights (default bfloat16) or of the adapter tensors (default float32)")
+    ap.add_argument("--gguf", default=None, metavar="TYPE",
+                    help="write the merged model as one GGUF file: f16, bf16, q8_0 (q4_k_m, q5_k_m, q6_k need "
+                         "llama.cpp's llama-quantize on PATH)")
     ap.add_argument("--step", type=int, default=None, help="training step to export (default: the latest)")
     ap.add_argument("--base", default=None, help="base model directory (default: from the run or the adapter)")
     ap.add_argument("--quant", default=None, choices=["nf4", "fp4", "none"],
@@ -42,6 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     # (after parsing: --help and usage errors need no JAX)
     from jqlora.adapters import ExportError, base_of_adapter, init_state, is_adapter_dir, load_model, merge_to_hf
+    from jqlora.adapters.gguf import check_type, write_gguf
     from jqlora.adapters.serving import vllm_notes
     from jqlora.adapters.tokenizer_files import chat_template_of, write_tokenizer_files
     from jqlora.data import read_chat_template
@@ -51,14 +59,24 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if not src.is_dir():
             raise ExportError(f"{src}: not a directory")
+        if args.gguf and (args.merge or args.dtype):
+            raise ExportError("--gguf writes a merged model in its own TYPE: drop --merge / --dtype")
+        if args.gguf:
+            check_type(args.gguf)  # (before minutes of loading)
         if is_adapter_dir(src):
             if args.step is not None:
                 raise ExportError("--step applies to a training run directory, not to an adapter directory")
-            if not args.merge:
+            if not args.merge and not args.gguf:
                 raise ExportError(f"{src} is already a peft adapter; add --merge to write a merged model")
             base = base_of_adapter(src, args.base)
             model = load_model(base, adapter=src, quant=args.quant or "nf4", dtype="float32")
-            merge_to_hf(model, base, args.dst, dtype=args.dtype or "bfloat16", chat_template=chat_template_of(src))
+            tokenizer = src if (src / "tokenizer.json").is_file() else base  # (an adapter jqlora wrote carries one)
+            if args.gguf:
+                args.dst = write_gguf(model, base, args.dst, args.gguf, chat_template=chat_template_of(tokenizer),
+                                      tokenizer_path=tokenizer)
+            else:
+                merge_to_hf(model, base, args.dst, dtype=args.dtype or "bfloat16",
+                            chat_template=chat_template_of(src))
         else:
             model, cfg, step = restore_for_export(src, step=args.step, quant=args.quant)
             base = Path(args.base or cfg.model.path)
@@ -66,7 +84,10 @@ def main(argv: list[str] | None = None) -> int:
             # the template training rendered with (`jqlora.data.records`): the configured one, else the tokenizer's
             template = (read_chat_template(cfg.data.chat_template) if cfg.data.chat_template
                         else chat_template_of(tokenizer))
-            if args.merge:
+            if args.gguf:
+                args.dst = write_gguf(model, base, args.dst, args.gguf, chat_template=template,
+                                      tokenizer_path=tokenizer)
+            elif args.merge:
                 merge_to_hf(model, base, args.dst, dtype=args.dtype or "bfloat16", chat_template=template)
             else:
                 run_dir, _ = find_run(src, args.step)
