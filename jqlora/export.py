@@ -10,9 +10,11 @@ are the dequantized 4-bit weights plus the adapter delta: the checkpoint carries
     python -m jqlora.export RUN_DIR DST [--step N] [--merge] [--dtype bfloat16]
     python -m jqlora.export ADAPTER_DIR DST --merge [--base MODEL_DIR] [--quant nf4|none]
     python -m jqlora.export RUN_DIR|ADAPTER_DIR DST --gguf f16|bf16|q8_0|q4_k_m|q5_k_m|q6_k
+    python -m jqlora.export RUN_DIR|ADAPTER_DIR DST --gguf-adapter
 
 ``--gguf TYPE`` writes the merged model as one GGUF file, ``DST/model-TYPE.gguf``, for llama.cpp / Ollama / LM
-Studio (`jqlora.adapters.gguf`: what is supported, and what each type needs).
+Studio (`jqlora.adapters.gguf`: what is supported, and what each type needs); ``--gguf-adapter`` the adapter as a
+llama.cpp LoRA GGUF, ``DST/adapter-f32.gguf``, each module's own scaling folded into B (`jqlora.adapters.gguf_adapter`).
 
 Both carry the tokenizer files and the chat template training used (``data.chat_template``, else the tokenizer's
 own), with a tokenizer config that transformers 4.x and 5.x and llama.cpp's converter read
@@ -42,6 +44,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--gguf", default=None, metavar="TYPE",
                     help="write the merged model as one GGUF file: f16, bf16, q8_0 (q4_k_m, q5_k_m, q6_k need "
                          "llama.cpp's llama-quantize on PATH)")
+    ap.add_argument("--gguf-adapter", action="store_true",
+                    help="write the adapter as a llama.cpp LoRA GGUF (llama-cli --lora FILE), on the base's GGUF")
     ap.add_argument("--step", type=int, default=None, help="training step to export (default: the latest)")
     ap.add_argument("--base", default=None, help="base model directory (default: from the run or the adapter)")
     ap.add_argument("--quant", default=None, choices=["nf4", "fp4", "none"],
@@ -50,6 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     # (after parsing: --help and usage errors need no JAX)
     from jqlora.adapters import ExportError, base_of_adapter, init_state, is_adapter_dir, load_model, merge_to_hf
     from jqlora.adapters.gguf import check_type, write_gguf
+    from jqlora.adapters.gguf_adapter import write_gguf_adapter
     from jqlora.adapters.serving import vllm_notes
     from jqlora.adapters.tokenizer_files import chat_template_of, write_tokenizer_files
     from jqlora.data import read_chat_template
@@ -61,14 +66,21 @@ def main(argv: list[str] | None = None) -> int:
             raise ExportError(f"{src}: not a directory")
         if args.gguf and (args.merge or args.dtype):
             raise ExportError("--gguf writes a merged model in its own TYPE: drop --merge / --dtype")
+        if args.gguf_adapter and (args.gguf or args.merge or args.dtype):
+            raise ExportError("--gguf-adapter writes the adapter alone, in float32: drop --gguf / --merge / --dtype")
         if args.gguf:
             check_type(args.gguf)  # (before minutes of loading)
         if is_adapter_dir(src):
             if args.step is not None:
                 raise ExportError("--step applies to a training run directory, not to an adapter directory")
-            if not args.merge and not args.gguf:
+            if not args.merge and not args.gguf and not args.gguf_adapter:
                 raise ExportError(f"{src} is already a peft adapter; add --merge to write a merged model")
             base = base_of_adapter(src, args.base)
+            if args.gguf_adapter:  # (the base only carries the adapter here: unquantized unless asked)
+                model = load_model(base, adapter=src, quant=args.quant or "none", dtype="float32")
+                args.dst = write_gguf_adapter(model, args.dst, name=base.name)
+                print(f"wrote {args.dst}")
+                return 0
             model = load_model(base, adapter=src, quant=args.quant or "nf4", dtype="float32")
             tokenizer = src if (src / "tokenizer.json").is_file() else base  # (an adapter jqlora wrote carries one)
             if args.gguf:
@@ -84,7 +96,9 @@ def main(argv: list[str] | None = None) -> int:
             # the template training rendered with (`jqlora.data.records`): the configured one, else the tokenizer's
             template = (read_chat_template(cfg.data.chat_template) if cfg.data.chat_template
                         else chat_template_of(tokenizer))
-            if args.gguf:
+            if args.gguf_adapter:
+                args.dst = write_gguf_adapter(model, args.dst, name=base.name, init=cfg.lora.init)
+            elif args.gguf:
                 args.dst = write_gguf(model, base, args.dst, args.gguf, chat_template=template,
                                       tokenizer_path=tokenizer)
             elif args.merge:

@@ -136,7 +136,7 @@ def _metadata(w: Any, cfg: Any, name: str, file_type: int) -> None:
         w.add_rope_scaling_yarn_beta_slow(r.beta_slow)
 
 
-def _permute(w: np.ndarray, n_head: int) -> np.ndarray:
+def permute_rows(w: np.ndarray, n_head: int) -> np.ndarray:
     """Hugging Face's rotate-half row order → llama.cpp's interleaved pairs, per head (rows, or a bias)."""
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
@@ -209,7 +209,7 @@ def write_gguf(model: Any, base_path: str | os.PathLike, dst: str | os.PathLike,
         for name, entry, t in tqdm(plan, desc="gguf", unit="tensor", disable=None, dynamic_ncols=True):
             value = merged_tensor(model, entry) if hasattr(entry, "key") else entry
             if arch in PERMUTED and entry is not value and entry.path[-1] in ("q_proj", "k_proj"):
-                value = _permute(value, cfg.num_attention_heads if entry.path[-1] == "q_proj"
+                value = permute_rows(value, cfg.num_attention_heads if entry.path[-1] == "q_proj"
                                  else cfg.num_key_value_heads)
             w.write_tensor_data(_encode(value, t))
         w.close()
