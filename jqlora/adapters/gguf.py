@@ -16,14 +16,15 @@ model. Names and layout follow llama.cpp's converter (``convert_hf_to_gguf.py``)
 The k-quants (``q4_k_m``, ``q5_k_m``, ``q6_k``) are not in the gguf package (it can only read them): they need
 llama.cpp's ``llama-quantize`` on PATH, which requantizes the f16 file written here (its importance-free mixes).
 
-Supported: Llama, Mistral (without a sliding window), Qwen2 (without one), Qwen3. Every other family, and anything
-that llama.cpp would run differently (a sliding window the ``llama`` architecture ignores, a RoPE it has no keys for,
-partial rotary, MoE, fused projections), is refused in one line: a file that loads and answers wrong is worse than
-none.
+Supported: Llama, Mistral, Qwen2, Qwen3. These architectures have no sliding window in llama.cpp, so a model with one
+(Mistral 7B v0.1's 4096) declares the window as its ``context_length``: up to it, attention is the same (with a
+warning). Every other family, and anything llama.cpp would run differently (a RoPE it has no keys for, partial
+rotary, MoE, fused projections), is refused in one line: a file that loads and answers wrong is worse than none.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import shutil
@@ -43,7 +44,8 @@ from jqlora.models import hf_key_table
 TYPES = ("f16", "bf16", "q8_0")
 K_QUANTS = {"q4_k_m": "Q4_K_M", "q5_k_m": "Q5_K_M", "q6_k": "Q6_K"}
 ARCHS = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
-PERMUTED = ("llama",)  # architectures whose q / k rows llama.cpp wants in interleaved RoPE order
+PERMUTED = ("llama",)
+log = logging.getLogger("jqlora.export")  # architectures whose q / k rows llama.cpp wants in interleaved RoPE order
 
 
 def check_supported(cfg: Any) -> str:
@@ -53,10 +55,7 @@ def check_supported(cfg: Any) -> str:
         raise ExportError(f"GGUF export of model_type {family!r} is not supported (supported: "
                           f"{', '.join(sorted(ARCHS))}); export --merge and convert with llama.cpp")
     why = None
-    if any(w is not None and w < cfg.max_position_embeddings for w in cfg.sliding_windows):
-        why = (f"a sliding window ({min(w for w in cfg.sliding_windows if w)} tokens) that llama.cpp's "
-               f"{ARCHS[family]} architecture does not apply")
-    elif cfg.num_experts or cfg.fused_qkv or cfg.fused_gate_up:
+    if cfg.num_experts or cfg.fused_qkv or cfg.fused_gate_up:
         why = "MoE or fused projections"
     elif cfg.partial_rotary_factor != 1.0:
         why = f"partial rotary embeddings (factor {cfg.partial_rotary_factor})"
@@ -74,6 +73,13 @@ def check_supported(cfg: Any) -> str:
     if why:
         raise ExportError(f"GGUF export of this {family} model: {why}; llama.cpp would answer differently")
     return ARCHS[family]
+
+
+def context_length(cfg: Any) -> int:
+    """The context the file declares: ``max_position_embeddings``, or the shortest sliding window when there is one
+    (these architectures have no sliding window in llama.cpp; up to the window, attention is the same)."""
+    windows = [w for w in cfg.sliding_windows if w is not None]
+    return min([cfg.max_position_embeddings, *windows])
 
 
 def check_type(qtype: str) -> str | None:
@@ -110,7 +116,7 @@ def _metadata(w: Any, cfg: Any, name: str, file_type: int) -> None:
     import gguf
 
     w.add_name(name)
-    w.add_context_length(cfg.max_position_embeddings)
+    w.add_context_length(context_length(cfg))
     w.add_embedding_length(cfg.hidden_size)
     w.add_block_count(cfg.num_hidden_layers)
     w.add_feed_forward_length(cfg.intermediate_size)
@@ -182,6 +188,10 @@ def write_gguf(model: Any, base_path: str | os.PathLike, dst: str | os.PathLike,
     quantizer = check_type(qtype)
     cfg = model.config
     arch = check_supported(cfg)
+    if context_length(cfg) < cfg.max_position_embeddings:
+        log.warning("GGUF context_length %d, the sliding window (max_position_embeddings %d): llama.cpp's %s "
+                    "architecture has no sliding window, so longer contexts would attend past it",
+                    context_length(cfg), cfg.max_position_embeddings, arch)
     written = "f16" if quantizer else qtype
     file_type = {"f16": gguf.LlamaFileType.MOSTLY_F16, "bf16": gguf.LlamaFileType.MOSTLY_BF16,
                  "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[written]

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 from test_export import randomize_adapters
-from tiny import make_model
+from tiny import make_family_model, make_model
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 from transformers.integrations.gguf.gguf_tokenizer_mapping import _LLAMA3_SPLIT
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
@@ -39,7 +39,7 @@ TEXT = "Hello world, what is 12 plus 30?\n\n<|im_start|>user  it's 42!<|im_end|>
 X = np.random.default_rng(0).integers(0, 512, (2, 12)).astype(np.int32)
 FAMILIES = {  # family: (make_model overrides, tokenizer split regex, NFC)
     "llama": ({}, _LLAMA3_SPLIT, False),
-    "mistral": ({"sliding_window": None}, None, False),
+    "mistral": ({"sliding_window": 12}, None, False),  # X's length: the window is the GGUF's context
     "qwen2": ({}, QWEN2_SPLIT, True),
     "qwen3": ({"head_dim": 128}, QWEN2_SPLIT, True),
 }
@@ -102,7 +102,11 @@ def test_gguf_reads_back_as_the_merged_model(merged, qtype):
     ours = np.asarray(model(jnp.asarray(X)))  # the format's rounding itself: small, and not zero
     err = np.abs(got - ours).max()
     assert 1e-6 < err < (2e-3 if qtype == "f16" else 2e-2), err
-    types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(path).tensors}
+    reader = gguf.GGUFReader(path)
+    arch = bytes(reader.fields["general.architecture"].parts[-1]).decode()
+    context = int(reader.fields[f"{arch}.context_length"].parts[-1][0])
+    assert context == (12 if family == "mistral" else 256)  # (tiny.py's max_position_embeddings)
+    types = {t.name: t.tensor_type.name for t in reader.tensors}
     assert types["blk.0.attn_q.weight"] == qtype.upper() and types["output_norm.weight"] == "F32"
     # the tokenizer rebuilt from the file's metadata: same ids, same chat template
     ref = AutoTokenizer.from_pretrained(src)
@@ -128,10 +132,10 @@ def test_llama3_rope_factors_match_transformers():
 
 
 def test_refusals_are_one_line(tmp_path):
-    src = make_model(tmp_path / "mistral", "mistral", torch.float32, vocab_size=512)  # sliding_window 16
+    _, src = make_family_model(tmp_path / "gemma2", "gemma2", vocab_size=512)
     _tokenizer(src, None, False)
     model = jqlora.load_model(src, quant="none", dtype="float32", lora=LoraConfig(r=2, alpha=4))
-    with pytest.raises(ExportError, match="sliding window .16 tokens. that llama.cpp's llama architecture"):
+    with pytest.raises(ExportError, match="^GGUF export of model_type 'gemma2' is not supported"):
         write_gguf(model, src, tmp_path / "o1", "f16")
     if shutil.which("llama-quantize") is None:
         with pytest.raises(ExportError, match="--gguf q4_k_m needs llama.cpp's llama-quantize on PATH"):
