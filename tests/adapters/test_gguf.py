@@ -82,6 +82,8 @@ def _rounded_logits(hf_dir, qtype):
                 w = p.numpy()
                 if qtype == "f16":
                     r = w.astype(np.float16).astype(np.float32)
+                elif qtype == "bf16":
+                    r = p.detach().to(torch.bfloat16).float().numpy()
                 else:  # Q8_0: blocks of 32 along a row, as llama.cpp's reference quantizer (gguf.quants) makes them
                     r = gguf.dequantize(gguf.quantize(w, gguf.GGMLQuantizationType.Q8_0),
                                         gguf.GGMLQuantizationType.Q8_0).reshape(w.shape)
@@ -156,7 +158,7 @@ def test_refusals_are_one_line(tmp_path):
     assert not any((tmp_path / o).exists() for o in ("o1", "o2", "o3", "o4"))
 
 
-def test_cli_writes_gguf_from_an_adapter_and_refuses_in_one_line(tmp_path, capsys):
+def test_cli_writes_gguf_from_an_adapter_bf16_and_refuses_in_one_line(tmp_path, capsys):
     src = make_model(tmp_path / "base", "llama", torch.float32, vocab_size=512)
     _tokenizer(src, None, False)
     model = jqlora.load_model(src, quant="none", dtype="float32", lora=LoraConfig(r=4, alpha=16))
@@ -169,6 +171,13 @@ def test_cli_writes_gguf_from_an_adapter_and_refuses_in_one_line(tmp_path, capsy
     with torch.no_grad():
         got = loaded(torch.from_numpy(X).long()).logits.numpy()
     assert np.abs(got - np.asarray(model(jnp.asarray(X)))).max() < 2e-2
+    # bf16 (on the same model): the merged model with its matrices rounded to bfloat16
+    path = write_gguf(model, src, tmp_path / "b", "bf16")
+    loaded = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
+    with torch.no_grad():
+        got = loaded(torch.from_numpy(X).long()).logits.numpy()
+    hf = adapters.merge_to_hf(model, src, tmp_path / "merged", dtype="float32")
+    np.testing.assert_allclose(got, _rounded_logits(hf, "bf16"), atol=2e-5, rtol=0)
     capsys.readouterr()  # (transformers' progress bars)
     for args, message in [(["--gguf", "q3_k"], "--gguf 'q3_k': expected one of f16, bf16, q8_0"),
                           (["--gguf", "f16", "--merge"], "--gguf writes a merged model in its own TYPE")]:
