@@ -9,6 +9,16 @@ are the dequantized 4-bit weights plus the adapter delta: the checkpoint carries
 
     python -m jqlora.export RUN_DIR DST [--step N] [--merge] [--dtype bfloat16]
     python -m jqlora.export ADAPTER_DIR DST --merge [--base MODEL_DIR] [--quant nf4|none]
+    python -m jqlora.export RUN_DIR|ADAPTER_DIR DST --gguf f16|bf16|q8_0|q4_k_m|q5_k_m|q6_k
+    python -m jqlora.export RUN_DIR|ADAPTER_DIR DST --gguf-adapter
+
+``--gguf TYPE`` writes the merged model as one GGUF file, ``DST/model-TYPE.gguf``, for llama.cpp / Ollama / LM
+Studio (`jqlora.adapters.gguf`: what is supported, and what each type needs); ``--gguf-adapter`` the adapter as a
+llama.cpp LoRA GGUF, ``DST/adapter-f32.gguf``, each module's own scaling folded into B (`jqlora.adapters.gguf_adapter`).
+
+Both carry the tokenizer files and the chat template training used (``data.chat_template``, else the tokenizer's
+own), with a tokenizer config that transformers 4.x and 5.x and llama.cpp's converter read
+(`jqlora.adapters.tokenizer_files`). An adapter export prints the vLLM flags it needs (`jqlora.adapters.serving`).
 
 Merging is `jqlora.adapters.merge_to_hf`, restoring a run's model `jqlora.run.restore_for_export`; JAX is imported
 only after the arguments are parsed, so `--help` is instant.
@@ -17,6 +27,7 @@ only after the arguments are parsed, so `--help` is instant.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -30,6 +41,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--merge", action="store_true", help="write a merged full model instead of the adapter")
     ap.add_argument("--dtype", default=None, choices=list(DTYPES),
                     help="dtype of the merged weights (default bfloat16) or of the adapter tensors (default float32)")
+    ap.add_argument("--gguf", default=None, metavar="TYPE",
+                    help="write the merged model as one GGUF file: f16, bf16, q8_0 (q4_k_m, q5_k_m, q6_k need "
+                         "llama.cpp's llama-quantize on PATH)")
+    ap.add_argument("--gguf-adapter", action="store_true",
+                    help="write the adapter as a llama.cpp LoRA GGUF (llama-cli --lora FILE), on the base's GGUF")
     ap.add_argument("--step", type=int, default=None, help="training step to export (default: the latest)")
     ap.add_argument("--base", default=None, help="base model directory (default: from the run or the adapter)")
     ap.add_argument("--quant", default=None, choices=["nf4", "fp4", "none"],
@@ -37,34 +53,69 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_intermixed_args(argv)  # (flags anywhere among the arguments)
     # (after parsing: --help and usage errors need no JAX)
     from jqlora.adapters import ExportError, base_of_adapter, init_state, is_adapter_dir, load_model, merge_to_hf
+    from jqlora.adapters.gguf import check_type, write_gguf
+    from jqlora.adapters.gguf_adapter import write_gguf_adapter
+    from jqlora.adapters.serving import vllm_notes
+    from jqlora.adapters.tokenizer_files import chat_template_of, write_tokenizer_files
+    from jqlora.data import read_chat_template
     from jqlora.run import find_run, restore_for_export
 
-    src = Path(args.src)
+    src, notes = Path(args.src), []
     try:
         if not src.is_dir():
             raise ExportError(f"{src}: not a directory")
+        if args.gguf and (args.merge or args.dtype):
+            raise ExportError("--gguf writes a merged model in its own TYPE: drop --merge / --dtype")
+        if args.gguf_adapter and (args.gguf or args.merge or args.dtype):
+            raise ExportError("--gguf-adapter writes the adapter alone, in float32: drop --gguf / --merge / --dtype")
+        if args.gguf:
+            check_type(args.gguf)  # (before minutes of loading)
         if is_adapter_dir(src):
             if args.step is not None:
                 raise ExportError("--step applies to a training run directory, not to an adapter directory")
-            if not args.merge:
+            if not args.merge and not args.gguf and not args.gguf_adapter:
                 raise ExportError(f"{src} is already a peft adapter; add --merge to write a merged model")
             base = base_of_adapter(src, args.base)
+            if args.gguf_adapter:  # (the base only carries the adapter here: unquantized unless asked)
+                model = load_model(base, adapter=src, quant=args.quant or "none", dtype="float32")
+                args.dst = write_gguf_adapter(model, args.dst, name=base.name)
+                print(f"wrote {args.dst}")
+                return 0
             model = load_model(base, adapter=src, quant=args.quant or "nf4", dtype="float32")
-            merge_to_hf(model, base, args.dst, dtype=args.dtype or "bfloat16")
+            tokenizer = src if (src / "tokenizer.json").is_file() else base  # (an adapter jqlora wrote carries one)
+            if args.gguf:
+                args.dst = write_gguf(model, base, args.dst, args.gguf, chat_template=chat_template_of(tokenizer),
+                                      tokenizer_path=tokenizer)
+            else:
+                merge_to_hf(model, base, args.dst, dtype=args.dtype or "bfloat16",
+                            chat_template=chat_template_of(src))
         else:
             model, cfg, step = restore_for_export(src, step=args.step, quant=args.quant)
             base = Path(args.base or cfg.model.path)
-            if args.merge:
-                merge_to_hf(model, base, args.dst, dtype=args.dtype or "bfloat16")
+            tokenizer = Path(cfg.model.tokenizer_path or cfg.model.path)
+            # the template training rendered with (`jqlora.data.records`): the configured one, else the tokenizer's
+            template = (read_chat_template(cfg.data.chat_template) if cfg.data.chat_template
+                        else chat_template_of(tokenizer))
+            if args.gguf_adapter:
+                args.dst = write_gguf_adapter(model, args.dst, name=base.name, init=cfg.lora.init)
+            elif args.gguf:
+                args.dst = write_gguf(model, base, args.dst, args.gguf, chat_template=template,
+                                      tokenizer_path=tokenizer)
+            elif args.merge:
+                merge_to_hf(model, base, args.dst, dtype=args.dtype or "bfloat16", chat_template=template)
             else:
                 run_dir, _ = find_run(src, args.step)
-                init_state.save_adapter(model, cfg, run_dir, args.dst, lora_config=model.lora_config,
-                                         base=str(base), dtype=args.dtype or "float32",
-                                         card={"steps": step, "data": cfg.data.path})
-    except ValueError as e:  # ExportError, AdapterError, ConvertError, ConfigError: a user's mistake
+                out = init_state.save_adapter(
+                    model, cfg, run_dir, args.dst, lora_config=model.lora_config, base=str(base),
+                    dtype=args.dtype or "float32", card={"steps": step, "data": cfg.data.path},
+                    side_files=lambda tmp: write_tokenizer_files(tokenizer, tmp, template))
+                notes = vllm_notes(json.loads((out / "adapter_config.json").read_text()), str(args.dst))
+    except ValueError as e:  # ExportError, DataError, AdapterError, ConvertError, ConfigError: a user's mistake
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"wrote {args.dst}")
+    for line in notes:
+        print(line, file=sys.stderr if line.startswith("warning:") else sys.stdout)
     return 0
 
 

@@ -10,7 +10,7 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import jax.numpy as jnp
 import numpy as np
@@ -193,12 +193,14 @@ def save_adapter(
     dtype: str = "float32",
     card: Mapping[str, Any] | None = None,
     overwrite: bool = False,
+    side_files: Callable[[Path], Any] | None = None,
 ) -> Path:
     """Write ``model``'s adapters as a peft LoRA adapter directory; returns its path.
 
     The directory is written to a temporary sibling and renamed into place, so a reader never sees half an adapter.
     An existing non-empty ``out_dir`` is an error unless ``overwrite``. ``card`` fills the README model card
-    (``data``, ``steps``, ``final_loss`` and any other key: value rows).
+    (``data``, ``steps``, ``final_loss`` and any other key: value rows). ``side_files(tmp)`` adds more files
+    (the tokenizer: `jqlora.adapters.tokenizer_files`) inside the same atomic write.
     """
     from safetensors.numpy import save_file
 
@@ -215,4 +217,6 @@ def save_adapter(
         save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         (tmp / "README.md").write_text(model_card(str(base_model_name_or_path or ""), card))
+        if side_files is not None:
+            side_files(tmp)
     return out

@@ -77,12 +77,12 @@ def base_for_adapter(cfg: Any, run_out: str | os.PathLike, original: str) -> str
 
 def save_adapter(model: Any, cfg: Any, run_out: str | os.PathLike, dst: str | os.PathLike, *, lora_config: Any,
                  base: str, dtype: str = "float32", card: Mapping[str, Any] | None = None,
-                 overwrite: bool = False) -> Path:
+                 overwrite: bool = False, side_files: Callable[[Path], Any] | None = None) -> Path:
     """`jqlora.adapters.save_adapter`, converted for PiSSA / pointed at the saved base for LoftQ."""
     base = base_for_adapter(cfg, run_out, base)
     if cfg.lora.init != "pissa":
         out = export.save_adapter(model, dst, lora_config=lora_config, base_model_name_or_path=base, dtype=dtype,
-                                card=card, overwrite=overwrite)
+                                card=card, overwrite=overwrite, side_files=side_files)
         if cfg.lora.init == "gaussian":  # what peft writes for init_lora_weights="gaussian"
             path = out / CONFIG_NAME
             config = {**json.loads(path.read_text()), "init_lora_weights": "gaussian"}
@@ -119,6 +119,8 @@ def save_adapter(model: Any, cfg: Any, run_out: str | os.PathLike, dst: str | os
         save_file(out, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         (tmp / "README.md").write_text(export.model_card(base, card))
+        if side_files is not None:
+            side_files(tmp)
     return Path(dst)
 
 

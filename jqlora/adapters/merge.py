@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 
 from jqlora import quant
 from jqlora.adapters.errors import ExportError
+from jqlora.adapters.tokenizer_files import make_portable
 from jqlora.checkpoints import ShardWriter, atomic_directory, copy_side_files, read_config
 from jqlora.lora import LoraLinear, dora
 from jqlora.models import hf_key_table
@@ -94,8 +95,10 @@ def merge_to_hf(
     dtype: str = "bfloat16",
     max_shard_bytes: int = 5 * 10**9,
     overwrite: bool = False,
+    chat_template: str | None = None,
 ) -> Path:
-    """Write ``model`` (base + adapters) as a plain Hugging Face checkpoint; ``base_path`` supplies config/tokenizer."""
+    """Write ``model`` (base + adapters) as a plain Hugging Face checkpoint; ``base_path`` supplies config/tokenizer
+    (written for transformers 4.x and 5.x, with ``chat_template``, the one training used, when given)."""
     if dtype not in quant.DTYPES:
         raise ExportError(f"--dtype {dtype!r}: expected one of {', '.join(quant.DTYPES)}")
     config = dict(read_config(base_path))
@@ -115,6 +118,7 @@ def merge_to_hf(
         writer.finish()
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
         copy_side_files(base_path, tmp)
+        make_portable(tmp, chat_template)
     return Path(dst)
 
 

@@ -201,7 +201,7 @@ class DataConfig:
     shuffle: bool = True  # reshuffle rows every epoch (seeded by train.seed and the epoch)
     messages_field: str = "messages"  # field holding the chat (format chat)
     text_field: str = "text"  # field holding the text (format text)
-    chat_template: Optional[str] = None  # Jinja template (or a path to a .jinja file) replacing the tokenizer's
+    chat_template: Optional[str] = None  # Jinja template, a .jinja file, or zephyr | chatml; replaces the tokenizer's
 
     def __post_init__(self):
         if self.path is not None:

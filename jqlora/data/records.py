@@ -7,9 +7,10 @@ Formats (`data.format`, or `auto`: chosen from the first record's fields):
 - instruction        Alpaca: {"instruction": str, "input": str (optional), "output": str}
 - text               {"text": str}: plain text, every token trained, BOS (if the tokenizer adds one) + text + EOS
 
-Every format but `text` is rendered as a conversation through a chat template: the tokenizer's own, or
-`data.chat_template`, or (for tokenizers without one, e.g. base models) the built-in Zephyr-style DEFAULT_CHAT_TEMPLATE
-whose end of turn is the tokenizer's EOS. prompt/completion and Alpaca rows become one user turn (Alpaca:
+Every format but `text` is rendered as a conversation through a chat template: `data.chat_template` (Jinja text, a
+.jinja file, or a built-in name: `zephyr`, DEFAULT_CHAT_TEMPLATE, whose end of turn is the tokenizer's EOS, or
+`chatml`), else the tokenizer's own. A tokenizer without one (a base model's) is an error naming data.chat_template,
+as in TRL: a template chosen silently would leave the run with a prompt format nothing outside it knows. prompt/completion and Alpaca rows become one user turn (Alpaca:
 instruction + blank line + input) and one assistant turn, so a model trained on any format answers the same
 chat-formatted prompts that `jqlora.generate` sends.
 
@@ -59,6 +60,12 @@ DEFAULT_CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
 )
 
+CHATML_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + "
+    "'\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+BUILTIN_CHAT_TEMPLATES = {"zephyr": DEFAULT_CHAT_TEMPLATE, "chatml": CHATML_TEMPLATE}
+
 _TOKENIZE_CHUNK = 512
 
 
@@ -80,7 +87,10 @@ def load_tokenizer(path: str, chat_template: str | None = None):
 
 
 def read_chat_template(template: str) -> str:
-    """A template given as text, or as the path of a file holding it (.jinja, .j2, .txt or any existing file)."""
+    """A template given as text, as the path of a file holding it (.jinja, .j2, .txt or any existing file), or as a
+    built-in name (BUILTIN_CHAT_TEMPLATES)."""
+    if template in BUILTIN_CHAT_TEMPLATES and not os.path.isfile(template):
+        return BUILTIN_CHAT_TEMPLATES[template]
     if "{" not in template and (os.path.isfile(template) or template.endswith((".jinja", ".j2"))):
         if not os.path.isfile(template):
             raise DataError(f"{template}: chat template file not found")
@@ -268,7 +278,10 @@ def to_messages(record: Record, fmt: str, *, messages_field: str = "messages") -
 def render_chat(messages: list[dict], tokenizer, *, chat_template: str | None = None, train_on: str = "completion",
                 where: str = "") -> tuple[str, list[tuple[int, int]]]:
     """The conversation's text and the character spans [start, end) that carry loss."""
-    template = chat_template or tokenizer.chat_template or DEFAULT_CHAT_TEMPLATE
+    template = chat_template or tokenizer.chat_template
+    if not template:
+        raise DataError(f"{where}: the tokenizer has no chat template; set data.chat_template to a Jinja file or a "
+                        f"built-in name ({', '.join(BUILTIN_CHAT_TEMPLATES)})")
 
     def render(msgs, generation_prompt=False) -> str:
         try:

@@ -105,7 +105,8 @@ CHAT = {"messages": [
 @pytest.mark.parametrize("template", ["chatml", "llama3", "none"])
 def test_chat_loss_on_every_assistant_turn_and_nothing_else(toks, template):
     tokenizer = toks[template]
-    (ex,), fmt = _encode(tokenizer, [CHAT])
+    builtin = "zephyr" if template == "none" else None  # (a tokenizer without a template needs one named)
+    (ex,), fmt = _encode(tokenizer, [CHAT], chat_template=builtin)
     assert fmt == "chat"
     assistant = [m["content"] for m in CHAT["messages"] if m["role"] == "assistant"]
     assert _trained_runs(tokenizer, ex) == [a + END[template] for a in assistant]
@@ -142,7 +143,7 @@ def test_alpaca_instruction_with_and_without_input(toks):
     tokenizer = toks["none"]
     rows = [{"instruction": "add the numbers", "input": "12 and 30", "output": "42"},
             {"instruction": "say hello", "input": "", "output": "hello world"}]
-    (a, b), fmt = _encode(tokenizer, rows)
+    (a, b), fmt = _encode(tokenizer, rows, chat_template="zephyr")
     assert fmt == "instruction"
     assert _trained_runs(tokenizer, a) == ["42</s>"]
     assert tokenizer.decode(a.ids) == "<s><|user|>\nadd the numbers\n\n12 and 30</s>\n<|assistant|>\n42</s>\n"
@@ -364,6 +365,15 @@ def test_chat_template_override_from_file(tmp_path, toks):
     assert _trained_runs(tokenizer, ex)[-1] == "the answer is 42<|eot_id|>"
     (ex,), _ = _encode(toks["none"], [CHAT], chat_template=str(tmp_path / "t.jinja"))
     assert _trained_runs(toks["none"], ex)[0] == "hello, how are you?<|eot_id|>"
+
+
+def test_missing_chat_template_is_an_error_unless_one_is_named(toks):
+    with pytest.raises(D.DataError, match=r"^mem:1: the tokenizer has no chat template; set data.chat_template") as e:
+        _encode(toks["none"], [CHAT])
+    assert "\n" not in str(e.value)
+    _encode(toks["none"], [{"text": "no template needed"}])  # plain text renders no conversation
+    (ex,), _ = _encode(toks["none"], [CHAT], chat_template="chatml")  # the built-in ChatML: the template above
+    assert ex.ids.tolist() == toks["chatml"].apply_chat_template(CHAT["messages"], tokenize=True, return_dict=False)
 
 
 # --- errors: one line naming the file and line ---------------------------------------------------------------
