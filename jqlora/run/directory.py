@@ -23,7 +23,6 @@ and the space free, and the earlier checkpoints stay as they were.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
@@ -34,6 +33,7 @@ from typing import Any
 import jax
 
 from jqlora.checkpoints import OutputError, check_free_space, is_disk_full
+from jqlora.run import background, journal
 from jqlora.run.checksums import CHECKSUMS, verify_checkpoint, write_checksums
 from jqlora.run.lock import LockError, RunLock
 
@@ -76,10 +76,15 @@ class RunDir:
         self._keep = keep
         self._create = create
         self._manager = None
+        self._failed = False  # (a save failed: its background threads are not waited for again)
 
     def close(self) -> None:
-        """Wait for pending writes and release the lock."""
-        self.wait()
+        """Wait (bounded) for pending writes and release the lock."""
+        try:
+            if not self._failed:
+                self.wait()
+        except Exception as e:  # noqa: BLE001 - closing: the save's own error was already reported
+            log.debug("closing %s: %s", self.out, e)
         if self._lock is not None:
             self._lock.release()
             self._lock = None
@@ -166,20 +171,25 @@ class RunDir:
         except OutputError as e:
             raise CheckpointError(str(e)) from None
         try:
-            self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                            meta=ocp.args.JsonSave(meta)), force=True)
-            self.manager.wait_until_finished()
+            with background.quiet_orbax():  # (orbax's thread tracebacks; the failure is reported in one line)
+                self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                                meta=ocp.args.JsonSave(meta)), force=True)
+                background.bounded(self.manager.wait_until_finished, f"checkpoint {self.step_dir(step)}")
             if self.primary:
                 write_checksums(self.step_dir(step))
             _barrier("jqlora-rundir-checksums")  # (every process sees a complete checkpoint from here on)
         except Exception as e:  # noqa: BLE001 - orbax wraps the OSError of a full disk in its own types
-            if not is_disk_full(e):
-                raise
+            self._failed = True
+            self._manager = None  # (a later save starts a fresh manager, not one with a failed thread)
             self._discard_partial(step)
-            free = shutil.disk_usage(self.checkpoints).free
-            raise CheckpointError(
-                f"no space left on device writing checkpoint {self.step_dir(step)}: it needs about "
-                f"{_mb(need)}, {_mb(free)} free; earlier checkpoints are intact") from None
+            if is_disk_full(e):
+                free = shutil.disk_usage(self.checkpoints).free
+                raise CheckpointError(
+                    f"no space left on device writing checkpoint {self.step_dir(step)}: it needs about "
+                    f"{_mb(need)}, {_mb(free)} free; earlier checkpoints are intact") from None
+            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            raise CheckpointError(f"writing checkpoint {self.step_dir(step)} failed ({type(e).__name__}: "
+                                  f"{first}); earlier checkpoints are intact") from None
         self._rotate(step)
 
     def _discard_partial(self, step: int) -> None:
@@ -221,27 +231,30 @@ class RunDir:
 
     def wait(self) -> None:
         if self._manager is not None:
-            self._manager.wait_until_finished()
+            background.bounded(self._manager.wait_until_finished, f"saving in {self.checkpoints}")
 
     # -- metrics ----------------------------------------------------------------------------------------------------
 
     def log(self, record: dict) -> None:
+        """Append one record to metrics.jsonl, whole or not at all (`jqlora.run.journal`)."""
         if not self.primary:
             return
-        with open(self.metrics_path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        try:
+            journal.append(self.metrics_path, record)
+        except journal.JournalError as e:
+            raise RunDirError(str(e)) from None
 
     def read_metrics(self) -> list[dict]:
         return read_metrics(self.metrics_path)
 
     def truncate_metrics(self, step: int) -> None:
         """Drop metric lines written after the checkpoint we resume from (they will be written again)."""
-        if not self.primary or not os.path.isfile(self.metrics_path):
+        if not self.primary:
             return
-        with open(self.metrics_path) as f:
-            lines = [ln for ln in f if ln.strip() and json.loads(ln).get("step", 0) <= step]
-        with open(self.metrics_path, "w") as f:
-            f.writelines(lines)
+        try:
+            journal.rewrite(self.metrics_path, lambda r: r.get("step", 0) <= step)
+        except journal.JournalError as e:
+            raise RunDirError(str(e)) from None
 
     def plot(self) -> None:
         """loss.png: train and eval loss against the optimizer step."""
@@ -281,10 +294,11 @@ def _mb(n: int) -> str:
 
 
 def read_metrics(path: str | os.PathLike) -> list[dict]:
-    if not os.path.isfile(path):
-        return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    """The records of a metrics.jsonl (a torn last line skipped with a warning)."""
+    try:
+        return journal.read(path)
+    except journal.JournalError as e:
+        raise RunDirError(str(e)) from None
 
 
 def check_writable(out: str) -> None:

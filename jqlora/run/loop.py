@@ -34,7 +34,7 @@ from jqlora.config import save_config
 from jqlora.data import BatchIterator, build_datasets, eval_batches, load_tokenizer
 from jqlora.data import stats
 from jqlora.lora import LoraConfig, NoLoraError, SplitModel
-from jqlora.run import progress
+from jqlora.run import background, progress
 from jqlora.run.directory import RunDir, RunDirError, open_run_dir
 from jqlora.run.divergence import DivergenceMonitor
 from jqlora.run.lock import LockError, RunLock
@@ -227,7 +227,10 @@ class Trainer:
                                     self.cfg, self.out)
 
     def _log(self, record: dict) -> None:
-        self.run_dir.log(record)
+        try:
+            self.run_dir.log(record)
+        except RunDirError as e:  # (a full disk: the file keeps whole records, the run resumes from a checkpoint)
+            raise UserError(str(e)) from None
         if self.writers is not None:
             self.writers.write(record)
 
@@ -294,7 +297,10 @@ class Trainer:
 
         from jqlora.run.metrics import MetricWriters, WriterError
 
-        self.maybe_resume()
+        try:
+            self.maybe_resume()
+        except RunDirError as e:
+            raise UserError(str(e)) from None
         if self.primary:
             save_config(self.cfg, self.run_dir.config_path)
         try:
@@ -311,6 +317,12 @@ class Trainer:
             # with a progress bar, log lines are written above it, not through it
             with logging_redirect_tqdm() if self.progress else contextlib.nullcontext():
                 return self._loop()
+        except UserError as e:
+            if background.stuck():  # (a save thread that never ends would hold the process at exit, forever)
+                if self.writers is not None:
+                    self.writers.close()
+                background.exit_now(f"error: {str(e).splitlines()[0]}", 2)
+            raise
         finally:
             for sig, h in handlers.items():
                 signal.signal(sig, h)
