@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 import time
 from pathlib import Path
@@ -329,6 +330,12 @@ def find_run(src: str | os.PathLike, step: int | None = None) -> tuple[Path, int
 # Whose directory is it? (a run never writes into another run's or a stranger's directory)
 
 
+# What a run writes at its start, before its config.yaml (PiSSA / LoftQ: jqlora.adapters.init_state), and the
+# temporary names of its atomic writes (jqlora.checkpoints.io.atomic_directory) of those and of the adapter.
+_START_DIRS = ("init_state", "init_adapter", "base")
+_OWN_PARTIAL = re.compile(r"^\.(init_state|init_adapter|base|adapter)\.(partial|old)-")
+
+
 def _entries(out: str | os.PathLike) -> list[str]:
     """The directory's entries, without this module's own write probes."""
     if not os.path.isdir(out):
@@ -336,10 +343,25 @@ def _entries(out: str | os.PathLike) -> list[str]:
     return sorted(e for e in os.listdir(out) if not e.startswith(".write_test."))
 
 
+def _run_start_only(out: str | os.PathLike, entries: list[str]) -> bool:
+    """Whether ``out`` holds only what a run's start writes, or the partial writes of it that a kill left: that
+    run is started afresh (it rewrites all of them), not refused as a stranger's directory."""
+    ours = os.path.join(out, "init_state")  # (its init_state.json and CHECKSUMS: no stranger's folder has both)
+    saved = os.path.isfile(os.path.join(ours, "init_state.json")) and os.path.isfile(os.path.join(ours, CHECKSUMS))
+    for e in entries:
+        if _OWN_PARTIAL.match(e):
+            continue
+        if e in _START_DIRS and saved and os.path.isdir(os.path.join(out, e)):
+            continue
+        return False
+    return True
+
+
 def dir_kind(out: str | os.PathLike) -> str:
-    """"empty" (missing or empty), "run" (a jqlora run: it has config.yaml) or "foreign" (anything else)."""
+    """"empty" (missing, empty, or only a run's start files and its own partial writes), "run" (a jqlora run: it
+    has config.yaml) or "foreign" (anything else)."""
     entries = _entries(out)
-    if not entries:
+    if not entries or ("config.yaml" not in entries and _run_start_only(out, entries)):
         return "empty"
     return "run" if "config.yaml" in entries else "foreign"
 
@@ -383,6 +405,26 @@ def read_saved_config(out: str | os.PathLike):
         raise RunDirError(f"{path}: unreadable ({str(e).splitlines()[0]}); move it or set another output_dir") from None
 
 
+def _read_paths(cfg) -> list[tuple[str, str]]:
+    """(key, local path) of everything a run reads: the model, tokenizer, data and init_from folders or files."""
+    keys = [("model.path", cfg.model.path), ("model.tokenizer_path", cfg.model.tokenizer_path),
+            ("data.path", cfg.data.path), ("data.eval_path", cfg.data.eval_path),
+            ("lora.init_from", cfg.lora.init_from)]
+    return [(k, str(v)) for k, v in keys if v and os.path.exists(str(v))]
+
+
+def check_not_read(cfg) -> None:
+    """Refuse (one line, before anything moves) to move ``output_dir`` aside when the run reads from it: the model,
+    tokenizer, data or init_from path is ``output_dir`` itself or inside it."""
+    out = os.path.realpath(cfg.output_dir)
+    for key, path in _read_paths(cfg):
+        real = os.path.realpath(path)
+        if real == out or real.startswith(out.rstrip(os.sep) + os.sep):
+            raise RunDirError(f"output_dir {cfg.output_dir}: train.overwrite=true would move it aside, but {key} "
+                              f"{path} is {'that folder' if real == out else 'inside it'} and this run reads it; "
+                              "choose another output_dir (nothing was moved)")
+
+
 def open_run_dir(cfg, *, primary: bool = True, barrier=None, lock: RunLock | None = None
                  ) -> tuple[RunDir, str | None]:
     """The `RunDir` of ``cfg.output_dir`` once it is this run's to write, and a note to print (or None).
@@ -418,6 +460,7 @@ def open_run_dir(cfg, *, primary: bool = True, barrier=None, lock: RunLock | Non
                                   "back, choose a new output_dir, or set train.overwrite=true to move the old run "
                                   "aside)")
     if aside:
+        check_not_read(cfg)
         target = aside_name(out)
         if primary:
             target = move_aside(out)

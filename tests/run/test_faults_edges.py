@@ -130,3 +130,155 @@ def test_a_torn_metrics_line_then_the_run_resumes(assets, tmp_path):
     records = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "loss" in r] == [1, 2, 3]
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def _cfg(assets: Path, out: Path, *more: str):
+    from jqlora.config import load_config
+
+    return load_config(None, [a for a in run_args(assets, out, *more) if a != "--no-progress"])
+
+
+def _flip(path: Path, n: int = 64) -> None:
+    data = bytearray(path.read_bytes())
+    for i in range(len(data) - n, len(data)):
+        data[i] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_a_flipped_byte_in_init_state_or_base_is_recomputed_with_a_warning(assets, tmp_path, caplog):
+    """LoftQ: init_state/ and base/ carry checksums; 64 flipped bytes in either are never used: the init is computed
+    again (the model equals a fresh one) and base/ is written again at export (byte-equal to the clean one)."""
+    import jax.numpy as jnp
+    import numpy as np
+
+    from jqlora.checkpoints.checksums import verify_checkpoint
+    from jqlora.run import Trainer, build_model
+
+    args = ("lora.init=loftq", "lora.loftq_iters=1", "train.max_steps=2")
+    out = tmp_path / "run"
+    out.mkdir()  # what a kill during the first try's init_state/ left: the run's own, so this start goes ahead
+    leftover = out / f".init_state.partial-{os.uname().nodename}-{2**22 + 12345}-abc"
+    leftover.mkdir()
+    trainer = Trainer(_cfg(assets, out, *args, "train.stop_at_step=1"), progress=False, export=False)
+    assert trainer.run() == 0
+    assert not leftover.exists()
+    for d in ("init_state", "base"):
+        assert verify_checkpoint(out / d) is None, d
+    clean_base = {p.name: p.read_bytes() for p in (out / "base").iterdir()}
+    _flip(out / "init_state" / "model.safetensors")
+    x = jnp.asarray(np.random.default_rng(0).integers(0, 512, (1, 9)).astype(np.int32))
+    cfg = _cfg(assets, out, *args)
+    with caplog.at_level("WARNING"):
+        resumed = build_model(cfg, run_dir=str(out))
+    assert "does not match its checksum" in caplog.text and "computed again" in caplog.text, caplog.text
+    np.testing.assert_array_equal(np.asarray(resumed(x)), np.asarray(build_model(cfg)(x)))  # (= a fresh init)
+
+    # base/ (what the exported adapter names as its base): damaged, then written again from the run's kernels
+    _flip(out / "base" / "model.safetensors")
+    caplog.clear()
+    from jqlora.adapters import init_state
+    from jqlora.lora import LoraConfig
+
+    with caplog.at_level("WARNING"):
+        init_state.save_adapter(resumed, cfg, out, tmp_path / "adapter", lora_config=LoraConfig.from_config(cfg.lora),
+                                base=str(assets / "model"))
+    assert "base: not usable" in caplog.text, caplog.text
+    assert {p.name: p.read_bytes() for p in (out / "base").iterdir()} == clean_base
+    assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["base_model_name_or_path"] == str(
+        (out / "base").resolve())
+
+
+def test_a_kill_while_the_run_start_is_written_does_not_brick_the_directory(assets, tmp_path):
+    """What a kill during init_state/ or base/ leaves (the complete init_state and the partial folder of a dead
+    writer) is the run's own: the same command starts the run, and the leftover is removed."""
+    from jqlora.run.directory import dir_kind
+
+    out = tmp_path / "run"
+    out.mkdir()
+    dead = f".base.partial-{os.uname().nodename}-{2**22 + 12345}-abc"  # (a PID above the kernel's limit: dead)
+    (out / dead).mkdir()
+    (out / dead / "model.safetensors").write_bytes(b"half")
+    (out / "init_state").mkdir()
+    (out / "init_state" / "init_state.json").write_text("{}")
+    (out / "init_state" / "CHECKSUMS").write_text("{}")
+    assert dir_kind(out) == "empty"
+    (out / "data.csv").write_text("a,b\n")  # a stranger's file: still foreign
+    assert dir_kind(out) == "foreign"
+    (out / "data.csv").unlink()
+    (out / "init_state" / "CHECKSUMS").unlink()  # (a folder named init_state without our marks is not ours)
+    assert dir_kind(out) == "foreign"
+
+
+def _tree(path: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("target", ["model", "data"])
+def test_overwrite_never_moves_a_folder_the_run_reads(assets, tmp_path, capsys, monkeypatch, target):
+    import shutil
+
+    from jqlora.train import main
+
+    model, data = tmp_path / "own" / "model", tmp_path / "own" / "data"
+    shutil.copytree(assets / "model", model)
+    data.mkdir()
+    shutil.copy(assets / "train.jsonl", data / "train.jsonl")
+    (data / "unrelated.csv").write_text("a,b\n1,2\n")
+    out = model if target == "model" else data
+    before = {"model": _tree(model), "data": _tree(data)}
+    monkeypatch.chdir(tmp_path)
+    args = run_args(assets, out, "train.overwrite=true")[1:]
+    args = [f"model.path={model}" if a.startswith("model.path=") else f"data.path={data / 'train.jsonl'}"
+            if a.startswith("data.path=") else a for a in args]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    errors = [ln for ln in err.splitlines() if ln.startswith("error:")]
+    key = "model.path" if target == "model" else "data.path"
+    assert len(errors) == 1 and key in errors[0] and "nothing was moved" in errors[0], err
+    assert {"model": _tree(model), "data": _tree(data)} == before
+    siblings = sorted(p.name for p in (tmp_path / "own").iterdir() if not p.name.endswith(".lock"))
+    assert siblings == ["data", "model"]  # (no <name>.old-<time>; the lock beside it is the run lock's)
+
+
+def test_export_holds_its_checkpoint_against_rotation(assets, tmp_path, monkeypatch):
+    """The checkpoint an export takes is held (hard links) before it is verified and read: the trainer's rotation
+    removing the original right after does not break the export, which equals one of an untouched copy."""
+    import shutil
+
+    import jax
+    import numpy as np
+
+    from jqlora.adapters import ExportError
+    from jqlora.lora import SplitModel
+    from jqlora.run import restore
+
+    out = tmp_path / "run"
+    r = subprocess.run([sys.executable, "-m", "jqlora.train", *run_args(assets, out, "train.max_steps=2")],
+                       cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env())
+    assert r.returncode == 0, r.stderr
+    untouched = tmp_path / "untouched"
+    shutil.copytree(out, untouched)
+    link = restore._link_tree
+
+    def hold_then_rotate(src, dst):
+        link(src, dst)
+        shutil.rmtree(src)  # (what train.keep_checkpoints does to the oldest, at any moment)
+
+    monkeypatch.setattr(restore, "_link_tree", hold_then_rotate)
+    model, _, step = restore.restore_for_export(out)
+    assert step == 2 and not (out / "checkpoints" / "2").exists()
+    assert not [p for p in out.iterdir() if p.name.startswith(".export-hold-")]  # (the hold is given back)
+    monkeypatch.setattr(restore, "_link_tree", link)
+    want, _, _ = restore.restore_for_export(untouched)
+    got_leaves, want_leaves = (jax.tree.leaves(SplitModel.of(m).lora) for m in (model, want))
+    assert len(got_leaves) == len(want_leaves) > 0
+    for a, b in zip(got_leaves, want_leaves):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+    def rotated_before(src, dst):
+        shutil.rmtree(src)
+        link(src, dst)
+
+    monkeypatch.setattr(restore, "_link_tree", rotated_before)
+    with pytest.raises(ExportError, match="removed while the export was taking it"):
+        restore.restore_for_export(out, step=1)
