@@ -164,6 +164,7 @@ class Trainer:
         self.eval_accuracy: float | None = None  # of the last evaluate(): trained tokens predicted right (argmax)
         self._stop_signal: int | None = None
         self._saved_step: int | None = None
+        self._warned_divergence = False
         self.monitor = DivergenceMonitor(uniform_loss=math.log(self.model.config.vocab_size))
 
     # -- checkpoints ------------------------------------------------------------------------------------------------
@@ -384,7 +385,8 @@ class Trainer:
                         bar.close()
                         return self._stop_bad(f"training diverged at step {self.step}: {diverged}",
                                               bad_from=self.monitor.streak_start or self.step - 1)
-                    if self.monitor.streak == self.monitor.patience and self.primary:
+                    if not self._warned_divergence and self.primary:
+                        self._warned_divergence = True
                         log.warning("warning: training diverged at step %d: %s; going on "
                                     "(train.stop_on_divergence=false)", self.step, diverged)
             if tc.eval_every and self.step % tc.eval_every == 0 and self.eval_ds is not None:
@@ -409,6 +411,14 @@ class Trainer:
                     return 0
                 return EXIT_CODES.get(self._stop_signal, 130)
         bar.close()
+        verdict = None if self._warned_divergence else self.monitor.finish()  # (the final windows, as they stand)
+        if verdict is not None:
+            if tc.stop_on_divergence:
+                return self._stop_bad(f"training diverged by the end of the run (step {self.step}): {verdict}",
+                                      bad_from=self.monitor.streak_start or self.step - 1)
+            if self.primary:
+                log.warning("warning: training diverged by the end of the run (step %d): %s; going on "
+                            "(train.stop_on_divergence=false)", self.step, verdict)
         if self.eval_ds is not None and self.evaluated_at != self.step:
             self._log_eval()
         self.save()

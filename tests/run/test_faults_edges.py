@@ -282,3 +282,27 @@ def test_export_holds_its_checkpoint_against_rotation(assets, tmp_path, monkeypa
     monkeypatch.setattr(restore, "_link_tree", rotated_before)
     with pytest.raises(ExportError, match="removed while the export was taking it"):
         restore.restore_for_export(out, step=1)
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o027])
+def test_outputs_honour_the_umask(tmp_path, mask):
+    """atomic_directory (adapters, merged and converted models) gives what plain mkdir / open would: 0777 / 0666 less
+    the umask, not mkdtemp's / mkstemp's private 0700 / 0600."""
+    import stat
+    import tempfile
+
+    from jqlora.checkpoints import atomic_directory
+
+    old = os.umask(mask)
+    try:
+        with atomic_directory(tmp_path / "out") as tmp:
+            (tmp / "sub").mkdir()
+            (tmp / "sub" / "a.json").write_text("{}")
+            fd, name = tempfile.mkstemp(dir=tmp)  # (a writer that goes through mkstemp: 0600)
+            os.close(fd)
+    finally:
+        os.umask(old)
+    modes = {str(p.relative_to(tmp_path)): stat.S_IMODE(p.stat().st_mode)
+             for p in [tmp_path / "out", *(tmp_path / "out").rglob("*")]}
+    assert modes.pop("out") == modes.pop("out/sub") == 0o777 & ~mask
+    assert set(modes.values()) == {0o666 & ~mask}, modes
