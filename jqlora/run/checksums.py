@@ -1,4 +1,4 @@
-"""Checksums of a checkpoint directory (`jqlora.checkpoints.checksums`, where every writer of the run can reach them)."""
+"""Checksums of a checkpoint directory: `jqlora.checkpoints.checksums` (there, every writer of the run reaches it)."""
 
 from jqlora.checkpoints.checksums import CHECKSUMS, verify_checkpoint, write_checksums
 

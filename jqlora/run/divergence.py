@@ -8,8 +8,9 @@ nothing is NaN; a model at the start of fine-tuning is never that uniform (a ran
 a pretrained one far below). A gradient-norm explosion counts too: the logged (pre-clipping) gradient norm above
 ``grad_factor`` times the first window's. A single spike is not divergence; a NaN or Inf loss is handled by the loop
 at once, and so is a window at ln V with a gradient norm of exactly 0 (nothing can move the model any more). At the
-end of the run the final windows are judged as they stand (`finish`): a streak the end cut short still counts. While a streak of high windows is under way the state is *suspect*: the
-loop saves no checkpoint then, so the newest checkpoint is always one taken before the trouble started.
+end of the run the final windows are judged as they stand (`finish`): a streak the end cut short still counts. While
+a streak of high windows is under way the state is *suspect*: the loop saves no checkpoint then, so the newest
+checkpoint is always one taken before the trouble started.
 """
 
 from __future__ import annotations

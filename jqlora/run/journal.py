@@ -9,6 +9,7 @@ not the last one is the user's edit: one line naming the file and the line.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import logging
@@ -80,6 +81,11 @@ def rewrite(path: str | os.PathLike, keep) -> None:
         return
     records = [r for r in read(path) if keep(r)]
     tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in records)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in records)
+        os.replace(tmp, path)
+    except OSError as e:  # (the file itself is as it was)
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise JournalError(f"{path}: cannot be rewritten ({e.strerror or e})") from None
