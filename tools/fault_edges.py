@@ -13,6 +13,7 @@ import shutil
 import stat
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -46,12 +47,27 @@ class EdgeCases:
     def _save_failure(self, mode: str) -> str | None:
         out = self.work / f"save-{mode}"
         shutil.rmtree(out, ignore_errors=True)
-        t0 = time.monotonic()
-        r = subprocess.run([sys.executable, "-c", _SAVE_FAULT, mode, "--no-progress", *self.args, f"output_dir={out}"],
-                           cwd=REPO, capture_output=True, text=True, timeout=600,
-                           env={**os.environ, "PYTHONPATH": str(REPO), "JQLORA_SAVE_TIMEOUT_S": "10"})
-        took = time.monotonic() - t0
-        return one_error(r, "checkpoint") or (f"took {took:.0f} s" if took > 60 else None)
+        p = subprocess.Popen([sys.executable, "-c", _SAVE_FAULT, mode, "--no-progress", *self.args,
+                              f"output_dir={out}"], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                             text=True, env={**os.environ, "PYTHONPATH": str(REPO), "JQLORA_SAVE_TIMEOUT_S": "10"})
+        lines: list[tuple[float, str]] = []
+        reader = threading.Thread(target=lambda: lines.extend((time.monotonic(), ln) for ln in p.stderr),
+                                  daemon=True)
+        reader.start()
+        try:
+            p.wait(timeout=900)
+        except subprocess.TimeoutExpired:
+            return "hung"
+        finally:
+            p.kill()
+        ended = time.monotonic()
+        reader.join(10)
+        saving = next((t for t, ln in lines if "step 1/" in ln), None)  # (logged just before the first save)
+        r = subprocess.CompletedProcess(p.args, p.returncode, "", "".join(ln for _, ln in lines))
+        why = one_error(r, "checkpoint")
+        if why or saving is None:
+            return why or "no step logged"
+        return f"exited {ended - saving:.0f} s after the save began" if ended - saving > 60 else None
 
     @case("two trainers through a symlinked name: the second is refused, no step is logged twice")
     def symlink_lock(self):

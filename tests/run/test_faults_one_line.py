@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import pickle
 import shutil
 import subprocess
 import sys
@@ -120,7 +119,25 @@ def test_a_dead_model_at_ln_v_is_conclusive_in_one_window_and_the_end_is_judged(
     assert "gradient norm of exactly 0" in m.update(1, ln_v + 1e-5, 0, grad_norm=0.0)  # (even in the first window)
     m = DivergenceMonitor(uniform_loss=ln_v)
     m.update(1, 6.3, 0, grad_norm=4.0)
-    assert m.update(2, ln_v, 1, grad_norm=0.5) is None  # at ln V but still learning: one window is not enough
-    assert m.finish() is not None and "since step 1" in m.finish()  # ... and the run ends there: not all well
-    m.update(3, 5.0, 2, grad_norm=3.0)
+    assert m.update(2, ln_v, 1, grad_norm=0.5) is None  # at ln V but still learning: one window is not enough,
+    assert m.finish() is None  # ... nor is it at the end (a random model's loss is near ln V too)
+    assert m.update(3, 25.0, 2, grad_norm=0.5) is None  # far above the early loss: 2 windows of 3
+    assert "final 2 log window(s), since step 1" in m.finish()  # ... and the run ends there: not all well
+    m.update(4, 5.0, 3, grad_norm=3.0)
     assert m.finish() is None  # (back to normal before the end)
+
+
+def test_a_run_that_collapses_in_a_few_steps_does_not_end_all_well(assets, tmp_path):
+    """lr 1e4: the loss sits at ln V with a gradient norm of exactly 0 by step 3; that window alone stops the run
+    (exit 1, the last good checkpoint named, nothing exported), long before 3 windows could."""
+    out = tmp_path / "run"
+    args = [f"model.path={assets / 'model'}", f"data.path={assets / 'train.jsonl'}", f"output_dir={out}",
+            "data.max_length=48", "lora.r=4", "train.max_steps=6", "train.save_every=1", "train.sample_prompt=null",
+            "train.batch_size=2", "train.grad_accum_steps=1", "train.log_every=1", "train.eval_every=0",
+            "train.learning_rate=1e4", "train.warmup_steps=0"]
+    r = subprocess.run([sys.executable, "-m", "jqlora.train", "--no-progress", *args], cwd=tmp_path,
+                       capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert r.returncode == 1, r.stderr
+    _one_error(r.stderr, "gradient norm of exactly 0", "last good checkpoint")
+    steps = [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert max(steps) < 6 and not (out / "adapter").exists()
