@@ -48,6 +48,7 @@ from jqlora.adapters.format import CONFIG_NAME, WEIGHTS_NAME, num
 from jqlora.adapters.load import read_tensors
 from jqlora.adapters.merge import merge_to_hf
 from jqlora.checkpoints import WEIGHTS, WEIGHTS_INDEX, ShardWriter, atomic_directory
+from jqlora.checkpoints.checksums import verify_checkpoint
 from jqlora.lora import LoraLinear, SplitModel
 
 INIT_ADAPTER = "init_adapter"
@@ -65,21 +66,37 @@ def prepare_run(model: Any, cfg: Any, out: str | os.PathLike) -> None:
     if init == "pissa":
         export.save_adapter(model, out / INIT_ADAPTER, base_model_name_or_path=str(cfg.model.path), overwrite=True)
     elif init == "loftq":
-        split = SplitModel.of(model)
-        zero = split.model(jax.tree.map(jnp.zeros_like, split.lora))
-        merge_to_hf(zero, cfg.model.path, out / BASE, dtype="float32", overwrite=True)
+        save_base(model, cfg, out)
 
 
-def base_for_adapter(cfg: Any, run_out: str | os.PathLike, original: str) -> str:
-    """The base the exported adapter loads on: the saved LoftQ base, else the original checkpoint."""
-    return str(Path(run_out).resolve() / BASE) if cfg.lora.init == "loftq" else original
+def save_base(model: Any, cfg: Any, out: str | os.PathLike) -> None:
+    """``out/base``: deq(Q) of ``model``'s kernels (its adapters set to zero), with checksums."""
+    split = SplitModel.of(model)
+    zero = split.model(jax.tree.map(jnp.zeros_like, split.lora))
+    merge_to_hf(zero, cfg.model.path, Path(out) / BASE, dtype="float32", overwrite=True, checksums=True)
+
+
+def base_for_adapter(cfg: Any, run_out: str | os.PathLike, original: str, model: Any = None) -> str:
+    """The base the exported adapter loads on: the saved LoftQ base, else the original checkpoint. The LoftQ base is
+    verified against its checksums first; a missing or damaged one is written again from ``model`` (its kernels are
+    the base trained on), with a warning, or refused in one line when no model is at hand."""
+    if cfg.lora.init != "loftq":
+        return original
+    where = Path(run_out).resolve() / BASE
+    why = verify_checkpoint(where) if where.is_dir() else "missing"
+    if why is not None:
+        if model is None:
+            raise AdapterError(f"{where}: not usable ({why}); run the export again to write it anew")
+        log.warning("warning: %s: not usable (%s); written again from the run's base", where, why)
+        save_base(model, cfg, run_out)
+    return str(where)
 
 
 def save_adapter(model: Any, cfg: Any, run_out: str | os.PathLike, dst: str | os.PathLike, *, lora_config: Any,
                  base: str, dtype: str = "float32", card: Mapping[str, Any] | None = None,
                  overwrite: bool = False, side_files: Callable[[Path], Any] | None = None) -> Path:
-    """`jqlora.adapters.save_adapter`, converted for PiSSA / pointed at the saved base for LoftQ."""
-    base = base_for_adapter(cfg, run_out, base)
+    """`jqlora.adapters.save_adapter`, converted for PiSSA / pointed at the saved (and verified) base for LoftQ."""
+    base = base_for_adapter(cfg, run_out, base, model)
     if cfg.lora.init != "pissa":
         out = export.save_adapter(model, dst, lora_config=lora_config, base_model_name_or_path=base, dtype=dtype,
                                 card=card, overwrite=overwrite, side_files=side_files)
@@ -150,7 +167,7 @@ def save_init_state(model: Any, cfg: Any, out: str | os.PathLike) -> None:
     """``out/init_state``: the kernels and adapters of every LoraLinear of ``model`` (as it starts), sharded."""
     if jax.process_count() > 1:  # (the arrays are spread over processes; resumes recompute: same numbers)
         return
-    with atomic_directory(Path(out) / INIT_STATE, overwrite=True) as tmp:
+    with atomic_directory(Path(out) / INIT_STATE, overwrite=True, checksums=True) as tmp:
         writer = ShardWriter(tmp, 1 << 30, {"format": "jqlora-init-state"})
         for name, m in _lora_linears(model):
             writer.add({f"{name}.{v}": np.asarray(getattr(m, v)[...]) for v in _KERNEL_VARS
@@ -165,14 +182,18 @@ def load_init_state(cfg: Any, run_dir: str | os.PathLike, load: Callable[[], Any
     from safetensors import safe_open
 
     where = Path(run_dir) / INIT_STATE
-    if not (where / INIT_STATE_META).is_file():
+    if not where.is_dir():
+        return None
+    why = verify_checkpoint(where)  # (every file, before one number of it is trusted)
+    if why is not None:
+        log.warning("warning: %s: not usable (%s); lora.init=%s is computed again", where, why, cfg.lora.init)
         return None
     try:
         saved = json.loads((where / INIT_STATE_META).read_text())
     except (OSError, ValueError):
         saved = None
     if saved != json.loads(json.dumps(_fingerprint(cfg))):
-        log.warning("%s: saved with other settings; lora.init=%s is computed again", where, cfg.lora.init)
+        log.warning("warning: %s: saved with other settings; lora.init=%s is computed again", where, cfg.lora.init)
         return None
     model = load()
     try:

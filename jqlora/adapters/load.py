@@ -32,6 +32,13 @@ from jqlora.lora import ADAPTABLE_MODULES, LoraConfig, LoraSpec, match_pattern
 # Import
 
 
+def _positive(value, integer: bool) -> bool:
+    """A positive, finite number (NaN and Infinity are JSON that Python reads); an integer one for ranks."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value <= 0:
+        return False
+    return float(value).is_integer() if integer else True
+
+
 def _read_config(adapter_dir: Path) -> dict:
     path = adapter_dir / CONFIG_NAME
     if not adapter_dir.is_dir():
@@ -73,9 +80,14 @@ def _read_config(adapter_dir: Path) -> dict:
         if pattern not in (None, "", [], "layers", ["layers"]):
             raise AdapterError(f"{path}: layers_pattern={pattern!r} is not supported by jqlora (its decoder layers "
                                "are model.layers; use null or 'layers')")
-    for key in ("r", "lora_alpha"):
-        if not isinstance(cfg.get(key), (int, float)) or isinstance(cfg.get(key), bool) or cfg[key] <= 0:
-            raise AdapterError(f"{path}: {key} must be a positive number, got {cfg.get(key)!r}")
+    for key, integer in (("r", True), ("lora_alpha", False)):  # (and every value of their patterns)
+        pattern = cfg.get("rank_pattern" if integer else "alpha_pattern") or {}
+        if not isinstance(pattern, dict):
+            raise AdapterError(f"{path}: {'rank_pattern' if integer else 'alpha_pattern'} must be an object")
+        for name, value in [(key, cfg.get(key)), *((f"{key} of {k}", v) for k, v in pattern.items())]:
+            if not _positive(value, integer):
+                raise AdapterError(f"{path}: {name} must be a positive finite {'integer' if integer else 'number'}"
+                                   f", got {value!r}")
     if check_config(cfg, path) and (cfg.get("lora_dropout") or cfg.get("use_dora")):  # (peft refuses these too)
         raise AdapterError(f"{path}: expert adapters (target_parameters) with lora_dropout={cfg.get('lora_dropout')}"
                            f" / use_dora={cfg.get('use_dora')}: peft allows neither on target_parameters")

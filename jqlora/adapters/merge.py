@@ -96,9 +96,11 @@ def merge_to_hf(
     max_shard_bytes: int = 5 * 10**9,
     overwrite: bool = False,
     chat_template: str | None = None,
+    checksums: bool = False,
 ) -> Path:
     """Write ``model`` (base + adapters) as a plain Hugging Face checkpoint; ``base_path`` supplies config/tokenizer
-    (written for transformers 4.x and 5.x, with ``chat_template``, the one training used, when given)."""
+    (written for transformers 4.x and 5.x, with ``chat_template``, the one training used, when given).
+    ``checksums``: with a CHECKSUMS file, for a checkpoint the run reads back (a LoftQ run's ``base/``)."""
     if dtype not in quant.DTYPES:
         raise ExportError(f"--dtype {dtype!r}: expected one of {', '.join(quant.DTYPES)}")
     config = dict(read_config(base_path))
@@ -108,7 +110,7 @@ def merge_to_hf(
     table = hf_key_table(model.config)
     out_dtype = jnp.dtype(dtype)
     need = sum(int(np.prod(entry.shape)) for entry in table) * out_dtype.itemsize
-    with atomic_directory(dst, overwrite=overwrite, error=ExportError, need=need) as tmp:
+    with atomic_directory(dst, overwrite=overwrite, error=ExportError, need=need, checksums=checksums) as tmp:
         writer = ShardWriter(tmp, max_shard_bytes, {"format": "pt"})
         for entry in tqdm(table, desc="merging", unit="tensor", disable=None, dynamic_ncols=True):
             value = merged_tensor(model, entry)

@@ -25,6 +25,8 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from jqlora.checkpoints.checksums import write_checksums
+
 WEIGHTS = "model.safetensors"
 WEIGHTS_INDEX = "model.safetensors.index.json"
 # Files copied along with model weights (tokenizer, chat template, generation config).
@@ -130,14 +132,16 @@ def clean_leftovers(dst: str | os.PathLike) -> list[Path]:
 
 
 @contextlib.contextmanager
-def atomic_directory(dst: str | os.PathLike, *, overwrite: bool = False,
-                     error: type[ValueError] = OutputError, need: int | None = None) -> Iterator[Path]:
+def atomic_directory(dst: str | os.PathLike, *, overwrite: bool = False, error: type[ValueError] = OutputError,
+                     need: int | None = None, checksums: bool = False) -> Iterator[Path]:
     """Yield a temporary directory beside ``dst``; on success it replaces ``dst``, on failure it is removed.
 
     A non-empty ``dst`` is an ``error`` unless ``overwrite``; even then it is only removed after the new directory
     is complete and in place. Leftovers of earlier interrupted writes of ``dst`` are removed first (and said so); a
     full disk while writing becomes one ``error`` line naming the file. ``need``: the bytes about to be written,
-    checked against the free space before anything is written.
+    checked against the free space before anything is written. ``checksums``: write ``CHECKSUMS`` (size and sha256
+    of every file, `jqlora.checkpoints.checksums`) last, for a directory that is read back and trusted later. The
+    directory and its files get the modes the umask gives (not ``mkdtemp``'s private 0700).
     """
     dst = Path(dst)
     clean_leftovers(dst)
@@ -161,6 +165,9 @@ def atomic_directory(dst: str | os.PathLike, *, overwrite: bool = False,
             target = getattr(e, "filename", None) or dst
             raise disk_full_error(e, target, error=error) from None
         raise
+    honour_umask(tmp)
+    if checksums:
+        write_checksums(tmp)
     old = None
     if dst.exists():
         if dst.is_dir() and not any(dst.iterdir()):
@@ -171,6 +178,25 @@ def atomic_directory(dst: str | os.PathLike, *, overwrite: bool = False,
     os.replace(tmp, dst)
     if old is not None:
         shutil.rmtree(old) if old.is_dir() else old.unlink()
+
+
+def umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def honour_umask(root: Path) -> None:
+    """Give ``root`` and everything in it the modes a plain ``mkdir`` / ``open`` would have (0777 / 0666 less the
+    umask): ``mkdtemp`` and ``mkstemp`` create them private whatever the umask."""
+    mask = umask()
+    for p in [root, *root.rglob("*")]:
+        if p.is_symlink():
+            continue
+        mode = (0o777 if p.is_dir() else 0o666) & ~mask
+        if p.is_file() and os.stat(p).st_mode & 0o100:  # (an executable stays executable)
+            mode = 0o777 & ~mask
+        os.chmod(p, mode)
 
 
 def save_safetensors(tensors: dict[str, Any], path: Path, metadata: dict[str, str] | None = None) -> None:

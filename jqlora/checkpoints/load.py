@@ -8,6 +8,8 @@ import functools
 import os
 from typing import Any
 
+import numpy as np
+
 from jax.sharding import Mesh
 
 from jqlora.checkpoints.conversion import is_jqlora_dir, load_jqlora
@@ -80,10 +82,15 @@ def _naming_the_tensor(build, cfg: ModelConfig, get: TensorGetter, file_of, **kw
     """``build(cfg, get, **kwargs)``, where a ValueError about a tensor's values (NaN/Inf weights, ...) becomes a
     `ConvertError` naming the checkpoint file and the key of the tensor it came from."""
     last: list[str | None] = [None]
+    quantized = set() if kwargs.get("quant", "none") == "none" else {
+        e.key for e in hf_key_table(cfg) if e.kind == "linear"}  # (quantize checks these itself, on the way)
 
     def tracked(key: str):
         last[0] = key
-        return get(key)
+        value = get(key)
+        if key not in quantized:
+            check_finite(value)
+        return value
 
     try:
         return build(cfg, tracked, **kwargs)
@@ -101,6 +108,26 @@ def _naming_the_tensor(build, cfg: ModelConfig, get: TensorGetter, file_of, **kw
         except (KeyError, ValueError):  # (a key the checkpoint does not hold)
             raise e from None
         raise ConvertError(f"{where}: {key}: {text}") from None
+
+
+def check_finite(value) -> None:
+    """Raise ValueError when a float tensor (the embedding, a norm, lm_head, an unquantized kernel) holds NaN/Inf:
+    a weight read as it is, so that nothing downstream (quantization's own check) would name it."""
+    import jax
+    import jax.numpy as jnp
+
+    dtype = getattr(value, "dtype", None)
+    if dtype is None or not jnp.issubdtype(dtype, jnp.floating) or getattr(value, "size", 0) == 0:
+        return
+    if isinstance(value, jax.Array):
+        bad = int(jnp.sum(~jnp.isfinite(value), dtype=jnp.int32))
+    elif isinstance(value, np.ndarray):
+        bad = int(np.count_nonzero(~np.isfinite(value)))
+    else:
+        return
+    if bad:
+        raise ValueError(f"{bad} NaN/Inf of {value.size} values (the checkpoint is damaged: this weight is not "
+                         "finite)")
 
 
 def _name(path: str | os.PathLike) -> str:

@@ -146,7 +146,7 @@ class Checkpoint:
             try:
                 self._torch_shards[f] = torch.load(str(f), map_location="cpu", weights_only=True, mmap=True)
             except Exception as e:  # noqa: BLE001 - torch raises many types for a bad file
-                raise ConvertError(f"{f}: unreadable PyTorch checkpoint ({type(e).__name__}: {e})") from None
+                raise ConvertError(_torch_load_error(f, e)) from None
         return self._torch_shards[f]
 
     # -- access
@@ -311,3 +311,18 @@ def check_checkpoint(ckpt: Checkpoint) -> list:
                 "from config.json"
             )
     return table
+
+
+def _torch_load_error(f: Path, e: Exception) -> str:
+    """One line for a .bin that torch's weights-only unpickler refused (a pickle that would import or call
+    something: possibly malicious) or could not read; never torch's advice to load it without that protection."""
+    import re
+
+    text = str(e)
+    if "Weights only load failed" in text or type(e).__name__ == "UnpicklingError":
+        found = re.search(r"GLOBAL ([\w.]+)", text)
+        what = f"a reference to {found.group(1)}" if found else "objects other than tensors"
+        return (f"{f}: refused: this pickle holds {what}, code that loading would run (jqlora reads .bin "
+                "checkpoints only with torch's weights-only loader); use a safetensors copy from a source you trust")
+    first = text.strip().splitlines()[0] if text.strip() else ""
+    return f"{f}: unreadable PyTorch checkpoint ({type(e).__name__}: {first})"

@@ -170,8 +170,16 @@ def _from_datasets(name: str, split: str, load) -> list[Record]:
 
 
 def _read_json_file(path: str) -> list[Record]:
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:  # (the line and column of the first byte that is not UTF-8)
+        lineno = raw.count(b"\n", 0, e.start) + 1
+        col = e.start - (raw.rfind(b"\n", 0, e.start) + 1) + 1
+        raise DataError(f"{path}:{lineno}: not valid UTF-8 (byte 0x{raw[e.start]:02x} at column {col}); save the "
+                        "file as UTF-8") from None
+    text = text.replace("\r\n", "\n").replace("\r", "\n")  # (as a text-mode open reads it)
     if path.lower().endswith(".json") and text.lstrip().startswith("["):  # a JSON array of records
         try:
             rows = json.loads(text)

@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from importlib import resources
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -58,7 +58,7 @@ _ABSMAX_FLOOR = np.float32(np.finfo(np.float32).tiny)
 
 def _load_codebooks() -> dict[str, np.ndarray]:
     books: dict[str, list[tuple[int, np.float32]]] = {}
-    text = resources.files(__package__).joinpath("codebooks.txt").read_text()
+    text = (Path(__file__).resolve().parent / "codebooks.txt").read_text()  # (beside this file, from any cwd)
     for line in text.splitlines():
         if not line.strip() or line.startswith("#"):
             continue

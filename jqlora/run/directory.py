@@ -23,9 +23,9 @@ and the space free, and the earlier checkpoints stay as they were.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
+import re
 import shutil
 import time
 from pathlib import Path
@@ -34,6 +34,7 @@ from typing import Any
 import jax
 
 from jqlora.checkpoints import OutputError, check_free_space, is_disk_full
+from jqlora.run import background, journal
 from jqlora.run.checksums import CHECKSUMS, verify_checkpoint, write_checksums
 from jqlora.run.lock import LockError, RunLock
 
@@ -76,10 +77,15 @@ class RunDir:
         self._keep = keep
         self._create = create
         self._manager = None
+        self._failed = False  # (a save failed: its background threads are not waited for again)
 
     def close(self) -> None:
-        """Wait for pending writes and release the lock."""
-        self.wait()
+        """Wait (bounded) for pending writes and release the lock."""
+        try:
+            if not self._failed:
+                self.wait()
+        except Exception as e:  # noqa: BLE001 - closing: the save's own error was already reported
+            log.debug("closing %s: %s", self.out, e)
         if self._lock is not None:
             self._lock.release()
             self._lock = None
@@ -166,20 +172,25 @@ class RunDir:
         except OutputError as e:
             raise CheckpointError(str(e)) from None
         try:
-            self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                            meta=ocp.args.JsonSave(meta)), force=True)
-            self.manager.wait_until_finished()
+            with background.quiet_orbax():  # (orbax's thread tracebacks; the failure is reported in one line)
+                self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                                meta=ocp.args.JsonSave(meta)), force=True)
+                background.bounded(self.manager.wait_until_finished, f"checkpoint {self.step_dir(step)}")
             if self.primary:
                 write_checksums(self.step_dir(step))
             _barrier("jqlora-rundir-checksums")  # (every process sees a complete checkpoint from here on)
         except Exception as e:  # noqa: BLE001 - orbax wraps the OSError of a full disk in its own types
-            if not is_disk_full(e):
-                raise
+            self._failed = True
+            self._manager = None  # (a later save starts a fresh manager, not one with a failed thread)
             self._discard_partial(step)
-            free = shutil.disk_usage(self.checkpoints).free
-            raise CheckpointError(
-                f"no space left on device writing checkpoint {self.step_dir(step)}: it needs about "
-                f"{_mb(need)}, {_mb(free)} free; earlier checkpoints are intact") from None
+            if is_disk_full(e):
+                free = shutil.disk_usage(self.checkpoints).free
+                raise CheckpointError(
+                    f"no space left on device writing checkpoint {self.step_dir(step)}: it needs about "
+                    f"{_mb(need)}, {_mb(free)} free; earlier checkpoints are intact") from None
+            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            raise CheckpointError(f"writing checkpoint {self.step_dir(step)} failed ({type(e).__name__}: "
+                                  f"{first}); earlier checkpoints are intact") from None
         self._rotate(step)
 
     def _discard_partial(self, step: int) -> None:
@@ -221,27 +232,30 @@ class RunDir:
 
     def wait(self) -> None:
         if self._manager is not None:
-            self._manager.wait_until_finished()
+            background.bounded(self._manager.wait_until_finished, f"saving in {self.checkpoints}")
 
     # -- metrics ----------------------------------------------------------------------------------------------------
 
     def log(self, record: dict) -> None:
+        """Append one record to metrics.jsonl, whole or not at all (`jqlora.run.journal`)."""
         if not self.primary:
             return
-        with open(self.metrics_path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        try:
+            journal.append(self.metrics_path, record)
+        except journal.JournalError as e:
+            raise RunDirError(str(e)) from None
 
     def read_metrics(self) -> list[dict]:
         return read_metrics(self.metrics_path)
 
     def truncate_metrics(self, step: int) -> None:
         """Drop metric lines written after the checkpoint we resume from (they will be written again)."""
-        if not self.primary or not os.path.isfile(self.metrics_path):
+        if not self.primary:
             return
-        with open(self.metrics_path) as f:
-            lines = [ln for ln in f if ln.strip() and json.loads(ln).get("step", 0) <= step]
-        with open(self.metrics_path, "w") as f:
-            f.writelines(lines)
+        try:
+            journal.rewrite(self.metrics_path, lambda r: r.get("step", 0) <= step)
+        except journal.JournalError as e:
+            raise RunDirError(str(e)) from None
 
     def plot(self) -> None:
         """loss.png: train and eval loss against the optimizer step."""
@@ -283,10 +297,11 @@ def _mb(n: int) -> str:
 
 
 def read_metrics(path: str | os.PathLike) -> list[dict]:
-    if not os.path.isfile(path):
-        return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    """The records of a metrics.jsonl (a torn last line skipped with a warning)."""
+    try:
+        return journal.read(path)
+    except journal.JournalError as e:
+        raise RunDirError(str(e)) from None
 
 
 def check_writable(out: str) -> None:
@@ -319,6 +334,12 @@ def find_run(src: str | os.PathLike, step: int | None = None) -> tuple[Path, int
 # Whose directory is it? (a run never writes into another run's or a stranger's directory)
 
 
+# What a run writes at its start, before its config.yaml (PiSSA / LoftQ: jqlora.adapters.init_state), and the
+# temporary names of its atomic writes (jqlora.checkpoints.io.atomic_directory) of those and of the adapter.
+_START_DIRS = ("init_state", "init_adapter", "base")
+_OWN_PARTIAL = re.compile(r"^\.(init_state|init_adapter|base|adapter)\.(partial|old)-")
+
+
 def _entries(out: str | os.PathLike) -> list[str]:
     """The directory's entries, without this module's own write probes."""
     if not os.path.isdir(out):
@@ -326,10 +347,25 @@ def _entries(out: str | os.PathLike) -> list[str]:
     return sorted(e for e in os.listdir(out) if not e.startswith(".write_test."))
 
 
+def _run_start_only(out: str | os.PathLike, entries: list[str]) -> bool:
+    """Whether ``out`` holds only what a run's start writes, or the partial writes of it that a kill left: that
+    run is started afresh (it rewrites all of them), not refused as a stranger's directory."""
+    ours = os.path.join(out, "init_state")  # (its init_state.json and CHECKSUMS: no stranger's folder has both)
+    saved = os.path.isfile(os.path.join(ours, "init_state.json")) and os.path.isfile(os.path.join(ours, CHECKSUMS))
+    for e in entries:
+        if _OWN_PARTIAL.match(e):
+            continue
+        if e in _START_DIRS and saved and os.path.isdir(os.path.join(out, e)):
+            continue
+        return False
+    return True
+
+
 def dir_kind(out: str | os.PathLike) -> str:
-    """"empty" (missing or empty), "run" (a jqlora run: it has config.yaml) or "foreign" (anything else)."""
+    """"empty" (missing, empty, or only a run's start files and its own partial writes), "run" (a jqlora run: it
+    has config.yaml) or "foreign" (anything else)."""
     entries = _entries(out)
-    if not entries:
+    if not entries or ("config.yaml" not in entries and _run_start_only(out, entries)):
         return "empty"
     return "run" if "config.yaml" in entries else "foreign"
 
@@ -373,6 +409,26 @@ def read_saved_config(out: str | os.PathLike):
         raise RunDirError(f"{path}: unreadable ({str(e).splitlines()[0]}); move it or set another output_dir") from None
 
 
+def _read_paths(cfg) -> list[tuple[str, str]]:
+    """(key, local path) of everything a run reads: the model, tokenizer, data and init_from folders or files."""
+    keys = [("model.path", cfg.model.path), ("model.tokenizer_path", cfg.model.tokenizer_path),
+            ("data.path", cfg.data.path), ("data.eval_path", cfg.data.eval_path),
+            ("lora.init_from", cfg.lora.init_from)]
+    return [(k, str(v)) for k, v in keys if v and os.path.exists(str(v))]
+
+
+def check_not_read(cfg) -> None:
+    """Refuse (one line, before anything moves) to move ``output_dir`` aside when the run reads from it: the model,
+    tokenizer, data or init_from path is ``output_dir`` itself or inside it."""
+    out = os.path.realpath(cfg.output_dir)
+    for key, path in _read_paths(cfg):
+        real = os.path.realpath(path)
+        if real == out or real.startswith(out.rstrip(os.sep) + os.sep):
+            raise RunDirError(f"output_dir {cfg.output_dir}: train.overwrite=true would move it aside, but {key} "
+                              f"{path} is {'that folder' if real == out else 'inside it'} and this run reads it; "
+                              "choose another output_dir (nothing was moved)")
+
+
 def open_run_dir(cfg, *, primary: bool = True, barrier=None, lock: RunLock | None = None
                  ) -> tuple[RunDir, str | None]:
     """The `RunDir` of ``cfg.output_dir`` once it is this run's to write, and a note to print (or None).
@@ -408,6 +464,7 @@ def open_run_dir(cfg, *, primary: bool = True, barrier=None, lock: RunLock | Non
                                   "back, choose a new output_dir, or set train.overwrite=true to move the old run "
                                   "aside)")
     if aside:
+        check_not_read(cfg)
         target = aside_name(out)
         if primary:
             target = move_aside(out)

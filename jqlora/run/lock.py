@@ -22,8 +22,9 @@ log = logging.getLogger("jqlora.rundir")
 
 
 def lock_path(out: str | os.PathLike) -> str:
-    """``<parent>/.<name>.lock`` for the run directory ``out``."""
-    out = os.path.abspath(os.fspath(out))
+    """``<parent>/.<name>.lock`` for the run directory ``out``, resolved (`os.path.realpath`): every name of one
+    directory (a symlink to it, or through a symlinked parent) has the same lock."""
+    out = os.path.realpath(os.fspath(out))
     return os.path.join(os.path.dirname(out), f".{os.path.basename(out)}.lock")
 
 

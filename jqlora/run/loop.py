@@ -34,7 +34,7 @@ from jqlora.config import save_config
 from jqlora.data import BatchIterator, build_datasets, eval_batches, load_tokenizer
 from jqlora.data import stats
 from jqlora.lora import LoraConfig, NoLoraError, SplitModel
-from jqlora.run import progress
+from jqlora.run import background, progress
 from jqlora.run.directory import RunDir, RunDirError, open_run_dir
 from jqlora.run.divergence import DivergenceMonitor
 from jqlora.run.lock import LockError, RunLock
@@ -164,6 +164,7 @@ class Trainer:
         self.eval_accuracy: float | None = None  # of the last evaluate(): trained tokens predicted right (argmax)
         self._stop_signal: int | None = None
         self._saved_step: int | None = None
+        self._warned_divergence = False
         self.monitor = DivergenceMonitor(uniform_loss=math.log(self.model.config.vocab_size))
 
     # -- checkpoints ------------------------------------------------------------------------------------------------
@@ -227,7 +228,10 @@ class Trainer:
                                     self.cfg, self.out)
 
     def _log(self, record: dict) -> None:
-        self.run_dir.log(record)
+        try:
+            self.run_dir.log(record)
+        except RunDirError as e:  # (a full disk: the file keeps whole records, the run resumes from a checkpoint)
+            raise UserError(str(e)) from None
         self.run_dir.plot()  # (loss.png as of this log or eval window)
         if self.writers is not None:
             self.writers.write(record)
@@ -295,7 +299,10 @@ class Trainer:
 
         from jqlora.run.metrics import MetricWriters, WriterError
 
-        self.maybe_resume()
+        try:
+            self.maybe_resume()
+        except RunDirError as e:
+            raise UserError(str(e)) from None
         if self.primary:
             save_config(self.cfg, self.run_dir.config_path)
         try:
@@ -312,6 +319,12 @@ class Trainer:
             # with a progress bar, log lines are written above it, not through it
             with logging_redirect_tqdm() if self.progress else contextlib.nullcontext():
                 return self._loop()
+        except UserError as e:
+            if background.stuck():  # (a save thread that never ends would hold the process at exit, forever)
+                if self.writers is not None:
+                    self.writers.close()
+                background.exit_now(f"error: {str(e).splitlines()[0]}", 2)
+            raise
         finally:
             for sig, h in handlers.items():
                 signal.signal(sig, h)
@@ -373,7 +386,8 @@ class Trainer:
                         bar.close()
                         return self._stop_bad(f"training diverged at step {self.step}: {diverged}",
                                               bad_from=self.monitor.streak_start or self.step - 1)
-                    if self.monitor.streak == self.monitor.patience and self.primary:
+                    if not self._warned_divergence and self.primary:
+                        self._warned_divergence = True
                         log.warning("warning: training diverged at step %d: %s; going on "
                                     "(train.stop_on_divergence=false)", self.step, diverged)
             if tc.eval_every and self.step % tc.eval_every == 0 and self.eval_ds is not None:
@@ -398,6 +412,14 @@ class Trainer:
                     return 0
                 return EXIT_CODES.get(self._stop_signal, 130)
         bar.close()
+        verdict = None if self._warned_divergence else self.monitor.finish()  # (the final windows, as they stand)
+        if verdict is not None:
+            if tc.stop_on_divergence:
+                return self._stop_bad(f"training diverged by the end of the run (step {self.step}): {verdict}",
+                                      bad_from=self.monitor.streak_start or self.step - 1)
+            if self.primary:
+                log.warning("warning: training diverged by the end of the run (step %d): %s; going on "
+                            "(train.stop_on_divergence=false)", self.step, verdict)
         if self.eval_ds is not None and self.evaluated_at != self.step:
             self._log_eval()
         self.save()
