@@ -53,10 +53,13 @@ def test_a_run_from_the_flat_layout_resumes_and_equals_an_uninterrupted_one(tmp_
     want = losses(straight)
     got = losses(old)
     assert sorted(got) == sorted(want) == [1, 2, 3, 4]
-    np.testing.assert_allclose([got[s] for s in (1, 2)], [want[s] for s in (1, 2)], rtol=1e-7)
-    np.testing.assert_allclose([got[s] for s in (3, 4)], [want[s] for s in (3, 4)], rtol=1e-7)
+    # Steps 1-2 of the fixture were computed on another machine, whose XLA CPU code rounds float32 sums differently
+    # (1.2e-7 in one adapter element on an AMD EPYC with AVX-512): the tolerance is 1e-6. A resume that got anything
+    # wrong (data position, optimizer state, schedule) moves the adapter by about one Adam step, lr = 2e-3.
+    np.testing.assert_allclose([got[s] for s in (1, 2)], [want[s] for s in (1, 2)], rtol=1e-6)
+    np.testing.assert_allclose([got[s] for s in (3, 4)], [want[s] for s in (3, 4)], rtol=1e-6)
     a = load_file(str(straight / "adapter" / "adapter_model.safetensors"))
     b = load_file(str(old / "adapter" / "adapter_model.safetensors"))
     assert a.keys() == b.keys() and len(a) > 0
     for k in a:
-        np.testing.assert_allclose(b[k], a[k], rtol=1e-7, atol=1e-7, err_msg=k)
+        np.testing.assert_allclose(b[k], a[k], rtol=1e-6, atol=1e-6, err_msg=k)
