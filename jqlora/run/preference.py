@@ -47,7 +47,7 @@ def read_examples(cfg, tokenizer) -> tuple[list, list | None]:
         return reader.read_preference_examples(path, tokenizer, kind=kind, max_length=d.max_length,
                                                max_prompt_length=p.max_prompt_length,
                                                truncation_mode=p.truncation_mode, split=split,
-                                               chat_template=d.chat_template)
+                                               chat_template=d.chat_template, subset=d.subset)
 
     train = read(d.path, d.split)
     if d.eval_path is not None or d.eval_split is not None:
