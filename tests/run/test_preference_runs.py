@@ -128,9 +128,14 @@ def test_cli_trains_dpo_with_trl_metric_names(assets, pref, tmp_path):
     out = tmp_path / "cli"
     r = _cli(f"model.path={assets / 'model'}", f"data.path={pref / 'prefs.jsonl'}", f"output_dir={out}",
              "data.max_length=32", "lora.r=4", "train.objective=dpo", "train.max_steps=2", "train.batch_size=2",
-             "train.grad_accum_steps=1", "train.log_every=1", "data.packing=true", "log.tensorboard=false")
+             "train.grad_accum_steps=1", "train.log_every=1", "data.packing=true", "log.tensorboard=false",
+             f"data.eval_path={pref / 'prefs.jsonl'}", "train.eval_every=0")
     assert r.returncode == 0, r.stderr[-2000:]
     assert "data.packing=true does not apply to preference data" in r.stderr
+    evals = [x for x in _records(out) if "eval_loss" in x]
+    assert [x["step"] for x in evals] == [0, 2]  # before training (policy = reference) and at the end
+    assert evals[0]["eval_loss"] == pytest.approx(math.log(2), abs=1e-6) and evals[0]["eval_rewards/margins"] == 0
+    assert np.isfinite(evals[1]["eval_rewards/chosen"]) and evals[1]["eval_logps/rejected"] < 0
     rows = [x for x in _records(out) if "loss" in x]
     assert len(rows) == 2
     for k in ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
@@ -153,3 +158,8 @@ def test_cli_bad_preference_data_is_one_line_nothing_written(assets, pref, tmp_p
     assert len(lines) == 1 and f"{bad}:2" in lines[0] and "rejected" in lines[0], r.stderr
     assert "Traceback" not in r.stderr
     assert not out.exists() or not any(p.is_file() for p in out.rglob("*")), list(out.rglob("*"))
+    dry = _cli("--dry-run", f"model.path={assets / 'model'}", f"data.path={bad}", "train.objective=dpo")
+    assert dry.returncode == 2 and f"{bad}:2" in dry.stderr.strip().splitlines()[-1]
+    good = _cli("--dry-run", f"model.path={assets / 'model'}", f"data.path={pref / 'prefs.jsonl'}",
+                "train.objective=kto")
+    assert good.returncode == 0 and ": 16 examples" in good.stdout, good.stderr  # (8 pairs unpaired, as TRL does)
