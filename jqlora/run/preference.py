@@ -131,8 +131,9 @@ class PreferenceTrainer(Trainer):
             total = total + value
             metrics.append(m)
         self.step += 1
-        trained = int(sum(jnp.sum(b["completion_mask"]) for b in micro))
-        tokens = int(sum(jnp.sum(b["segment_ids"] > 0) for b in micro))
+        rows = slice(0, 1) if self.objective.kind == "kto" else slice(None)  # (not KTO's mismatched rows)
+        trained = int(sum(jnp.sum(b["completion_mask"][:, rows]) for b in micro))
+        tokens = int(sum(jnp.sum(b["segment_ids"][:, rows] > 0) for b in micro))
         self.trained_tokens += trained
         self._window_metrics.append(_mean_over(metrics))
         return float(total) / k, trained, tokens

@@ -75,6 +75,18 @@ def test_first_dpo_loss_is_ln2(assets, pref, tmp_path):
     assert abs(ref_base.one_step()[0] - math.log(2)) > 1e-3  # the trained adapter is not the base
 
 
+def test_dora_base_reference_is_the_base(assets, pref, tmp_path):
+    """reference=base with DoRA: the reference tree has A = B = 0 and magnitudes ‖W‖, i.e. the base itself, so a
+    fresh DoRA adapter (policy = base) starts at ln 2 exactly; any other magnitude would not."""
+    cfg = _cfg(assets, pref, tmp_path / "dora", "lora.dora=true", "train.max_steps=1", "train.batch_size=2",
+               "train.grad_accum_steps=1")
+    t = PreferenceTrainer(cfg, export=False)
+    t.maybe_resume()
+    mags = [np.asarray(x) for p, x in jax.tree_util.tree_leaves_with_path(t.ref_lora) if "magnitude" in str(p)]
+    assert mags and all(m.min() > 0 for m in mags)
+    assert t.one_step()[0] == np.float32(math.log(2))
+
+
 def test_accumulation_equals_big_batch(assets, pref, tmp_path):
     common = ["train.max_steps=3", "train.adam_eps=1e-4", "train.max_grad_norm=0.5"]
     big = PreferenceTrainer(_cfg(assets, pref, tmp_path / "big", "train.batch_size=4", "train.grad_accum_steps=1",
