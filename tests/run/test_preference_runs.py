@@ -131,9 +131,29 @@ def test_resume_equals_uninterrupted(assets, pref, tmp_path):
     assert keep(_records(tmp_path / "b")) == keep(_records(tmp_path / "a"))
 
 
-def _cli(*args):
+def _cli(*args, env=None):
     return subprocess.run([sys.executable, "-m", "jqlora.train", "--no-progress", *args], capture_output=True,
-                          text=True, cwd=REPO)
+                          text=True, cwd=REPO, env=env)
+
+
+def test_sharded_equals_one_device(assets, pref, tmp_path):
+    """DPO on a 2 x 2 (fsdp x tensor) mesh of 4 host devices = one device: pairs stay whole on a device ([B, 2, S]
+    batches sharded by pairs), the reference tree is placed like the adapters."""
+    import os
+
+    args = [f"model.path={assets / 'model'}", f"data.path={pref / 'prefs.jsonl'}", "data.max_length=32", "lora.r=4",
+            "lora.alpha=8", "lora.dropout=0", "train.objective=dpo", "train.max_steps=2", "train.batch_size=4",
+            "train.grad_accum_steps=1", "train.log_every=1", "train.warmup_steps=0", "train.learning_rate=1e-2",
+            "log.tensorboard=false", f"lora.init_from={pref / 'adapter'}", "preference.reference=init"]
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
+    one = _cli(*args, f"output_dir={tmp_path / 'one'}", "mesh.fsdp=1")
+    four = _cli(*args, f"output_dir={tmp_path / 'four'}", "mesh.fsdp=2", "mesh.tensor=2", env=env)
+    assert one.returncode == 0 and four.returncode == 0, (one.stderr[-1500:], four.stderr[-1500:])
+    a, b = ([x for x in _records(tmp_path / d) if "loss" in x] for d in ("one", "four"))
+    assert len(a) == len(b) == 2 and a[1]["loss"] != a[0]["loss"]
+    for x, y in zip(a, b):
+        for k in ("loss", "rewards/margins", "logps/chosen", "logps/rejected"):
+            assert abs(x[k] - y[k]) <= 1e-5 * max(1.0, abs(x[k])), (k, x[k], y[k])
 
 
 def test_cli_trains_dpo_with_trl_metric_names(assets, pref, tmp_path):
