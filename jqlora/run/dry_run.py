@@ -43,8 +43,6 @@ def _output_dir_line(cfg) -> str:
 
 def dry_run(cfg, out=print) -> int:
     from jqlora.data import BatchIterator, DataError, build_datasets, load_tokenizer
-    from jqlora.models import ModelConfig
-    from jqlora.planning.memory import memory_plan, settings_from_config
     from jqlora.training import optim
 
     from jqlora.run.model import ensure_demo_model
@@ -55,6 +53,8 @@ def dry_run(cfg, out=print) -> int:
         raise DryRunError(f"model.path {cfg.model.path}: no config.json (not a Hugging Face checkpoint directory)")
     out("# resolved config")
     out(config_to_yaml(cfg).rstrip())
+    if cfg.train.objective != "sft":
+        return _preference_dry_run(cfg, out)
     try:
         tokenizer = load_tokenizer(cfg.model.tokenizer_path or cfg.model.path)
         train_ds, eval_ds = build_datasets(cfg.data, tokenizer, seed=cfg.train.seed)
@@ -80,6 +80,43 @@ def dry_run(cfg, out=print) -> int:
     for line in stats.settings_warnings(cfg, train_ds, total):
         out(line)
     out(_output_dir_line(cfg))
+    _plan(cfg, out)
+    out("\ndry run: no weights loaded, nothing written")
+    return 0
+
+
+def _preference_dry_run(cfg, out) -> int:
+    """The preference objectives' dry run: the examples read, the first one's ids decoded, the memory plan."""
+    from jqlora.data import DataError, load_tokenizer
+    from jqlora.run.preference import read_examples
+
+    try:
+        tokenizer = load_tokenizer(cfg.model.tokenizer_path or cfg.model.path)
+        train, ev = read_examples(cfg, tokenizer)
+    except DataError as e:
+        raise DryRunError(str(e).splitlines()[0]) from None
+    kind = "examples" if cfg.train.objective == "kto" else "pairs"
+    out(f"\n# data\ntrain ({cfg.data.path}): {len(train)} {kind}; eval: {len(ev) if ev else 'none'}")
+    if train:
+        ex = train[0]
+        out(f"\n# example 1 ({getattr(ex, 'where', '')})\nprompt: {tokenizer.decode(list(ex.prompt))!r}")
+        for name in ("chosen", "rejected", "completion"):
+            if hasattr(ex, name):
+                out(f"{name}: {tokenizer.decode(list(getattr(ex, name)))!r}")
+    if cfg.data.packing:
+        out("note: data.packing=true does not apply to preference data: each pair is padded to data.max_length")
+    out(_output_dir_line(cfg))
+    _plan(cfg, out)
+    out("(a preference step: 2 rows per pair; the reference forward pass adds about 1% temporary memory)")
+    out("\ndry run: no weights loaded, nothing written")
+    return 0
+
+
+def _plan(cfg, out) -> None:
+    from jqlora.models import ModelConfig
+    from jqlora.planning.memory import memory_plan, settings_from_config
+
+    model_json = os.path.join(cfg.model.path, "config.json")
     out("\n# memory plan per device (python -m jqlora.plan)")
     try:
         shape = ModelConfig.from_hf(model_json)
@@ -92,5 +129,3 @@ def dry_run(cfg, out=print) -> int:
     out(p.table())
     if cfg.train.remat == "auto":
         out("(train.remat=auto picks on the device; shown: full)")
-    out("\ndry run: no weights loaded, nothing written")
-    return 0
