@@ -39,6 +39,7 @@ from jqlora.run.directory import RunDir, RunDirError, open_run_dir
 from jqlora.run.divergence import DivergenceMonitor
 from jqlora.run.lock import LockError, RunLock
 from jqlora.run.model import UserError, build_model
+from jqlora.run.samples import Samples, readable
 from jqlora.training import optim
 from jqlora.training.step import CE_CHUNK, make_eval_stats_step, make_train_step, step_batch
 
@@ -54,12 +55,6 @@ def _absolute(path: str | None) -> str | None:
 
 
 EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}  # 128 + the signal's number, as shells report them
-
-
-def _readable(text: str) -> str:
-    """A reply fit to print: no control characters, no U+FFFD of bytes that are not UTF-8 (a random model's)."""
-    shown = "".join(c if c.isprintable() else " " for c in text.replace("\ufffd", ""))
-    return " ".join(shown.split()) or "(no text)"
 
 
 def _open_run_dir(cfg, primary: bool) -> RunDir:
@@ -89,7 +84,7 @@ def _open_run_dir(cfg, primary: bool) -> RunDir:
 # The trainer
 
 
-class Trainer:
+class Trainer(Samples):
     """Builds everything from a `jqlora.config.Config` and runs (or resumes) training; `run()` returns an exit code."""
 
     def __init__(self, cfg, *, progress: bool | None = None, export: bool = True, ce_chunk: int = CE_CHUNK):
@@ -261,7 +256,7 @@ class Trainer:
         if self.primary:
             log.info(progress.eval_line(rec))
             for x in samples:
-                log.info("  sample: %s -> %s", x["prompt"], _readable(x["reply"]))
+                log.info("  sample: %s -> %s", x["prompt"], readable(x["reply"]))
         self.evaluated_at = self.step
 
     def eval_metrics(self, loss: float) -> dict:
@@ -458,42 +453,6 @@ class Trainer:
             print(f"error: {why}; stopped without saving (last good checkpoint: {where}). Lower "
                   "train.learning_rate or check the data.", file=sys.stderr)
         return 1
-
-    def _reply(self, ids, max_new_tokens: int = 32) -> str:
-        from jqlora.models.decode import generate
-
-        out = generate(self.split.model(self.lora), np.asarray(ids, np.int32), max_new_tokens=max_new_tokens,
-                       eos_token_id=self.tokenizer.eos_token_id)
-        return self.tokenizer.decode(out, skip_special_tokens=True).strip()
-
-    def sample(self, max_new_tokens: int = 32) -> str | None:
-        """The model's greedy reply to ``train.sample_prompt`` (None without a prompt or a chat template)."""
-        prompt = self.tc.sample_prompt
-        if not prompt or not getattr(self.tokenizer, "chat_template", None) or jax.process_count() > 1:
-            return None  # (generation is single-process)
-        ids = self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                                 tokenize=True, return_dict=True)["input_ids"]
-        return self._reply(ids, max_new_tokens)
-
-    def eval_samples(self) -> list[dict]:
-        """Greedy replies to the first ``train.eval_samples`` eval prompts (each example up to its first trained
-        token: the conversation so far, rendered as in training)."""
-        n = self.tc.eval_samples
-        if not n or self.eval_ds is None or jax.process_count() > 1:
-            return []
-        out = []
-        for ex in self.eval_ds.examples[:n]:
-            first = int(np.argmax(np.asarray(ex.trained)[1:] > 0)) + 1
-            ids = list(ex.ids[:first])
-            prompt = self.tokenizer.decode(ids, skip_special_tokens=True).strip().replace("\n", " ")
-            out.append({"prompt": prompt, "reply": self._reply(ids)})
-        return out
-
-    def print_sample(self, when: str) -> None:
-        reply = self.sample()
-        if reply is not None:
-            shown = _readable(reply)
-            print(f"[{when}] {self.tc.sample_prompt}\n    -> {shown}", flush=True)
 
     def export_adapter(self) -> None:
         lora = jax.tree.map(jnp.asarray, parallel.to_host(self.lora))  # (every process takes part in the gather)
