@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import time
 
@@ -69,6 +70,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.dry_run or not _holds_files(cfg.output_dir):  # (a run to resume: its own checks speak first)
         from jqlora.data import DataError, check_data
 
+        if not os.path.isdir(cfg.model.path):  # (the model is named before the data, as the full start does)
+            return _user_error(ConfigError(f"model.path {cfg.model.path}: no such directory"))
         try:
             check_data(cfg.data)  # (seconds, before JAX and the weights)
         except DataError as e:
