@@ -81,11 +81,12 @@ def main(argv: list[str] | None = None) -> int:
         except (ConfigError, DryRunError) as e:
             return _user_error(e)
 
-    from jqlora import parallel
+    from jqlora import compile_cache, parallel
     from jqlora.checkpoints import ConvertError
     from jqlora.data import DataError
     from jqlora.run import Trainer, UserError
 
+    compile_cache.enable()  # (before the first compilation)
     try:
         parallel.initialize_distributed()  # before anything touches the devices
         trainer = Trainer(cfg, progress=False if args.no_progress else None)
