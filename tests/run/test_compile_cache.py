@@ -56,19 +56,25 @@ def test_cache_folder_is_keyed_by_versions(monkeypatch, tmp_path):
     monkeypatch.delenv("XDG_CACHE_HOME")
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     assert compile_cache.base_dir() == str(tmp_path / "home" / ".cache" / "jqlora")
+    before = jax.config.jax_compilation_cache_dir
     for off in ("0", "false", "off"):
         monkeypatch.setenv("JQLORA_COMPILATION_CACHE", off)
-        assert compile_cache.enable() is None and jax.config.jax_compilation_cache_dir is None
+        assert compile_cache.enable() is None and jax.config.jax_compilation_cache_dir == before
 
 
 def test_unwritable_folder_warns_once_and_stays_off(monkeypatch, tmp_path, capsys):
     (tmp_path / "a-file").write_text("")
     monkeypatch.setenv("JQLORA_CACHE_DIR", str(tmp_path / "a-file" / "cache"))  # (a file as a folder: even for root)
     monkeypatch.setenv("JQLORA_COMPILATION_CACHE", "1")
-    assert compile_cache.enable() is None
+    before = jax.config.jax_compilation_cache_dir
+    jax.config.update("jax_compilation_cache_dir", None)  # (JAX's own setting would take precedence)
+    try:
+        assert compile_cache.enable() is None
+        assert jax.config.jax_compilation_cache_dir is None  # (left off)
+    finally:
+        jax.config.update("jax_compilation_cache_dir", before)
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("warning: compilation cache off") and "a-file" in err
-    assert jax.config.jax_compilation_cache_dir is None
 
 
 def test_second_cli_run_hits_the_cache(assets, tmp_path):
