@@ -46,6 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--format", default="jqlora", choices=["jqlora", "bnb"], dest="fmt")
     ap.add_argument("--max-shard-size", default="2GB", help="largest output shard, e.g. 500MB, 5GB (default 2GB)")
     args = ap.parse_intermixed_args(argv)  # (flags anywhere among the arguments)
+    from jqlora import compile_cache
     from jqlora.checkpoints import ConvertError, convert  # (after parsing: --help and usage errors need no JAX)
 
     try:
@@ -53,6 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError:
         print(f"error: --max-shard-size {args.max_shard_size!r}: expected a size such as 500MB or 5GB", file=sys.stderr)
         return 2
+    compile_cache.enable()
     try:
         dst = convert(
             args.src, args.dst, quant_type=args.quant, double_quant=not args.no_double_quant,

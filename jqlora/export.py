@@ -52,6 +52,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="how to load the base for merging (default: as trained)")
     args = ap.parse_intermixed_args(argv)  # (flags anywhere among the arguments)
     # (after parsing: --help and usage errors need no JAX)
+    from jqlora import compile_cache
     from jqlora.adapters import ExportError, base_of_adapter, init_state, is_adapter_dir, load_model, merge_to_hf
     from jqlora.adapters.gguf import check_type, write_gguf
     from jqlora.adapters.gguf_adapter import write_gguf_adapter
@@ -59,6 +60,8 @@ def main(argv: list[str] | None = None) -> int:
     from jqlora.adapters.tokenizer_files import chat_template_of, write_tokenizer_files
     from jqlora.data import read_chat_template
     from jqlora.run import find_run, restore_for_export
+
+    compile_cache.enable()
 
     src, notes = Path(args.src), []
     try:

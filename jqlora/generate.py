@@ -191,7 +191,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             check_adapter(args.model, args.adapter)  # (seconds, before JAX and the weights)
         import transformers
 
+        from jqlora import compile_cache
         from jqlora.adapters import load_model
+
+        compile_cache.enable()  # (before the first compilation)
 
         try:
             tokenizer = transformers.AutoTokenizer.from_pretrained(args.model)

@@ -84,11 +84,12 @@ def main(argv: list[str] | None = None) -> int:
         except (ConfigError, DryRunError) as e:
             return _user_error(e)
 
-    from jqlora import parallel
+    from jqlora import compile_cache, parallel
     from jqlora.checkpoints import ConvertError
     from jqlora.data import DataError
     from jqlora.run import PreferenceTrainer, Trainer, UserError
 
+    compile_cache.enable()  # (before the first compilation)
     try:
         parallel.initialize_distributed()  # before anything touches the devices
         cls = Trainer if cfg.train.objective == "sft" else PreferenceTrainer

@@ -6,6 +6,9 @@ import os
 # bitsandbytes wraps some CPU reference ops in torch.compile; the eager ops are the reference and compile per shape.
 os.environ.setdefault("TORCH_COMPILE_DISABLE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# the CLIs' persistent compilation cache (jqlora/compile_cache.py) stays out of the user's home under tests (and of
+# their in-process runs); tests of it turn it on with a folder of their own
+os.environ.setdefault("JQLORA_COMPILATION_CACHE", "0")
 
 import json  # noqa: E402
 import logging  # noqa: E402

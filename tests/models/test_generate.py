@@ -158,6 +158,33 @@ def test_no_recompilation_per_token(name):
     assert decode.compile_counts() == before
 
 
+def test_bucketed_shapes_give_the_unbucketed_tokens(monkeypatch):
+    """Prompt and cache lengths rounded up to buckets (left padding, empty slots) change no token and no logit: the
+    same greedy run with exact shapes (``bucket`` the identity) is the oracle, on lengths inside and at bucket edges,
+    alone and as a left-padded batch."""
+    _, _, _, model = family(MISTRAL)  # (a sliding window narrower than the prompts)
+    prompts = [token_ids(1, n, seed=n)[0] for n in (3, 16, 30)]  # padded to 16 / exact / padded to 32
+    bucketed = [stream_with_logits(model, p, max_new_tokens=9) for p in prompts]
+    batch = decode.generate(model, prompts, max_new_tokens=9)
+    monkeypatch.setattr(decode, "bucket", lambda n: n)
+    for p, (tokens, logits) in zip(prompts, bucketed):
+        exact_tokens, exact_logits = stream_with_logits(model, p, max_new_tokens=9)
+        np.testing.assert_array_equal(tokens, exact_tokens)
+        np.testing.assert_allclose(logits, exact_logits, atol=1e-5, rtol=0)
+    np.testing.assert_array_equal(batch, decode.generate(model, prompts, max_new_tokens=9))
+
+
+def test_two_prompt_lengths_in_one_bucket_compile_once():
+    _, _, _, model = family(MISTRAL)
+    before = decode.compile_counts()
+    # prompts of 33 and 50 tokens share the 64 bucket, and with 70 and 100 new tokens the 256-slot cache (unused elsewhere)
+    decode.generate(model, token_ids(1, 33, seed=3)[0], max_new_tokens=70)
+    once = decode.compile_counts()
+    assert once == {"prefill": before["prefill"] + 1, "step": before["step"] + 1}
+    decode.generate(model, token_ids(1, 50, seed=4)[0], max_new_tokens=100)
+    assert decode.compile_counts() == once
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Sampling
 
