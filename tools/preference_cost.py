@@ -3,6 +3,7 @@
 
     python tools/preference_cost.py                          # a 1024-wide, 2-layer Llama shape, seq 256 (CPU)
     python tools/preference_cost.py --model llama3-8b --layers 2 --seq 2048 --pairs 1   # on a GPU
+    python tools/preference_cost.py --model llama3-8b --seq 2048 --pairs 1 --gpu h100-sxm  # deviceless (py3.12 venv)
 
 The same random NF4 model (tools/bench.py's weights, bf16 compute, r=16 on all seven projections) compiles
 `jqlora.training.step.make_train_step` on 2P rows of S tokens and `jqlora.training.preference_step`'s step for each
@@ -10,6 +11,11 @@ objective on P pairs (2P rows: chosen and rejected): dpo and kto add the referen
 base under another adapter tree, no backward), orpo and simpo have none. Reported: XLA's cost analysis (FLOPs) and
 memory analysis (temporary bytes: what the step needs besides its arguments), both relative to SFT. The reference
 pass is not shared with the policy pass: its adapter differs from the first step on.
+
+``--gpu NAME`` compiles the same steps deviceless for that GPU instead (`jqlora.planning.aot.compile_step`: abstract
+weights, cuDNN attention; needs the aot venv: Python 3.12, jax[cuda13]) and adds the compiled peak (arguments +
+temporaries + outputs - donated). XLA's FLOPs count a scanned layer body once (as on CPU), so the FLOPs of a step
+come from two more compiles with the layers unrolled, 1 and 2 of them: f1 + (L - 1) · (f2 - f1).
 """
 
 from __future__ import annotations
@@ -93,6 +99,39 @@ def measure(hf: dict, seq: int, pairs: int, remat: str) -> list[dict]:
     return out
 
 
+def measure_gpu(hf: dict, seq: int, pairs: int, remat: str, gpu: str, objectives: tuple[str, ...]) -> list[dict]:
+    """Per objective: the compiled memory of the whole model (layers under scan) and the FLOPs of a step, from two
+    compiles with the layers unrolled, 1 and 2 of them (XLA counts a scanned body once): f1 + (L - 1)(f2 - f1)."""
+    import dataclasses
+
+    from jqlora.config import load_config
+    from jqlora.models.llama import ModelConfig
+    from jqlora.planning import aot
+
+    shape = ModelConfig.from_hf(hf)
+    L = shape.num_hidden_layers
+
+    def layers(n):
+        return dataclasses.replace(shape, num_hidden_layers=n, sliding_windows=shape.sliding_windows[:1] * n)
+
+    out = []
+    for name in objectives:
+        rows = 2 * pairs if name == "sft" else pairs
+        cfg = load_config(None, [f"data.max_length={seq}", "data.packing=false", f"train.batch_size={max(rows, 2)}",
+                                 f"train.objective={name}", f"lora.r={bench.LORA_R}", f"lora.alpha={bench.LORA_ALPHA}",
+                                 f"lora.targets=[{','.join(bench.LORA_TARGETS)}]", "model.quant=nf4",
+                                 "model.double_quant=true", "model.block_size=64", "model.dtype=bfloat16",
+                                 f"train.remat={remat}"])  # (batch_size >= 2: KTO's check; the compile takes rows)
+        c = aot.compile_step(shape, cfg, gpu, batch=rows)
+        f1, f2 = (_flops(aot.compile_step(layers(n), cfg, gpu, batch=rows, scan_layers=False).compiled)
+                  for n in (1, 2))
+        out.append({"objective": name, "device": gpu, "backend": "deviceless", "flops": f1 + (L - 1) * (f2 - f1),
+                    "flops_1_2_layers": [f1, f2], "temp_bytes": c.memory["temp"],
+                    "argument_bytes": c.memory["argument"], "peak_bytes": c.peak_bytes, "memory": c.memory})
+        print(f"  compiled {name}", file=sys.stderr, flush=True)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="cpu-1k", choices=sorted(MODELS))
@@ -100,20 +139,50 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seq", type=int, default=256)
     p.add_argument("--pairs", type=int, default=1, help="pairs per micro-batch (2 rows each; SFT gets 2x rows)")
     p.add_argument("--remat", default="full", choices=bench.REMATS[:4])
+    p.add_argument("--gpu", default=None, help="compile deviceless for this GPU (h100-sxm, h200, a100-80gb, l4) "
+                                               "instead of running on this machine's device")
+    p.add_argument("--objectives", default=",".join(OBJECTIVES), help="with --gpu: which (sft first)")
     p.add_argument("--out", default=None, help="write the JSON results here")
     args = p.parse_args(argv)
     hf = dict(MODELS[args.model])
-    if args.layers:
-        hf["num_hidden_layers"] = args.layers
-    rows = measure(hf, args.seq, args.pairs, args.remat)
+    if args.gpu is not None:
+        from jqlora.planning import aot
+
+        if args.gpu not in aot.GPUS:
+            print(f"preference_cost: --gpu {args.gpu}: unknown; expected one of {', '.join(aot.GPUS)}", file=sys.stderr)
+            return 2
+        if args.layers:
+            hf["num_hidden_layers"] = args.layers
+        objectives = tuple(args.objectives.split(","))
+        if objectives[0] != "sft" or not set(objectives) <= set(OBJECTIVES):
+            print(f"preference_cost: --objectives {args.objectives}: expected sft first, then any of "
+                  f"{', '.join(OBJECTIVES[1:])}", file=sys.stderr)
+            return 2
+        try:
+            rows = measure_gpu(hf, args.seq, args.pairs, args.remat, args.gpu, objectives)
+        except aot.AotError as e:
+            print(f"preference_cost: {e}", file=sys.stderr)
+            return 2
+    else:
+        if args.layers:
+            hf["num_hidden_layers"] = args.layers
+        rows = measure(hf, args.seq, args.pairs, args.remat)
     base = rows[0]
     print(f"{args.model} L={hf['num_hidden_layers']} seq={args.seq} rows={2 * args.pairs} remat={args.remat} "
           f"on {base['device']} ({base['backend']})")
-    print("| objective | GFLOPs | / sft | temp MiB | / sft |")
-    print("|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['objective']} | {r['flops'] / 1e9:.2f} | {r['flops'] / base['flops']:.2f} | "
-              f"{r['temp_bytes'] / 2**20:.1f} | {r['temp_bytes'] / max(base['temp_bytes'], 1):.2f} |")
+    if args.gpu is None:
+        print("| objective | GFLOPs | / sft | temp MiB | / sft |")
+        print("|---|---|---|---|---|")
+        for r in rows:
+            print(f"| {r['objective']} | {r['flops'] / 1e9:.2f} | {r['flops'] / base['flops']:.2f} | "
+                  f"{r['temp_bytes'] / 2**20:.1f} | {r['temp_bytes'] / max(base['temp_bytes'], 1):.2f} |")
+    else:
+        print("| objective | TFLOP/step | / sft | temp GiB | / sft | peak GiB | / sft |")
+        print("|---|---|---|---|---|---|---|")
+        for r in rows:
+            print(f"| {r['objective']} | {r['flops'] / 1e12:.2f} | {r['flops'] / base['flops']:.3f} | {r['temp_bytes'] / 2**30:.2f} | "
+                  f"{r['temp_bytes'] / max(base['temp_bytes'], 1):.3f} | {r['peak_bytes'] / 2**30:.2f} | "
+                  f"{r['peak_bytes'] / base['peak_bytes']:.3f} |")
     if args.out:
         Path(args.out).write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2) + "\n")
     return 0
