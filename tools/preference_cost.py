@@ -14,8 +14,8 @@ pass is not shared with the policy pass: its adapter differs from the first step
 
 ``--gpu NAME`` compiles the same steps deviceless for that GPU instead (`jqlora.planning.aot.compile_step`: abstract
 weights, cuDNN attention; needs the aot venv: Python 3.12, jax[cuda13]) and adds the compiled peak (arguments +
-temporaries + outputs - donated). XLA's FLOPs count a scanned layer body once (as on CPU), so the FLOPs of a step
-come from two more compiles with the layers unrolled, 1 and 2 of them: f1 + (L - 1) · (f2 - f1).
+temporaries + outputs - donated). A deviceless executable has no cost analysis: the FLOPs are the matmuls' (every
+dot of the compiled HLO, each loop body times its trip count; cuDNN attention is a custom call, counted apart).
 """
 
 from __future__ import annotations
@@ -25,7 +25,11 @@ import os
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 import argparse
+import collections
+import functools
 import json
+import math
+import re
 import sys
 from pathlib import Path
 
@@ -99,21 +103,68 @@ def measure(hf: dict, seq: int, pairs: int, remat: str) -> list[dict]:
     return out
 
 
-def measure_gpu(hf: dict, seq: int, pairs: int, remat: str, gpu: str, objectives: tuple[str, ...]) -> list[dict]:
-    """Per objective: the compiled memory of the whole model (layers under scan) and the FLOPs of a step, from two
-    compiles with the layers unrolled, 1 and 2 of them (XLA counts a scanned body once): f1 + (L - 1)(f2 - f1)."""
-    import dataclasses
+_COMP = re.compile(r"^(ENTRY )?%([\w.-]+) .*\{$")
+_SHAPE = re.compile(r"^\s*(?:ROOT )?%([\w.-]+) = \w+\[([\d,]*)\]")
+_DOT = re.compile(r"^\s*(?:ROOT )?%[\w.-]+ = \w+\[([\d,]*)\]\S* dot\(%([\w.-]+), %[\w.-]+\).*?"
+                  r"lhs_contracting_dims=\{([\d,]*)\}")
+_CALLS = re.compile(r"(calls|to_apply|body|condition|true_computation|false_computation)=%([\w.-]+)")
 
+
+def hlo_dot_flops(text: str) -> tuple[float, dict[str, float]]:
+    """2 · (output elements) · (contracted elements) over every dot of a compiled HLO module, each computation
+    weighted by how often it runs (a while body by its known trip count: the scanned layers, the loss chunks);
+    and the weighted count of each cuDNN attention call (custom calls, not dots: their FLOPs are not in the sum)."""
+    comps: dict[str, list[str]] = {}
+    entry, cur = None, None
+    for line in text.splitlines():
+        m = _COMP.match(line)
+        if m:
+            cur = m.group(2)
+            comps[cur] = []
+            entry = cur if m.group(1) else entry
+        elif line.startswith("}"):
+            cur = None
+        elif cur is not None:
+            comps[cur].append(line)
+    shapes = {}
+    for lines in comps.values():
+        for line in lines:
+            m = _SHAPE.match(line)
+            if m:
+                shapes[m.group(1)] = [int(d) for d in m.group(2).split(",") if d]
+
+    @functools.cache
+    def total(name: str) -> tuple[float, tuple]:
+        flops, calls = 0.0, collections.Counter()
+        for line in comps[name]:
+            m = _DOT.match(line)
+            if m:
+                lhs = shapes[m.group(2)]
+                flops += 2.0 * math.prod(int(d) for d in m.group(1).split(",") if d) * math.prod(
+                    lhs[int(d)] for d in m.group(3).split(",") if d)
+            target = re.search(r'custom_call_target="(__cudnn\$fmha[^"]*)"', line)
+            if target:
+                calls[target.group(1)] += 1
+            trips = re.search(r'"known_trip_count":\{"n":"(\d+)"', line)
+            for kind, callee in _CALLS.findall(line):
+                n = int(trips.group(1)) if kind == "body" and trips else 1
+                f, c = total(callee)
+                flops += n * f
+                for k, v in c:
+                    calls[k] += n * v
+        return flops, tuple(calls.items())
+
+    flops, calls = total(entry)
+    return flops, dict(calls)
+
+
+def measure_gpu(hf: dict, seq: int, pairs: int, remat: str, gpu: str, objectives: tuple[str, ...]) -> list[dict]:
+    """Per objective: the compiled memory and the dot FLOPs of the step (`hlo_dot_flops`), deviceless."""
     from jqlora.config import load_config
     from jqlora.models.llama import ModelConfig
     from jqlora.planning import aot
 
     shape = ModelConfig.from_hf(hf)
-    L = shape.num_hidden_layers
-
-    def layers(n):
-        return dataclasses.replace(shape, num_hidden_layers=n, sliding_windows=shape.sliding_windows[:1] * n)
-
     out = []
     for name in objectives:
         rows = 2 * pairs if name == "sft" else pairs
@@ -123,12 +174,12 @@ def measure_gpu(hf: dict, seq: int, pairs: int, remat: str, gpu: str, objectives
                                  "model.double_quant=true", "model.block_size=64", "model.dtype=bfloat16",
                                  f"train.remat={remat}"])  # (batch_size >= 2: KTO's check; the compile takes rows)
         c = aot.compile_step(shape, cfg, gpu, batch=rows)
-        f1, f2 = (_flops(aot.compile_step(layers(n), cfg, gpu, batch=rows, scan_layers=False).compiled)
-                  for n in (1, 2))
-        out.append({"objective": name, "device": gpu, "backend": "deviceless", "flops": f1 + (L - 1) * (f2 - f1),
-                    "flops_1_2_layers": [f1, f2], "temp_bytes": c.memory["temp"],
+        flops, attention = hlo_dot_flops(c.hlo())
+        out.append({"objective": name, "device": gpu, "backend": "deviceless", "flops": flops,
+                    "attention_calls": attention, "temp_bytes": c.memory["temp"],
                     "argument_bytes": c.memory["argument"], "peak_bytes": c.peak_bytes, "memory": c.memory})
-        print(f"  compiled {name}", file=sys.stderr, flush=True)
+        print(f"  compiled {name}: {flops / 1e12:.2f} dot TFLOP, peak {c.peak_bytes / 2**30:.2f} GiB, {attention}",
+              file=sys.stderr, flush=True)
     return out
 
 
@@ -177,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"| {r['objective']} | {r['flops'] / 1e9:.2f} | {r['flops'] / base['flops']:.2f} | "
                   f"{r['temp_bytes'] / 2**20:.1f} | {r['temp_bytes'] / max(base['temp_bytes'], 1):.2f} |")
     else:
-        print("| objective | TFLOP/step | / sft | temp GiB | / sft | peak GiB | / sft |")
+        print("| objective | dot TFLOP | / sft | temp GiB | / sft | peak GiB | / sft |")
         print("|---|---|---|---|---|---|---|")
         for r in rows:
             print(f"| {r['objective']} | {r['flops'] / 1e12:.2f} | {r['flops'] / base['flops']:.3f} | {r['temp_bytes'] / 2**30:.2f} | "
