@@ -207,7 +207,8 @@ def main(argv: list[str] | None = None) -> int:
                 axes[axis] = _resolve_axis("auto", axis, devices, fixed)
         settings.update(axes)
         if args.config and args.batch is None:  # the recipe's global micro-batch, split over data × fsdp
-            settings["batch"] = max(1, cfg.train.batch_size // (axes["data"] * axes["fsdp"]))
+            per_example = 1 if cfg.train.objective == "sft" else 2  # (preference: pairs of 2 rows)
+            settings["batch"] = max(1, cfg.train.batch_size // (axes["data"] * axes["fsdp"])) * per_example
         if settings["quant"] == "none":
             settings["double_quant"] = False
         budget = args.memory * 1e9 if args.memory is not None else None
@@ -267,9 +268,15 @@ def _compile_run_config(settings: dict[str, Any], cfg: Any | None) -> Any:
     cfg = cfg if cfg is not None else load_config(None, [])
     targets = settings["targets"]
     lora_targets = "all-linear" if tuple(targets) == tuple(M.LINEARS) else tuple(targets)
+    batch = int(settings["batch"])  # rows; a preference step takes pairs (chosen and rejected rows)
+    if cfg.train.objective != "sft":
+        if batch % 2:
+            raise _Usage(f"--batch {batch}: train.objective={cfg.train.objective} compiles pairs of 2 rows; give an "
+                         "even number of rows")
+        batch //= 2
     return dc.replace(
         cfg, data=dc.replace(cfg.data, max_length=settings["seq"]),
-        train=dc.replace(cfg.train, batch_size=settings["batch"]),
+        train=dc.replace(cfg.train, batch_size=batch),
         lora=dc.replace(cfg.lora, r=settings["r"], targets=lora_targets, dropout=settings["dropout"]),
         model=dc.replace(cfg.model, dtype=settings["dtype"], quant=settings["quant"],
                          double_quant=settings["double_quant"], block_size=settings["block_size"]))

@@ -1,7 +1,10 @@
 """Ahead-of-time compile of the real train step for a named NVIDIA GPU, on any machine (no GPU needed).
 
 `compile_step(shape, cfg, gpu="h100-sxm")` builds the step `jqlora.train` jits — `step.make_train_step` over
-`step.SplitModel.of(model)` with the run's own optimizer — for an abstract model (`nnx.eval_shape`, no weights),
+`step.SplitModel.of(model)` with the run's own optimizer; for ``train.objective`` dpo / orpo / simpo / kto
+`preference_step.make_preference_train_step` on ``train.batch_size`` pairs (2 rows each: the policy's forward and
+backward, and for dpo / kto the reference's forward under `stop_gradient` with its own adapter tree, as
+`jqlora.run.preference` jits it) — for an abstract model (`nnx.eval_shape`, no weights),
 and compiles it for the GPU that a target description names (`jqlora/planning/gpu_targets/<gpu>.txtpb`, XLA's
 GpuTargetConfig text format written from the vendor's published figures) through the CUDA PJRT plugin
 (`jax.experimental.topologies.get_topology_desc`). The compiler's `memory_analysis()` then says what the step
@@ -157,6 +160,19 @@ def step_arguments(split, tx, *, batch: int, seq: int, sharding) -> tuple:
     return lora, opt, frozen, batch_args, rng, scale
 
 
+def preference_arguments(split, tx, obj, *, pairs: int, seq: int, sharding) -> tuple:
+    """Abstract (lora, opt_state, ref_lora, frozen, batch, rng, grad_scale) of the jitted preference step: ``pairs``
+    pairs (or KTO examples with their mismatched rows) of 2 rows of ``seq`` tokens, as `jqlora.data.pairs` collates."""
+    from jqlora.training.preference_step import step_keys
+
+    lora, opt, frozen, _, rng, scale = step_arguments(split, tx, batch=1, seq=1, sharding=sharding)
+    per_pair = ("valid", "label")  # one float per pair (KTO's label); every other key int32 [pairs, 2, seq]
+    batch_args = {k: jax.ShapeDtypeStruct((pairs,) if k in per_pair else (pairs, 2, seq),
+                                          jnp.float32 if k in per_pair else jnp.int32, sharding=sharding)
+                  for k in step_keys(obj)}
+    return lora, opt, lora, frozen, batch_args, rng, scale
+
+
 def compile_step(shape, cfg, gpu: str | None = "h100-sxm", *, remat: str | None = None, batch: int | None = None,
                  seq: int | None = None, attention: str | None = None, ce_chunk: int | None = None,
                  scan_layers: bool = True) -> CompiledStep:
@@ -164,6 +180,7 @@ def compile_step(shape, cfg, gpu: str | None = "h100-sxm", *, remat: str | None 
 
     ``shape`` is the model's `ModelConfig`, ``cfg`` the run's `jqlora.config.Config`; ``remat`` / ``batch`` /
     ``seq`` override ``train.remat`` / ``train.batch_size`` / ``data.max_length``. Attention is cuDNN's on a GPU.
+    A preference ``train.objective`` compiles the preference step, ``batch`` counting pairs.
     """
     from jax.sharding import SingleDeviceSharding
 
@@ -180,10 +197,19 @@ def compile_step(shape, cfg, gpu: str | None = "h100-sxm", *, remat: str | None 
     model = abstract_model(shape, cfg, remat=remat, attention=attention, scan_layers=scan_layers)
     split = SplitModel.of(model)
     tx, _ = optim.make_optimizer(cfg.train, max(1, cfg.train.max_steps or 1), cfg.lora.plus_ratio)
-    args = step_arguments(split, tx, batch=batch or cfg.train.batch_size, seq=seq or cfg.data.max_length,
-                          sharding=SingleDeviceSharding(device))
-    train_step = make_train_step(split, tx, ce_chunk or CE_CHUNK, packed=cfg.data.packing,
-                                 aux_coef=cfg.train.router_aux_loss_coef)  # the step jqlora.train jits
+    rows, seq, sharding = batch or cfg.train.batch_size, seq or cfg.data.max_length, SingleDeviceSharding(device)
+    objective = getattr(cfg.train, "objective", "sft")
+    if objective == "sft":
+        args = step_arguments(split, tx, batch=rows, seq=seq, sharding=sharding)
+        train_step = make_train_step(split, tx, ce_chunk or CE_CHUNK, packed=cfg.data.packing,
+                                     aux_coef=cfg.train.router_aux_loss_coef)  # the step jqlora.train jits
+    else:
+        from jqlora.training.preference import Objective
+        from jqlora.training.preference_step import make_preference_train_step
+
+        obj = Objective.from_config(objective, cfg.preference)
+        args = preference_arguments(split, tx, obj, pairs=rows, seq=seq, sharding=sharding)
+        train_step = make_preference_train_step(split, tx, obj, ce_chunk or CE_CHUNK)  # jqlora.run.preference's
     with _traced_for(gpu):
         traced = train_step.trace(*args)
     compiled = traced.lower().compile()

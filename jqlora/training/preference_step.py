@@ -5,7 +5,9 @@ The reference is the same model with another adapter tree under `stop_gradient`:
 zero, DoRA magnitudes the base's row norms: exactly the frozen 4-bit base, no copy of its weights) or, with
 ``preference.reference=init``, the adapter the run started from (``lora.init_from``). It runs on the same batch in
 the same step, deterministically (no LoRA dropout; TRL's peft reference disables the adapter). ORPO and SimPO have
-none. KTO's mismatched rows run through the policy with no gradient (TRL computes them under no_grad).
+none. KTO's mismatched rows run through the policy with no gradient (TRL computes them under no_grad). The reference
+pass is not shared with the policy pass (their adapters differ from the first update on): it is a second forward
+over the same rows, with no backward and nothing kept for one (`jax.named_scope` "policy" / "reference" in the HLO).
 
 Log-probs per token are computed in chunks of ``ce_chunk`` tokens (a `jax.lax.scan` over a `jax.checkpoint`-ed
 body, as the SFT loss does), so the [2B·S, V] float32 logits are never materialized; with them comes each token's
@@ -82,14 +84,16 @@ def make_preference_loss(split: SplitModel, obj: P.Objective, ce_chunk: int = CE
         return jnp.sum(lp_RS * _rows(mask_BTS).astype(jnp.float32), axis=-1).reshape(-1, 2)
 
     def loss_fn(lora, ref_lora, frozen, batch, rng, deterministic=False):
-        lp, ml = forward(lora, frozen, batch, rng, deterministic)
+        with jax.named_scope("policy"):  # (the passes' names in the compiled HLO: tests/aot, profiles)
+            lp, ml = forward(lora, frozen, batch, rng, deterministic)
         cm = batch["completion_mask"]
         seq, mls = sums(lp, cm), sums(ml, cm)
         n = jnp.sum(cm.astype(jnp.float32), axis=-1)  # [B, 2]
         valid = batch["valid"].astype(jnp.float32)
         ref = None
         if obj.uses_reference:
-            rlp, _ = forward(sg(ref_lora), frozen, batch, None, True)
+            with jax.named_scope("reference"):
+                rlp, _ = forward(sg(ref_lora), frozen, batch, None, True)
             ref = sg(sums(rlp, cm))
         if obj.kind == "kto":
             pol = P.KtoStats(seq[:, 0], sg(seq[:, 1]), mls[:, 0])

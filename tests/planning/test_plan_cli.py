@@ -121,3 +121,17 @@ def test_hub_id_from_the_local_cache(capsys, tmp_path, monkeypatch):
     assert _total(_plan(capsys, "--model", "someone/tiny-llama")) == _total(_plan(capsys, "--model", "phi4-mini"))
     assert plan.main(["--model", "someone/not-cached"]) == 2
     assert "unknown" in capsys.readouterr().err
+
+
+def test_a_preference_config_plans_two_rows_per_pair(capsys):
+    """train.objective=dpo with train.batch_size=2 pairs plans the 4 rows of SFT with train.batch_size=4 (the
+    batch line of `--config` used to take the pairs as rows)."""
+    cfg = str(REPO / "configs" / "llama3-8b.yaml")
+    dpo = _plan(capsys, "--config", cfg, "model.path=/m/llama3-8b", "train.objective=dpo", "train.batch_size=2")
+    sft = _plan(capsys, "--config", cfg, "model.path=/m/llama3-8b", "train.batch_size=4")
+    assert " batch=4/device " in dpo.splitlines()[0] and _total(dpo) == _total(sft), (dpo, sft)
+    # --batch counts rows: a preference step compiles pairs, so an odd count is one line, exit 2, nothing compiled
+    assert plan.main(["--config", cfg, "model.path=/m/llama3-8b", "train.objective=dpo", "--batch", "3",
+                      "--compile"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--batch 3" in err[0] and "pairs of 2 rows" in err[0], err
