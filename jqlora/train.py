@@ -84,11 +84,12 @@ def main(argv: list[str] | None = None) -> int:
     from jqlora import parallel
     from jqlora.checkpoints import ConvertError
     from jqlora.data import DataError
-    from jqlora.run import Trainer, UserError
+    from jqlora.run import PreferenceTrainer, Trainer, UserError
 
     try:
         parallel.initialize_distributed()  # before anything touches the devices
-        trainer = Trainer(cfg, progress=False if args.no_progress else None)
+        cls = Trainer if cfg.train.objective == "sft" else PreferenceTrainer
+        trainer = cls(cfg, progress=False if args.no_progress else None)
         trainer.started = started
         return trainer.run()
     except (ConfigError, DataError, UserError, ConvertError, parallel.DistributedError) as e:

@@ -15,6 +15,7 @@ SECTIONS = {
     "lora": "Which modules get adapters, their shape, and where they start.",
     "data": "The training (and evaluation) data and how it becomes rows.",
     "train": "The optimizer, the schedule, the loop's cadences, checkpoints and stopping.",
+    "preference": "Preference optimization (train.objective dpo, orpo, simpo, kto): the loss and its reference.",
     "mesh": "The device mesh; its sizes multiply to the device count (docs/guide.md, \"Multi-GPU and multi-node\").",
     "log": "Where the metrics go besides `metrics.jsonl` and the log.",
 }

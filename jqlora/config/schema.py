@@ -21,6 +21,10 @@ LORA_INITS = ("default", "gaussian", "pissa", "loftq")  # = lora_init.INITS
 OVERLONG = ("truncate", "drop", "error")
 LR_SCHEDULES = ("cosine", "linear", "constant")
 REMAT_POLICIES = ("none", "full", "save_dots", "save_dots_no_batch", "offload")  # = models.llama.REMAT_POLICIES
+OBJECTIVES = ("sft", "dpo", "orpo", "simpo", "kto")  # = training.preference.OBJECTIVES
+PREFERENCE_LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust")  # = training.preference.LOSS_TYPES
+REFERENCES = ("base", "init")
+TRUNCATION_MODES = ("keep_end", "keep_start")
 
 COMMAND_LINE = "command line"
 
@@ -252,8 +256,11 @@ class TrainConfig:
     # with lora.init_from a jqlora run: also continue its optimizer state (Adam moments; the lr schedule is this run's)
     resume_optimizer: bool = False
     router_aux_loss_coef: float = 0.0  # MoE only: loss = CE + coef * load-balancing aux loss (transformers'); 0: off
+    # sft (supervised) | dpo | orpo | simpo (paired preferences) | kto (unpaired); settings in the preference section
+    objective: str = "sft"
 
     def __post_init__(self):
+        _one_of(self.objective, "train.objective", OBJECTIVES)
         _check(self.batch_size >= 1, "train.batch_size", self.batch_size, "must be >= 1")
         _check(self.grad_accum_steps >= 1, "train.grad_accum_steps", self.grad_accum_steps, "must be >= 1")
         if self.max_steps is not None:
@@ -281,6 +288,40 @@ class TrainConfig:
         _check(self.eval_samples >= 0, "train.eval_samples", self.eval_samples, "must be >= 0")
         if self.stop_at_step is not None:
             _check(self.stop_at_step >= 1, "train.stop_at_step", self.stop_at_step, "must be >= 1 (or null)")
+
+
+@dataclass(frozen=True)
+class PreferenceConfig:
+    beta: float = 0.1  # DPO / KTO: the strength of the reference anchor; ORPO: the odds-ratio weight; SimPO: the scale
+    loss_type: str = "sigmoid"  # dpo: sigmoid (DPO; cDPO with label_smoothing) | ipo | hinge | robust (TRL's names)
+    label_smoothing: float = 0.0  # dpo sigmoid (cDPO) / robust, simpo: the probability a label is flipped, [0, 0.5)
+    simpo_gamma: float = 0.5  # simpo: the target reward margin gamma (TRL's CPO simpo_gamma)
+    cpo_alpha: float = 0.0  # simpo: weight of the chosen completions' NLL (TRL's CPO cpo_alpha; 0 is SimPO)
+    kto_desirable_weight: float = 1.0  # kto: weight of the desirable examples' losses
+    kto_undesirable_weight: float = 1.0  # kto: weight of the undesirable examples' losses
+    # dpo / kto: base (the adapter-off 4-bit base) | init (the starting adapter, after lora.init_from); docs/guide.md
+    reference: str = "base"
+    max_prompt_length: Optional[int] = None  # prompt tokens kept (its start is cut first); null: no limit of its own
+    truncation_mode: str = "keep_end"  # which end of an overlong prompt is kept: keep_end | keep_start
+
+    def __post_init__(self):
+        _check(isinstance(self.beta, (int, float)) and self.beta > 0, "preference.beta", self.beta, "must be > 0")
+        _one_of(self.loss_type, "preference.loss_type", PREFERENCE_LOSS_TYPES)
+        _check(0.0 <= self.label_smoothing < 0.5, "preference.label_smoothing", self.label_smoothing,
+               "must be in [0, 0.5)")
+        _check(self.loss_type in ("sigmoid", "robust") or self.label_smoothing == 0, "preference.label_smoothing",
+               self.label_smoothing, f"applies to loss_type sigmoid / robust, not {self.loss_type}: set it to 0")
+        _check(self.simpo_gamma >= 0, "preference.simpo_gamma", self.simpo_gamma, "must be >= 0")
+        _check(self.cpo_alpha >= 0, "preference.cpo_alpha", self.cpo_alpha, "must be >= 0")
+        _check(self.kto_desirable_weight > 0, "preference.kto_desirable_weight", self.kto_desirable_weight,
+               "must be > 0")
+        _check(self.kto_undesirable_weight > 0, "preference.kto_undesirable_weight", self.kto_undesirable_weight,
+               "must be > 0")
+        _one_of(self.reference, "preference.reference", REFERENCES)
+        if self.max_prompt_length is not None:
+            _check(self.max_prompt_length >= 1, "preference.max_prompt_length", self.max_prompt_length,
+                   "must be >= 1 (or null)")
+        _one_of(self.truncation_mode, "preference.truncation_mode", TRUNCATION_MODES)
 
 
 def _mesh_size(value: Any, key: str) -> Any:
@@ -325,6 +366,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     mesh: MeshConfig = field(default_factory=MeshConfig)
+    preference: PreferenceConfig = field(default_factory=PreferenceConfig)
     log: LogConfig = field(default_factory=LogConfig)
     output_dir: str = "runs/run"  # checkpoints, metrics, the resolved config and the exported adapter
 
@@ -336,6 +378,20 @@ class Config:
         if self.lora.init in ("pissa", "loftq") and self.lora.init_from is not None:
             _check(False, "lora.init", self.lora.init, f"and lora.init_from={self.lora.init_from} exclude each other "
                    "(the adapters come from init_from)")
+        pref, objective = self.preference, self.train.objective
+        if pref.reference == "init":
+            _check(self.lora.init_from is not None, "preference.reference", pref.reference,
+                   "needs lora.init_from (the starting adapter is the reference); without it use reference=base")
+        if objective in ("orpo", "simpo") and pref.reference != "base":
+            _check(False, "preference.reference", pref.reference, f"does not apply to train.objective={objective} "
+                   "(it has no reference model)")
+        if pref.max_prompt_length is not None and objective != "sft":
+            _check(pref.max_prompt_length < self.data.max_length, "preference.max_prompt_length",
+                   pref.max_prompt_length, f"must be < data.max_length ({self.data.max_length}): leave room for "
+                   "the completion")
+        if objective == "kto":
+            _check(self.train.batch_size >= 2, "train.batch_size", self.train.batch_size, "must be >= 2 with "
+                   "train.objective=kto (its KL estimate pairs each prompt with another example's completion)")
         if self.model.max_seq_len is not None:
             _check(self.data.max_length <= self.model.max_seq_len, "data.max_length", self.data.max_length,
                    f"must be <= model.max_seq_len ({self.model.max_seq_len})")

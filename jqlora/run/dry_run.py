@@ -55,6 +55,8 @@ def dry_run(cfg, out=print) -> int:
         raise DryRunError(f"model.path {cfg.model.path}: no config.json (not a Hugging Face checkpoint directory)")
     out("# resolved config")
     out(config_to_yaml(cfg).rstrip())
+    if cfg.train.objective != "sft":
+        return _preference_dry_run(cfg, out)
     try:
         tokenizer = load_tokenizer(cfg.model.tokenizer_path or cfg.model.path)
         train_ds, eval_ds = build_datasets(cfg.data, tokenizer, seed=cfg.train.seed)
@@ -93,4 +95,30 @@ def dry_run(cfg, out=print) -> int:
     if cfg.train.remat == "auto":
         out("(train.remat=auto picks on the device; shown: full)")
     out("\ndry run: no weights loaded, nothing written")
+    return 0
+
+
+def _preference_dry_run(cfg, out) -> int:
+    """The preference objectives' dry run: the examples read and the first one's ids decoded; no memory plan yet."""
+    from jqlora.data import DataError, load_tokenizer
+    from jqlora.run.preference import read_examples
+
+    try:
+        tokenizer = load_tokenizer(cfg.model.tokenizer_path or cfg.model.path)
+        train, ev = read_examples(cfg, tokenizer)
+    except DataError as e:
+        raise DryRunError(str(e).splitlines()[0]) from None
+    kind = "examples" if cfg.train.objective == "kto" else "pairs"
+    out(f"\n# data\ntrain ({cfg.data.path}): {len(train)} {kind}; eval: {len(ev) if ev else 'none'}")
+    if train:
+        ex = train[0]
+        out(f"\n# example 1 ({getattr(ex, 'where', '')})\nprompt: {tokenizer.decode(list(ex.prompt))!r}")
+        for name in ("chosen", "rejected", "completion"):
+            if hasattr(ex, name):
+                out(f"{name}: {tokenizer.decode(list(getattr(ex, name)))!r}")
+    if cfg.data.packing:
+        out("note: data.packing=true does not apply to preference data: each pair is padded to data.max_length")
+    out(_output_dir_line(cfg))
+    out(f"\n(no memory plan for train.objective={cfg.train.objective} yet: a step holds 2 rows per pair and a "
+        "reference forward pass)\ndry run: no weights loaded, nothing written")
     return 0

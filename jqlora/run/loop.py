@@ -134,7 +134,7 @@ class Trainer:
         self.model = build_model(cfg, lambda shape: parallel.check_model_fits(
             self.mesh, shape, self.tc.batch_size, self.tc.eval_batch_size), mesh=self.mesh, run_dir=self.out)
         self.tokenizer = tokenizer = load_tokenizer(cfg.model.tokenizer_path or cfg.model.path)
-        self.train_ds, self.eval_ds = build_datasets(cfg.data, tokenizer, seed=self.tc.seed)
+        self.train_ds, self.eval_ds = self._datasets(cfg, tokenizer)
         self.iterator = BatchIterator(parallel.RowIds(len(self.train_ds)), self.tc.batch_size, seed=self.tc.seed,
                                       shuffle=cfg.data.shuffle)
         self.total_steps = optim.total_optimizer_steps(self.tc, self.iterator.batches_per_epoch)
@@ -158,13 +158,24 @@ class Trainer:
         self.trained_tokens = 0  # cumulative over the run (resumes included)
         self.window = {"loss": 0.0, "steps": 0, "tokens": 0}  # the steps since the last log line
         self.evaluated_at: int | None = None
-        self.train_step = make_train_step(self.split, self.tx, ce_chunk, packed=cfg.data.packing,
-                                          aux_coef=self.tc.router_aux_loss_coef)
-        self.eval_step = make_eval_stats_step(self.split, ce_chunk)
         self.eval_accuracy: float | None = None  # of the last evaluate(): trained tokens predicted right (argmax)
         self._stop_signal: int | None = None
         self._saved_step: int | None = None
         self.monitor = DivergenceMonitor(uniform_loss=math.log(self.model.config.vocab_size))
+        self._make_steps(cfg, ce_chunk)
+
+    def _datasets(self, cfg, tokenizer):
+        """(train, eval or None) datasets with ``batch(rows)``; SFT's token rows here (preference: jqlora.run.preference)."""
+        return build_datasets(cfg.data, tokenizer, seed=self.tc.seed)
+
+    def _make_steps(self, cfg, ce_chunk: int) -> None:
+        self.train_step = make_train_step(self.split, self.tx, ce_chunk, packed=cfg.data.packing,
+                                          aux_coef=self.tc.router_aux_loss_coef)
+        self.eval_step = make_eval_stats_step(self.split, ce_chunk)
+
+    def window_metrics(self) -> dict:
+        """Objective-specific metrics of the steps since the last log line (none for SFT)."""
+        return {}
 
     # -- checkpoints ------------------------------------------------------------------------------------------------
 
@@ -200,6 +211,7 @@ class Trainer:
         treedef = jax.tree.structure(self.opt_state)
         self.opt_state = jax.tree.unflatten(treedef, [state["opt"][k] for k in sorted(state["opt"])])
         self.rng = state["rng"]
+        self.restore_extra(state)
         self.step = int(meta["step"])
         self.iterator.restore(meta["data"])
         self.monitor.restore(meta.get("divergence"))
@@ -211,6 +223,9 @@ class Trainer:
             self.evaluated_at = self.step  # (a finished run that is run again does not evaluate twice)
         log.info("resumed from %s at step %d", self.out, self.step)
         return True
+
+    def restore_extra(self, state: dict) -> None:
+        """What a subclass keeps in the checkpoint beside the adapters, optimizer and rng (nothing for SFT)."""
 
     def start_from(self) -> None:
         """Adapters (and with train.resume_optimizer the optimizer state) from ``lora.init_from``; what PiSSA / LoftQ
@@ -234,8 +249,7 @@ class Trainer:
 
     def _log_eval(self) -> None:
         loss = self.evaluate()
-        rec = {"step": self.step, "eval_loss": loss, "eval_perplexity": math.exp(min(loss, 700.0)),
-               "eval_accuracy": self.eval_accuracy}
+        rec = {"step": self.step, "eval_loss": loss, **self.eval_metrics(loss)}
         samples = self.eval_samples()
         if samples:
             rec["eval_samples"] = samples
@@ -245,6 +259,9 @@ class Trainer:
             for x in samples:
                 log.info("  sample: %s -> %s", x["prompt"], _readable(x["reply"]))
         self.evaluated_at = self.step
+
+    def eval_metrics(self, loss: float) -> dict:
+        return {"eval_perplexity": math.exp(min(loss, 700.0)), "eval_accuracy": self.eval_accuracy}
 
     def evaluate(self) -> float | None:
         if self.eval_ds is None:
@@ -326,7 +343,7 @@ class Trainer:
         rec = {"step": self.step, "loss": w["loss"] / w["steps"], "lr": lr,
                "grad_norm": float(optim.last_grad_norm(self.opt_state)),
                "tokens_per_s": tokens / max(now - window_t0, 1e-9),
-               "trained_tokens": self.trained_tokens}
+               "trained_tokens": self.trained_tokens, **self.window_metrics()}
         self._log(rec)
         if self.primary:
             log.info(progress.progress_line(rec, self.total_steps, (self.total_steps - self.step) / max(rate, 1e-12)))
