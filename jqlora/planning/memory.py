@@ -193,8 +193,11 @@ def settings_from_config(cfg: Any, axes: dict[str, int] | None = None) -> dict[s
         axes = {n: 1 if getattr(cfg.mesh, n) == "auto" else int(getattr(cfg.mesh, n)) for n in ("data", "fsdp",
                                                                                                "tensor")}
     rows = axes["data"] * axes["fsdp"] if all(isinstance(axes[n], int) for n in ("data", "fsdp")) else 1
-    # train.batch_size is the global micro-batch: its rows are split over the data × fsdp devices
-    return dict(seq=cfg.data.max_length, batch=max(1, cfg.train.batch_size // rows),
+    # train.batch_size is the global micro-batch: its rows are split over the data × fsdp devices; a preference
+    # objective's batch_size counts pairs (or KTO examples with their mismatched rows): 2 sequences each. Its reference
+    # pass keeps nothing for the backward (+1% temporary memory on the compiled step: tools/preference_cost.py)
+    per_example = 1 if getattr(cfg.train, "objective", "sft") == "sft" else 2
+    return dict(seq=cfg.data.max_length, batch=max(1, cfg.train.batch_size // rows) * per_example,
                 # every adapter at the largest rank: per-layer ranks are stored padded to it (an upper bound when
                 # module kinds differ)
                 r=max([cfg.lora.r, *cfg.lora.rank_pattern.values()]),

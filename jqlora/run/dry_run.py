@@ -43,8 +43,6 @@ def _output_dir_line(cfg) -> str:
 
 def dry_run(cfg, out=print) -> int:
     from jqlora.data import BatchIterator, DataError, build_datasets, load_tokenizer
-    from jqlora.models import ModelConfig
-    from jqlora.planning.memory import memory_plan, settings_from_config
     from jqlora.training import optim
 
     from jqlora.run.model import ensure_demo_model
@@ -82,24 +80,13 @@ def dry_run(cfg, out=print) -> int:
     for line in stats.settings_warnings(cfg, train_ds, total):
         out(line)
     out(_output_dir_line(cfg))
-    out("\n# memory plan per device (python -m jqlora.plan)")
-    try:
-        shape = ModelConfig.from_hf(model_json)
-    except (ValueError, TypeError, KeyError, OSError) as e:
-        raise DryRunError(f"{model_json}: not a usable config.json ({str(e).splitlines()[0]})") from None
-    axes = {n: 1 if getattr(cfg.mesh, n) == "auto" else int(getattr(cfg.mesh, n)) for n in ("data", "fsdp", "tensor")}
-    remat = "full" if cfg.train.remat == "auto" else cfg.train.remat
-    p = memory_plan(shape, name=os.path.basename(os.path.abspath(cfg.model.path)), remat=remat,
-                         **settings_from_config(cfg, axes))
-    out(p.table())
-    if cfg.train.remat == "auto":
-        out("(train.remat=auto picks on the device; shown: full)")
+    _plan(cfg, out)
     out("\ndry run: no weights loaded, nothing written")
     return 0
 
 
 def _preference_dry_run(cfg, out) -> int:
-    """The preference objectives' dry run: the examples read and the first one's ids decoded; no memory plan yet."""
+    """The preference objectives' dry run: the examples read, the first one's ids decoded, the memory plan."""
     from jqlora.data import DataError, load_tokenizer
     from jqlora.run.preference import read_examples
 
@@ -119,6 +106,26 @@ def _preference_dry_run(cfg, out) -> int:
     if cfg.data.packing:
         out("note: data.packing=true does not apply to preference data: each pair is padded to data.max_length")
     out(_output_dir_line(cfg))
-    out(f"\n(no memory plan for train.objective={cfg.train.objective} yet: a step holds 2 rows per pair and a "
-        "reference forward pass)\ndry run: no weights loaded, nothing written")
+    _plan(cfg, out)
+    out("(a preference step: 2 rows per pair; the reference forward pass adds about 1% temporary memory)")
+    out("\ndry run: no weights loaded, nothing written")
     return 0
+
+
+def _plan(cfg, out) -> None:
+    from jqlora.models import ModelConfig
+    from jqlora.planning.memory import memory_plan, settings_from_config
+
+    model_json = os.path.join(cfg.model.path, "config.json")
+    out("\n# memory plan per device (python -m jqlora.plan)")
+    try:
+        shape = ModelConfig.from_hf(model_json)
+    except (ValueError, TypeError, KeyError, OSError) as e:
+        raise DryRunError(f"{model_json}: not a usable config.json ({str(e).splitlines()[0]})") from None
+    axes = {n: 1 if getattr(cfg.mesh, n) == "auto" else int(getattr(cfg.mesh, n)) for n in ("data", "fsdp", "tensor")}
+    remat = "full" if cfg.train.remat == "auto" else cfg.train.remat
+    p = memory_plan(shape, name=os.path.basename(os.path.abspath(cfg.model.path)), remat=remat,
+                         **settings_from_config(cfg, axes))
+    out(p.table())
+    if cfg.train.remat == "auto":
+        out("(train.remat=auto picks on the device; shown: full)")

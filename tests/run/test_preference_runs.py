@@ -177,6 +177,15 @@ def test_cli_trains_dpo_with_trl_metric_names(assets, pref, tmp_path):
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
 
 
+def test_memory_plan_counts_two_rows_per_pair():
+    from jqlora.planning.memory import settings_from_config
+
+    dpo = load_config(None, ["train.objective=dpo", "train.batch_size=3", "data.max_length=64"])
+    sft = load_config(None, ["train.batch_size=6", "data.max_length=64"])
+    assert settings_from_config(dpo) == settings_from_config(sft)
+    assert settings_from_config(dpo)["batch"] == 6
+
+
 def test_cli_bad_preference_data_is_one_line_nothing_written(assets, pref, tmp_path):
     bad = tmp_path / "bad.jsonl"
     recs = _prefs(3)
@@ -195,3 +204,4 @@ def test_cli_bad_preference_data_is_one_line_nothing_written(assets, pref, tmp_p
     good = _cli("--dry-run", f"model.path={assets / 'model'}", f"data.path={pref / 'prefs.jsonl'}",
                 "train.objective=kto")
     assert good.returncode == 0 and ": 16 examples" in good.stdout, good.stderr  # (8 pairs unpaired, as TRL does)
+    assert "# memory plan per device" in good.stdout
