@@ -66,7 +66,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_run_config(args.config, args.overrides)
     except ConfigError as e:
         return _user_error(e)
-    if args.dry_run or not _holds_files(cfg.output_dir):  # (a run to resume: its own checks speak first)
+    grpo = cfg.train.objective == "grpo"  # (its prompt-only records are checked as they are read)
+    if not grpo and (args.dry_run or not _holds_files(cfg.output_dir)):  # (a run to resume: its checks speak first)
         from jqlora.data import DataError, check_data
 
         try:
@@ -84,11 +85,11 @@ def main(argv: list[str] | None = None) -> int:
     from jqlora import parallel
     from jqlora.checkpoints import ConvertError
     from jqlora.data import DataError
-    from jqlora.run import PreferenceTrainer, Trainer, UserError
+    from jqlora.run import GRPOTrainer, PreferenceTrainer, Trainer, UserError
 
     try:
         parallel.initialize_distributed()  # before anything touches the devices
-        cls = Trainer if cfg.train.objective == "sft" else PreferenceTrainer
+        cls = {"sft": Trainer, "grpo": GRPOTrainer}.get(cfg.train.objective, PreferenceTrainer)
         trainer = cls(cfg, progress=False if args.no_progress else None)
         trainer.started = started
         return trainer.run()
