@@ -150,6 +150,18 @@ def test_loop_loss_is_the_pure_loss_and_accumulation_is_a_big_batch(assets, grpo
     for x, y in zip(_leaves(one.lora), _leaves(two.lora)):
         np.testing.assert_allclose(x, y, rtol=2e-4, atol=1e-6)
     assert max(float(np.abs(x - y).max()) for x, y in zip(_leaves(one.lora), _leaves(lora0))) > 1e-4  # it moved
+    if loss_type != "dapo":
+        return
+    # mu = 2: the first update's old log-probs are the policy's own (ratio 1), so its loss is mu = 1's; the second
+    # update starts from the first's adapter, with the kept old log-probs
+    mu = GRPOTrainer(_cfg(assets, grpo_data, tmp_path / "mu", "train.max_steps=1", "grpo.num_iterations=2",
+                          "train.batch_size=8", "train.grad_accum_steps=1"), export=False)
+    mu.maybe_resume()
+    mu.rollout = lambda exs, key: ro
+    mu.one_step()
+    first, second = mu.last_rollout[3]
+    assert first == pytest.approx(loss_one, rel=1e-5, abs=1e-7)
+    assert second != first
 
 
 def test_raising_reward_is_one_line(assets, grpo_data, tmp_path):
