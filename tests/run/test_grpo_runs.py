@@ -182,3 +182,12 @@ def test_raising_reward_is_one_line(assets, grpo_data, tmp_path):
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["1"]
     assert [x["step"] for x in read_metrics(out / "metrics.jsonl") if "loss" in x] == [1]
     assert [x["step"] for x in _lines(out / "completions.jsonl")] == [1]
+
+
+def test_dry_run_reads_prompts_and_loads_rewards(assets, grpo_data, tmp_path, capsys):
+    from jqlora.run import DryRunError, dry_run
+
+    assert dry_run(_cfg(assets, grpo_data, tmp_path / "dry")) == 0
+    assert "# 8 prompts" in capsys.readouterr().out
+    with pytest.raises(DryRunError, match="reward 'nope:x': cannot import module 'nope'"):
+        dry_run(_cfg(assets, grpo_data, tmp_path / "dry", "grpo.rewards=[nope:x]"))
