@@ -66,8 +66,9 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_run_config(args.config, args.overrides)
     except ConfigError as e:
         return _user_error(e)
-    grpo = cfg.train.objective == "grpo"  # (its prompt-only records are checked as they are read)
-    if not grpo and (args.dry_run or not _holds_files(cfg.output_dir)):  # (a run to resume: its checks speak first)
+    # SFT's records checked early; preference and GRPO records are checked as their own readers read them
+    sft = cfg.train.objective == "sft"
+    if sft and (args.dry_run or not _holds_files(cfg.output_dir)):  # (a run to resume: its checks speak first)
         from jqlora.data import DataError, check_data
 
         try:
