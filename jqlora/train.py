@@ -67,7 +67,9 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_run_config(args.config, args.overrides)
     except ConfigError as e:
         return _user_error(e)
-    if args.dry_run or not _holds_files(cfg.output_dir):  # (a run to resume: its own checks speak first)
+    # SFT's records checked early; preference and GRPO records are checked as their own readers read them
+    sft = cfg.train.objective == "sft"
+    if sft and (args.dry_run or not _holds_files(cfg.output_dir)):  # (a run to resume: its checks speak first)
         from jqlora.data import DataError, check_data
 
         if not os.path.isdir(cfg.model.path):  # (the model is named before the data, as the full start does)
@@ -87,12 +89,12 @@ def main(argv: list[str] | None = None) -> int:
     from jqlora import compile_cache, parallel
     from jqlora.checkpoints import ConvertError
     from jqlora.data import DataError
-    from jqlora.run import PreferenceTrainer, Trainer, UserError
+    from jqlora.run import GRPOTrainer, PreferenceTrainer, Trainer, UserError
 
     compile_cache.enable()  # (before the first compilation)
     try:
         parallel.initialize_distributed()  # before anything touches the devices
-        cls = Trainer if cfg.train.objective == "sft" else PreferenceTrainer
+        cls = {"sft": Trainer, "grpo": GRPOTrainer}.get(cfg.train.objective, PreferenceTrainer)
         trainer = cls(cfg, progress=False if args.no_progress else None)
         trainer.started = started
         return trainer.run()

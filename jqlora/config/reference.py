@@ -16,6 +16,7 @@ SECTIONS = {
     "data": "The training (and evaluation) data and how it becomes rows.",
     "train": "The optimizer, the schedule, the loop's cadences, checkpoints and stopping.",
     "preference": "Preference optimization (train.objective dpo, orpo, simpo, kto): the loss and its reference.",
+    "grpo": "GRPO (train.objective grpo): rollouts, rewards, the clipped loss and its KL anchor.",
     "mesh": "The device mesh; its sizes multiply to the device count (docs/guide.md, \"Multi-GPU and multi-node\").",
     "log": "Where the metrics go besides `metrics.jsonl` and the log.",
 }

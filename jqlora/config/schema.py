@@ -21,7 +21,9 @@ LORA_INITS = ("default", "gaussian", "pissa", "loftq")  # = lora_init.INITS
 OVERLONG = ("truncate", "drop", "error")
 LR_SCHEDULES = ("cosine", "linear", "constant")
 REMAT_POLICIES = ("none", "full", "save_dots", "save_dots_no_batch", "offload")  # = models.llama.REMAT_POLICIES
-OBJECTIVES = ("sft", "dpo", "orpo", "simpo", "kto")  # = training.preference.OBJECTIVES
+OBJECTIVES = ("sft", "dpo", "orpo", "simpo", "kto", "grpo")  # = training.preference.OBJECTIVES + grpo
+GRPO_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")  # = training.grpo.LOSS_TYPES
+GRPO_SCALE_REWARDS = ("group", "batch", "none")  # = training.grpo.SCALE_REWARDS
 PREFERENCE_LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust")  # = training.preference.LOSS_TYPES
 REFERENCES = ("base", "init")
 TRUNCATION_MODES = ("keep_end", "keep_start")
@@ -256,7 +258,8 @@ class TrainConfig:
     # with lora.init_from a jqlora run: also continue its optimizer state (Adam moments; the lr schedule is this run's)
     resume_optimizer: bool = False
     router_aux_loss_coef: float = 0.0  # MoE only: loss = CE + coef * load-balancing aux loss (transformers'); 0: off
-    # sft (supervised) | dpo | orpo | simpo (paired preferences) | kto (unpaired); settings in the preference section
+    # sft (supervised) | dpo | orpo | simpo (paired preferences) | kto (unpaired); settings in the preference section;
+    # grpo (online RL on prompts with reward functions; the grpo section)
     objective: str = "sft"
 
     def __post_init__(self):
@@ -324,6 +327,55 @@ class PreferenceConfig:
         _one_of(self.truncation_mode, "preference.truncation_mode", TRUNCATION_MODES)
 
 
+@dataclass(frozen=True)
+class GRPOConfig:
+    # reward functions, "package.module:function" or "package.module:factory(k=v)" (TRL's signature); required
+    rewards: Any = field(default_factory=list, hash=False)
+    reward_weights: Any = field(default=None, hash=False)  # null: 1 for every function; else one number per function
+    num_generations: int = 8  # completions sampled per prompt (G); train.batch_size counts completions
+    max_new_tokens: int = 256  # completion tokens sampled at most (TRL's max_completion_length)
+    temperature: float = 1.0  # sampling temperature (0: greedy); log-probs are of logits / temperature
+    top_p: float = 1.0  # nucleus sampling (1: off)
+    top_k: int = 0  # top-k sampling (0: off)
+    mask_truncated: bool = False  # completions that hit max_new_tokens without a stop token get no loss
+    scale_rewards: str = "group"  # advantages divided by the group's reward std | batch | none (Dr. GRPO)
+    epsilon: float = 0.2  # clipping of the importance ratio below (1 - epsilon)
+    epsilon_high: Optional[float] = None  # clipping above (1 + epsilon_high); null: epsilon (DAPO uses 0.28)
+    num_iterations: int = 1  # mu: optimizer updates per generation batch (old log-probs kept when > 1)
+    beta: float = 0.0  # weight of the k3 KL to the reference (0: no reference pass)
+    loss_type: str = "dapo"  # dapo | grpo | bnpo | dr_grpo (TRL 1.16's definitions)
+    # the KL anchor: base (the adapter-off 4-bit base) | init (the starting adapter, after lora.init_from)
+    reference: str = "base"
+
+    def __post_init__(self):
+        rewards = [self.rewards] if isinstance(self.rewards, str) else self.rewards
+        _check(isinstance(rewards, (list, tuple)) and all(isinstance(r, str) and r.strip() for r in rewards),
+               "grpo.rewards", self.rewards, "must be a list of 'package.module:function' strings")
+        object.__setattr__(self, "rewards", tuple(rewards))
+        if self.reward_weights is not None:
+            w = self.reward_weights
+            ok = isinstance(w, (list, tuple)) and all(isinstance(x, (int, float)) and not isinstance(x, bool)
+                                                      for x in w)
+            _check(ok, "grpo.reward_weights", w, "must be null or a list of numbers")
+            _check(len(w) == len(rewards), "grpo.reward_weights", list(w),
+                   f"must have one weight per reward function ({len(rewards)})")
+            object.__setattr__(self, "reward_weights", tuple(float(x) for x in w))
+        _check(self.num_generations >= 2, "grpo.num_generations", self.num_generations,
+               "must be >= 2 (advantages compare the completions of one prompt)")
+        _check(self.max_new_tokens >= 1, "grpo.max_new_tokens", self.max_new_tokens, "must be >= 1")
+        _check(self.temperature >= 0, "grpo.temperature", self.temperature, "must be >= 0")
+        _check(0 < self.top_p <= 1, "grpo.top_p", self.top_p, "must be in (0, 1]")
+        _check(self.top_k >= 0, "grpo.top_k", self.top_k, "must be >= 0 (0: off)")
+        _one_of(self.scale_rewards, "grpo.scale_rewards", GRPO_SCALE_REWARDS)
+        _check(self.epsilon >= 0, "grpo.epsilon", self.epsilon, "must be >= 0")
+        if self.epsilon_high is not None:
+            _check(self.epsilon_high >= 0, "grpo.epsilon_high", self.epsilon_high, "must be >= 0 (or null)")
+        _check(self.num_iterations >= 1, "grpo.num_iterations", self.num_iterations, "must be >= 1")
+        _check(self.beta >= 0, "grpo.beta", self.beta, "must be >= 0")
+        _one_of(self.loss_type, "grpo.loss_type", GRPO_LOSS_TYPES)
+        _one_of(self.reference, "grpo.reference", REFERENCES)
+
+
 def _mesh_size(value: Any, key: str) -> Any:
     if isinstance(value, str) and value.strip().lower() == "auto":
         return "auto"
@@ -367,6 +419,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     mesh: MeshConfig = field(default_factory=MeshConfig)
     preference: PreferenceConfig = field(default_factory=PreferenceConfig)
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)
     log: LogConfig = field(default_factory=LogConfig)
     output_dir: str = "runs/run"  # checkpoints, metrics, the resolved config and the exported adapter
 
@@ -389,6 +442,15 @@ class Config:
             _check(pref.max_prompt_length < self.data.max_length, "preference.max_prompt_length",
                    pref.max_prompt_length, f"must be < data.max_length ({self.data.max_length}): leave room for "
                    "the completion")
+        if objective == "grpo":
+            g = self.grpo
+            _check(len(g.rewards) > 0, "grpo.rewards", list(g.rewards), "must name at least one reward function "
+                   "with train.objective=grpo")
+            _check(self.train.batch_size % g.num_generations == 0, "train.batch_size", self.train.batch_size,
+                   f"must be a multiple of grpo.num_generations ({g.num_generations}): it counts completions")
+            if g.reference == "init":
+                _check(self.lora.init_from is not None, "grpo.reference", g.reference,
+                       "needs lora.init_from (the starting adapter is the reference); without it use reference=base")
         if objective == "kto":
             _check(self.train.batch_size >= 2, "train.batch_size", self.train.batch_size, "must be >= 2 with "
                    "train.objective=kto (its KL estimate pairs each prompt with another example's completion)")

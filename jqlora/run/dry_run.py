@@ -53,6 +53,8 @@ def dry_run(cfg, out=print) -> int:
         raise DryRunError(f"model.path {cfg.model.path}: no config.json (not a Hugging Face checkpoint directory)")
     out("# resolved config")
     out(config_to_yaml(cfg).rstrip())
+    if cfg.train.objective == "grpo":
+        return _grpo_dry_run(cfg, out)
     if cfg.train.objective != "sft":
         return _preference_dry_run(cfg, out)
     try:
@@ -129,3 +131,23 @@ def _plan(cfg, out) -> None:
     out(p.table())
     if cfg.train.remat == "auto":
         out("(train.remat=auto picks on the device; shown: full)")
+
+
+def _grpo_dry_run(cfg, out) -> int:
+    """GRPO's dry run: the prompts read (one-line data errors), the first one's ids decoded, the rewards loaded."""
+    from jqlora.data import DataError, load_tokenizer
+    from jqlora.data.prompts import read_prompts
+    from jqlora.training.rewards import RewardError, load_reward
+
+    try:
+        tokenizer = load_tokenizer(cfg.model.tokenizer_path or cfg.model.path)
+        ds = read_prompts(cfg.data.path, tokenizer, split=cfg.data.split, subset=cfg.data.subset,
+                          chat_template=cfg.data.chat_template, max_prompt_length=cfg.data.max_length)
+        for spec in cfg.grpo.rewards:
+            load_reward(spec)
+    except (DataError, RewardError) as e:
+        raise DryRunError(str(e)) from None
+    out(f"# {len(ds)} prompts; the first, as the model sees it:")
+    out(tokenizer.decode(ds.examples[0].ids))
+    out(f"# rewards: {', '.join(cfg.grpo.rewards)}")
+    return 0

@@ -130,13 +130,12 @@ class Trainer(Samples):
             self.mesh, shape, self.tc.batch_size, self.tc.eval_batch_size), mesh=self.mesh, run_dir=self.out)
         self.tokenizer = tokenizer = load_tokenizer(cfg.model.tokenizer_path or cfg.model.path)
         self.train_ds, self.eval_ds = self._datasets(cfg, tokenizer)
-        self.iterator = BatchIterator(parallel.RowIds(len(self.train_ds)), self.tc.batch_size, seed=self.tc.seed,
-                                      shuffle=cfg.data.shuffle)
+        self.iterator = self._make_iterator(cfg)
         self.total_steps = optim.total_optimizer_steps(self.tc, self.iterator.batches_per_epoch)
         if self.primary:
             for line in stats.settings_warnings(cfg, self.train_ds, self.total_steps):
                 log.warning(line)
-        self.tx, self.schedule = optim.make_optimizer(self.tc, self.total_steps, cfg.lora.plus_ratio)
+        self.tx, self.schedule = self._make_optimizer(cfg)
 
         # Placement: the model's own arrays are swapped for the placed ones, so no unsharded copy stays behind.
         try:
@@ -163,6 +162,14 @@ class Trainer(Samples):
     def _datasets(self, cfg, tokenizer):
         """(train, eval or None) datasets with ``batch(rows)``; SFT's token rows here (preference: jqlora.run.preference)."""
         return build_datasets(cfg.data, tokenizer, seed=self.tc.seed)
+
+    def _make_iterator(self, cfg) -> BatchIterator:
+        """The row ids of each micro-batch, resumable (GRPO: its prompts, jqlora.run.grpo)."""
+        return BatchIterator(parallel.RowIds(len(self.train_ds)), self.tc.batch_size, seed=self.tc.seed,
+                             shuffle=cfg.data.shuffle)
+
+    def _make_optimizer(self, cfg):
+        return optim.make_optimizer(self.tc, self.total_steps, cfg.lora.plus_ratio)
 
     def _make_steps(self, cfg, ce_chunk: int) -> None:
         self.train_step = make_train_step(self.split, self.tx, ce_chunk, packed=cfg.data.packing,

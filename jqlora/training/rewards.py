@@ -13,7 +13,8 @@ A spec is ``"package.module:function"`` or, for a factory, ``"package.module:fac
 with those keyword arguments (Python literals) returns the reward function, e.g.
 ``"jqlora.training.rewards:regex_reward(pattern='^Answer: [A-Z][a-z]+\\\\.$')"``.
 
-Built-ins: `exact_match` (the completion, normalized, equals the ``answer`` column), `math_answer` (the last number
+Built-ins: `exact_match` (the completion, normalized, equals the ``answer`` column), `answer_first` (it starts with
+the ``answer`` column), `math_answer` (the last number
 or ``\\boxed{...}`` of the completion equals the ``answer`` column numerically) and `regex_reward` (1 when the
 completion matches a regular expression).
 """
@@ -172,6 +173,14 @@ def exact_match(prompts, completions, answer=None, **_) -> list[float | None]:
     stripped, a trailing period or ``!`` dropped, case folded), else 0.0; None where the answer is missing."""
     answers = answer if answer is not None else [None] * len(completions)
     return [None if a is None else float(_normalize(completion_text(c)) == _normalize(str(a)))
+            for c, a in zip(completions, answers)]
+
+
+def answer_first(prompts, completions, answer=None, **_) -> list[float | None]:
+    """1.0 when the completion, normalized as `exact_match` does, starts with the ``answer`` column's sentence (what
+    follows it is not judged), else 0.0; None where the answer is missing."""
+    answers = answer if answer is not None else [None] * len(completions)
+    return [None if a is None else float(_normalize(completion_text(c)).startswith(_normalize(str(a))))
             for c, a in zip(completions, answers)]
 
 

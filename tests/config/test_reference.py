@@ -13,7 +13,7 @@ REPO = Path(__file__).resolve().parents[2]
 def _flat(tree: dict, prefix: str = "") -> dict:
     out = {}
     for k, v in tree.items():
-        if isinstance(v, dict) and k in ("model", "lora", "data", "train", "mesh", "preference", "log"):
+        if isinstance(v, dict) and k in ("model", "lora", "data", "train", "mesh", "preference", "grpo", "log"):
             out.update(_flat(v, f"{k}."))
         else:
             out[prefix + k] = v

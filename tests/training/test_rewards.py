@@ -109,3 +109,10 @@ def test_exact_match_and_math_answer():
     assert R.math_answer(None, ["12"], answer=["twelve"]) == [None]  # an answer that is not a number: no reward
     fmt = R.regex_reward(r"<answer>.*</answer>", search=True, reward=0.5)
     assert fmt(None, ["x <answer>4</answer>", "4"]) == [0.5, 0.0]
+
+
+def test_answer_first():
+    comps = [" The capital of Peru is Lima. The capital of", "The capital of Peru is Lim", "the capital of peru is lima",
+             " The capital of Chile is Lima."]
+    assert R.answer_first(None, comps, answer=["The capital of Peru is Lima."] * 4) == [1.0, 0.0, 1.0, 0.0]
+    assert R.answer_first(None, ["x"], answer=[None]) == [None]
