@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import re
 import struct
@@ -86,6 +87,12 @@ def check_adapter(model_dir: str, adapter_dir: str) -> None:
     if not isinstance(cfg, dict) or cfg.get("peft_type") != "LORA":
         got = cfg.get("peft_type") if isinstance(cfg, dict) else type(cfg).__name__
         raise UsageError(f"{config}: peft_type {got!r} is not supported; jqlora reads LORA adapters only")
+    for key, integer in (("r", True), ("lora_alpha", False)):  # (the config before the weights: its own mistakes)
+        value = cfg.get(key)
+        if (not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value <= 0
+                or (integer and not float(value).is_integer())):
+            raise UsageError(f"{config}: {key} must be a positive finite {'integer' if integer else 'number'}, "
+                             f"got {value!r}")
     weights = os.path.join(adapter_dir, "adapter_model.safetensors")
     if not os.path.isfile(weights):
         if os.path.isfile(os.path.join(adapter_dir, "adapter_model.bin")):

@@ -1,6 +1,6 @@
 """Fault battery: what a crash, a corrupt file, a full disk, a second trainer or a bad learning rate does to a run.
 
-    python tools/fault_battery.py [--kills 4] [--workdir DIR]
+    python tools/fault_battery.py [--kills 4] [--workdir DIR] [--only GROUP,...]
 
 Every case runs the real CLIs (`python -m jqlora.train / convert / export / generate`) in fresh processes on the
 demo model (tools/make_demo_model.py, built on first use) and a small slice of the demo chat set, and checks what a
@@ -146,10 +146,7 @@ class Battery(EdgeCases):
         return None if digest(dst) == digest(ref) else "the re-run's bytes differ"
 
     def _corrupt(self, name: str, corrupt) -> str | None:
-        stopped = self.work / "stopped"
-        if not stopped.exists():
-            r = self.train(stopped, "train.stop_at_step=6")
-            assert r.returncode == 0, r.stderr
+        stopped = self._stopped()
         out = self.work / f"corrupt-{name}"
         shutil.rmtree(out, ignore_errors=True)
         shutil.copytree(stopped, out)
@@ -247,7 +244,7 @@ class Battery(EdgeCases):
         if d is None:
             return "cannot mount a tmpfs here (not root?)"
         try:
-            stopped = self.work / "stopped"
+            stopped = self._stopped()
             out = d / "run"
             shutil.copytree(stopped, out)
             self._fill(d, 32 << 10)
@@ -328,14 +325,16 @@ def main() -> int:
     ap.add_argument("--kills", type=int, default=4, help="kill -9 repetitions per killed command")
     ap.add_argument("--workdir", default=None, help="where to run (default: a new temporary directory)")
     ap.add_argument("--only", default=None, help="run only the groups whose method name contains this, or 'fast' "
-                    "for the quick ones (a CI smoke): " + ", ".join(GROUPS))
+                    "for the quick ones; several, comma-separated (the CI smoke: --kills 1 --only "
+                    "kill,fast,disk_full): " + ", ".join(GROUPS))
     args = ap.parse_args()
     work = Path(args.workdir or tempfile.mkdtemp(prefix="jqlora-faults-"))
     work.mkdir(parents=True, exist_ok=True)
     print(f"fault battery in {work}", flush=True)
     b = Battery(work, args.kills)
+    wanted = None if args.only is None else [w.strip() for w in args.only.split(",") if w.strip()]
     for name in GROUPS:
-        if args.only is None or (name in FAST if args.only == "fast" else args.only in name):
+        if wanted is None or any(name in FAST if w == "fast" else w in name for w in wanted):
             getattr(b, name)()
     held = sum(ok for _, ok, _ in RESULTS)
     print(f"{held}/{len(RESULTS)} cases held")

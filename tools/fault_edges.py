@@ -224,7 +224,7 @@ class EdgeCases:
         if why:
             return why
         line = next(ln for ln in r.stderr.splitlines() if ln.startswith("error:"))
-        if "weights_only=False" in line or len(line) > 300:
+        if "weights_only=False" in line or len(line.replace(str(d), "")) > 300:  # (the path's length is the user's)
             return f"the line: {line!r}"
         return "the pickle ran" if (self.work / "pwned").exists() else None
 

@@ -23,6 +23,7 @@ and the space free, and the earlier checkpoints stay as they were.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
@@ -280,9 +281,17 @@ class RunDir:
         ax.grid(alpha=0.3)
         fig.tight_layout()
         path = os.path.join(self.out, "loss.png")  # (replaced whole: a kill mid-write leaves the last one)
-        fig.savefig(path + ".tmp", dpi=100, format="png")
-        plt.close(fig)
-        os.replace(path + ".tmp", path)
+        try:
+            fig.savefig(path + ".tmp", dpi=100, format="png")
+            os.replace(path + ".tmp", path)
+        except OSError as e:  # (a full disk: the picture is a convenience; what the run needs is checked where written)
+            with contextlib.suppress(OSError):
+                os.remove(path + ".tmp")
+            if not getattr(self, "_plot_warned", False):
+                self._plot_warned = True
+                log.warning("warning: %s not updated (%s); the run goes on", path, e.strerror or e)
+        finally:
+            plt.close(fig)
 
 
 def _barrier(name: str) -> None:

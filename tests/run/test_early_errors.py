@@ -146,3 +146,16 @@ def test_generate_refuses_a_wrong_adapter_before_jax(assets, adapters, tmp_path,
     rc, jax_imported, err = _run(tmp_path, "jqlora.generate", "--model", str(assets / "model"), "--adapter",
                                  str(adapters[which]), "--prompt", "hi")
     assert rc == 2 and err.splitlines() == [err] and message in err and not jax_imported, err
+
+
+@pytest.mark.parametrize("key,value", [("r", "Infinity"), ("r", "4.5"), ("lora_alpha", "Infinity"),
+                                       ("lora_alpha", "NaN"), ("lora_alpha", "0")])
+def test_generate_names_an_absurd_rank_or_alpha_before_the_weights(assets, tmp_path, key, value):
+    # an adapter_config.json alone (no weights yet): its own mistake is named first, not the missing weights
+    from jqlora.generate import UsageError, check_adapter
+
+    cfg = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj"],
+           key: "@"}
+    (tmp_path / "adapter_config.json").write_text(json.dumps(cfg).replace('"@"', value))
+    with pytest.raises(UsageError, match=rf"adapter_config.json: {key} must be a positive finite"):
+        check_adapter(str(assets / "model"), str(tmp_path))

@@ -321,3 +321,22 @@ def test_outputs_honour_the_umask(tmp_path, mask):
              for p in [tmp_path / "out", *(tmp_path / "out").rglob("*")]}
     assert modes.pop("out") == modes.pop("out/sub") == 0o777 & ~mask
     assert set(modes.values()) == {0o666 & ~mask}, modes
+
+
+def test_loss_png_that_cannot_be_written_is_one_warning_and_the_run_goes_on(tmp_path, caplog):
+    # a full disk at loss.png (here: its temporary name taken by a folder, so the write fails) must not end the run
+    # with a traceback before the checkpoint's own disk-full check can say its one line
+    from jqlora.run import RunDir
+
+    for step, loss in ((1, 2.0), (2, 1.5)):
+        journal.append(str(tmp_path / "metrics.jsonl"), {"step": step, "loss": loss})
+    run = RunDir(tmp_path, create=False)
+    run.plot()
+    before = (tmp_path / "loss.png").read_bytes()
+    (tmp_path / "loss.png.tmp").mkdir()
+    with caplog.at_level("WARNING"):
+        run.plot()
+        run.plot()
+    assert (tmp_path / "loss.png").read_bytes() == before
+    warned = [r.getMessage() for r in caplog.records if "loss.png" in r.getMessage()]
+    assert len(warned) == 1 and warned[0].startswith("warning:"), warned
