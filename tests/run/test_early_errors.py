@@ -67,9 +67,10 @@ def test_eval_path_is_named_and_dry_run_checks_first(work, assets):
 
 
 def test_flags_go_anywhere_among_the_overrides(work, assets):
-    """item 4: the issue's command, `--dry-run` between two overrides, reaches the data check (not argparse)."""
-    rc, jax_imported, err = _run(work, "jqlora.train", "model.path=m", "--dry-run", "data.path=chat.jsnol",
-                                 "output_dir=run")
+    """item 4: the issue's command, `--dry-run` between two overrides, reaches the data check (not argparse). (The
+    issue's `model.path=m` is a real model here: a missing model.path is named before the data.)"""
+    rc, jax_imported, err = _run(work, "jqlora.train", f"model.path={assets / 'model'}", "--dry-run",
+                                 "data.path=chat.jsnol", "output_dir=run")
     assert rc == 2 and err == "error: data.path=chat.jsnol: no such file or directory" and not jax_imported, err
 
 
