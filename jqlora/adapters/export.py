@@ -94,6 +94,7 @@ def adapter_config_dict(model: nnx.Module, lora_config: LoraConfig, base_model_n
         "alora_invocation_tokens": None,
         "alpha_pattern": alpha_pattern,
         "arrow_config": None,
+        "astra_config": None,
         "auto_mapping": None,
         "base_model_name_or_path": str(base_model_name_or_path or ""),
         "bias": "none",
