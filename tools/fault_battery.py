@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from fault_common import DEMO, REPO, RESULTS, case, cli, digest, one_error, popen  # noqa: E402
+from fault_common import DEMO, REPO, RESULTS, case, cli, digest, one_error, poisoned_copy, popen  # noqa: E402
 from fault_edges import FAST, EdgeCases  # noqa: E402
 
 
@@ -267,16 +267,8 @@ class Battery(EdgeCases):
 
     @case("a NaN in a quantized base weight: one line naming file and key on train, convert, generate, export")
     def nan_weight(self):
-        from safetensors.torch import load_file, save_file  # (the demo model is bfloat16: numpy has no such type)
-
-        bad = self.work / "nan-model"
-        shutil.rmtree(bad, ignore_errors=True)
-        shutil.copytree(self.model, bad)
-        tensors = load_file(str(bad / "model.safetensors"))
         key = "model.layers.0.self_attn.q_proj.weight"
-        tensors[key] = tensors[key].clone()
-        tensors[key][0, 7] = float("nan")
-        save_file(tensors, str(bad / "model.safetensors"), metadata={"format": "pt"})
+        bad = poisoned_copy(self.model, self.work / "nan-model", key, (0, 7))
         adapter = self.reference() / "adapter"
         args = [a for a in self.args if not a.startswith("model.path=")]
         for r in (cli("train", "--no-progress", *args, f"model.path={bad}", f"output_dir={self.work / 'nan-run'}"),

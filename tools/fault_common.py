@@ -54,3 +54,19 @@ def one_error(proc: subprocess.CompletedProcess, *needles: str) -> str | None:
         return f"{len(errors)} error lines"
     missing = [n for n in needles if n not in errors[0]]
     return f"{missing} not in {errors[0]!r}" if missing else None
+
+
+def poisoned_copy(model: Path, dst: Path, key: str, index: tuple[int, int]) -> Path:
+    """A copy of ``model`` at ``dst`` with one NaN in tensor ``key`` at ``index`` (read through torch: the demo model
+    is bfloat16, which numpy has no type for)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.rmtree(dst, ignore_errors=True)
+    shutil.copytree(model, dst)
+    tensors = load_file(str(dst / "model.safetensors"))
+    tensors[key] = tensors[key].clone()
+    tensors[key][index] = float("nan")
+    save_file(tensors, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    return dst

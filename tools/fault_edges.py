@@ -17,11 +17,13 @@ import threading
 import time
 from pathlib import Path
 
-from fault_common import REPO, case, cli, digest, one_error
+from fault_common import REPO, case, cli, digest, one_error, poisoned_copy
 
 FAST = ("utf8_dataset", "absurd_adapter_configs", "malicious_bin", "codebooks_from_parent", "overwrite_reads")
 
-_SAVE_FAULT = """
+# A trainer whose orbax save fails (raise) or never finishes (hang), from inside orbax's background thread
+# (tests/run/test_faults_edges.py runs it too).
+SAVE_FAULT = """
 import asyncio, sys
 from orbax.checkpoint._src.path import atomicity
 mode = sys.argv.pop(1)
@@ -47,7 +49,7 @@ class EdgeCases:
     def _save_failure(self, mode: str) -> str | None:
         out = self.work / f"save-{mode}"
         shutil.rmtree(out, ignore_errors=True)
-        p = subprocess.Popen([sys.executable, "-c", _SAVE_FAULT, mode, "--no-progress", *self.args,
+        p = subprocess.Popen([sys.executable, "-c", SAVE_FAULT, mode, "--no-progress", *self.args,
                               f"output_dir={out}"], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                              text=True, env={**os.environ, "PYTHONPATH": str(REPO), "JQLORA_SAVE_TIMEOUT_S": "10"})
         lines: list[tuple[float, str]] = []
@@ -174,16 +176,8 @@ class EdgeCases:
 
     @case("a NaN in the embedding (not quantized): one line naming file and key")
     def nan_embedding(self):
-        from safetensors.torch import load_file, save_file
-
-        bad = self.work / "nan-embed"
-        shutil.rmtree(bad, ignore_errors=True)
-        shutil.copytree(self.model, bad)
-        tensors = load_file(str(bad / "model.safetensors"))
         key = "model.embed_tokens.weight"
-        tensors[key] = tensors[key].clone()
-        tensors[key][3, 1] = float("nan")
-        save_file(tensors, str(bad / "model.safetensors"), metadata={"format": "pt"})
+        bad = poisoned_copy(self.model, self.work / "nan-embed", key, (3, 1))
         args = [a for a in self.args if not a.startswith("model.path=")]
         return one_error(cli("train", "--no-progress", *args, f"model.path={bad}",
                              f"output_dir={self.work / 'nan-embed-run'}"), "model.safetensors", key, "NaN")

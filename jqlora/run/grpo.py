@@ -32,6 +32,7 @@ from jqlora.data import BatchIterator
 from jqlora.models.decode import bucket
 from jqlora.models.sampling import sample_rollouts
 from jqlora.run.divergence import DivergenceMonitor
+from jqlora.run.metrics import finite_means
 from jqlora.run.loop import Trainer
 from jqlora.run.model import UserError
 from jqlora.training import grpo as G_
@@ -51,15 +52,6 @@ class _NoDivergence(DivergenceMonitor):
 
     def update(self, step, loss, window_start, grad_norm=None):
         return None
-
-
-def _mean_of(rows: list[dict]) -> dict:
-    out = {}
-    for k in sorted({k for r in rows for k in r}):
-        vals = [r[k] for r in rows if k in r and np.isfinite(r[k])]
-        if vals:
-            out[k] = float(np.mean(vals))
-    return out
 
 
 class GRPOTrainer(Trainer):
@@ -223,7 +215,7 @@ class GRPOTrainer(Trainer):
         self.trained_tokens += trained * g.num_iterations
         rec = {**G_.rollout_metrics(rpf, self.reward_names, g.reward_weights, zero_std, ro.completion_mask,
                                     ro.truncated),
-               **_mean_of([{kk: float(v) for kk, v in mm.items()} for mm in jax.device_get(metrics)]),
+               **finite_means(metrics),
                "generation_tokens_per_s": float(ro.completion_mask.sum()) / max(gen_s, 1e-9),
                "training_tokens_per_s": tokens * g.num_iterations / max(train_s, 1e-9)}
         self._window_metrics.append(rec)
@@ -237,7 +229,7 @@ class GRPOTrainer(Trainer):
         return float(np.mean(losses)), trained, tokens
 
     def window_metrics(self) -> dict:
-        out = _mean_of(self._window_metrics)
+        out = finite_means(self._window_metrics)
         self._window_metrics = []
         if self.primary and self._sample is not None:
             with open(self.completions_path, "a") as f:  # one write per line, as metrics.jsonl

@@ -74,3 +74,19 @@ class MetricWriters:
         if self.wandb is not None:
             self.wandb.finish()
             self.wandb = None
+
+
+def finite_means(rows: list[dict]) -> dict:
+    """The mean of each metric over ``rows`` (dicts of numbers or device scalars, e.g. a step's micro-batches),
+    skipping rows where it is missing or not finite (a KTO micro-batch without a desirable example has no
+    rewards/chosen); a metric no row has is left out."""
+    import jax
+    import numpy as np
+
+    rows = [{k: float(v) for k, v in r.items()} for r in jax.device_get(rows)]
+    out = {}
+    for k in sorted({k for r in rows for k in r}):
+        vals = [r[k] for r in rows if k in r and np.isfinite(r[k])]
+        if vals:
+            out[k] = float(np.mean(vals))
+    return out

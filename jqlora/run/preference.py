@@ -25,6 +25,7 @@ from jqlora import parallel
 from jqlora.data import eval_batches
 from jqlora.data.pairs import PairDataset
 from jqlora.run.divergence import DivergenceMonitor
+from jqlora.run.metrics import finite_means
 from jqlora.run.loop import Trainer
 from jqlora.run.model import UserError
 from jqlora.training.preference import Objective
@@ -135,11 +136,11 @@ class PreferenceTrainer(Trainer):
         trained = int(sum(jnp.sum(b["completion_mask"][:, rows]) for b in micro))
         tokens = int(sum(jnp.sum(b["segment_ids"][:, rows] > 0) for b in micro))
         self.trained_tokens += trained
-        self._window_metrics.append(_mean_over(metrics))
+        self._window_metrics.append(finite_means(metrics))
         return float(total) / k, trained, tokens
 
     def window_metrics(self) -> dict:
-        out = _mean_of_dicts(self._window_metrics)
+        out = finite_means(self._window_metrics)
         self._window_metrics = []
         return out
 
@@ -154,7 +155,7 @@ class PreferenceTrainer(Trainer):
             loss, m = self.eval_step(self.lora, self.ref_lora, self.split.frozen, self.place_batch(self.eval_ds, rows))
             losses.append(float(loss))
             metrics.append(m)
-        self.eval_pref = _mean_over(metrics)
+        self.eval_pref = finite_means(metrics)
         return float(np.mean(losses))
 
     def eval_metrics(self, loss: float) -> dict:
@@ -164,17 +165,3 @@ class PreferenceTrainer(Trainer):
         return []  # (replies to the prompts: train.sample_prompt; eval samples are SFT's)
 
 
-def _mean_over(metrics: list[dict]) -> dict:
-    """The mean over micro-batches of each metric, skipping those where it is NaN (a KTO micro-batch without a
-    desirable example has no rewards/chosen); a metric no micro-batch has is left out."""
-    host = [{k: float(v) for k, v in m.items()} for m in jax.device_get(metrics)]
-    return _mean_of_dicts(host)
-
-
-def _mean_of_dicts(rows: list[dict]) -> dict:
-    out = {}
-    for k in sorted({k for r in rows for k in r}):
-        vals = [r[k] for r in rows if k in r and np.isfinite(r[k])]
-        if vals:
-            out[k] = float(np.mean(vals))
-    return out

@@ -19,20 +19,9 @@ from jqlora.run import journal
 from jqlora.run.lock import RunLock, RunLockedError
 
 REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "tools"))
+from fault_edges import SAVE_FAULT  # noqa: E402  (the battery's trainer with a failing / hanging orbax save)
 
-# A trainer whose orbax save fails (raise) or never finishes (hang), from inside orbax's background thread.
-_SAVE_FAULT = """
-import asyncio, sys
-from orbax.checkpoint._src.path import atomicity
-mode = sys.argv.pop(1)
-async def finalize(self, *a, **k):
-    if mode == "hang":
-        await asyncio.sleep(3600)
-    raise FileNotFoundError(2, "No such file or directory", str(self.get()))
-atomicity.AtomicRenameTemporaryPath.finalize = finalize
-from jqlora.train import main
-sys.exit(main(sys.argv[1:]))
-"""
 
 
 def run_args(assets: Path, out: Path, *more: str) -> list[str]:
@@ -62,7 +51,7 @@ def test_a_failed_or_stuck_save_exits_in_one_line(assets, tmp_path, mode):
     it (timed from the step's log line, just before the save; the model's loading is not the point), non-zero, with
     one line naming the checkpoint."""
     out = tmp_path / "run"
-    p = subprocess.Popen([sys.executable, "-c", _SAVE_FAULT, mode, *run_args(assets, out)], cwd=tmp_path,
+    p = subprocess.Popen([sys.executable, "-c", SAVE_FAULT, mode, *run_args(assets, out)], cwd=tmp_path,
                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                          env=env(JQLORA_SAVE_TIMEOUT_S="3"))
     lines: list[tuple[float, str]] = []  # (when, line), read as they come

@@ -24,7 +24,7 @@ import pytest
 import torch
 
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
-trl = pytest.importorskip("trl")
+import trl  # noqa: E402  (the oracle: imported, never skipped)
 import peft  # noqa: E402
 import transformers  # noqa: E402
 from datasets import Dataset  # noqa: E402
