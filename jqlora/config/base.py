@@ -12,7 +12,7 @@ LORA_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 FUSED_MODULES = ("qkv_proj", "gate_up_proj")  # = lora.FUSED_MODULES (Phi-3); also valid lora.targets
 HEAD_MODULES = ("embed_tokens", "lm_head")  # = lora.HEAD_MODULES; valid lora.targets, never part of all-linear
 DATA_FORMATS = ("auto", "chat", "instruction", "prompt_completion", "text")
-TRAIN_ON = ("completion", "all")
+TRAIN_ON = ("completion", "last_turn", "all")
 LORA_INITS = ("default", "gaussian", "pissa", "loftq")  # = lora_init.INITS
 OVERLONG = ("truncate", "drop", "error")
 LR_SCHEDULES = ("cosine", "linear", "constant")

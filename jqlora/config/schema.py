@@ -153,19 +153,72 @@ class LoraConfig:
         return LORA_MODULES if self.targets == "all-linear" else tuple(self.targets)
 
 
+SOURCE_KEYS = ("path", "weight", "split", "subset", "format")  # the keys of one data.path / data.eval_path entry
+
+
+def _check_sources(value: Any, key: str) -> Any:
+    """data.path / data.eval_path: a string, or a non-empty list of strings and {path, weight, split, subset,
+    format} mappings (weight: data.path only, on every entry or on none); returns it with lists as lists."""
+    if value is None or isinstance(value, str):
+        return value
+    _check(isinstance(value, (list, tuple)) and len(value) > 0, key, value,
+           "must be a path, a hub name, or a non-empty list of them ({path, weight, split, subset, format} entries)")
+    def need(ok, at, v, requirement):  # (the error names the entry; its source is that of the key)
+        if not ok:
+            raise _Invalid(key, f"{at}={v!r} {requirement}")
+
+    weighted = []
+    for i, entry in enumerate(value):
+        at = f"{key}[{i}]"
+        entry = {"path": entry} if isinstance(entry, str) else entry
+        need(isinstance(entry, dict), at, entry, "must be a path or a mapping {path, weight, split, subset, format}")
+        unknown = [k for k in entry if k not in SOURCE_KEYS]
+        need(not unknown, at, entry, f"has unknown key(s) {', '.join(map(str, unknown))} (allowed: "
+               + ", ".join(k for k in SOURCE_KEYS if key == "data.path" or k != "weight") + ")")
+        need(isinstance(entry.get("path"), str) and bool(entry["path"]), f"{at}.path", entry.get("path"),
+               "must name a dataset (a file, a dataset directory or a hub name)")
+        for name in ("split", "subset"):
+            if entry.get(name) is not None:
+                need(isinstance(entry[name], str) and bool(entry[name]), f"{at}.{name}", entry[name],
+                       "must be a non-empty string")
+        if entry.get("format") is not None:
+            need(entry["format"] in DATA_FORMATS, f"{at}.format", entry["format"],
+                 "must be one of " + ", ".join(DATA_FORMATS))
+        if "weight" in entry:
+            w = entry["weight"]
+            need(key == "data.path", f"{at}.weight", w, "is for data.path only (eval sets are not mixed)")
+            need(isinstance(w, (int, float)) and not isinstance(w, bool) and w > 0 and w != float("inf"),
+                   f"{at}.weight", w, "must be a number > 0 (the source's share of the sampled rows)")
+        weighted.append("weight" in entry and entry["weight"] is not None)
+    if any(weighted) and not all(weighted):
+        i = weighted.index(False)
+        raise _Invalid(key, f"{key}[{i}] has no weight while {key}[{weighted.index(True)}] has one: give every "
+                       "entry a weight (sampled mixing) or none (concatenation)")
+    return list(value)
+
+
 @dataclass(frozen=True)
 class DataConfig:
-    path: Optional[str] = None  # .jsonl / .json / .parquet / .csv file, a local dataset dir, or a hub name; required
+    # .jsonl / .json / .parquet / .csv file, a local dataset dir, or a hub name; required. Or a list of them, each a
+    # string or {path, weight, split, subset, format}: no weights = the sources concatenated; weights on every entry =
+    # each epoch's rows drawn from the sources in those proportions (seeded by train.seed and the epoch)
+    path: Any = field(default=None, hash=False)
     format: str = "auto"  # auto | chat | instruction | prompt_completion | text
     split: str = "train"  # split to read from a dataset directory or hub dataset
     subset: Optional[str] = None  # hub dataset configuration name
-    # separate eval data (same format rules); overrides eval_fraction
-    eval_path: Optional[str] = None
+    # separate eval data (same format rules; a list like data.path's, without weights: the sets are concatenated);
+    # overrides eval_fraction
+    eval_path: Any = field(default=None, hash=False)
     eval_split: Optional[str] = None  # split of data.path used for eval (hub/dir datasets), e.g. "test"
     eval_fraction: float = 0.0  # else hold out this fraction of the training examples (split by train.seed)
     max_length: int = 128  # tokens per row (packed or padded)
     packing: bool = False  # pack several examples per row (best-fit decreasing); attention stays per example
-    train_on: str = "completion"  # completion: loss on assistant/completion tokens only; all: on every token
+    # completion: loss on every assistant turn (the completion) only; last_turn: on the last assistant turn of each
+    # conversation only; all: on every token
+    train_on: str = "completion"
+    # with completion / last_turn: also train each trained turn's end-of-turn marker (<|im_end|>, <|eot_id|>, EOS),
+    # so the model learns to stop; false: the turn's text only
+    train_on_eos: bool = True
     overlong: str = "truncate"  # examples over max_length: truncate (keep the start) | drop | error
     shuffle: bool = True  # reshuffle rows every epoch (seeded by train.seed and the epoch)
     messages_field: str = "messages"  # field holding the chat (format chat)
@@ -173,8 +226,10 @@ class DataConfig:
     chat_template: Optional[str] = None  # Jinja template, a .jinja file, or zephyr | chatml; replaces the tokenizer's
 
     def __post_init__(self):
-        if self.path is not None:
+        if isinstance(self.path, str):
             _check(bool(self.path), "data.path", self.path, "must name a dataset")
+        object.__setattr__(self, "path", _check_sources(self.path, "data.path"))
+        object.__setattr__(self, "eval_path", _check_sources(self.eval_path, "data.eval_path"))
         _one_of(self.format, "data.format", DATA_FORMATS)
         _check(0.0 <= self.eval_fraction < 1.0, "data.eval_fraction", self.eval_fraction, "must be in [0, 1)")
         _check(self.max_length >= 2, "data.max_length", self.max_length, "must be >= 2")
@@ -224,6 +279,9 @@ class TrainConfig:
     # sft (supervised) | dpo | orpo | simpo (paired preferences) | kto (unpaired); settings in the preference section;
     # grpo (online RL on prompts with reward functions; the grpo section)
     objective: str = "sft"
+    # NEFTune (Jain et al. 2023; transformers' neftune_noise_alpha): in training only, uniform noise in
+    # ±alpha/sqrt(S·D) added to the embedding outputs (S = data.max_length, D = hidden size); null / 0: off
+    neftune_alpha: Optional[float] = None
 
     def __post_init__(self):
         _one_of(self.objective, "train.objective", OBJECTIVES)
@@ -252,6 +310,8 @@ class TrainConfig:
         _check(self.save_every >= 0, "train.save_every", self.save_every, "must be >= 0 (0: only at the end)")
         _check(self.keep_checkpoints >= 1, "train.keep_checkpoints", self.keep_checkpoints, "must be >= 1")
         _check(self.eval_samples >= 0, "train.eval_samples", self.eval_samples, "must be >= 0")
+        if self.neftune_alpha is not None:
+            _check(self.neftune_alpha >= 0, "train.neftune_alpha", self.neftune_alpha, "must be >= 0 (or null: off)")
         if self.stop_at_step is not None:
             _check(self.stop_at_step >= 1, "train.stop_at_step", self.stop_at_step, "must be >= 1 (or null)")
 
@@ -322,6 +382,13 @@ class Config:
             _check(pref.max_prompt_length < self.data.max_length, "preference.max_prompt_length",
                    pref.max_prompt_length, f"must be < data.max_length ({self.data.max_length}): leave room for "
                    "the completion")
+        for key in ("path", "eval_path"):
+            if isinstance(getattr(self.data, key), list) and objective != "sft":
+                _check(False, f"data.{key}", getattr(self.data, key), "may be a list (several datasets) with "
+                       f"train.objective=sft only, not {objective}")
+        if self.train.neftune_alpha and objective != "sft":
+            _check(False, "train.neftune_alpha", self.train.neftune_alpha, "applies to train.objective=sft only, "
+                   f"not {objective} (set it to null)")
         if objective == "grpo":
             g = self.grpo
             _check(len(g.rewards) > 0, "grpo.rewards", list(g.rewards), "must name at least one reward function "

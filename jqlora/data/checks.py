@@ -1,6 +1,7 @@
 """A run's data checked before anything slow (JAX, the tokenizer, the weights): `check_data`.
 
-What needs no tokenizer is checked here, in the same words the full read uses later: the path (`sources.classify`:
+What needs no tokenizer is checked here, in the same words the full read uses later, for every source of
+data.path and data.eval_path (one, or each entry of a list, named data.path[i]): the path (`sources.classify`:
 a mistyped local path is "no such file", not a Hub lookup), JSON / JSON-lines files read whole (the first bad line
 as file:line, an empty file), parquet files by their footer (readable, rows), the format from the first record and
 every record's fields for it (`to_messages`), and a chat template file. A Hub dataset is checked to be reachable or
@@ -14,6 +15,7 @@ import os
 
 from jqlora.data import sources
 from jqlora.data.errors import DataError
+from jqlora.data.mixture import data_sources
 from jqlora.data.records import FORMATS, Record, detect_format, read_chat_template, read_records, to_messages
 
 
@@ -21,14 +23,13 @@ def check_data(data_cfg) -> None:
     """Raise `DataError` (one line) for the first problem of ``data_cfg``'s local files (a `DataConfig`)."""
     if data_cfg.chat_template:
         read_chat_template(data_cfg.chat_template)
-    for what, path in (("data.path", data_cfg.path), ("data.eval_path", data_cfg.eval_path)):
-        if path is None:
-            continue
+    for source in data_sources(data_cfg, "path") + data_sources(data_cfg, "eval_path"):
+        what, path = source.what, source.path
         kind = sources.classify(path, what)
         path = os.path.expanduser(str(path))
         lower = path.lower()
         if kind == "file" and lower.endswith(sources.JSON_TYPES):
-            check_records(read_records(path, what=what), data_cfg)
+            check_records(read_records(path, what=what), data_cfg, source.format)
         elif kind == "file" and lower.endswith(".parquet"):
             _check_parquet(path)
         elif kind == "file" and not lower.endswith(sources.FILE_TYPES):
@@ -37,9 +38,10 @@ def check_data(data_cfg) -> None:
             sources.check_hub_name(str(path))
 
 
-def check_records(records: list[Record], data_cfg) -> str:
-    """Every record has the fields of the data's format (auto: the first record's); returns the format."""
-    fmt = data_cfg.format
+def check_records(records: list[Record], data_cfg, fmt: str | None = None) -> str:
+    """Every record has the fields of the data's format (``fmt``, else data.format; auto: the first record's);
+    returns the format."""
+    fmt = fmt or data_cfg.format
     if fmt == "auto":
         fmt = detect_format(records[0], messages_field=data_cfg.messages_field, text_field=data_cfg.text_field)
     if fmt not in FORMATS:

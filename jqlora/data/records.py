@@ -24,7 +24,10 @@ the conversation grows (Mistral's system prompt in the last user turn) are handl
 plus end-of-turn text, as rendered when it is the last turn, in the full text, in order. The full text is tokenized once (as `apply_chat_template(tokenize=True)` would) and a token is
 trained when its character span overlaps a trained span. `all` trains every token.
 
-Rows, batches and the batch contract: `jqlora.data.rows`.
+`last_turn` trains the last assistant turn's span only (axolotl's roles_to_train=[assistant] with only the
+final turn), and `data.train_on_eos=false` leaves each turn's end-of-turn text out of its span (the span ends with
+the turn's content). Rows, batches and the batch contract: `jqlora.data.rows`; a run's datasets from its config
+(one or several sources): `jqlora.data.mixture`.
 
 Examples over max_length follow `data.overlong`: truncate (keep the first max_length tokens; an example left with no
 trained target is dropped), drop, or error. A dataset left with no trainable example is an error.
@@ -43,7 +46,7 @@ import numpy as np
 
 from jqlora.data import sources
 from jqlora.data.errors import DataError
-from jqlora.data.rows import Example, TokenDataset
+from jqlora.data.rows import Example
 
 log = logging.getLogger(__name__)
 
@@ -284,8 +287,9 @@ def to_messages(record: Record, fmt: str, *, messages_field: str = "messages") -
 
 
 def render_chat(messages: list[dict], tokenizer, *, chat_template: str | None = None, train_on: str = "completion",
-                where: str = "") -> tuple[str, list[tuple[int, int]]]:
-    """The conversation's text and the character spans [start, end) that carry loss."""
+                where: str = "", train_on_eos: bool = True) -> tuple[str, list[tuple[int, int]]]:
+    """The conversation's text and the character spans [start, end) that carry loss (``train_on``: completion,
+    last_turn or all; ``train_on_eos=False`` leaves each turn's end-of-turn text out of its span)."""
     template = chat_template or tokenizer.chat_template
     if not template:
         raise DataError(f"{where}: the tokenizer has no chat template; set data.chat_template to a Jinja file or a "
@@ -310,6 +314,11 @@ def render_chat(messages: list[dict], tokenizer, *, chat_template: str | None = 
         upto = render(messages[: i + 1])
         if upto.startswith(head) and full.startswith(upto):
             start, end = len(head), len(upto.rstrip())
+            k = (start if not m["content"] else upto.rfind(m["content"], start, end)) if not train_on_eos else -1
+            if not train_on_eos and k < 0:
+                raise DataError(f"{where}: cannot find assistant turn {i}'s text in the chat template's rendering, "
+                                "so not its end-of-turn marker either; use data.train_on_eos=true")
+            end = k + len(m["content"]) if not train_on_eos else end
         else:
             # Not prefix-stable (Mistral moves the system prompt into the last user turn, Qwen3 drops earlier
             # reasoning): find this turn's content and end-of-turn text, as rendered last, in the full text.
@@ -320,13 +329,13 @@ def render_chat(messages: list[dict], tokenizer, *, chat_template: str | None = 
                 raise DataError(f"{where}: cannot locate assistant turn {i} in the chat template's rendering (the "
                                 "template changes earlier turns as the conversation grows); set data.chat_template "
                                 "or use data.train_on=all")
-            end = start + len(piece)
+            pos, end = start + len(piece), start + (len(piece) if train_on_eos else len(m["content"]))
         if end > start:
             spans.append((start, end))
-            pos = end
+            pos = max(pos, end)
     if not spans:
-        raise DataError(f"{where}: no assistant message, nothing to train on with data.train_on=completion")
-    return full, spans
+        raise DataError(f"{where}: no assistant message, nothing to train on with data.train_on={train_on}")
+    return full, spans[-1:] if train_on == "last_turn" else spans
 
 
 def _empty_head(render) -> str:
@@ -360,8 +369,8 @@ def _tokenize_spans(tokenizer, texts: list[str], spans: list[list[tuple[int, int
 
 
 def encode_records(records: Sequence[Record], tokenizer, *, fmt: str = "auto", train_on: str = "completion",
-                   messages_field: str = "messages", text_field: str = "text",
-                   chat_template: str | None = None) -> tuple[list[Example], str]:
+                   messages_field: str = "messages", text_field: str = "text", chat_template: str | None = None,
+                   train_on_eos: bool = True) -> tuple[list[Example], str]:
     """Tokenize records (all of one format) into Examples, untruncated; returns them and the format used."""
     if not records:
         raise DataError("no records")
@@ -387,7 +396,8 @@ def encode_records(records: Sequence[Record], tokenizer, *, fmt: str = "auto", t
         texts, spans = [], []
         for r in chunk:
             msgs = to_messages(r, fmt, messages_field=messages_field)
-            text, sp = render_chat(msgs, tokenizer, chat_template=chat_template, train_on=train_on, where=r.where)
+            text, sp = render_chat(msgs, tokenizer, chat_template=chat_template, train_on=train_on, where=r.where,
+                                   train_on_eos=train_on_eos)
             texts.append(text)
             spans.append(sp)
         for r, (ids, trained) in zip(chunk, _tokenize_spans(tokenizer, texts, spans)):
@@ -428,52 +438,3 @@ def fit_length(examples: Iterable[Example], max_length: int, overlong: str = "tr
         log.warning("%s: dropped %d of %d examples (%d over data.max_length=%d, %d with no trained token left)",
                     name, dropped_long + dropped_empty, total, dropped_long, max_length, dropped_empty)
     return kept
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# From the config
-
-
-def split_records(records: list[Record], fraction: float, seed: int) -> tuple[list[Record], list[Record]]:
-    """Deterministic hold-out: round(fraction * n) records (at least 1 when fraction > 0) chosen by seed."""
-    if fraction <= 0:
-        return records, []
-    n = len(records)
-    n_eval = max(1, int(round(fraction * n)))
-    if n_eval >= n:
-        raise DataError(f"data.eval_fraction={fraction} leaves no training records out of {n}")
-    perm = np.random.default_rng([int(seed), 0x5E1]).permutation(n)
-    held = np.zeros(n, dtype=bool)
-    held[perm[:n_eval]] = True
-    return [r for r, h in zip(records, held) if not h], [r for r, h in zip(records, held) if h]
-
-
-def build_datasets(data_cfg, tokenizer, *, seed: int = 0) -> tuple[TokenDataset, TokenDataset | None]:
-    """Train and eval TokenDatasets for a `jqlora.config.DataConfig` (eval None when there is none)."""
-    train_records = read_records(data_cfg.path, split=data_cfg.split, subset=data_cfg.subset)
-    if data_cfg.eval_path:
-        eval_records = read_records(data_cfg.eval_path, split=data_cfg.eval_split or data_cfg.split,
-                                    subset=data_cfg.subset, what="data.eval_path")
-    elif data_cfg.eval_split:
-        eval_records = read_records(data_cfg.path, split=data_cfg.eval_split, subset=data_cfg.subset)
-    else:
-        train_records, eval_records = split_records(train_records, data_cfg.eval_fraction, seed)
-
-    fmt = data_cfg.format
-    if fmt == "auto":
-        fmt = detect_format(train_records[0], messages_field=data_cfg.messages_field, text_field=data_cfg.text_field)
-    kwargs = dict(fmt=fmt, train_on=data_cfg.train_on, messages_field=data_cfg.messages_field,
-                  text_field=data_cfg.text_field, chat_template=data_cfg.chat_template)
-    pad = _pad_id(tokenizer)
-
-    def make(records, name):
-        examples, _ = encode_records(records, tokenizer, **kwargs)
-        stats: dict = {}
-        examples = fit_length(examples, data_cfg.max_length, data_cfg.overlong, name=name, stats=stats)
-        ds = TokenDataset(examples, data_cfg.max_length, packing=data_cfg.packing, pad_id=pad)
-        ds.stats = stats
-        return ds
-
-    train = make(train_records, str(data_cfg.path))
-    evals = make(eval_records, str(data_cfg.eval_path or data_cfg.path) + " (eval)") if eval_records else None
-    return train, evals

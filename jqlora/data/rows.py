@@ -9,7 +9,7 @@ Batch contract (numpy, every array [B, S] with S = data.max_length):
     segment_ids  int32    1..k for the k examples packed in a row, 0 on padding (attention stays within a segment)
     positions    int32    0, 1, ... restarting in every segment; 0 on padding
 A row holds one example (data.packing=false) or several (best-fit decreasing by length); rows are built once and
-shuffled per epoch with a generator seeded by (seed, epoch). The last batch of an epoch is filled with padding rows
+shuffled per epoch with a generator seeded by (seed, epoch), or, for weighted sources, drawn by a `Mixture`. The last batch of an epoch is filled with padding rows
 (all-zero loss_mask) unless drop_last. `BatchIterator.state()` is a JSON-able position that `restore` resumes from
 exactly.
 """
@@ -63,12 +63,25 @@ class TokenDataset:
     def __init__(self, examples: list[Example], max_length: int, *, packing: bool, pad_id: int = 0):
         self.examples = examples
         self.stats: dict = {}  # filled by build_datasets: examples, truncated, dropped_long, dropped_empty
+        self.parts: list[tuple[str, TokenDataset]] = []  # several sources: (name, its rows), in row order
+        self.mixture: Mixture | None = None  # weighted sources: each epoch's order is drawn by the mixture
         self.max_length = max_length
         self.pad_id = pad_id
         if packing:
             self.rows = pack([len(e.ids) for e in examples], max_length)
         else:
             self.rows = [[i] for i in range(len(examples))]
+
+    @classmethod
+    def concat(cls, parts: Sequence["TokenDataset"]) -> "TokenDataset":
+        """The parts' rows one after the other (each part packed on its own: no row mixes two parts)."""
+        first = parts[0]
+        out = cls([], first.max_length, packing=False, pad_id=first.pad_id)
+        for part in parts:
+            base = len(out.examples)
+            out.examples = out.examples + list(part.examples)
+            out.rows = out.rows + [[base + i for i in row] for row in part.rows]
+        return out
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -118,6 +131,34 @@ def epoch_order(num_rows: int, seed: int, epoch: int, shuffle: bool = True) -> n
     return np.random.default_rng([int(seed), int(epoch)]).permutation(num_rows)
 
 
+class Mixture:
+    """Sampled mixing of sources laid one after the other (source i holds rows starts[i] .. starts[i] + counts[i]).
+
+    An epoch has as many rows as all the sources together, N = Σ counts. Its order is a pure function of (seed,
+    epoch): each of the N positions draws its source i with probability p_i = weights_i / Σ weights (one categorical
+    draw per position), and source i's positions take its rows in turn from a stream of permutations of its rows
+    (seeded by (seed, epoch, i, cycle); in row order without shuffling), so a source drawn more often than it has rows
+    repeats every row before any row a third time, and one drawn less often shows a fresh subset each epoch."""
+
+    def __init__(self, weights: Sequence[float], counts: Sequence[int]):
+        w = np.asarray(weights, np.float64)
+        self.p = w / w.sum()
+        self.counts = [int(n) for n in counts]
+        self.starts = np.concatenate([[0], np.cumsum(self.counts)[:-1]]).astype(np.int64)
+
+    def order(self, seed: int, epoch: int, shuffle: bool = True) -> np.ndarray:
+        n = sum(self.counts)
+        source = np.random.default_rng([int(seed), int(epoch), 0x4D4958]).choice(len(self.p), size=n, p=self.p)
+        out = np.empty(n, np.int64)
+        for i, count in enumerate(self.counts):
+            where = np.flatnonzero(source == i)
+            cycles = -(-len(where) // count)
+            stream = [np.random.default_rng([int(seed), int(epoch), i, c]).permutation(count) if shuffle
+                      else np.arange(count) for c in range(cycles)]
+            out[where] = self.starts[i] + (np.concatenate(stream)[: len(where)] if stream else 0)
+        return out
+
+
 class BatchIterator:
     """Micro-batches of `batch_size` rows, epoch after epoch (forever when epochs is None), resumable.
 
@@ -126,7 +167,7 @@ class BatchIterator:
     """
 
     def __init__(self, dataset: TokenDataset, batch_size: int, *, seed: int = 0, shuffle: bool = True,
-                 epochs: int | None = None, drop_last: bool = False):
+                 epochs: int | None = None, drop_last: bool = False, mixture: Mixture | None = None):
         if batch_size < 1:
             raise ValueError(f"batch_size={batch_size} must be >= 1")
         if drop_last and len(dataset) < batch_size:
@@ -137,6 +178,9 @@ class BatchIterator:
         self.shuffle = shuffle
         self.epochs = epochs
         self.drop_last = drop_last
+        self.mixture = mixture if mixture is not None else getattr(dataset, "mixture", None)
+        if self.mixture is not None and sum(self.mixture.counts) != len(dataset):
+            raise ValueError(f"a mixture of {sum(self.mixture.counts)} rows over a dataset of {len(dataset)}")
         self.epoch = 0
         self.index = 0
         self._order_epoch, self._order = -1, None
@@ -147,7 +191,10 @@ class BatchIterator:
         return n // b if self.drop_last else -(-n // b)
 
     def state(self) -> dict:
-        return {"epoch": self.epoch, "index": self.index, "seed": self.seed, "rows": len(self.dataset)}
+        out = {"epoch": self.epoch, "index": self.index, "seed": self.seed, "rows": len(self.dataset)}
+        if self.mixture is not None:  # (a resume checks that the sources and weights are those it saved)
+            out["mixture"] = {"rows": self.mixture.counts, "p": [float(x) for x in self.mixture.p]}
+        return out
 
     def restore(self, state: dict) -> None:
         """Continue from a `state()`; its seed wins over the constructor's, so the data order carries on."""
@@ -155,11 +202,16 @@ class BatchIterator:
         if rows != len(self.dataset):
             raise DataError(f"cannot resume the data position: the checkpoint saw {rows} rows, the dataset now has "
                             f"{len(self.dataset)} (changed data, max_length or packing?)")
+        mine = self.state().get("mixture")
+        if state.get("mixture") != mine and (state.get("mixture") is not None or mine is not None):
+            raise DataError(f"cannot resume the data position: the checkpoint's data mixture {state.get('mixture')} "
+                            f"is not this run's {mine} (changed data.path sources or weights?)")
         self.epoch, self.index, self.seed = int(state["epoch"]), int(state["index"]), int(state["seed"])
 
     def _epoch_order(self) -> np.ndarray:
         if self._order_epoch != self.epoch:
-            self._order = epoch_order(len(self.dataset), self.seed, self.epoch, self.shuffle)
+            self._order = (epoch_order(len(self.dataset), self.seed, self.epoch, self.shuffle) if self.mixture is None
+                           else self.mixture.order(self.seed, self.epoch, self.shuffle))
             self._order_epoch = self.epoch
         return self._order
 

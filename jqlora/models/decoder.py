@@ -34,7 +34,7 @@ from jqlora.lora import LoraConfig, LoraLinear, QuantSpec, compute_dtype, set_la
 from jqlora.models.attention import IMPLEMENTATIONS as ATTENTION_IMPLEMENTATIONS
 from jqlora.models.attention import NO_WINDOW, attention
 from jqlora.models.config import ModelConfig
-from jqlora.models.layers import MLP, Embed, LMHead, linear, rms_norm
+from jqlora.models.layers import MLP, NEFTUNE_KEY, Embed, LMHead, linear, neftune_noise, rms_norm
 from jqlora.models.rope import apply_rope, rope_tables
 from jqlora.models.stack import REMAT_POLICIES, _remat_policy, segment_positions, softcap
 
@@ -217,8 +217,12 @@ class CausalLM(nnx.Module):
         deterministic: bool = True,
         key: jax.Array | None = None,
         router_stats_mask: jax.Array | None = None,
+        embed_noise: float = 0.0,
     ):
         """Final-norm hidden states ``[B, S, D]`` in the compute dtype.
+
+        ``embed_noise`` = alpha > 0 with ``deterministic=False``: NEFTune's noise on the embedding outputs
+        (`layers.neftune_noise`, keyed by ``fold_in(key, NEFTUNE_KEY)``; the dropout keys are those without it).
 
         With ``router_stats_mask`` ([B, S], 1 = a real token; MoE models only) it returns (hidden states, the
         per-layer router statistics float32 [L, 2, E] of `moe.router_stats`) for the load-balancing loss. They
@@ -244,6 +248,10 @@ class CausalLM(nnx.Module):
         shared_window = windows[0] if len(set(windows)) == 1 else None
 
         h_BSD = self.model.embed_tokens(ids_BS)
+        if embed_noise and not deterministic:
+            if key is None:
+                raise ValueError("NEFTune (embed_noise > 0) needs a PRNG key (key=...) when deterministic=False")
+            h_BSD = h_BSD + neftune_noise(jax.random.fold_in(key, NEFTUNE_KEY), h_BSD.shape, embed_noise, h_BSD.dtype)
         graphdef, state = nnx.split(self.model.layers)
         use_dropout = not deterministic and self.lora_config is not None and self.lora_config.dropout > 0
         if use_dropout and key is None:

@@ -55,6 +55,17 @@ def rms_norm(cfg: ModelConfig, dim: int, dtype: Any) -> RMSNorm:
     return RMSNorm(dim, cfg.rms_norm_eps, dtype, cfg.norm_unit_offset)
 
 
+NEFTUNE_KEY = 0x4E4546  # folded into a step's key for NEFTune's noise
+
+
+def neftune_noise(key: jax.Array, shape_BSD: tuple[int, int, int], alpha: float, dtype: Any) -> jax.Array:
+    """NEFTune's noise (Jain et al. 2023), as transformers' ``neftune_post_forward_hook`` draws it for an
+    embedding output of shape [B, S, D]: uniform in [-m, m], m = alpha / sqrt(S · D), S the (padded) sequence
+    length of the tensor and D its width; drawn in float32, cast to the output's dtype."""
+    bound = float(alpha) / math.sqrt(shape_BSD[1] * shape_BSD[2])
+    return jax.random.uniform(key, tuple(shape_BSD), jnp.float32, -bound, bound).astype(dtype)
+
+
 class Embed(nnx.Module):
     def __init__(self, vocab: int, dim: int, dtype: Any, rngs: nnx.Rngs, scale: bool = False,
                  lora: LoraSpec | None = None, lora_dtype: Any = jnp.float32):

@@ -31,7 +31,7 @@ from flax import nnx
 from jqlora import parallel
 from jqlora.adapters import init_state
 from jqlora.config import save_config
-from jqlora.data import BatchIterator, build_datasets, eval_batches, load_tokenizer
+from jqlora.data import BatchIterator, build_datasets, eval_batches, load_tokenizer, map_paths
 from jqlora.data import stats
 from jqlora.lora import LoraConfig, NoLoraError, SplitModel
 from jqlora.run import background, progress
@@ -92,7 +92,8 @@ class Trainer(Samples):
             cfg,
             model=dataclasses.replace(cfg.model, path=_absolute(cfg.model.path),
                                       tokenizer_path=_absolute(cfg.model.tokenizer_path)),
-            data=dataclasses.replace(cfg.data, path=_absolute(cfg.data.path), eval_path=_absolute(cfg.data.eval_path)),
+            data=dataclasses.replace(cfg.data, path=map_paths(cfg.data.path, _absolute),
+                                     eval_path=map_paths(cfg.data.eval_path, _absolute)),
         )
         if cfg.model.path is None or cfg.data.path is None:
             raise UserError(f"{'model.path' if cfg.model.path is None else 'data.path'} is not set")
@@ -166,14 +167,15 @@ class Trainer(Samples):
     def _make_iterator(self, cfg) -> BatchIterator:
         """The row ids of each micro-batch, resumable (GRPO: its prompts, jqlora.run.grpo)."""
         return BatchIterator(parallel.RowIds(len(self.train_ds)), self.tc.batch_size, seed=self.tc.seed,
-                             shuffle=cfg.data.shuffle)
+                             shuffle=cfg.data.shuffle, mixture=getattr(self.train_ds, "mixture", None))
 
     def _make_optimizer(self, cfg):
         return optim.make_optimizer(self.tc, self.total_steps, cfg.lora.plus_ratio)
 
     def _make_steps(self, cfg, ce_chunk: int) -> None:
         self.train_step = make_train_step(self.split, self.tx, ce_chunk, packed=cfg.data.packing,
-                                          aux_coef=self.tc.router_aux_loss_coef)
+                                          aux_coef=self.tc.router_aux_loss_coef,
+                                          neftune_alpha=self.tc.neftune_alpha or 0.0)
         self.eval_step = make_eval_stats_step(self.split, ce_chunk)
 
     def window_metrics(self) -> dict:

@@ -107,13 +107,16 @@ def full_ce_sum(logits_BSV: jax.Array, targets_BS: jax.Array, mask_BS: jax.Array
 
 
 def make_loss_fn(split: SplitModel, ce_chunk: int = CE_CHUNK, packed: bool = True,
-                 aux_coef: float = 0.0) -> Callable:
+                 aux_coef: float = 0.0, neftune_alpha: float = 0.0) -> Callable:
     """loss_fn(lora, frozen, batch, rng, deterministic) -> (Σ token losses, number of trained tokens), and with
     ``aux_coef`` > 0 a third value: the micro-batch's MoE load-balancing loss (see the module docstring).
 
     ``packed=False`` (rows of one right-padded example each, data.packing=false) leaves the segment ids out of
     attention: causality alone keeps every real token from the padding after it, and padding carries no loss, so
-    the loss and its gradient are the same, with plain causal attention (cuDNN's cheapest mask)."""
+    the loss and its gradient are the same, with plain causal attention (cuDNN's cheapest mask).
+
+    ``neftune_alpha`` > 0 (train.neftune_alpha): NEFTune's noise on the embedding outputs when not
+    ``deterministic`` (training), from the micro-step's key; evaluation (deterministic) never sees it."""
     if aux_coef and not split.model().config.num_experts:
         raise ValueError(f"train.router_aux_loss_coef: {aux_coef} needs a model with experts (Mixtral, Qwen3-MoE); "
                          "this model has a dense MLP: set it to 0")
@@ -125,7 +128,7 @@ def make_loss_fn(split: SplitModel, ce_chunk: int = CE_CHUNK, packed: bool = Tru
         mask_BS = (jnp.asarray(batch["segment_ids"]) > 0).astype(jnp.float32) if aux_coef else None
         out = model.hidden_states(batch["input_ids"], batch["segment_ids"] if packed else None,
                                   batch["positions"], deterministic=deterministic, key=rng,
-                                  router_stats_mask=mask_BS)
+                                  router_stats_mask=mask_BS, embed_noise=neftune_alpha)
         h_BSD, stats_L2E = out if aux_coef else (out, None)
         loss_sum = chunked_ce_sum(h_BSD, model.lm_head_weight(), batch["targets"], batch["loss_mask"], ce_chunk,
                                   logit_cap=model.config.final_softcap)
@@ -138,11 +141,11 @@ def make_loss_fn(split: SplitModel, ce_chunk: int = CE_CHUNK, packed: bool = Tru
 
 
 def make_grad_fn(split: SplitModel, ce_chunk: int = CE_CHUNK, packed: bool = True,
-                 aux_coef: float = 0.0) -> Callable:
+                 aux_coef: float = 0.0, neftune_alpha: float = 0.0) -> Callable:
     """grad_fn(lora, frozen, batch, rng, grad_scale) -> (∇ objective, Σℓ); not jitted. The objective is
     grad_scale · Σℓ, plus ``aux_coef`` · aux when > 0 (then the returned Σℓ holds aux_coef · aux / grad_scale
     too: see the module docstring)."""
-    loss_fn = make_loss_fn(split, ce_chunk, packed, aux_coef)
+    loss_fn = make_loss_fn(split, ce_chunk, packed, aux_coef, neftune_alpha)
 
     def scaled(lora, frozen, batch, rng, grad_scale):
         out = loss_fn(lora, frozen, batch, rng)
@@ -159,9 +162,9 @@ def make_grad_fn(split: SplitModel, ce_chunk: int = CE_CHUNK, packed: bool = Tru
 
 
 def make_train_step(split: SplitModel, tx, ce_chunk: int = CE_CHUNK, packed: bool = True,
-                    aux_coef: float = 0.0) -> Callable:
+                    aux_coef: float = 0.0, neftune_alpha: float = 0.0) -> Callable:
     """The jitted micro-step (lora, opt_state, frozen, batch, rng, grad_scale) -> (lora, opt_state, Σℓ)."""
-    grad_fn = make_grad_fn(split, ce_chunk, packed, aux_coef)
+    grad_fn = make_grad_fn(split, ce_chunk, packed, aux_coef, neftune_alpha)
 
     def step(lora, opt_state, frozen, batch, rng, grad_scale):
         grads, loss_sum = grad_fn(lora, frozen, batch, rng, grad_scale)

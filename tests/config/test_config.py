@@ -151,7 +151,7 @@ def test_wrong_types(override, message):
     ("lora.targets=[q_proj,qkv]", "lora.targets='qkv' is not a module name"),
     ("lora.targets=[]", "lora.targets=[] must not be empty"),
     ("data.format=sharegpt", "data.format='sharegpt' must be one of auto, chat, instruction, prompt_completion, text"),
-    ("data.train_on=prompt", "data.train_on='prompt' must be one of completion, all"),
+    ("data.train_on=prompt", "data.train_on='prompt' must be one of completion, last_turn, all"),
     ("data.eval_fraction=1.0", "data.eval_fraction=1.0 must be in [0, 1)"),
     ("data.max_length=1", "data.max_length=1 must be >= 2"),
     ("train.learning_rate=0", "train.learning_rate=0.0 must be > 0"),
