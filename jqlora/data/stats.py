@@ -35,6 +35,20 @@ def format_stats(name: str, s: dict[str, Any]) -> str:
             f"rows {100 * s['packing_efficiency']:.1f}% filled")
 
 
+def source_lines(ds) -> list[str]:
+    """One statistics line per source of a dataset of several (none for one source); with a mixture, each
+    source's share of an epoch's rows and how many times over that shows its rows."""
+    lines, mixture, total = [], getattr(ds, "mixture", None), len(ds)
+    for i, (name, part) in enumerate(getattr(ds, "parts", None) or []):
+        line = "  " + format_stats(name, dataset_stats(part))
+        if mixture is not None:
+            share = float(mixture.p[i])
+            line += (f"; weight {100 * share:.1f}%: ~{share * total:.0f} of an epoch's {total} rows "
+                     f"({share * total / max(len(part), 1):.2f}x its rows)")
+        lines.append(line)
+    return lines
+
+
 def settings_warnings(cfg, train_ds, total_steps: int) -> list[str]:
     """One line per setting that will quietly waste the run."""
     tc, out = cfg.train, []

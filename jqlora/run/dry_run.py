@@ -1,6 +1,7 @@
 """`python -m jqlora.train ... --dry-run`: what the run would do, without loading a single weight.
 
-Prints the resolved config, the dataset statistics (rows, trained tokens, truncations, packing efficiency), two
+Prints the resolved config, the dataset statistics (rows, trained tokens, truncations, packing efficiency; per
+source when data.path or data.eval_path is a list, with each source's share of a mixture's rows), two
 rendered training examples with the trained tokens marked [[like this]], the warnings the run would give, what would
 happen to output_dir, and the per-device memory plan (`jqlora.plan`) of the model's shape from its config.json.
 """
@@ -63,11 +64,18 @@ def dry_run(cfg, out=print) -> int:
     except DataError as e:
         raise DryRunError(str(e).splitlines()[0]) from None
     out("\n# data")
-    out(stats.format_stats(f"train ({cfg.data.path})", stats.dataset_stats(train_ds)))
+    many = isinstance(cfg.data.path, list)
+    out(stats.format_stats(f"train ({len(cfg.data.path)} sources)" if many else f"train ({cfg.data.path})",
+                           stats.dataset_stats(train_ds)))
+    for line in stats.source_lines(train_ds):
+        out(line)
     if eval_ds is not None:
-        where = cfg.data.eval_path or (f"split {cfg.data.eval_split}" if cfg.data.eval_split
-                                       else f"{cfg.data.eval_fraction:g} of the training examples")
+        where = (f"{len(cfg.data.eval_path)} sources" if isinstance(cfg.data.eval_path, list) else cfg.data.eval_path
+                 or (f"split {cfg.data.eval_split}" if cfg.data.eval_split
+                     else f"{cfg.data.eval_fraction:g} of the training examples"))
         out(stats.format_stats(f"eval ({where})", stats.dataset_stats(eval_ds)))
+        for line in stats.source_lines(eval_ds):
+            out(line)
     else:
         out("eval: none (set data.eval_path, data.eval_split or data.eval_fraction)")
     batches = BatchIterator(train_ds, cfg.train.batch_size, seed=cfg.train.seed,
