@@ -35,6 +35,7 @@ from typing import Any
 import jax
 
 from jqlora.checkpoints import OutputError, check_free_space, is_disk_full
+from jqlora.data import data_sources
 from jqlora.run import background, journal
 from jqlora.run.checksums import CHECKSUMS, verify_checkpoint, write_checksums
 from jqlora.run.lock import LockError, RunLock
@@ -421,7 +422,7 @@ def read_saved_config(out: str | os.PathLike):
 def _read_paths(cfg) -> list[tuple[str, str]]:
     """(key, local path) of everything a run reads: the model, tokenizer, data and init_from folders or files."""
     keys = [("model.path", cfg.model.path), ("model.tokenizer_path", cfg.model.tokenizer_path),
-            ("data.path", cfg.data.path), ("data.eval_path", cfg.data.eval_path),
+            *[(s.what, s.path) for k in ("path", "eval_path") for s in data_sources(cfg.data, k)],
             ("lora.init_from", cfg.lora.init_from)]
     return [(k, str(v)) for k, v in keys if v and os.path.exists(str(v))]
 
