@@ -14,7 +14,8 @@ rows one after the other:
 
 Eval sets. ``data.eval_path`` (a source or a list, without weights) gives them; else ``data.eval_split`` reads that
 split of every source, else ``data.eval_fraction`` holds out that fraction of every source's records (seeded by
-train.seed). They are concatenated, evaluated in order, and shown per source by the dry run.
+train.seed). They are concatenated and evaluated in order, each source on its own too (the trainer's
+eval_loss_<i>), and the dry run shows them per source.
 """
 
 from __future__ import annotations

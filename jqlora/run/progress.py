@@ -28,4 +28,8 @@ def eval_line(rec: dict) -> str:
         parts.append(f"perplexity {rec['eval_perplexity']:.3f}")
     if rec.get("eval_accuracy") is not None:
         parts.append(f"token accuracy {rec['eval_accuracy']:.4f}")
+    by_source = [f"{rec[k]:.4f}" for k in sorted((k for k in rec if k.startswith("eval_loss_")),
+                                                 key=lambda k: int(k.rsplit("_", 1)[1]))]
+    if by_source:  # (several eval sources: eval_loss_0, eval_loss_1, ...)
+        parts.append("loss per source " + " | ".join(by_source))
     return ", ".join(parts)
