@@ -134,6 +134,12 @@ def test_bad_entries_are_config_errors_naming_the_entry(override, message):
         load_config(None, [override])
 
 
+def test_a_list_is_for_sft_only():
+    with pytest.raises(ConfigError, match=r"^command line: data.path=\['a.jsonl', 'b.jsonl'\] may be a list .* "
+                                          "train.objective=sft only, not dpo"):
+        load_config(None, ["data.path=[a.jsonl,b.jsonl]", "train.objective=dpo"])
+
+
 _PROBE = "import sys; from jqlora import train; rc = train.main(sys.argv[1:]); print(rc, 'jax' in sys.modules)"
 
 
