@@ -5,7 +5,8 @@
     python tools/grpo_learning.py --seeds 0 --window 5 train.max_steps=20   # overrides go to every run
 
 Each seed is one `python -m jqlora.train --config CONFIG train.seed=S output_dir=<temp dir>` in a fresh process
-(``--keep DIR`` keeps the run directories under DIR). From each run's metrics.jsonl it prints the mean reward of the
+(``--keep DIR`` keeps the run directories under DIR; ``--report DIR`` then prints their report again without
+training). From each run's metrics.jsonl it prints the mean reward of the
 first and the last ``--window`` steps, each with two standard errors: over the completions (the window's
 n = window x completions per step rewards pooled from the per-step means and Bessel-corrected stds, as if
 independent) and over the steps (the std of the window's step means / sqrt(window): completions of one step share
@@ -26,6 +27,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+WALL = "grpo_learning_wall_s.txt"  # (a kept run's wall time, for --report)
 
 
 def read_jsonl(path: str | Path) -> list[dict]:
@@ -68,8 +70,10 @@ def samples(run_dir: str | Path, count: int) -> tuple[dict, dict] | None:
         return None
 
     def cut(g):
+        scored = [r for r in g["reward"] if r is not None]
         return {"step": g["step"], "prompt": g["prompt"], "completions": g["completions"][:count],
-                "reward": g["reward"][:count]}
+                "reward": g["reward"][:count], "group": len(g["reward"]),
+                "group_mean": sum(scored) / len(scored) if scored else math.nan}
 
     return cut(lines[0]), cut(lines[-1])
 
@@ -82,7 +86,8 @@ def run_seed(config: str, seed: int, out: Path, overrides: list[str], quiet: boo
     """Train one seed into ``out``; the wall time in seconds (SystemExit with the trainer's last lines on failure)."""
     cmd = [sys.executable, "-m", "jqlora.train", "--config", config, "--no-progress", f"train.seed={seed}",
            f"output_dir={out}", *overrides]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
+    path = [str(REPO)] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else [])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(path)}
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     wall = time.perf_counter() - t0
@@ -109,13 +114,16 @@ def main(argv=None) -> None:
     p.add_argument("--window", type=int, default=10, help="steps averaged at the start and at the end")
     p.add_argument("--samples", type=int, default=3, help="completions shown before / after")
     p.add_argument("--keep", default=None, help="keep the run directories under this folder")
+    p.add_argument("--report", default=None, help="train nothing: report the runs a --keep left in this folder")
     p.add_argument("--quiet", action="store_true")
     p.add_argument("overrides", nargs="*", help="key.sub=value overrides passed to every run")
     args = p.parse_args(argv)
     sys.path.insert(0, str(REPO))
     per_step = per_step_completions(args.config, args.overrides)
     tmp = None
-    if args.keep:
+    if args.report:
+        root = Path(args.report)
+    elif args.keep:
         root = Path(args.keep)
         root.mkdir(parents=True, exist_ok=True)
     else:
@@ -125,9 +133,16 @@ def main(argv=None) -> None:
     try:
         for seed in args.seeds:
             out = root / f"seed-{seed}"
-            if out.exists() and any(out.iterdir()):
-                raise SystemExit(f"--keep {args.keep}: {out} is not empty (a run there would resume, not start)")
-            wall = run_seed(args.config, seed, out, args.overrides, args.quiet)
+            if args.report:
+                if not (out / "metrics.jsonl").is_file():
+                    raise SystemExit(f"--report {args.report}: no {out}/metrics.jsonl")
+                wall_file = out / WALL
+                wall = float(wall_file.read_text()) if wall_file.is_file() else math.nan
+            else:
+                if out.exists() and any(out.iterdir()):
+                    raise SystemExit(f"--keep {args.keep}: {out} is not empty (a run there would resume, not start)")
+                wall = run_seed(args.config, seed, out, args.overrides, args.quiet)
+                (out / WALL).write_text(f"{wall:.1f}\n")
             results.append((seed, wall, summarize(out, args.window, per_step), samples(out, args.samples)))
     finally:
         if tmp is not None:  # (each run's numbers and samples are read before its folder goes)
@@ -141,12 +156,13 @@ def main(argv=None) -> None:
         f, last = s["first"], s["last"]
         rise = (last["mean"] - f["mean"]) / math.hypot(f["se"], last["se"])
         print(f"{seed:>4}  {s['steps']:>5}  {f['mean']:6.3f}  {f['se']:6.3f} ({f['se_steps']:.3f})  "
-              f"{last['mean']:6.3f}  {last['se']:6.3f} ({last['se_steps']:.3f})  {rise:7.1f}  {wall:5.0f}s")
+              f"{last['mean']:6.3f}  {last['se']:6.3f} ({last['se_steps']:.3f})  {rise:7.1f}  {'-' if math.isnan(wall) else f'{wall:.0f}s':>6}")
     for seed, _, _, smp in results:
         if smp is None:
             continue
         for label, g in zip(("before", "after"), smp):
-            print(f"\nseed {seed}, {label} (step {g['step']}): {g['prompt']!r}")
+            print(f"\nseed {seed}, {label} (step {g['step']}, group mean reward {g['group_mean']:.2f} of "
+                  f"{g['group']}): {g['prompt']!r}")
             for c, r in zip(g["completions"], g["reward"]):
                 print(f"  {r if r is None else f'{r:.1f}':>4}  {_text(c)!r}")
 

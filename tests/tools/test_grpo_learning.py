@@ -33,7 +33,8 @@ def run_dir(tmp_path_factory):
     rng = np.random.default_rng(0)
     p = np.linspace(0.2, 0.9, STEPS)
     raw = (rng.random((STEPS, PER_STEP)) < p[:, None]).astype(np.float32)
-    out = tmp_path_factory.mktemp("run")
+    out = tmp_path_factory.mktemp("runs") / "seed-0"
+    out.mkdir()
     mask = np.ones((PER_STEP, 16), np.int32)
     rows = []
     for s in range(STEPS):
@@ -76,3 +77,15 @@ def test_too_few_steps_is_one_line(run_dir):
     out, _ = run_dir
     with pytest.raises(SystemExit, match="fewer than 2 x --window 13"):
         tool.summarize(out, 13, PER_STEP)
+
+
+def test_report_prints_the_windows(run_dir, capsys):
+    """``--report`` (no training) on a kept folder: the table row holds the numpy means, the samples the groups."""
+    out, raw = run_dir
+    tool.main(["--report", str(out.parent), "--seeds", "0", "--window", str(WINDOW)])
+    text = capsys.readouterr().out
+    row = next(line.split() for line in text.splitlines() if line.split()[:2] == ["0", str(STEPS)])
+    assert float(row[2]) == pytest.approx(raw[:WINDOW].mean(), abs=5e-4)
+    assert float(row[5]) == pytest.approx(raw[-WINDOW:].mean(), abs=5e-4)
+    assert row[-1] == "-"  # (no wall time was kept)
+    assert f"after (step {STEPS}, group mean reward {raw[-1, :G].mean():.2f} of {G}): 'q{STEPS - 1}'" in text
