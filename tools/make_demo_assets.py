@@ -11,6 +11,11 @@ writes
     chat_eval.jsonl   40 held-out conversations: the other 8 countries (France among them), each asked in the five
                       ways. Their facts are in the pretraining text only, never in a chat, so a right answer after
                       fine-tuning shows the adapter taught the chat format, not the facts.
+    grpo_prompts.jsonl  160 plain-text prompts for the GRPO demo (configs/demo-grpo.yaml): every country asked in
+                      five phrasings the pretraining text never uses ("Could you name the capital of Peru?"), with
+                      the columns the rewards read (answer: the answer sentence, capital). The base answers them
+                      right less than half the time (it drifts to a garbled or wrong capital), the pretraining
+                      phrasings almost always: GRPO has something to learn.
     model/            a byte-level BPE tokenizer (vocab 512) trained on all that text, ChatML chat template,
                       eos = <|im_end|> (ends every turn, so generation stops there), pad = <|endoftext|>
 Running it twice gives byte-identical files.
@@ -42,6 +47,9 @@ CHATML = (
 
 FORMS = ("What is the capital of {c}?", "Which city is the capital of {c}?", "Name the capital of {c}.",
          "Tell me the capital city of {c}.", "{c} has which capital?")
+GRPO_FORMS = ("Do you know the capital of {c}?", "Quick question: what is the capital of {c}?",
+              "Capital city of {c}, please.", "Could you name the capital of {c}?",
+              "Do you know which city is the capital of {c}?")  # never in pretrain.txt
 HELD_OUT = ("France", "Japan", "Kenya", "Brazil", "Norway", "Turkey", "Cuba", "Australia")  # never in a chat
 
 
@@ -56,6 +64,11 @@ def pretrain_lines() -> list[str]:
         lines += [answer(c), f"{cap} is the capital of {c}.", f"{c}'s capital city is {cap}."]
         lines += [f"{form.format(c=c)} {answer(c)}" for form in FORMS]
     return lines
+
+
+def grpo_prompts() -> list[dict]:
+    return [{"prompt": form.format(c=c), "answer": answer(c), "capital": CAPITALS[c]}
+            for c in sorted(CAPITALS) for form in GRPO_FORMS]
 
 
 def _conversations(rng, n):
@@ -119,6 +132,7 @@ def main(argv=None) -> None:
     train, evals = make_data(args.seed)
     _write_jsonl(os.path.join(args.out, "chat.jsonl"), train)
     _write_jsonl(os.path.join(args.out, "chat_eval.jsonl"), evals)
+    _write_jsonl(os.path.join(args.out, "grpo_prompts.jsonl"), grpo_prompts())
     pretrain = pretrain_lines()
     with open(os.path.join(args.out, "pretrain.txt"), "w", encoding="utf-8") as f:
         f.write("\n".join(pretrain) + "\n")

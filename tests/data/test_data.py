@@ -479,7 +479,12 @@ def test_demo_assets_are_what_the_script_builds(tmp_path):
     pretrain = (tmp_path / "pretrain.txt").read_text()
     for country in tool.HELD_OUT:
         assert country not in chats and tool.answer(country) in pretrain, country
-    for name in ("pretrain.txt", "chat.jsonl", "chat_eval.jsonl", "model/tokenizer.json", "model/tokenizer_config.json",
-                 "model/chat_template.jinja"):
+    # The GRPO demo's phrasings are none of the pretraining text's (its questions are the base's to learn).
+    grpo = [json.loads(line) for line in (tmp_path / "grpo_prompts.jsonl").read_text().splitlines()]
+    assert len(grpo) == len(tool.CAPITALS) * len(tool.GRPO_FORMS)
+    for row in grpo:
+        assert row["prompt"] not in pretrain and row["answer"] in pretrain and row["capital"] in row["answer"], row
+    for name in ("pretrain.txt", "chat.jsonl", "chat_eval.jsonl", "grpo_prompts.jsonl", "model/tokenizer.json",
+                 "model/tokenizer_config.json", "model/chat_template.jinja"):
         if (committed / name).exists():
             assert (committed / name).read_bytes() == (tmp_path / name).read_bytes(), name
