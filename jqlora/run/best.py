@@ -84,9 +84,10 @@ class BestTracker:
         return self.keep and self.new_best_at == step
 
     def stop_line(self, step: int) -> str:
+        best = "no finite value" if self.best_step is None else f"{self.best_metric:.6g} at step {self.best_step}"
         return (f"early stopping: {self.metric} did not improve by more than {self.threshold:g} in "
                 f"{self.counter} evaluation(s) (train.early_stopping_patience={self.patience}); stopped at step "
-                f"{step}, the best {self.metric} {self.best_metric:.6g} at step {self.best_step}")
+                f"{step}, the best {self.metric}: {best}")
 
     def state(self) -> dict:
         return {"metric": self.metric, "greater_is_better": self.greater, "evaluations": self.evaluations,

@@ -22,15 +22,15 @@ from safetensors.numpy import load_file
 from jqlora import export as E
 from jqlora.config import ConfigError, load_config
 from jqlora.config.schema import TrainConfig
-from jqlora.run import Trainer, UserError
+from jqlora.run import RunDir, Trainer, UserError
 from jqlora.run.best import BestTracker
 
 pytestmark = pytest.mark.usefixtures("compilation_cache")  # every trainer here compiles the same step
 
-# eval steps 0, 2, 4, ...: step 8 beats the best by less than the threshold (the best moves, the counter does not
-# reset), step 10 by more; 12, 14, 16 do not beat 1.10 (14 is within the threshold above it): patience 3 runs out at 16
-CURVE = {0: 2.0, 2: 1.5, 4: 1.2, 6: 1.25, 8: 1.18, 10: 1.10, 12: 1.2, 14: 1.105, 16: 1.3, 18: 1.0, 20: 0.9}
-PATIENCE, THRESHOLD, EVAL_EVERY = 3, 0.05, 2
+# an eval at every step: step 4 beats the best by less than the threshold (the best moves, the counter does not
+# reset), step 5 by more; 6, 7, 8 do not beat 1.10 (7 is within the threshold above it): patience 3 runs out at 8
+CURVE = {0: 2.0, 1: 1.5, 2: 1.2, 3: 1.25, 4: 1.18, 5: 1.10, 6: 1.2, 7: 1.105, 8: 1.3, 9: 1.0, 10: 0.9}
+PATIENCE, THRESHOLD, EVAL_EVERY = 3, 0.05, 1
 
 
 @functools.cache
@@ -95,8 +95,8 @@ def test_tracker_equals_transformers_on_random_curves():
 def _cfg(assets, out, *overrides):
     base = [f"model.path={assets / 'model'}", f"data.path={assets / 'train.jsonl'}",
             f"data.eval_path={assets / 'eval.jsonl'}", "data.max_length=48", f"output_dir={out}", "lora.r=4",
-            "train.batch_size=4", "train.grad_accum_steps=1", "train.max_steps=20", "train.log_every=1",
-            f"train.eval_every={EVAL_EVERY}", "train.save_every=4", "train.keep_checkpoints=1", "train.keep_best=true",
+            "train.batch_size=4", "train.grad_accum_steps=1", "train.max_steps=10", "train.log_every=1",
+            f"train.eval_every={EVAL_EVERY}", "train.save_every=2", "train.keep_checkpoints=1", "train.keep_best=true",
             f"train.early_stopping_patience={PATIENCE}", f"train.early_stopping_threshold={THRESHOLD}",
             "train.learning_rate=5e-3", "train.warmup_steps=0", "log.tensorboard=false", "train.sample_prompt=null"]
     return load_config(None, base + list(overrides))
@@ -132,23 +132,40 @@ def _records(out: Path) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def straight(assets, tmp_path_factory):
+    import logging
+
     out = tmp_path_factory.mktemp("es") / "straight"
-    kept = {}
-    trainer = _scripted(Trainer(_cfg(assets, out), progress=False), keep=kept)
-    assert trainer.run() == 0
+    kept, lines = {}, []
+    handler = logging.Handler()
+    handler.emit = lambda record: lines.append(record.getMessage())
+    logger = logging.getLogger("jqlora.train")
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        trainer = _scripted(Trainer(_cfg(assets, out), progress=False), keep=kept)
+        assert trainer.run() == 0
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    trainer.lines = lines
     return out, trainer, kept
 
 
 def test_stops_where_transformers_stops_and_keeps_the_best(straight):
     out, trainer, _ = straight
-    stop, best, best_metric, _ = oracle({s: v for s, v in CURVE.items() if s <= 20}, PATIENCE, THRESHOLD)
-    assert (stop, best) == (16, 10)  # (the curve was built for this; the oracle says so independently)
+    stop, best, best_metric, _ = oracle(CURVE, PATIENCE, THRESHOLD)
+    assert (stop, best) == (8, 5)  # (the curve was built for this; the oracle says so independently)
     records = _records(out)
     assert trainer.step == stop
     assert max(r["step"] for r in records if "loss" in r) == stop  # no step trained after the stop
     assert sorted(r["step"] for r in records if "eval_loss" in r) == list(range(0, stop + 1, EVAL_EVERY))
-    # keep_checkpoints=1 rotated away every other checkpoint (new bests at 0, 2, 4, 8, 10; saves at 4, 8, 12, 16)
+    # keep_checkpoints=1 rotated away every other checkpoint (new bests at 0 to 5; saves at 2, 4, 6, 8)
     assert sorted(int(p.name) for p in (out / "checkpoints").iterdir()) == [best, stop]
+    said = [line for line in trainer.lines if line.startswith("early stopping:")]
+    assert said == [f"early stopping: eval_loss did not improve by more than {THRESHOLD:g} in {PATIENCE} evaluation(s) "
+                    f"(train.early_stopping_patience={PATIENCE}); stopped at step {stop}, the best eval_loss: "
+                    f"{best_metric:.6g} at step {best}"]
     got = json.loads((out / "best.json").read_text())
     assert (got["best_step"], got["best_metric"], got["patience_counter"], got["stopped"]) == (
         best, best_metric, PATIENCE, True)
@@ -159,27 +176,28 @@ def test_a_stopped_run_run_again_stays_stopped(straight, assets):
     before = (out / "metrics.jsonl").read_text()
     again = Trainer(_cfg(assets, out), progress=False, export=False)
     again.evaluate = lambda: pytest.fail("a stopped run evaluated again")
-    assert again.run() == 0 and again.step == 16
+    assert again.run() == 0 and again.step == 8
     assert (out / "metrics.jsonl").read_text() == before
 
 
 def test_resume_after_a_kill_between_evals_keeps_the_patience_count(straight, assets, tmp_path):
     out, _, _ = straight
     killed = tmp_path / "killed"
-    # killed before step 14: the newest checkpoint is 12 (counter 1, best 1.10 at step 10), steps 13 logged
+    # killed before step 8: the newest checkpoint is 6 (counter 1, best 1.10 at step 5), step 7 logged
     with pytest.raises(Killed):
-        _scripted(Trainer(_cfg(assets, killed), progress=False, export=False), kill_before=14).run()
-    assert sorted(int(p.name) for p in (killed / "checkpoints").iterdir()) == [10, 12]
+        _scripted(Trainer(_cfg(assets, killed), progress=False, export=False), kill_before=8).run()
+    assert sorted(int(p.name) for p in (killed / "checkpoints").iterdir()) == [5, 6]
+    assert max(r["step"] for r in _records(killed)) == 7
     resumed = _scripted(Trainer(_cfg(assets, killed), progress=False, export=False))
     assert resumed.run() == 0
-    # a counter restarted at the resume would run out at 18, not 16
-    assert resumed.step == 16
+    # a patience count restarted at the resume would not run out at 8 (steps 9 and 10 improve again)
+    assert resumed.step == 8
     want, got = _records(out), _records(killed)
     assert [(r["step"], r.get("eval_loss")) for r in got] == [(r["step"], r.get("eval_loss")) for r in want]
     np.testing.assert_allclose([r["loss"] for r in got if "loss" in r], [r["loss"] for r in want if "loss" in r],
                                rtol=1e-6)
     assert json.loads((killed / "best.json").read_text()) == json.loads((out / "best.json").read_text())
-    assert sorted(int(p.name) for p in (killed / "checkpoints").iterdir()) == [10, 16]
+    assert sorted(int(p.name) for p in (killed / "checkpoints").iterdir()) == [5, 8]
 
 
 def test_export_best_is_the_best_steps_adapter_and_loads_in_peft(straight, assets, tmp_path):
@@ -192,13 +210,13 @@ def test_export_best_is_the_best_steps_adapter_and_loads_in_peft(straight, asset
 
     out, trainer, kept = straight
     assert E.main([str(out), str(tmp_path / "best"), "--best"]) == 0
-    # the oracle: the adapter the run held in memory at step 10, written by the same writer
-    ref = init_state.save_adapter(trainer.split.model(jax.tree.map(np.asarray, kept[10])), trainer.cfg, str(out),
+    # the oracle: the adapter the run held in memory at step 5, written by the same writer
+    ref = init_state.save_adapter(trainer.split.model(jax.tree.map(np.asarray, kept[5])), trainer.cfg, str(out),
                                   str(tmp_path / "ref"), lora_config=LoraConfig.from_config(trainer.cfg.lora),
-                                  base=str(assets / "model"), card={"steps": 10})
+                                  base=str(assets / "model"), card={"steps": 5})
     got = load_file(tmp_path / "best" / "adapter_model.safetensors")
     want = load_file(Path(ref) / "adapter_model.safetensors")
-    last = load_file(out / "adapter" / "adapter_model.safetensors")  # (step 16's: must differ)
+    last = load_file(out / "adapter" / "adapter_model.safetensors")  # (step 8's: must differ)
     assert sorted(got) == sorted(want)
     for k in want:
         assert got[k].dtype == want[k].dtype and got[k].tobytes() == want[k].tobytes(), k
@@ -216,22 +234,28 @@ def test_export_best_errors_are_one_line(straight, assets, tmp_path, capsys):
     out, _, _ = straight
     gone = tmp_path / "gone"
     shutil.copytree(out, gone)
-    shutil.rmtree(gone / "checkpoints" / "10")
+    shutil.rmtree(gone / "checkpoints" / "5")
     assert E.main([str(gone), str(tmp_path / "x"), "--best"]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.count("\n") == 0 and "best step 10" in err and "train.keep_best=true" in err, err
-    assert E.main([str(out), str(tmp_path / "y"), "--best", "--step", "16"]) == 2
+    assert err.count("\n") == 0 and "best step 5" in err and "train.keep_best=true" in err, err
+    assert E.main([str(out), str(tmp_path / "y"), "--best", "--step", "8"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "--best" in err, err
 
-    none = tmp_path / "noeval"  # a run that evaluated nothing records no best
-    assert Trainer(load_config(None, [f"model.path={assets / 'model'}", f"data.path={assets / 'train.jsonl'}",
-                                      "data.max_length=48", f"output_dir={none}", "lora.r=4", "train.batch_size=4",
-                                      "train.grad_accum_steps=1", "train.max_steps=1", "log.tensorboard=false",
-                                      "train.sample_prompt=null"]), progress=False, export=False).run() == 0
-    assert E.main([str(none), str(tmp_path / "z"), "--best"]) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.count("\n") == 0 and "recorded no best" in err, err
+    # a run that evaluated nothing records no best: its checkpoints' meta (as a run before this feature, and as a run
+    # without eval data writes it) over the straight run's arrays
+    _, trainer, _ = straight
+    none = tmp_path / "noeval"
+    none.mkdir()
+    shutil.copy(out / "config.yaml", none / "config.yaml")
+    run = RunDir(none, keep=1)
+    meta = {"step": 8, "data": trainer.iterator.state(), "total_steps": trainer.total_steps}
+    for step, best in ((8, None), (9, BestTracker(trainer.tc, run).state())):
+        run.save(step, trainer._ckpt_tree(), meta if best is None else {**meta, "step": step, "best": best})
+        assert E.main([str(none), str(tmp_path / f"z{step}"), "--best"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0 and "recorded no best" in err and f"step {step}" in err, err
+    run.close()
 
 
 @pytest.mark.parametrize("overrides, key", [
@@ -246,6 +270,23 @@ def test_config_errors_are_one_line(overrides, key):
     with pytest.raises(ConfigError) as e:
         load_config(None, overrides)
     assert "\n" not in str(e.value) and key in str(e.value), str(e.value)
+
+
+@pytest.mark.parametrize("override, words", [
+    ("train.eval_every=0", "train.early_stopping_patience=3 counts evaluations: it needs train.eval_every >= 1"),
+    ("train.metric_for_best=bleu", "train.metric_for_best='bleu' names nothing the evaluation logs"),
+])
+def test_the_cli_says_a_config_error_in_one_line(tmp_path, override, words):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[2]),
+                                                          os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, "-m", "jqlora.train", f"model.path={tmp_path}", f"data.path={tmp_path}",
+                           "data.eval_fraction=0.1", "train.early_stopping_patience=3", override],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and words in proc.stderr, proc.stderr
 
 
 def test_a_metric_the_evaluation_does_not_log_is_one_line():
