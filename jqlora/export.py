@@ -7,7 +7,7 @@ written one layer at a time into safetensors shards (with an index when there ar
 one layer's merged float32 tensors plus one output shard, not the merged model. For a 4-bit base the merged weights
 are the dequantized 4-bit weights plus the adapter delta: the checkpoint carries the base's quantization error.
 
-    python -m jqlora.export RUN_DIR DST [--step N] [--merge] [--dtype bfloat16]
+    python -m jqlora.export RUN_DIR DST [--step N | --best] [--merge] [--dtype bfloat16]
     python -m jqlora.export ADAPTER_DIR DST --merge [--base MODEL_DIR] [--quant nf4|none]
     python -m jqlora.export RUN_DIR|ADAPTER_DIR DST --gguf f16|bf16|q8_0|q4_k_m|q5_k_m|q6_k
     python -m jqlora.export RUN_DIR|ADAPTER_DIR DST --gguf-adapter
@@ -47,6 +47,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--gguf-adapter", action="store_true",
                     help="write the adapter as a llama.cpp LoRA GGUF (llama-cli --lora FILE), on the base's GGUF")
     ap.add_argument("--step", type=int, default=None, help="training step to export (default: the latest)")
+    ap.add_argument("--best", action="store_true",
+                    help="export the checkpoint of the run's best evaluation (train.metric_for_best, train.keep_best)")
     ap.add_argument("--base", default=None, help="base model directory (default: from the run or the adapter)")
     ap.add_argument("--quant", default=None, choices=["nf4", "fp4", "none"],
                     help="how to load the base for merging (default: as trained)")
@@ -59,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     from jqlora.adapters.serving import vllm_notes
     from jqlora.adapters.tokenizer_files import chat_template_of, write_tokenizer_files
     from jqlora.data import read_chat_template
-    from jqlora.run import find_run, restore_for_export
+    from jqlora.run import best_step, find_run, restore_for_export
 
     compile_cache.enable()
 
@@ -73,6 +75,10 @@ def main(argv: list[str] | None = None) -> int:
             raise ExportError("--gguf-adapter writes the adapter alone, in float32: drop --gguf / --merge / --dtype")
         if args.gguf:
             check_type(args.gguf)  # (before minutes of loading)
+        if args.best and (args.step is not None or is_adapter_dir(src)):
+            raise ExportError("--best picks a step of a training run directory: drop --step, or give the run")
+        if args.best:
+            args.step = best_step(src)
         if is_adapter_dir(src):
             if args.step is not None:
                 raise ExportError("--step applies to a training run directory, not to an adapter directory")

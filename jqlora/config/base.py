@@ -23,6 +23,7 @@ GRPO_SCALE_REWARDS = ("group", "batch", "none")  # = training.grpo.SCALE_REWARDS
 PREFERENCE_LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust")  # = training.preference.LOSS_TYPES
 REFERENCES = ("base", "init")
 TRUNCATION_MODES = ("keep_end", "keep_start")
+SFT_EVAL_METRICS = ("eval_loss", "eval_perplexity", "eval_accuracy")  # = what run.loop.Trainer's evaluation logs
 
 COMMAND_LINE = "command line"
 

@@ -353,6 +353,7 @@ RESUMABLE_KEYS = frozenset({
     "mesh.data", "mesh.fsdp", "mesh.tensor", "log.tensorboard", "log.wandb", "log.wandb_project",
     "train.eval_samples", "output_dir",  # (a run directory that was moved or copied is still that run)
     "train.stop_on_divergence",
+    "train.early_stopping_patience", "train.early_stopping_threshold", "train.keep_best",  # (the count goes on)
 })
 
 

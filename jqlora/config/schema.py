@@ -12,7 +12,7 @@ from typing import Any, Dict, Optional
 from jqlora.config.base import (  # noqa: F401
     BLOCK_SIZES, COMMAND_LINE, DATA_FORMATS, DTYPES, FUSED_MODULES, GRPO_LOSS_TYPES, GRPO_SCALE_REWARDS, HEAD_MODULES,
     LORA_INITS, LORA_MODULES, LR_SCHEDULES, OBJECTIVES, OVERLONG, PREFERENCE_LOSS_TYPES, QUANT_TYPES, REFERENCES,
-    REMAT_POLICIES, TRAIN_ON, TRUNCATION_MODES, ConfigError, _Invalid, _check, _one_of)
+    REMAT_POLICIES, SFT_EVAL_METRICS, TRAIN_ON, TRUNCATION_MODES, ConfigError, _Invalid, _check, _one_of)
 from jqlora.config.objectives import GRPOConfig, PreferenceConfig
 
 
@@ -282,9 +282,31 @@ class TrainConfig:
     # NEFTune (Jain et al. 2023; transformers' neftune_noise_alpha): in training only, uniform noise in
     # ±alpha/sqrt(S·D) added to the embedding outputs (S = data.max_length, D = hidden size); null / 0: off
     neftune_alpha: Optional[float] = None
+    # stop after this many evaluations in a row without improving train.metric_for_best (transformers'
+    # EarlyStoppingCallback; the step-0 evaluation counts); null: off (jqlora/run/best.py)
+    early_stopping_patience: Optional[int] = None
+    early_stopping_threshold: float = 0.0  # an evaluation improves only if it beats the best by more than this
+    # the eval metric that picks the best checkpoint and drives early stopping ("loss" means eval_loss)
+    metric_for_best: str = "eval_loss"
+    # null: false for a metric ending in "loss", else true, as transformers infers it (eval_perplexity: set false)
+    greater_is_better: Optional[bool] = None
+    # save a checkpoint at each new best evaluation and never rotate it away (export --best)
+    keep_best: bool = False
 
     def __post_init__(self):
         _one_of(self.objective, "train.objective", OBJECTIVES)
+        given = self.metric_for_best
+        name = given if given.startswith("eval_") else f"eval_{given}"  # (as transformers names it)
+        if self.early_stopping_patience is not None:
+            _check(self.early_stopping_patience >= 1, "train.early_stopping_patience", self.early_stopping_patience,
+                   "must be >= 1 (or null: off)")
+            _check(self.eval_every >= 1, "train.early_stopping_patience", self.early_stopping_patience,
+                   "counts evaluations: it needs train.eval_every >= 1 (with 0 the run evaluates only at the end)")
+        _check(self.early_stopping_threshold >= 0, "train.early_stopping_threshold", self.early_stopping_threshold,
+               "must be >= 0")
+        if self.objective == "sft":
+            _check(name in SFT_EVAL_METRICS, "train.metric_for_best", given,
+                   "names nothing the evaluation logs (it logs " + ", ".join(SFT_EVAL_METRICS) + ")")
         _check(self.batch_size >= 1, "train.batch_size", self.batch_size, "must be >= 1")
         _check(self.grad_accum_steps >= 1, "train.grad_accum_steps", self.grad_accum_steps, "must be >= 1")
         if self.max_steps is not None:
@@ -398,6 +420,13 @@ class Config:
             if g.reference == "init":
                 _check(self.lora.init_from is not None, "grpo.reference", g.reference,
                        "needs lora.init_from (the starting adapter is the reference); without it use reference=base")
+        tc, d = self.train, self.data
+        if tc.early_stopping_patience is not None or tc.keep_best:
+            key = "train.keep_best" if tc.early_stopping_patience is None else "train.early_stopping_patience"
+            _check(objective != "grpo", key, getattr(tc, key[6:]), "needs an evaluation pass, and "
+                   "train.objective=grpo has none")
+            _check(d.eval_path is not None or d.eval_split is not None or d.eval_fraction > 0, key,
+                   getattr(tc, key[6:]), "needs eval data: set data.eval_path, data.eval_split or data.eval_fraction")
         if objective == "kto":
             _check(self.train.batch_size >= 2, "train.batch_size", self.train.batch_size, "must be >= 2 with "
                    "train.objective=kto (its KL estimate pairs each prompt with another example's completion)")

@@ -77,6 +77,7 @@ class RunDir:
                 except LockError as e:
                     raise RunDirError(str(e)) from None
         self._keep = keep
+        self.protected: set[int] = set()  # steps the rotation keeps whatever their age (train.keep_best)
         self._create = create
         self._manager = None
         self._failed = False  # (a save failed: its background threads are not waited for again)
@@ -205,11 +206,12 @@ class RunDir:
                 shutil.rmtree(p, ignore_errors=True)
 
     def _rotate(self, newest: int) -> None:
-        """Keep the newest ``keep`` checkpoints; only called once ``newest`` is verified."""
+        """Keep the newest ``keep`` checkpoints and the `protected` ones; only called once ``newest`` is verified."""
         if self._keep is None:
             return
         steps = self.steps()
         old = [s for s in steps if s < newest][: max(0, len(steps) - self._keep)]
+        old = [s for s in old if s not in self.protected]
         if not old:
             return
         if self.primary and self.verify(newest) is None:  # (never rotate away old ones for an unverified new one)
@@ -382,8 +384,6 @@ def dir_kind(out: str | os.PathLike) -> str:
 
 def aside_name(out: str | os.PathLike) -> Path:
     """A free sibling name for moving ``out`` aside: ``<out>.old-<UTC time>`` (``-2``, ``-3``, ... if taken)."""
-    import time
-
     out = Path(os.path.abspath(out))
     stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
     candidate, n = out.with_name(f"{out.name}.old-{stamp}"), 1

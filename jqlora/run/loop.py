@@ -35,6 +35,7 @@ from jqlora.data import BatchIterator, build_datasets, eval_batches, load_tokeni
 from jqlora.data import stats
 from jqlora.lora import LoraConfig, NoLoraError, SplitModel
 from jqlora.run import background, progress
+from jqlora.run.best import BestTracker
 from jqlora.run.directory import RunDir, RunDirError, open_run_dir
 from jqlora.run.divergence import DivergenceMonitor
 from jqlora.run.lock import LockError, RunLock
@@ -158,6 +159,7 @@ class Trainer(Samples):
         self._saved_step: int | None = None
         self._warned_divergence = False
         self.monitor = DivergenceMonitor(uniform_loss=math.log(self.model.config.vocab_size))
+        self.best = BestTracker(self.tc, self.run_dir)  # train.metric_for_best, early stopping (jqlora.run.best)
         self._make_steps(cfg, ce_chunk)
 
     def _datasets(self, cfg, tokenizer):
@@ -193,7 +195,7 @@ class Trainer(Samples):
             return
         meta = {"step": self.step, "data": self.iterator.state(), "total_steps": self.total_steps,
                 "trained_tokens": self.trained_tokens, "window": dict(self.window),
-                "divergence": self.monitor.state()}
+                "divergence": self.monitor.state(), "best": self.best.state()}
         try:
             self.run_dir.save(self.step, self._ckpt_tree(), meta)
         except RunDirError as e:
@@ -220,6 +222,7 @@ class Trainer(Samples):
         self.step = int(meta["step"])
         self.iterator.restore(meta["data"])
         self.monitor.restore(meta.get("divergence"))
+        self.best.restore(meta.get("best"))
         self.trained_tokens = int(meta.get("trained_tokens", 0))
         self.window = dict(meta.get("window", self.window))  # the first log line after a resume is a full window
         self._saved_step = self.step
@@ -262,6 +265,7 @@ class Trainer(Samples):
         if samples:
             rec["eval_samples"] = samples
         self._log(rec)
+        self.best.update(self.step, rec)
         if self.primary:
             log.info(progress.eval_line(rec))
             for x in samples:
@@ -386,16 +390,18 @@ class Trainer(Samples):
         tc = self.tc
         self.bar = bar = tqdm(total=self.total_steps, initial=self.step, disable=not self.progress, unit="step",
                               dynamic_ncols=True)
-        if self.step >= self.total_steps and self.primary:
-            log.info("%s: the run already finished at step %d (raise train.max_steps to train on)", self.out,
-                     self.step)
+        if (self.step >= self.total_steps or self.best.stopped) and self.primary:
+            log.info("%s: the run already finished at step %d (raise train.%s to train on)", self.out, self.step,
+                     "early_stopping_patience" if self.best.stopped else "max_steps")
         if self.step == 0:
             self.print_sample("before training")
         if self.step == 0 and self.eval_ds is not None and self.evaluated_at is None:  # before any training
             self._log_eval()
+            if self.best.save_now(self.step):  # (train.keep_best: the untrained adapter may stay the best)
+                self.save()
         t0, start_step = time.perf_counter(), self.step
         window_t0, session_tokens = t0, 0
-        while self.step < self.total_steps:
+        while self.step < self.total_steps and not self.best.stopped:
             lr = float(self.schedule(self.step))
             loss, n_trained, n_tokens = self.one_step()
             if not math.isfinite(loss):
@@ -425,12 +431,16 @@ class Trainer(Samples):
                                     "(train.stop_on_divergence=false)", self.step, diverged)
             if tc.eval_every and self.step % tc.eval_every == 0 and self.eval_ds is not None:
                 self._log_eval()
-            if tc.save_every and self.step % tc.save_every == 0:
+            if (tc.save_every and self.step % tc.save_every == 0) or self.best.save_now(self.step):
                 if self.monitor.suspect:  # (the newest checkpoint stays one from before the loss went up)
                     log.info("step %d: not saving a checkpoint while the loss is far above its early value",
                              self.step)
                 else:
                     self.save()
+            if self.best.stopped:
+                if self.primary:
+                    log.info(self.best.stop_line(self.step))
+                break
             stop_at = tc.stop_at_step is not None and self.step >= tc.stop_at_step and self.step < self.total_steps
             signalled = parallel.any_process(self._stop_signal is not None)  # every process stops at the same step
             if signalled or stop_at:
