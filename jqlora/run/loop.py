@@ -25,18 +25,18 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from jqlora import parallel
 from jqlora.adapters import init_state
 from jqlora.config import save_config
-from jqlora.data import BatchIterator, build_datasets, eval_batches, load_tokenizer, map_paths
+from jqlora.data import BatchIterator, build_datasets, load_tokenizer, map_paths
 from jqlora.data import stats
 from jqlora.lora import LoraConfig, NoLoraError, SplitModel
 from jqlora.run import background, progress
 from jqlora.run.best import BestTracker
 from jqlora.run.directory import RunDir, RunDirError, open_run_dir
+from jqlora.run.evaluation import Evaluation
 from jqlora.run.divergence import DivergenceMonitor
 from jqlora.run.lock import LockError, RunLock
 from jqlora.run.model import UserError, build_model
@@ -85,7 +85,7 @@ def _open_run_dir(cfg, primary: bool) -> RunDir:
 # The trainer
 
 
-class Trainer(Samples):
+class Trainer(Samples, Evaluation):
     """Builds everything from a `jqlora.config.Config` and runs (or resumes) training; `run()` returns an exit code."""
 
     def __init__(self, cfg, *, progress: bool | None = None, export: bool = True, ce_chunk: int = CE_CHUNK):
@@ -271,34 +271,6 @@ class Trainer(Samples):
             for x in samples:
                 log.info("  sample: %s -> %s", x["prompt"], readable(x["reply"]))
         self.evaluated_at = self.step
-
-    def eval_metrics(self, loss: float) -> dict:
-        return {"eval_perplexity": math.exp(min(loss, 700.0)), "eval_accuracy": self.eval_accuracy,
-                **getattr(self, "eval_by_source", {})}
-
-    def evaluate(self) -> float | None:
-        """The eval loss over every trained token of the eval set; with several eval sources (and no
-        train.eval_batches cap) each source's too, as eval_loss_<i> in ``eval_by_source``."""
-        if self.eval_ds is None:
-            return None
-        bs = self.tc.eval_batch_size or self.tc.batch_size
-        total, count, right = 0.0, 0.0, 0.0
-        parts = [len(p) for _, p in self.eval_ds.parts] if self.tc.eval_batches is None else []
-        ranges = [(sum(parts[:i]), n) for i, n in enumerate(parts)] if len(parts) > 1 else [(0, len(self.eval_ds))]
-        self.eval_by_source = {}
-        for i, (lo, n_rows) in enumerate(ranges):
-            part_total, part_count = 0.0, 0.0
-            for rows in eval_batches(parallel.RowIds(n_rows), bs, self.tc.eval_batches):
-                rows = [None if r is None else lo + r for r in rows]
-                s, n, c = self.eval_step(self.lora, self.split.frozen, self.place_batch(self.eval_ds, rows))
-                part_total += float(s)
-                part_count += float(n)
-                right += float(c)
-            total, count = total + part_total, count + part_count
-            if len(ranges) > 1:
-                self.eval_by_source[f"eval_loss_{i}"] = part_total / max(part_count, 1.0)
-        self.eval_accuracy = right / max(count, 1.0)
-        return total / max(count, 1.0)
 
     # -- the loop ---------------------------------------------------------------------------------------------------
 
