@@ -1,0 +1,134 @@
+"""`jqlora.evaluation.JqloraLM` against lm-eval's own ``hf`` backend with ``peft=`` (the oracle), on one tiny random
+Llama (float32, no quantization) with a peft LoRA adapter whose B is nonzero, and three local tasks: multiple choice
+(loglikelihood), generation until stop strings (generate_until, exact_match) and perplexity (loglikelihood_rolling,
+several windows of max_length = 48 tokens). Per-request loglikelihoods agree within 1e-4, the greedy flags, the
+generated strings and every metric exactly; the scorer compiles once per (batch, length) bucket."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import lm_eval
+import peft
+import pytest
+import torch
+
+from jqlora.evaluation import JqloraLM, TaskError, evaluate, resolve_tasks
+from jqlora.evaluation.tasks import task_manager
+from tiny import make_family_model
+
+REPO = Path(__file__).resolve().parents[2]
+TOKENIZER = REPO / "tests" / "fixtures" / "tokenizer"
+MAX_LENGTH = 48  # (the rolling documents need several windows)
+TASKS = ["jq_mc", "jq_gen", "jq_ppl"]
+
+MC = [("the cat sat on the", ["mat", "moon", "sky"], 0), ("two plus two is", ["four", "five"], 0),
+      ("the sky is", ["blue", "green", "loud", "red"], 0), ("water is", ["wet", "dry"], 0),
+      ("fire is", ["cold", "hot"], 1), ("a dog says", ["meow", "woof", "moo"], 1),
+      ("snow is", ["white", "black"], 0), ("the sun rises in the", ["west", "east"], 1)]
+GEN = [("the capital of France", "Paris"), ("one two three", "four"), ("red green", "blue"), ("hello", "world")]
+PPL = ["The quick brown fox jumps over the lazy dog. " * 4, "A short line.",
+       "Tokens are scored in rolling windows when a document is longer than the context of the model. " * 2]
+
+
+def _task_dir(root: Path) -> Path:
+    d = root / "tasks"
+    d.mkdir()
+    rows = {"mc": [{"question": q, "choices": c, "label": y} for q, c, y in MC],
+            "gen": [{"question": q, "answer": a} for q, a in GEN], "ppl": [{"text": t} for t in PPL]}
+    for name, docs in rows.items():
+        (d / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in docs))
+    head = "dataset_path: json\ntest_split: test\ndataset_kwargs:\n  data_files:\n    test: {}\n"
+    (d / "mc.yaml").write_text("task: jq_mc\n" + head.format(d / "mc.jsonl") + (
+        "output_type: multiple_choice\ndoc_to_text: \"Q: {{question}}\\nA:\"\ndoc_to_choice: choices\n"
+        "doc_to_target: label\nmetric_list:\n  - metric: acc\n  - metric: acc_norm\n"))
+    (d / "gen.yaml").write_text("task: jq_gen\n" + head.format(d / "gen.jsonl") + (
+        "output_type: generate_until\ndoc_to_text: \"{{question}}:\"\ndoc_to_target: answer\n"
+        "generation_kwargs:\n  until: [\"\\n\", \".\"]\n  max_gen_toks: 10\n  do_sample: false\n"
+        "metric_list:\n  - metric: exact_match\n"))
+    (d / "ppl.yaml").write_text("task: jq_ppl\n" + head.format(d / "ppl.jsonl") + (
+        "output_type: loglikelihood_rolling\ndoc_to_text: \"\"\ndoc_to_target: \"{{text}}\"\n"
+        "metric_list:\n  - metric: word_perplexity\n  - metric: byte_perplexity\n  - metric: bits_per_byte\n"))
+    return d
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("lm_eval")
+    base, model_dir = make_family_model(root / "model", "llama", vocab_size=512, max_position_embeddings=256)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(TOKENIZER / name, model_dir / name)
+    cfg = peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=[
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    model = peft.get_peft_model(base, cfg)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(0.3 * torch.randn_like(p))
+    model.save_pretrained(root / "adapter")
+    manager = task_manager(_task_dir(root), include_defaults=False)
+    kw = dict(limit=None, log_samples=True, bootstrap_iters=0)
+    hf = lm_eval.simple_evaluate(
+        model="hf", model_args={"pretrained": str(model_dir), "peft": str(root / "adapter"), "dtype": "float32",
+                                "device": "cpu", "max_length": MAX_LENGTH},
+        batch_size=4, tasks=TASKS, task_manager=manager, **kw)
+    lm = JqloraLM(pretrained=str(model_dir), adapter=str(root / "adapter"), quant="none", dtype="float32",
+                  batch_size=4, max_length=MAX_LENGTH)
+    ours = evaluate(lm, TASKS, manager, **kw)
+    return hf, ours, lm, manager
+
+
+def _by_doc(results, task):
+    return {s["doc_id"]: s for s in results["samples"][task]}
+
+
+def test_loglikelihoods_and_accuracy_equal_hf_peft(setup):
+    hf, ours, _, _ = setup
+    h, o = _by_doc(hf, "jq_mc"), _by_doc(ours, "jq_mc")
+    assert sorted(h) == sorted(o) == list(range(len(MC)))
+    worst = 0.0
+    for d in h:
+        (hl, hg), (ol, og) = zip(*[r[0] for r in h[d]["resps"]]), zip(*[r[0] for r in o[d]["resps"]])
+        assert len(hl) == len(MC[d][1])
+        worst = max(worst, max(abs(float(a) - float(b)) for a, b in zip(hl, ol)))
+        assert list(map(bool, hg)) == list(map(bool, og)), d
+        assert h[d]["acc"] == o[d]["acc"] and h[d]["acc_norm"] == o[d]["acc_norm"], d
+    assert worst < 1e-4, worst
+    for metric in ("acc,none", "acc_norm,none"):
+        assert ours["results"]["jq_mc"][metric] == hf["results"]["jq_mc"][metric], metric
+
+
+def test_generations_equal_hf_peft(setup):
+    hf, ours, _, _ = setup
+    h, o = _by_doc(hf, "jq_gen"), _by_doc(ours, "jq_gen")
+    texts = [h[d]["resps"][0][0] for d in sorted(h)]
+    assert [o[d]["resps"][0][0] for d in sorted(o)] == texts
+    assert any(texts), texts  # (something was generated: the comparison is not between empty strings)
+    assert ours["results"]["jq_gen"]["exact_match,none"] == hf["results"]["jq_gen"]["exact_match,none"]
+
+
+def test_rolling_loglikelihoods_equal_hf_peft(setup):
+    hf, ours, lm, _ = setup
+    h, o = _by_doc(hf, "jq_ppl"), _by_doc(ours, "jq_ppl")
+    assert len(lm.tok_encode(PPL[0])) > 2 * MAX_LENGTH  # (several windows)
+    for d in h:
+        assert abs(float(h[d]["resps"][0][0]) - float(o[d]["resps"][0][0])) < 1e-4, d
+    for metric in ("word_perplexity,none", "byte_perplexity,none", "bits_per_byte,none"):
+        assert ours["results"]["jq_ppl"][metric] == pytest.approx(hf["results"]["jq_ppl"][metric], rel=1e-4)
+
+
+def test_one_compile_per_bucket(setup):
+    _, _, lm, _ = setup
+    # every row of the three tasks fits MAX_LENGTH = 48 tokens: the buckets are 16, 32 and 64 slots at most
+    assert lm.scorer.compiles <= 3
+
+
+def test_unknown_task_is_one_line(setup):
+    manager = setup[3]
+    assert resolve_tasks(["jq_mc", "jq_*"], manager) == ["jq_mc", "jq_*"]
+    with pytest.raises(TaskError, match="jq_mcc: unknown task.*did you mean jq_mc") as e:
+        resolve_tasks(["jq_mcc"], manager)
+    assert "\n" not in str(e.value)
