@@ -27,9 +27,12 @@ def task_manager(include_path: str | os.PathLike | None = None, *, include_defau
                        include_defaults=include_defaults)
 
 
-def resolve_tasks(names: Sequence[str], manager) -> list[str]:
-    """``names`` as lm-eval loads them (YAML files as paths); `TaskError` for the first one it does not know."""
-    out: list[str] = []
+def resolve_tasks(names: Sequence[str], include_path: str | os.PathLike | None = None, *,
+                  include_defaults: bool = True):
+    """(``names`` as lm-eval loads them, YAML files as absolute paths; the `TaskManager` to load them with), or a
+    `TaskError` for the first name that is neither. When ``include_path`` defines every named task, lm-eval's
+    built-in tasks are not indexed (seconds saved); otherwise they are."""
+    out, named = [], []
     for name in names:
         name = name.strip()
         if not name:
@@ -37,15 +40,29 @@ def resolve_tasks(names: Sequence[str], manager) -> list[str]:
         if name.endswith((".yaml", ".yml")):
             if not os.path.isfile(name):
                 raise TaskError(f"--tasks {name}: no such task YAML file")
-            out.append(os.path.abspath(name))
-            continue
+            name = os.path.abspath(name)
+        else:
+            named.append(name)
+        out.append(name)
+    if include_path is not None:
+        own = task_manager(include_path, include_defaults=False)
+        leaves = set(own.all_subtasks)  # (a group or tag of the folder may name lm-eval's own tasks)
+        if not include_defaults or all(own.match_tasks([n]) and leaves.issuperset(own.match_tasks([n]))
+                                       for n in named):
+            manager = own
+        else:
+            manager = task_manager(include_path)
+    else:
+        manager = task_manager(None, include_defaults=include_defaults)
+    for name in named:
         if not manager.match_tasks([name]):
             close = difflib.get_close_matches(name, manager.all_tasks, n=3)
             hint = f"; did you mean {', '.join(close)}?" if close else " (lm-eval ls tasks lists them)"
-            raise TaskError(f"--tasks {name}: unknown task, not among lm-eval's {len(manager.all_tasks)} tasks, groups "
-                            f"and tags nor in --include-path{hint}")
-        out.append(name)
-    return out
+            where = (f"lm-eval's {len(manager.all_tasks)} tasks, groups and tags" if include_defaults
+                     else "the tasks")
+            raise TaskError(f"--tasks {name}: unknown task, not among {where}"
+                            f"{' nor in --include-path' if include_path is not None else ''}{hint}")
+    return out, manager
 
 
 def evaluate(lm, tasks: Sequence[str], manager, *, limit: float | None = None, num_fewshot: int | None = None,

@@ -16,7 +16,6 @@ import pytest
 import torch
 
 from jqlora.evaluation import JqloraLM, TaskError, evaluate, resolve_tasks
-from jqlora.evaluation.tasks import task_manager
 from tiny import make_family_model
 
 REPO = Path(__file__).resolve().parents[2]
@@ -69,7 +68,7 @@ def setup(tmp_path_factory):
             if "lora_B" in name:
                 p.copy_(0.3 * torch.randn_like(p))
     model.save_pretrained(root / "adapter")
-    manager = task_manager(_task_dir(root), include_defaults=False)
+    _, manager = resolve_tasks(TASKS, _task_dir(root))  # (every task is in the folder: lm-eval's are not indexed)
     kw = dict(limit=None, log_samples=True, bootstrap_iters=0)
     hf = lm_eval.simple_evaluate(
         model="hf", model_args={"pretrained": str(model_dir), "peft": str(root / "adapter"), "dtype": "float32",
@@ -127,8 +126,58 @@ def test_one_compile_per_bucket(setup):
 
 
 def test_unknown_task_is_one_line(setup):
-    manager = setup[3]
-    assert resolve_tasks(["jq_mc", "jq_*"], manager) == ["jq_mc", "jq_*"]
+    folder = Path(setup[2].tokenizer.name_or_path).parent / "tasks"
+    assert setup[3].all_tasks == sorted(TASKS)  # (the folder's tasks alone: lm-eval's were not indexed)
+    names, _ = resolve_tasks(["jq_mc", "jq_*", str(folder / "mc.yaml")], folder, include_defaults=False)
+    assert names == ["jq_mc", "jq_*", str(folder / "mc.yaml")]
     with pytest.raises(TaskError, match="jq_mcc: unknown task.*did you mean jq_mc") as e:
-        resolve_tasks(["jq_mcc"], manager)
+        resolve_tasks(["jq_mcc"], folder, include_defaults=False)
     assert "\n" not in str(e.value)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# python -m jqlora.eval
+
+
+def test_cli_prints_the_table_and_writes_hf_s_numbers(setup, capsys, tmp_path):
+    from jqlora import eval as cli
+
+    hf, _, lm, _ = setup
+    root = Path(lm.tokenizer.name_or_path).parent
+    out = tmp_path / "out"
+    code = cli.main(["--model", str(root / "model"), "--adapter", str(root / "adapter"), "--tasks", "jq_mc,jq_gen",
+                     "--include-path", str(root / "tasks"), "--quant", "none", "--dtype", "float32", "--max-length",
+                     str(MAX_LENGTH), "--max-gen-toks", "16", "--batch-size", "4", "--bootstrap-iters", "0",
+                     "--log-samples", "--output-path", str(out)])
+    printed = capsys.readouterr()
+    assert code == 0, printed.err
+    assert "jq_mc" in printed.out and "acc_norm" in printed.out and "exact_match" in printed.out  # lm-eval's table
+    (written,) = out.glob("results_*.json")
+    results = json.loads(written.read_text())["results"]
+    assert results["jq_mc"]["acc,none"] == hf["results"]["jq_mc"]["acc,none"]
+    assert results["jq_gen"]["exact_match,none"] == hf["results"]["jq_gen"]["exact_match,none"]
+    samples = [json.loads(line) for line in next(out.glob("samples_*_jq_gen.jsonl")).read_text().splitlines()]
+    hf_texts = {s["doc_id"]: s["resps"][0][0] for s in hf["samples"]["jq_gen"]}
+    assert {s["doc_id"]: s["resps"][0][0] for s in samples} == hf_texts
+
+
+@pytest.mark.parametrize("case", ["unknown task", "missing adapter", "not an adapter", "no source", "step alone"])
+def test_cli_mistakes_are_one_line(setup, capsys, tmp_path, case):
+    from jqlora import eval as cli
+
+    root = Path(setup[2].tokenizer.name_or_path).parent
+    model, adapter, tasks = str(root / "model"), str(root / "adapter"), str(root / "tasks")
+    argv, expected = {
+        "unknown task": (["--model", model, "--tasks", "jq_mc,nope.yaml", "--include-path", tasks],
+                         "--tasks nope.yaml: no such task YAML file"),
+        "missing adapter": (["--model", model, "--adapter", str(tmp_path / "gone"), "--tasks", "jq_mc"],
+                            f"--adapter {tmp_path / 'gone'}: not a directory"),
+        "not an adapter": (["--model", model, "--adapter", tasks, "--tasks", "jq_mc"],
+                           "adapter_config.json: missing"),
+        "no source": (["--tasks", "jq_mc"], "give --model DIR"),
+        "step alone": (["--model", model, "--adapter", adapter, "--step", "3", "--tasks", "jq_mc"],
+                       "--step goes with --run"),
+    }[case]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and expected in err[0], err
