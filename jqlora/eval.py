@@ -78,6 +78,19 @@ def _check(args) -> None:
             raise UsageError(str(e)) from None
 
 
+def _table(results: dict) -> str:
+    """lm-eval's results table (and groups table). Its writer (pytablewriter, through DataProperty < 1.0, which pip
+    picks where python-dateutil >= 3 is installed) converts cells in a process pool of cpu_count() workers: a fork
+    after JAX has started its threads, which can deadlock. One worker converts them in this process."""
+    from unittest import mock
+
+    from lm_eval.utils import make_table
+
+    with mock.patch("multiprocessing.cpu_count", return_value=1):
+        tables = [make_table(results)] + ([make_table(results, "groups")] if results.get("groups") else [])
+    return "\n".join(tables)
+
+
 def _write_results(results: dict, out_dir: str) -> str:
     """results (lm-eval's dict, samples apart) to ``out_dir/results_<time>.json``, atomically; samples as JSON lines."""
     from lm_eval.utils import handle_non_serializable
@@ -142,11 +155,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         results = evaluate(lm, tasks, manager, limit=limit, num_fewshot=args.num_fewshot,
                            log_samples=args.log_samples, apply_chat_template=args.apply_chat_template,
                            bootstrap_iters=args.bootstrap_iters, seed=args.seed)
-        from lm_eval.utils import make_table
-
-        print(make_table(results))
-        if results.get("groups"):
-            print(make_table(results, "groups"))
+        print(_table(results))
         print(f"wrote {_write_results(results, out_dir)}")
         return 0
     except UsageError as e:
