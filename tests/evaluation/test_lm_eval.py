@@ -181,3 +181,37 @@ def test_cli_mistakes_are_one_line(setup, capsys, tmp_path, case):
     assert cli.main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and expected in err[0], err
+
+
+def test_cli_run_equals_its_exported_adapter_on_the_nf4_base(setup, capsys, tmp_path):
+    """--run (a checkpoint restored as trained: the demo base in NF4 + double quantization, float32 compute) scores
+    as --model BASE --adapter EXPORT of the same checkpoint does, and writes into RUN/eval by default."""
+    import yaml
+
+    from jqlora import eval as cli
+    from jqlora import export
+
+    folder = Path(setup[2].tokenizer.name_or_path).parent / "tasks"
+    run = tmp_path / "run"
+    shutil.copytree(REPO / "tests" / "fixtures" / "flat_layout_run", run)
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    saved["model"]["path"] = str(REPO / "assets" / "demo" / "model")
+    saved["data"]["path"] = str(REPO / "assets" / "demo" / "chat.jsonl")
+    (run / "config.yaml").write_text(yaml.safe_dump(saved))
+    common = ["--tasks", "jq_mc", "--include-path", str(folder), "--limit", "4", "--batch-size", "4", "--bootstrap-iters", "0",
+              "--log-samples"]
+    assert cli.main(["--run", str(run), *common]) == 0, capsys.readouterr().err
+    assert "at step 2" in capsys.readouterr().err
+    assert export.main([str(run), str(tmp_path / "adapter")]) == 0
+    assert cli.main(["--model", saved["model"]["path"], "--adapter", str(tmp_path / "adapter"), "--quant", "nf4",
+                     "--dtype", "float32", "--output-path", str(tmp_path / "out"), *common]) == 0
+    capsys.readouterr()
+
+    def per_choice(folder):
+        (samples,) = folder.glob("samples_*_jq_mc.jsonl")
+        return {s["doc_id"]: [float(r[0][0]) for r in s["resps"]] for s in map(json.loads, samples.open())}
+
+    from_run, from_export = per_choice(run / "eval"), per_choice(tmp_path / "out")
+    assert sorted(from_run) == [0, 1, 2, 3]  # (--limit 4)
+    for d in from_run:
+        assert from_run[d] == pytest.approx(from_export[d], abs=1e-5), d
