@@ -33,7 +33,8 @@ DEFAULT_MAX_GEN_TOKS = 256
 
 
 def eos_ids_of(path: str | os.PathLike | None, tokenizer) -> list[int]:
-    """The EOS ids generation stops at: the generation config's (as transformers' ``generate``), else the tokenizer's."""
+    """The EOS ids generation stops at: the generation config's (as transformers' ``generate``), else the
+    tokenizer's."""
     ids: list[int] = []
     if path is not None:
         import transformers
