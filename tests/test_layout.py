@@ -30,7 +30,7 @@ MAY_IMPORT = {
     "training": {"models", "lora", "quant"},
     "planning": {"training", "models", "lora", "quant", "config"},
     "evaluation": {"adapters", "checkpoints", "models", "parallel", "lora", "quant"},
-    "run": {"planning", "training", "adapters", "checkpoints", "models", "parallel", "lora", "data", "quant", "config"},
+    "run": {"evaluation", "planning", "training", "adapters", "checkpoints", "models", "parallel", "lora", "data", "quant", "config"},
 }
 TOP = "(top level)"  # the CLIs and `jqlora/__init__.py`: they may import every wing
 MAX_LOOSE = 12

@@ -50,6 +50,11 @@ class Scorer:
         graphdef = self.graphdef
         self._fn = jax.jit(lambda state, *arrays: _score_rows(nnx.merge(graphdef, state), *arrays))
 
+    def update(self, model) -> None:
+        """Score with ``model``'s values from now on (the same structure: e.g. the adapters after more training)."""
+        graphdef, self.state = nnx.split(model)
+        assert graphdef == self.graphdef, "Scorer.update needs a model of the same structure"
+
     @property
     def compiles(self) -> int:
         return self._fn._cache_size()

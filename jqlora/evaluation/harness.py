@@ -89,6 +89,11 @@ class JqloraLM(TemplateLM):
         self.eos_ids = eos_ids_of(generation_config or pretrained, tokenizer)
         self.scorer = Scorer(model, self.batch_size)
 
+    def set_model(self, model) -> None:
+        """Evaluate ``model`` (the same structure, other values: a trainer's adapters) without compiling again."""
+        self.model = model
+        self.scorer.update(model)
+
     # -- what lm-eval asks of a model ------------------------------------------------------------------------------
 
     @property
