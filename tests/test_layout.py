@@ -29,7 +29,8 @@ MAY_IMPORT = {
     "adapters": {"checkpoints", "models", "parallel", "lora", "quant"},
     "training": {"models", "lora", "quant"},
     "planning": {"training", "models", "lora", "quant", "config"},
-    "run": {"planning", "training", "adapters", "checkpoints", "models", "parallel", "lora", "data", "quant", "config"},
+    "evaluation": {"adapters", "checkpoints", "models", "parallel", "lora", "quant"},
+    "run": {"evaluation", "planning", "training", "adapters", "checkpoints", "models", "parallel", "lora", "data", "quant", "config"},
 }
 TOP = "(top level)"  # the CLIs and `jqlora/__init__.py`: they may import every wing
 MAX_LOOSE = 12

@@ -269,6 +269,11 @@ class TrainConfig:
     overwrite: bool = False  # start afresh in a non-empty output_dir: the old one is moved aside (never deleted)
     sample_prompt: Optional[str] = None  # greedy reply printed before and after training (null: none)
     eval_samples: int = 0  # at each eval, greedy replies to the first N eval prompts, logged beside the eval loss
+    # lm-eval tasks (names, globs or YAML files) scored at each eval, logged as eval_tasks/<task>/<metric>; needs the
+    # eval extra (lm-eval) and eval data (python -m jqlora.eval: the same, on a saved run)
+    eval_tasks: Any = field(default_factory=list, hash=False)
+    eval_tasks_limit: Optional[int] = None  # documents per train.eval_tasks task at each eval (null: all)
+    eval_tasks_include_path: Optional[str] = None  # a folder of your own task YAMLs for train.eval_tasks
     stop_at_step: Optional[int] = None  # save and stop after this step (the schedule still spans max_steps); rerun to go on
     # stop (saving nothing, exporting nothing) when the loss stays far above its early value
     # (jqlora/run/divergence.py)
@@ -334,6 +339,11 @@ class TrainConfig:
         _check(self.eval_samples >= 0, "train.eval_samples", self.eval_samples, "must be >= 0")
         if self.neftune_alpha is not None:
             _check(self.neftune_alpha >= 0, "train.neftune_alpha", self.neftune_alpha, "must be >= 0 (or null: off)")
+        tasks = self.eval_tasks
+        _check(isinstance(tasks, (list, tuple)) and all(isinstance(t, str) and t.strip() for t in tasks),
+               "train.eval_tasks", tasks, "must be a list of lm-eval task names")
+        if self.eval_tasks_limit is not None:
+            _check(self.eval_tasks_limit >= 1, "train.eval_tasks_limit", self.eval_tasks_limit, "must be >= 1 (or null)")
         if self.stop_at_step is not None:
             _check(self.stop_at_step >= 1, "train.stop_at_step", self.stop_at_step, "must be >= 1 (or null)")
 

@@ -38,6 +38,7 @@ from jqlora.run.best import BestTracker
 from jqlora.run.directory import RunDir, RunDirError, open_run_dir
 from jqlora.run.evaluation import Evaluation
 from jqlora.run.divergence import DivergenceMonitor
+from jqlora.run.eval_tasks import EvalTasks
 from jqlora.run.lock import LockError, RunLock
 from jqlora.run.model import UserError, build_model
 from jqlora.run.samples import Samples, readable
@@ -128,10 +129,16 @@ class Trainer(Samples, Evaluation):
                 self.init_kind = init_from.check(cfg)
             except init_from.InitFromError as e:
                 raise UserError(str(e)) from None
+        try:  # (train.eval_tasks are looked up before minutes of loading)
+            self.eval_tasks = EvalTasks.of(cfg)
+        except ValueError as e:
+            raise UserError(str(e)) from None
         self.model = build_model(cfg, lambda shape: parallel.check_model_fits(
             self.mesh, shape, self.tc.batch_size, self.tc.eval_batch_size), mesh=self.mesh, run_dir=self.out)
         self.tokenizer = tokenizer = load_tokenizer(cfg.model.tokenizer_path or cfg.model.path)
         self.train_ds, self.eval_ds = self._datasets(cfg, tokenizer)
+        if self.eval_tasks is not None:
+            self.eval_tasks.tokenizer = tokenizer
         self.iterator = self._make_iterator(cfg)
         self.total_steps = optim.total_optimizer_steps(self.tc, self.iterator.batches_per_epoch)
         if self.primary:
@@ -261,6 +268,8 @@ class Trainer(Samples, Evaluation):
     def _log_eval(self) -> None:
         loss = self.evaluate()
         rec = {"step": self.step, "eval_loss": loss, **self.eval_metrics(loss)}
+        if self.eval_tasks is not None:
+            rec.update(self.eval_tasks.metrics(self.split.model(self.lora)))
         samples = self.eval_samples()
         if samples:
             rec["eval_samples"] = samples
