@@ -100,7 +100,7 @@ def measure(config: str, overrides: list[str], steps: int, warmup: int) -> dict:
 def compiled(args) -> dict:
     """The compiled peaks of the GRPO train micro-step and of the rollout at a published shape, with the plan."""
     from jqlora.config import load_config
-    from jqlora.planning import BUILTIN, aot_grpo, grpo_plan, settings_from_config
+    from jqlora.planning import BUILTIN, aot_grpo, memory_plan, settings_from_config
 
     rows = args.prompts * args.generations
     if rows % args.batch:
@@ -115,7 +115,7 @@ def compiled(args) -> dict:
                              "model.dtype=bfloat16"])
     shape = BUILTIN[args.model]
     shapes = aot_grpo.grpo_shapes(cfg)
-    plan = grpo_plan(shape, **settings_from_config(cfg), name=args.model, attention="cudnn")
+    plan = memory_plan(shape, **settings_from_config(cfg), name=args.model, attention="cudnn")
     out = {"model": args.model, "gpu": args.gpu, "shapes": vars(shapes) | {"cache_slots": shapes.cache_slots},
            "plan": {"total": plan.total, "rows": plan.rows, "phases": plan.phase_totals()}}
     for name, fn in (("train_step", aot_grpo.compile_grpo_step), ("rollout", aot_grpo.compile_rollout)):
