@@ -309,7 +309,7 @@ def _compile_run_config(settings: dict[str, Any], cfg: Any | None) -> Any:
         grpo = dc.replace(cfg.grpo, rewards=cfg.grpo.rewards or ("none:none",), max_new_tokens=settings["new_tokens"],
                           num_generations=G)
         cfg = dc.replace(cfg, grpo=grpo, train=dc.replace(
-            cfg.train, objective="grpo", grad_accum_steps=max(1, settings["rollout_rows"] // batch)))
+            cfg.train, objective="grpo", batch_size=batch, grad_accum_steps=settings["rollout_rows"] // batch))
     elif cfg.train.objective != "sft":
         if batch % 2:
             raise _Usage(f"--batch {batch}: train.objective={cfg.train.objective} compiles pairs of 2 rows; give an "

@@ -1,8 +1,8 @@
 """The GRPO memory plan (`jqlora.planning.grpo_plan`, `python -m jqlora.plan --objective grpo`): the rollout's KV
-cache of prompts × G rows is the exact product L · 2 · K · H · (prompt + new) · prompts·G · dtype bytes (lengths on the
-sampler's power-of-two buckets), and the
-decoder's own cache (`decode.init_cache`, shapes only) for the rows and slots the sampler uses; the two phases (the
-rollout, the train step) are planned apart and the total is the larger; the CLI's flags and errors."""
+cache of prompts × G rows is the exact product L · 2 · K · H · (prompt + new) · prompts·G · dtype bytes (lengths on
+the sampler's power-of-two buckets), and the decoder's own cache (`decode.init_cache`, shapes only) for the rows and
+slots the sampler uses; the two phases (the rollout, the train step) are planned apart and the total is the larger;
+the CLI's flags and errors. (tests/aot/test_aot_grpo.py compares the plan with the compiled programs.)"""
 
 from __future__ import annotations
 
@@ -96,6 +96,8 @@ def test_cli_objective_grpo(capsys):
 @pytest.mark.parametrize("args, says", [
     (["--generations", "8"], "--generations: only with --objective grpo"),
     (["--objective", "grpo", "--new-tokens", "0"], "--new-tokens 0: must be >= 1"),
+    (["--objective", "grpo", "--compile", "--batch", "1"], "--batch 1: a GRPO micro-batch holds whole groups of >= 2 "
+     "completions and divides the rollout's 8 rows (--prompts x --generations)"),
 ])
 def test_cli_grpo_errors_are_one_line(capsys, args, says):
     rc, _, err = _run(capsys, "--model", "llama3-8b", *args)
