@@ -94,7 +94,9 @@ def measure(config: str, overrides: list[str], steps: int, warmup: int) -> dict:
                 "training_tokens_per_s": total["tokens"] * g.num_iterations / total["train_s"],
                 "generation_share": total["rollout_s"] / total["step_s"],
                 "scoring_share": total["score_s"] / total["step_s"],
-                "training_share": total["train_s"] / total["step_s"], "step_s": total["step_s"] / len(kept)}
+                "training_share": total["train_s"] / total["step_s"], "step_s": total["step_s"] / len(kept),
+                # (a shared machine's slow steps aside: the median step's phases)
+                "median": {k: float(np.median([r[k] for r in kept])) for k in ("step_s", "rollout_s", "train_s")}}
 
 
 def compiled(args) -> dict:
@@ -184,6 +186,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"generation {res['generation_tokens_per_s']:.0f} tok/s, training {res['training_tokens_per_s']:.0f} "
               f"tok/s; generation {res['generation_share']:.0%} of the step time, scoring "
               f"{res['scoring_share']:.1%}, training {res['training_share']:.0%} ({res['step_s']:.2f} s a step)")
+        m, last = res["median"], res["steps"][-1]
+        print(f"median step {m['step_s']:.2f} s: rollout {m['rollout_s']:.2f} s "
+              f"({last['completion_tokens'] / m['rollout_s']:.0f} tok/s), training {m['train_s']:.2f} s "
+              f"({last['tokens'] * s['num_iterations'] / m['train_s']:.0f} tok/s), generation "
+              f"{m['rollout_s'] / m['step_s']:.0%} of the step")
     if args.out:
         Path(args.out).write_text(json.dumps({"args": vars(args), **res}, indent=2, default=str) + "\n")
     return 0
