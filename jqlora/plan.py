@@ -148,6 +148,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dtype", choices=tuple(DTYPES))
     ap.add_argument("--quant", choices=("nf4", "fp4", "none"))
     ap.add_argument("--dropout", type=float, help="LoRA dropout (default 0, or the --config's)")
+    ap.add_argument("--objective", choices=("sft", "grpo"), help="grpo: plan the rollout's KV cache of prompts × G "
+                                                               "rows beside the train step (default: sft, or the --config's)")
+    ap.add_argument("--generations", type=int, help="grpo: completions per prompt, G (default 8, or the --config's)")
+    ap.add_argument("--new-tokens", type=int, help="grpo: tokens sampled per completion (default 256, or the "
+                                                   "--config's grpo.max_new_tokens); --seq is the prompt's tokens")
+    ap.add_argument("--prompts", type=int, help="grpo: prompts per generation batch, sampled at once (default: "
+                                                "--batch / G, at least 1; or the --config's)")
     ap.add_argument("--compile", action="store_true", help="also compile the run's real train step (jqlora.planning.aot) and "
                                                            "print the compiler's peak beside the plan")
     ap.add_argument("--gpu", default=None, help="with --compile: the target GPU (h100-sxm, h200, a100-80gb, l4), "
@@ -196,6 +203,7 @@ def main(argv: list[str] | None = None) -> int:
         for key in ("seq", "batch", "remat", "r", "dtype", "quant", "data", "fsdp", "tensor", "dropout"):
             if getattr(args, key) is not None:
                 settings[key] = getattr(args, key)
+        _grpo_settings(args, settings, cfg if args.config else None)
         devices = args.devices or 1
         axes = {}
         for axis in ("data", "fsdp", "tensor"):
@@ -207,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
                 axes[axis] = _resolve_axis("auto", axis, devices, fixed)
         settings.update(axes)
         if args.config and args.batch is None:  # the recipe's global micro-batch, split over data × fsdp
-            per_example = 1 if cfg.train.objective == "sft" else 2  # (preference: pairs of 2 rows)
+            per_example = 1 if cfg.train.objective in ("sft", "grpo") else 2  # (preference: pairs of 2 rows)
             settings["batch"] = max(1, cfg.train.batch_size // (axes["data"] * axes["fsdp"])) * per_example
         if settings["quant"] == "none":
             settings["double_quant"] = False
@@ -251,6 +259,30 @@ def main(argv: list[str] | None = None) -> int:
     return 0 if fits else EXIT_DOES_NOT_FIT
 
 
+def _grpo_settings(args, settings: dict[str, Any], cfg: Any | None) -> None:
+    """--objective grpo and its flags into the plan's settings (the --config's grpo section by default)."""
+    grpo = args.objective == "grpo" or (args.objective is None and settings.get("objective") == "grpo")
+    flags = {"--generations": args.generations, "--new-tokens": args.new_tokens, "--prompts": args.prompts}
+    if not grpo:
+        given = [k for k, v in flags.items() if v is not None]
+        if given:
+            raise _Usage(f"{', '.join(given)}: only with --objective grpo")
+        for key in ("objective", "new_tokens", "rollout_rows"):
+            settings.pop(key, None)
+        return
+    for flag, v in flags.items():
+        if v is not None and v < 1:
+            raise _Usage(f"{flag} {v}: must be >= 1")
+    g = cfg.grpo if cfg is not None and cfg.train.objective == "grpo" else None
+    G = args.generations or (g.num_generations if g else 8)
+    settings["objective"] = "grpo"
+    settings["new_tokens"] = args.new_tokens or (g.max_new_tokens if g else 256)
+    if args.prompts is not None or g is None or args.generations is not None:
+        prompts = args.prompts or max(1, int(settings["batch"]) // G)
+        settings["rollout_rows"] = prompts * G
+    settings.setdefault("rollout_rows", int(settings["batch"]))
+
+
 def _on_gpu() -> bool:
     import jax
 
@@ -269,7 +301,16 @@ def _compile_run_config(settings: dict[str, Any], cfg: Any | None) -> Any:
     targets = settings["targets"]
     lora_targets = "all-linear" if tuple(targets) == tuple(M.LINEARS) else tuple(targets)
     batch = int(settings["batch"])  # rows; a preference step takes pairs (chosen and rejected rows)
-    if cfg.train.objective != "sft":
+    if settings.get("objective") == "grpo":
+        if batch < 2 or settings["rollout_rows"] % batch:
+            raise _Usage(f"--batch {batch}: a GRPO micro-batch holds whole groups of >= 2 completions and divides "
+                         f"the rollout's {settings['rollout_rows']} rows (--prompts x --generations)")
+        G = batch  # (the config's check only: the compiled shapes are the plan's rows)
+        grpo = dc.replace(cfg.grpo, rewards=cfg.grpo.rewards or ("none:none",), max_new_tokens=settings["new_tokens"],
+                          num_generations=G)
+        cfg = dc.replace(cfg, grpo=grpo, train=dc.replace(
+            cfg.train, objective="grpo", batch_size=batch, grad_accum_steps=settings["rollout_rows"] // batch))
+    elif cfg.train.objective != "sft":
         if batch % 2:
             raise _Usage(f"--batch {batch}: train.objective={cfg.train.objective} compiles pairs of 2 rows; give an "
                          "even number of rows")
@@ -296,6 +337,8 @@ def _print_compiled(args, shape: ModelConfig, name: str, settings: dict[str, Any
         raise _Usage(f"--gpu {args.gpu}: unknown; expected one of {', '.join(aot.GPUS)}")
     run = _compile_run_config(settings, cfg)
     where = args.gpu or "this machine's device"
+    if settings.get("objective") == "grpo":
+        return _print_compiled_grpo(args, shape, name, settings, run, budget, where)
     remat = settings["remat"]
     try:
         if auto:
@@ -311,6 +354,35 @@ def _print_compiled(args, shape: ModelConfig, name: str, settings: dict[str, Any
           f"{figures['argument'] / 1e9:.2f} + temporaries {figures['temp'] / 1e9:.2f} + outputs "
           f"{figures['output'] / 1e9:.2f} - aliased {figures['alias'] / 1e9:.2f}; plan {plan.total / 1e9:.2f} GB "
           f"({(plan.total - peak) / peak:+.1%})")
+    if budget is not None:
+        verdict = "fits" if peak <= M.COMPILED_HEADROOM * budget else "does NOT fit"
+        print(f"{verdict}: compiled peak {peak / 1e9:.2f} GB, {M.COMPILED_HEADROOM:.0%} of {budget / 1e9:.2f} GB = "
+              f"{M.COMPILED_HEADROOM * budget / 1e9:.2f} GB usable")
+        return verdict == "fits"
+    return True
+
+
+def _print_compiled_grpo(args, shape, name: str, settings: dict[str, Any], run: Any, budget: float | None,
+                         where: str) -> bool:
+    """--compile with --objective grpo: the compiled peaks of the train micro-step and of the rollout (its KV cache
+    included) beside the plan's two phases; the run needs the larger."""
+    from jqlora import planning as M
+
+    from jqlora.planning import aot, aot_grpo
+
+    if settings["remat"] == "auto":
+        raise _Usage("--compile with --objective grpo needs a concrete --remat")
+    shapes = aot_grpo.grpo_shapes(run, rows=int(settings["batch"]), rollout_rows=int(settings["rollout_rows"]))
+    attention = "cudnn" if args.gpu is not None or _on_gpu() else "xla"
+    phases = M.memory_plan(shape, name=name, **{**settings, "attention": attention}).phase_totals()
+    try:
+        peaks = {"train": aot_grpo.compile_grpo_step(shape, run, args.gpu, shapes=shapes).peak_bytes,
+                 "rollout": aot_grpo.compile_rollout(shape, run, args.gpu, shapes=shapes).peak_bytes}
+    except aot.AotError as e:
+        raise _Usage(str(e)) from None
+    for phase, peak in peaks.items():
+        print(f"compiled {phase} for {where} ({name}): peak {peak / 1e9:.2f} GB; plan {phases[phase] / 1e9:.2f} GB")
+    peak = max(peaks.values())
     if budget is not None:
         verdict = "fits" if peak <= M.COMPILED_HEADROOM * budget else "does NOT fit"
         print(f"{verdict}: compiled peak {peak / 1e9:.2f} GB, {M.COMPILED_HEADROOM:.0%} of {budget / 1e9:.2f} GB = "

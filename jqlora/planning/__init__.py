@@ -14,10 +14,12 @@ from typing import Any
 _FACE = {
     "jqlora.planning.memory": ("BUILTIN", "CE_CHUNK", "HEADROOM", "LINEARS", "REMATS", "WEIGHTS_ROW", "Plan",
                                "linear_shapes", "lora_param_count", "memory_plan", "quantized_bytes",
-                               "settings_from_config", "weight_bytes"),
+                               "settings_from_config", "weight_bytes", "GRPO_LOGITS", "grpo_plan",
+                               "kv_cache_bytes"),
     "jqlora.planning.aot": ("GPUS", "AotError", "CompiledStep", "Gpu", "abstract_model", "compile_step",
                                 "compiled", "compiled_peak", "compute_capability", "gpu_device", "step_arguments",
                                 "target_config"),
+    "jqlora.planning.aot_grpo": ("GrpoShapes", "compile_grpo_step", "compile_rollout", "grpo_shapes"),
     "jqlora.planning.model_shapes": ("HUB_IDS", "NAMES", "PUBLISHED"),
     "jqlora.planning.remat": ("AUTO_ORDER", "COMPILED_HEADROOM", "choose_remat", "choose_remat_compiled",
                               "device_budget", "resolve_remat"),

@@ -107,9 +107,19 @@ class Plan:
     total_weight_bytes: int
     notes: list[str]
     host_rows: dict[str, float] = dataclasses.field(default_factory=dict)  # pinned host memory, not on the device
+    # rows held by one phase of a step only (GRPO: "train", "rollout"), never alive together; all other rows are shared
+    phases: dict[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)
+
+    def phase_totals(self) -> dict[str, float]:
+        """Bytes per device while each phase runs (the shared rows and that phase's own)."""
+        own = {r for rows in self.phases.values() for r in rows}
+        shared = sum(v for k, v in self.rows.items() if k not in own)
+        return {p: float(shared + sum(self.rows[r] for r in rows)) for p, rows in self.phases.items()}
 
     @property
     def total(self) -> float:
+        if self.phases:
+            return max(self.phase_totals().values())
         return float(sum(self.rows.values()))
 
     def table(self) -> str:
@@ -118,6 +128,8 @@ class Plan:
         for k, v in self.rows.items():
             lines.append(f"{k:<{width}}  {v / 1e9:>9.2f} GB")
         lines.append("-" * (width + 14))
+        for p, v in self.phase_totals().items():
+            lines.append(f"{'while ' + p + ' runs':<{width}}  {v / 1e9:>9.2f} GB")
         lines.append(f"{'total per device':<{width}}  {self.total / 1e9:>9.2f} GB")
         for k, v in self.host_rows.items():
             lines.append(f"{k + ' (host)':<{width}}  {v / 1e9:>9.2f} GB")
@@ -129,8 +141,15 @@ def memory_plan(shape: ModelConfig, *, seq: int, batch: int = 1, data: int = 1, 
                 remat: str = "full", r: int = 16, targets: tuple[str, ...] = LINEARS, quant: str = "nf4",
                 double_quant: bool = True, block_size: int = 64, dtype: str = "bfloat16",
                 ce_chunk: int = CE_CHUNK, name: str = "model", attention: str = "xla",
-                dropout: float = 0.0, experts: bool = False) -> Plan:
-    """Bytes per device; ``batch`` is rows per device (each device of the data × fsdp axes sees its own rows)."""
+                dropout: float = 0.0, experts: bool = False, objective: str = "sft", new_tokens: int = 0,
+                rollout_rows: int = 0) -> Plan:
+    """Bytes per device; ``batch`` is rows per device (each device of the data × fsdp axes sees its own rows).
+    ``objective="grpo"``: `grpo_plan` (``seq`` the prompt tokens, ``batch`` completion rows per micro-step)."""
+    if objective == "grpo":
+        return grpo_plan(shape, prompt=seq, new_tokens=new_tokens, rows=batch, rollout_rows=rollout_rows,
+                         data=data, fsdp=fsdp, tensor=tensor, remat=remat, r=r, targets=targets, quant=quant,
+                         double_quant=double_quant, block_size=block_size, dtype=dtype, name=name,
+                         attention=attention, dropout=dropout, experts=experts)
     if remat not in REMATS:
         raise ValueError(f"remat {remat!r}: expected one of {', '.join(REMATS)}")
     c = DTYPE_BYTES[dtype]
@@ -196,8 +215,13 @@ def settings_from_config(cfg: Any, axes: dict[str, int] | None = None) -> dict[s
     # train.batch_size is the global micro-batch: its rows are split over the data × fsdp devices; a preference
     # objective's batch_size counts pairs (or KTO examples with their mismatched rows): 2 sequences each. Its reference
     # pass keeps nothing for the backward (+1% temporary memory on the compiled step: tools/preference_cost.py)
-    per_example = 1 if getattr(cfg.train, "objective", "sft") == "sft" else 2
-    return dict(seq=cfg.data.max_length, batch=max(1, cfg.train.batch_size // rows) * per_example,
+    objective = getattr(cfg.train, "objective", "sft")
+    per_example = 1 if objective in ("sft", "grpo") else 2
+    grpo = {}
+    if objective == "grpo":  # the rollout samples every micro-batch of the step at once (jqlora.run.grpo)
+        grpo = dict(objective="grpo", new_tokens=cfg.grpo.max_new_tokens,
+                    rollout_rows=max(1, cfg.train.batch_size * cfg.train.grad_accum_steps // rows))
+    return dict(seq=cfg.data.max_length, batch=max(1, cfg.train.batch_size // rows) * per_example, **grpo,
                 # every adapter at the largest rank: per-layer ranks are stored padded to it (an upper bound when
                 # module kinds differ)
                 r=max([cfg.lora.r, *cfg.lora.rank_pattern.values()]),
@@ -205,3 +229,58 @@ def settings_from_config(cfg: Any, axes: dict[str, int] | None = None) -> dict[s
                 quant=cfg.model.quant, double_quant=cfg.model.double_quant and cfg.model.quant != "none",
                 block_size=cfg.model.block_size, experts=bool(getattr(cfg.lora, "experts", False)), **axes,
                 targets=LINEARS if cfg.lora.targets == "all-linear" else tuple(cfg.lora.target_modules))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# GRPO: a rollout phase (the KV-cache decoder over prompts × G rows) and a train phase, never alive together
+
+GRPO_LOGITS = 2  # float32 [rows, C, V] buffers the compiled GRPO step keeps at once: the logits (log-softmax in place)
+# and their gradient (read off the compiled Llama-3-8B step on h100-sxm: tools/grpo_cost.py --gpu h100-sxm)
+
+
+def kv_cache_bytes(shape: ModelConfig, rows: int, slots: int, dtype_bytes: int = 2) -> int:
+    """The rollout's KV cache, keys and values of every layer: L · 2 · K · H · M · rows · c (`decode.init_cache`)."""
+    return (shape.num_hidden_layers * 2 * shape.num_key_value_heads * shape.head_dim * slots * rows
+            * dtype_bytes)
+
+
+def grpo_plan(shape: ModelConfig, *, prompt: int, new_tokens: int, rows: int, rollout_rows: int = 0,
+              dtype: str = "bfloat16", tensor: int = 1, name: str = "model", **settings: Any) -> Plan:
+    """Bytes per device of a GRPO run (`jqlora.run.grpo`): the shared rows (base, adapter and AdamW) and two phases.
+
+    rollout: ``rollout_rows`` = prompts × G rows (default ``rows``) left-padded to P = bucket(prompt) slots and
+      decoded for T = bucket(new_tokens) steps with a cache of M = bucket(P + T) slots (`jqlora.models.sampling`):
+      the KV cache `kv_cache_bytes`, held twice while the token loop runs (the layer scan writes a new cache and
+      the loop copies it back, seen in the compiled rollout), and the larger of the prefill's working set (one
+      layer over rows × P tokens: XLA attention's scores and probabilities rows·N·P·M·(4 + c), q / k / v, the MLP
+      and the last position's logits) and a token step's (float32 logits and the sampler's sort, 6 · rows · V · 4);
+    train: the SFT rows of `memory_plan` at ``rows`` × (P + T) tokens, the cross-entropy chunk replaced by the
+      completions' float32 logits [rows, T, V] (no chunking: `grpo.completion_logps`; `GRPO_LOGITS` buffers).
+    """
+    from jqlora.models.decode import bucket
+
+    P, T = bucket(prompt), bucket(new_tokens)
+    M, B = bucket(P + T), rollout_rows or rows
+    c = DTYPE_BYTES[dtype]
+    D, F, V = shape.hidden_size, shape.intermediate_size, shape.vocab_size
+    N, K, H = shape.num_attention_heads, shape.num_key_value_heads, shape.head_dim
+    base = memory_plan(shape, seq=P + T, batch=rows, dtype=dtype, tensor=tensor, name=name, **settings)
+    rows_out = {k: v for k, v in base.rows.items() if not k.startswith("cross-entropy")}
+    shared = [k for k in rows_out if k == WEIGHTS_ROW or k.startswith(("gathered layer", "LoRA"))]
+    train = [k for k in rows_out if k not in shared]
+    logits = f"train: completion logits (float32 [{rows}, {T}, V] x {GRPO_LOGITS}) + hidden"
+    rows_out[logits] = GRPO_LOGITS * rows * T * V * 4 + 2 * rows * (P + T) * D * c
+    kv = kv_cache_bytes(shape, B, M, c) / tensor
+    prefill = (B * N * P * M * (4 + c) + B * P * (2 * N * H + 2 * K * H + 3 * F + 2 * D) * c) / tensor + B * V * 4
+    token = kv + 6 * B * V * 4
+    kv_row = f"rollout: KV cache ({B} rows x {M} slots)"
+    work_row = "rollout: working set (prefill, or a token step's cache copy + sampling)"
+    rows_out[kv_row] = kv
+    rows_out[work_row] = max(prefill, token)
+    notes = [*base.notes, f"rollout: {B} rows (prompts x G), prompt {prompt} -> {P} slots, {new_tokens} new -> {T}, "
+             f"KV cache {M} slots = {kv / 1e9:.2f} GB; the rollout and the train step never hold their "
+             "temporaries at once: the total is the larger phase"]
+    title = base.title.replace(f"seq={P + T} batch={rows}/device",
+                               f"grpo prompt={P} new={T} rows={rows}/device rollout={B}")
+    return Plan(title, rows_out, base.total_weight_bytes, notes, base.host_rows,
+                phases={"train": (*train, logits), "rollout": (kv_row, work_row)})

@@ -191,3 +191,51 @@ def test_dry_run_reads_prompts_and_loads_rewards(assets, grpo_data, tmp_path, ca
     assert "# 8 prompts" in capsys.readouterr().out
     with pytest.raises(DryRunError, match="reward 'nope:x': cannot import module 'nope'"):
         dry_run(_cfg(assets, grpo_data, tmp_path / "dry", "grpo.rewards=[nope:x]"))
+
+
+def test_exported_adapter_gives_our_logits_in_peft(assets, grpo_data, tmp_path):
+    """A GRPO run's exported adapter (float32 base, quant none: no quantization error between the stacks) loaded by
+    peft on the transformers model gives the trained jqlora model's logits; the adapter moved the logits off the
+    base's."""
+    import peft
+    import torch
+    import transformers
+
+    trainer = GRPOTrainer(_cfg(assets, grpo_data, tmp_path / "run", "model.quant=none", "model.dtype=float32",
+                               "train.max_steps=2"))
+    assert trainer.run() == 0
+    x = np.random.default_rng(0).integers(0, 512, (2, 12)).astype(np.int32)
+    ours = np.asarray(trainer.split.model(trainer.lora)(jnp.asarray(x)))
+    base = transformers.AutoModelForCausalLM.from_pretrained(assets / "model", dtype=torch.float32)
+    with torch.no_grad():
+        before = base(torch.from_numpy(x).long()).logits.numpy()
+        theirs = peft.PeftModel.from_pretrained(base, tmp_path / "run" / "adapter").eval()
+        after = theirs(torch.from_numpy(x).long()).logits.numpy()
+    np.testing.assert_allclose(after, ours, atol=1e-4, rtol=0)
+    assert np.abs(after - before).max() > 1e-2  # (trained: not the base's logits)
+
+
+def test_sharded_equals_one_device(assets, grpo_data, tmp_path):
+    """GRPO on a 2 x 2 (fsdp x tensor) mesh of 4 host devices = one device: the same completions (the sampler runs
+    on the sharded model), rewards and losses for 2 steps."""
+    import os
+
+    args = [a for a in _args(assets, grpo_data, tmp_path, "train.max_steps=2", "grpo.beta=0.05")
+            if not a.startswith("output_dir=")]
+    env = {"PYTHONPATH": f"{REPO}:{grpo_data}", "PATH": "/usr/bin:/bin", "JAX_PLATFORMS": "cpu"}
+    runs = {}
+    for name, extra, flags in (("one", ["mesh.fsdp=1"], {}),
+                               ("four", ["mesh.fsdp=2", "mesh.tensor=2"],
+                                {"XLA_FLAGS": "--xla_force_host_platform_device_count=4"})):
+        out = tmp_path / name
+        r = subprocess.run([sys.executable, "-m", "jqlora.train", "--no-progress", *args, f"output_dir={out}",
+                            *extra], capture_output=True, text=True, env={**env, **flags}, timeout=600, cwd=REPO)
+        assert r.returncode == 0, r.stderr[-2000:]
+        runs[name] = ([x for x in _lines(out / "metrics.jsonl") if "loss" in x], _lines(out / "completions.jsonl"))
+    (a, ca), (b, cb) = runs["one"], runs["four"]
+    assert [x["completions"] for x in ca] == [x["completions"] for x in cb] and len(ca) == 2
+    assert len(a) == len(b) == 2
+    for x, y in zip(a, b):
+        for k in ("loss", "reward", "kl", "completions/mean_length"):
+            assert abs(x[k] - y[k]) <= 1e-5 * max(1.0, abs(x[k])), (k, x[k], y[k])
+    assert os.path.isdir(tmp_path / "four" / "adapter")
