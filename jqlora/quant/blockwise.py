@@ -19,7 +19,7 @@ Double quantization compresses the float32 absmax vector a (one value per block)
 with D the 256-entry signed dynamic 8-bit map, every block scaled by the float32 reciprocal (the partial last one
 too). "Nearest" is bitsandbytes' CUDA kernel's rule (``kQuantizeBlockwise`` / ``dQuantize<0>``), exactly: the
 boundary between D[j] and D[j+1] is their float32 midpoint, a value on it taking the even index. That is the exact
-nearest entry but on those ulp-wide boundaries, and tests/quant/dq_cuda_oracle.py (a numpy emulation of the
+nearest entry but on those ulp-wide boundaries, and tests/dq_cuda_oracle.py (a numpy emulation of the
 kernel) is its oracle. bitsandbytes 0.50's CPU kernel approximates the search and disagrees on ~0.03-0.25% of
 entries (measured there). Storage per parameter:
 4 bits + 32/B bits of absmax (0.5 for B=64), or 4 + 8/B + 32/(256·B) bits with double quantization (≈0.127).

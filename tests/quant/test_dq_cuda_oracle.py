@@ -41,11 +41,11 @@ def test_emulated_search_is_the_nearest_code_but_on_float32_midpoints():
     rng = np.random.default_rng(0)
     mids64 = (DYN[:-1].astype(np.float64) + DYN[1:]) / 2
     mids = mids64.astype(np.float32)
-    x = np.concatenate([rng.uniform(-1, 1, 1_000_000), np.linspace(-1, 1, 200_001), DYN, mids,
+    x = np.concatenate([rng.uniform(-1, 1, 100_000), np.linspace(-1, 1, 40_001), DYN, mids,
                         np.nextafter(mids, 2), np.nextafter(mids, -2)]).astype(np.float32)
     got, nearest = cuda.dquantize(x, DYN), cuda.nearest_float64(x, DYN)
     off = got != nearest
-    assert off.mean() < 1e-3
+    assert off[:140_001].mean() < 1e-3  # (uniform and evenly spaced values: rarely on a midpoint)
     gap = np.abs(x[off].astype(np.float64)[:, None] - mids64[None, :]).min(axis=1)
     assert np.all(gap <= np.spacing(np.float32(1))), gap.max()  # only on (a float32 step from) a midpoint
     assert np.all(np.abs(got[off].astype(int) - nearest[off]) == 1)  # and then the other neighbour

@@ -19,7 +19,7 @@ only for an x within a few float32 ulps of a midpoint. The mean c is an input: t
 reduces in an order of its own, and callers compare nested codes given the same c.
 
 bitsandbytes' CPU kernel (what ``bitsandbytes.functional`` runs without a GPU) approximates this search and picks
-another code for a small share of values; tests/quant/test_dq_cuda_oracle.py measures that share.
+another code for a small share of values; tests/quant/test_dq_cuda_oracle.py measures that share. (tests/tiny.py `nf4_dq_float64` uses it too.)
 """
 
 from __future__ import annotations
