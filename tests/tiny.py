@@ -182,10 +182,12 @@ def nf4_dq_float64(w: np.ndarray, block: int = 64, nested_block: int = 256) -> n
 
     The weight is flattened row-major into blocks of ``block`` (the last one partial); per block absmax a and
     code = nearest NF4 entry to clip(w · (1/a), -1, 1) in float32 (the partial block divides by a), a value on a
-    float32 midpoint taking the lower entry, as bitsandbytes buckets it. Double quantization: c = mean(a),
-    a - c in blocks of ``nested_block`` scaled by their max |.|, each the exact nearest (ties lower) entry of
-    bitsandbytes' signed dynamic 8-bit map. Value = NF4[code] · (D[q] · m + c). The codebooks are bitsandbytes'."""
+    float32 midpoint taking the lower entry, as bitsandbytes buckets it. Double quantization as bitsandbytes does
+    it on a GPU: c = torch's float32 mean of a, then a - c in blocks of ``nested_block`` coded by its CUDA kernel's
+    rule (`dq_cuda_oracle`, float32 arithmetic). Value = NF4[code] · (D[q] · m + c) in float64. The codebooks are
+    bitsandbytes'."""
     import bitsandbytes.functional as bnbf
+    import dq_cuda_oracle
 
     nf4 = bnbf.get_4bit_type("nf4", device="cpu").numpy().astype(np.float32)
     dyn = bnbf.create_dynamic_map(signed=True).numpy().astype(np.float64)
@@ -197,17 +199,9 @@ def nf4_dq_float64(w: np.ndarray, block: int = 64, nested_block: int = 256) -> n
                              for i, (r, a) in enumerate(zip(rows, absmax))]).astype(np.float32)
     mid = ((nf4[:-1] + nf4[1:]) / np.float32(2)).astype(np.float32)
     codes = np.searchsorted(mid, scaled, side="left")  # mid[i-1] < s <= mid[i] -> i
-    c = np.float64(absmax.astype(np.float64).mean())
-    centered = absmax.astype(np.float64) - c
-    scales = np.empty_like(centered)
-    for i in range(0, centered.size, nested_block):
-        part = centered[i:i + nested_block]
-        m = np.abs(part).max()
-        t = part / m
-        dist = np.abs(t[:, None] - dyn[None, :])
-        q = np.argmin(dist, axis=1)  # first minimum: ties to the lower entry (dyn is sorted)
-        scales[i:i + nested_block] = dyn[q] * m
-    scale = scales + c
+    c = torch.from_numpy(absmax).mean().numpy()  # (float32, as bitsandbytes' quantize_4bit takes it)
+    q, m = dq_cuda_oracle.double_quantize(absmax, c, dyn.astype(np.float32))
+    scale = dyn[q] * np.repeat(m.astype(np.float64), nested_block)[: q.size] + np.float64(c)
     return (nf4[codes].astype(np.float64) * np.repeat(scale, block)[: flat.size]).reshape(np.shape(w))
 
 

@@ -353,6 +353,7 @@ def load_model(
     seed: int = 0,
     remat: str = "full",
     mesh: Any = None,
+    quantize_experts: bool = True,
 ) -> nnx.Module:
     """Load a model from a Hugging Face directory (converted on the fly) or a `python -m jqlora.convert` output.
 
@@ -360,6 +361,7 @@ def load_model(
     checkpoint (whose 4-bit weights are used as stored). A jqlora directory is loaded with the quantization it was
     converted with (``quant``/``double_quant``/``block_size`` are then taken from it). ``lora`` adds fresh adapters
     (peft initialization); ``adapter`` loads a peft LoRA adapter directory (its config sets the LoRA settings).
+    ``quantize_experts`` False keeps the fused MoE experts in ``dtype`` (transformers + bitsandbytes' choice).
     The model maps int32 ``input_ids[B, S]`` (optionally ``segment_ids``, ``positions``) to
     float32 logits ``[B, S, V]``.
 
@@ -368,7 +370,7 @@ def load_model(
     the whole model unquantized (see the module docstring); the values equal the unsharded load's bit for bit.
     """
     kw = dict(quant=quant, double_quant=double_quant, block_size=block_size, dtype=dtype, seed=seed, remat=remat,
-              mesh=mesh)
+              mesh=mesh, quantize_experts=quantize_experts)
     if adapter is None:
         return load_checkpoint(path, lora=lora, **kw)
     if lora is not None:

@@ -31,13 +31,15 @@ def load_checkpoint(
     seed: int = 0,
     remat: str = "full",
     mesh: Mesh | None = None,
+    quantize_experts: bool = True,
 ) -> LlamaForCausalLM:
     """Load a model from a Hugging Face directory (converted on the fly) or a `python -m jqlora.convert` output.
 
     A Hugging Face directory may hold safetensors (single or sharded), PyTorch .bin, or a bitsandbytes 4-bit
     checkpoint (whose 4-bit weights are used as stored). A jqlora directory is loaded with the quantization it was
     converted with (``quant``/``double_quant``/``block_size`` are then taken from it). ``lora`` adds fresh adapters
-    (peft initialization); `jqlora.load_model` also loads a peft adapter onto it.
+    (peft initialization); `jqlora.load_model` also loads a peft adapter onto it. ``quantize_experts`` False keeps
+    the fused MoE experts in ``dtype`` (as transformers + bitsandbytes does; 4-bit stored experts are dequantized).
     The model maps int32 ``input_ids[B, S]`` (optionally ``segment_ids``, ``positions``) to
     float32 logits ``[B, S, V]``.
 
@@ -63,7 +65,7 @@ def load_checkpoint(
         where = os.path.join(os.fspath(path), "model.safetensors")
         return _naming_the_tensor(build, cfg, get, lambda key: where, lora=lora, quant=quant,
                                   double_quant=double_quant, block_size=block_size, dtype=dtype, seed=seed,
-                                  remat=remat)
+                                  remat=remat, quantize_experts=quantize_experts)
     with Checkpoint(path) as ckpt:
         try:
             cfg = ModelConfig.from_hf(ckpt.config)
@@ -75,7 +77,7 @@ def load_checkpoint(
             quant, double_quant, block_size = sample.quant_type, sample.double_quant, sample.block_size
         return _naming_the_tensor(build, cfg, ckpt.get if mesh is None else ckpt.get_host, ckpt.file_of, lora=lora,
                                   quant=quant, double_quant=double_quant, block_size=block_size, dtype=dtype,
-                                  seed=seed, remat=remat)
+                                  seed=seed, remat=remat, quantize_experts=quantize_experts)
 
 
 def _naming_the_tensor(build, cfg: ModelConfig, get: TensorGetter, file_of, **kwargs):
@@ -83,7 +85,8 @@ def _naming_the_tensor(build, cfg: ModelConfig, get: TensorGetter, file_of, **kw
     `ConvertError` naming the checkpoint file and the key of the tensor it came from."""
     last: list[str | None] = [None]
     quantized = set() if kwargs.get("quant", "none") == "none" else {
-        e.key for e in hf_key_table(cfg) if e.kind == "linear"}  # (quantize checks these itself, on the way)
+        e.key for e in hf_key_table(cfg)
+        if e.kind == "linear" and (e.expert is None or kwargs.get("quantize_experts", True))}  # (quantize checks these itself, on the way)
 
     def tracked(key: str):
         last[0] = key

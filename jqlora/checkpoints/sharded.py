@@ -58,6 +58,7 @@ def from_hf_tensors_sharded(
     remat: str = "full",
     scan_layers: bool = True,
     desc: str = "loading",
+    quantize_experts: bool = True,
 ) -> LlamaForCausalLM:
     """`from_hf_tensors` with every variable placed on ``mesh`` by `jqlora.parallel`'s partition rules while it is
     read, one tensor at a time (see the module docstring). ``get`` should return host (numpy) arrays, e.g.
@@ -65,7 +66,7 @@ def from_hf_tensors_sharded(
     from tqdm.auto import tqdm
 
     parallel.check_model_fits(mesh, cfg)
-    qspec = QuantSpec(quant, double_quant, block_size)
+    qspec = QuantSpec(quant, double_quant, block_size, quantize_experts)
     cdtype = compute_dtype(dtype)
     model = nnx.eval_shape(lambda: LlamaForCausalLM(cfg, lora, qspec, cdtype, rngs=nnx.Rngs(seed),
                                                     lora_dtype=lora_dtype, remat=remat, scan_layers=scan_layers))

@@ -22,6 +22,9 @@ class ModelConfig:
     quant: str = "nf4"  # nf4 | fp4 | none: storage of the frozen base weights
     double_quant: bool = True  # quantize the per-block absmax values again (8 bit, blocks of 256)
     block_size: int = 64  # values per quantization block
+    # MoE (Mixtral, Qwen3-MoE): store the fused experts 4-bit too (memory); false keeps them in model.dtype, as
+    # transformers + bitsandbytes does (exact parity with it, at the experts' full size: see python -m jqlora.plan)
+    quantize_experts: bool = True
     dtype: str = "float32"  # compute dtype of activations, LoRA math and the unquantized weights
     tokenizer_path: Optional[str] = None  # defaults to model.path
     max_seq_len: Optional[int] = None  # longest sequence the model may see; defaults to the checkpoint's limit

@@ -184,6 +184,8 @@ def apply(model: Any, init: str, *, seed: int, quant: Any, loftq_iters: int = 1,
 
     notes = []
     for path, m in modules:
+        if m.lora_a is None and "experts" in path and not quant.experts:  # (model.quantize_experts=false)
+            continue
         w_LOI = np.asarray(m.weight[...], np.float32)
         stacked = w_LOI.ndim == 3
         w_LOI = w_LOI if stacked else w_LOI[None]

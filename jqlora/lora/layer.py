@@ -71,12 +71,17 @@ class QuantSpec:
     quant: str = "nf4"
     double_quant: bool = True
     block_size: int = 64
+    experts: bool = True  # MoE: quantize the fused experts too (False: they stay in the compute dtype)
 
     def __post_init__(self):
         if self.quant not in QUANTS:
             raise ValueError(f"unsupported quant {self.quant!r}: expected one of {', '.join(QUANTS)}")
         if self.quant != "none" and self.block_size not in q.BLOCK_SIZES:
             raise ValueError(f"unsupported quant block size {self.block_size!r}: expected one of {q.BLOCK_SIZES}")
+
+    def quantizes(self, expert: int | None) -> bool:
+        """Whether a linear kernel (an MoE expert's when ``expert`` is not None) is stored 4-bit."""
+        return self.enabled and (expert is None or self.experts)
 
     @property
     def enabled(self) -> bool:

@@ -120,9 +120,9 @@ def checkpoint_pieces(cfg: ModelConfig, get: TensorGetter, qspec: QuantSpec, cdt
                 raise ValueError(f"{entry.key}: shape {tuple(arr.shape)}, expected {entry.shape}")
             if arr.dtype.name not in q.DTYPES:
                 arr = arr.astype(np.float32)
-            if entry.kind == "linear" and qspec.enabled:
+            if entry.kind == "linear" and qspec.quantizes(entry.expert):
                 qt = quantize(entry, arr)
-        if entry.kind == "linear" and qspec.enabled:
+        if entry.kind == "linear" and qspec.quantizes(entry.expert):
             got = (qt.quant_type, qt.block_size, qt.double_quant)
             want = (qspec.quant, qspec.block_size, qspec.double_quant)
             if got != want:
@@ -158,6 +158,7 @@ def from_hf_tensors(
     seed: int = 0,
     remat: str = "full",
     scan_layers: bool = True,
+    quantize_experts: bool = True,
 ) -> Any:
     """Build the model from Hugging Face tensors fetched one key at a time by ``get(key)``.
 
@@ -166,9 +167,9 @@ def from_hf_tensors(
     checkpoint's own dtype. Every shape is checked against ``cfg``; a missing key or wrong shape raises ValueError
     naming the key. The model is built abstractly (`nnx.eval_shape`), so no full-size random weights are made;
     each stacked variable is filled into one host buffer, then moved to the device once. Adapters are initialized
-    from ``seed`` as peft does.
+    from ``seed`` as peft does. ``quantize_experts`` False keeps MoE experts in the compute dtype (`QuantSpec`).
     """
-    qspec = QuantSpec(quant, double_quant, block_size)
+    qspec = QuantSpec(quant, double_quant, block_size, quantize_experts)
     cdtype = compute_dtype(dtype)
     from jqlora.models.decoder import CausalLM
 

@@ -169,6 +169,8 @@ class Experts(nnx.Module):
     def __init__(self, cfg: ModelConfig, quant: QuantSpec, dtype: Any, lora_dtype: Any, rngs: nnx.Rngs,
                  lora: LoraSpec | None = None):
         D, F, E = cfg.hidden_size, cfg.intermediate_size, cfg.num_experts
+        if not quant.experts:  # kept in the compute dtype, as transformers + bitsandbytes keeps fused experts
+            quant = QuantSpec("none")
 
         @nnx.split_rngs(splits=cfg.num_experts)
         @nnx.vmap(in_axes=(0,), out_axes=0)

@@ -136,7 +136,8 @@ def abstract_model(shape, cfg, *, remat: str, attention: str = "cudnn", scan_lay
     from jqlora.lora import LoraConfig, QuantSpec, compute_dtype
     from jqlora.models import LlamaForCausalLM
 
-    qspec = QuantSpec(cfg.model.quant, cfg.model.double_quant and cfg.model.quant != "none", cfg.model.block_size)
+    qspec = QuantSpec(cfg.model.quant, cfg.model.double_quant and cfg.model.quant != "none", cfg.model.block_size,
+                      cfg.model.quantize_experts)
     return nnx.eval_shape(lambda: LlamaForCausalLM(
         shape, LoraConfig.from_config(cfg.lora), qspec, compute_dtype(cfg.model.dtype), rngs=nnx.Rngs(cfg.train.seed),
         remat=remat, scan_layers=scan_layers, attention=attention))

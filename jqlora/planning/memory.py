@@ -9,7 +9,8 @@ of size H, L layers, V vocabulary, r LoRA rank, c = bytes of the compute dtype, 
 
     base weights        exact storage of the frozen model: per linear kernel of n values ceil(n/2) code bytes +
                         n/block absmax (1 byte with double quantization, else 4) + ceil(blocks/256)·4 nested scales
-                        + 4 offset bytes (≈ 4.127 bits/param at block 64), embeddings / lm_head / norms in the
+                        + 4 offset bytes (≈ 4.127 bits/param at block 64), each MoE expert's kernel on its own;
+                        embeddings / lm_head / norms (and the experts with model.quantize_experts=false) in the
                         compute dtype; split over P (norms replicated), as `jqlora.parallel` places them
     gathered layer      FSDP only: one layer's 4-bit kernels all-gathered, twice (the next layer is prefetched)
     LoRA + AdamW        fp32 adapters + gradient + accumulated gradient (optax.MultiSteps) + 2 moments = 20 B/param,
@@ -73,20 +74,30 @@ def quantized_bytes(n: int, block_size: int = 64, double_quant: bool = True) -> 
 
 
 def weight_bytes(shape: ModelConfig, *, quant: str = "nf4", double_quant: bool = True, block_size: int = 64,
-                 dtype_bytes: int = 2) -> dict[str, int]:
-    """Bytes of the whole frozen model: {'quantized', 'unquantized', 'norms', 'per_layer_quantized', 'total'}."""
+                 dtype_bytes: int = 2, quantize_experts: bool = True) -> dict[str, int]:
+    """Bytes of the whole frozen model: {'quantized', 'unquantized', 'norms', 'per_layer_quantized', 'experts',
+    'total'}; 'experts' (in either of the first two) is every MoE expert kernel, quantized one expert at a time or,
+    with ``quantize_experts`` False, in the compute dtype."""
     L, D, V = shape.num_hidden_layers, shape.hidden_size, shape.vocab_size
-    per_layer = 0
-    for O, I in linear_shapes(shape).values():
-        per_layer += quantized_bytes(O * I, block_size, double_quant) if quant != "none" else O * I * dtype_bytes
+    per_layer = float_layer = experts = 0
+    for name, (O, I) in linear_shapes(shape).items():
+        is_expert = name.startswith("experts.")
+        if quant == "none" or (is_expert and not quantize_experts):
+            n_bytes = O * I * dtype_bytes
+            float_layer += n_bytes
+        else:
+            E = shape.num_experts if is_expert else 1  # (each expert's [O, I] quantized on its own, moe.py)
+            n_bytes = E * quantized_bytes(O * I // E, block_size, double_quant)
+            per_layer += n_bytes
+        experts += n_bytes if is_expert else 0
     biases = (shape.num_attention_heads + 2 * shape.num_key_value_heads) * shape.head_dim if shape.qkv_bias else 0
     router = shape.num_experts * D  # MoE: the router stays unquantized
     norms = L * (2 * D + (2 * shape.head_dim if shape.qk_norm else 0) + biases + router) + D
     embed = V * D * (1 if shape.tie_word_embeddings else 2)
-    quantized = L * per_layer if quant != "none" else 0
-    unquantized = (embed + norms) * dtype_bytes + (L * per_layer if quant == "none" else 0)
+    quantized = L * per_layer
+    unquantized = (embed + norms) * dtype_bytes + L * float_layer
     return {"quantized": quantized, "unquantized": unquantized, "norms": norms * dtype_bytes,
-            "per_layer_quantized": per_layer, "total": quantized + unquantized}
+            "per_layer_quantized": per_layer, "experts": L * experts, "total": quantized + unquantized}
 
 
 def lora_param_count(shape: ModelConfig, r: int = 16, targets: tuple[str, ...] = LINEARS,
@@ -141,15 +152,16 @@ def memory_plan(shape: ModelConfig, *, seq: int, batch: int = 1, data: int = 1, 
                 remat: str = "full", r: int = 16, targets: tuple[str, ...] = LINEARS, quant: str = "nf4",
                 double_quant: bool = True, block_size: int = 64, dtype: str = "bfloat16",
                 ce_chunk: int = CE_CHUNK, name: str = "model", attention: str = "xla",
-                dropout: float = 0.0, experts: bool = False, objective: str = "sft", new_tokens: int = 0,
-                rollout_rows: int = 0) -> Plan:
+                dropout: float = 0.0, experts: bool = False, quantize_experts: bool = True, objective: str = "sft",
+                new_tokens: int = 0, rollout_rows: int = 0) -> Plan:
     """Bytes per device; ``batch`` is rows per device (each device of the data × fsdp axes sees its own rows).
     ``objective="grpo"``: `grpo_plan` (``seq`` the prompt tokens, ``batch`` completion rows per micro-step)."""
     if objective == "grpo":
         return grpo_plan(shape, prompt=seq, new_tokens=new_tokens, rows=batch, rollout_rows=rollout_rows,
                          data=data, fsdp=fsdp, tensor=tensor, remat=remat, r=r, targets=targets, quant=quant,
                          double_quant=double_quant, block_size=block_size, dtype=dtype, name=name,
-                         attention=attention, dropout=dropout, experts=experts)
+                         attention=attention, dropout=dropout, experts=experts,
+                         quantize_experts=quantize_experts)
     if remat not in REMATS:
         raise ValueError(f"remat {remat!r}: expected one of {', '.join(REMATS)}")
     c = DTYPE_BYTES[dtype]
@@ -160,11 +172,14 @@ def memory_plan(shape: ModelConfig, *, seq: int, batch: int = 1, data: int = 1, 
     N, K, H, V = shape.num_attention_heads, shape.num_key_value_heads, shape.head_dim, shape.vocab_size
     B, S = batch, seq
     T = B * S
-    w = weight_bytes(shape, quant=quant, double_quant=double_quant, block_size=block_size, dtype_bytes=c)
+    w = weight_bytes(shape, quant=quant, double_quant=double_quant, block_size=block_size, dtype_bytes=c,
+                     quantize_experts=quantize_experts)
     rows: dict[str, float] = {}
     rows[WEIGHTS_ROW] = (w["total"] - w["norms"]) / P + w["norms"]
-    if P > 1:
-        rows["gathered layer (fsdp prefetch, x2)"] = 2 * w["per_layer_quantized"] * (1 - 1 / P)
+    float_experts = bool(shape.num_experts) and not quantize_experts and quant != "none"
+    if P > 1:  # (float experts are gathered too)
+        layer = w["per_layer_quantized"] + (w["experts"] / L if float_experts else 0)
+        rows["gathered layer (fsdp prefetch, x2)"] = 2 * layer * (1 - 1 / P)
     n_lora = lora_param_count(shape, r, targets, experts)
     rows["LoRA params+grad+acc+AdamW (fp32)"] = 20 * n_lora / fsdp
     residual = L * T * D * c
@@ -195,9 +210,15 @@ def memory_plan(shape: ModelConfig, *, seq: int, batch: int = 1, data: int = 1, 
             host["saved matmul outputs (no attention)"] = L * no_batch_dots
         rows["layer working set (recomputed)"] = acts + scores + kernels
     rows["cross-entropy chunk + final hidden"] = 2 * min(ce_chunk, T) * V * 4 + 2 * T * D * c
-    notes = [f"{w['quantized'] * 8 / max(1, sum(O * I for O, I in linear_shapes(shape).values()) * L):.3f} "
-             f"bits/param for the linear kernels; {n_lora / 1e6:.1f} M LoRA params (r={r})",
+    n_4bit = sum(O * I for k, (O, I) in linear_shapes(shape).items() if not (float_experts and k.startswith("experts.")))
+    notes = [f"{w['quantized'] * 8 / max(1, n_4bit * L):.3f} "
+             f"bits/param for the {'4-bit ' if float_experts else ''}linear kernels; {n_lora / 1e6:.1f} M LoRA params "
+             f"(r={r})",
              f"all devices together hold {w['total'] / 1e9:.2f} GB of base weights"]
+    if float_experts:
+        packed = weight_bytes(shape, quant=quant, double_quant=double_quant, block_size=block_size, dtype_bytes=c)
+        notes.append(f"model.quantize_experts=false: the MoE experts stay {dtype}, {w['experts'] / 1e9:.2f} GB "
+                     f"(4-bit: {packed['experts'] / 1e9:.2f} GB)")
     if remat == "offload":
         notes.append("offload: the saved matmuls live in pinned host memory (GPU; on a backend without it they stay "
                      "on the device, as save_dots_no_batch)")
@@ -228,6 +249,7 @@ def settings_from_config(cfg: Any, axes: dict[str, int] | None = None) -> dict[s
                 dropout=cfg.lora.dropout, dtype=cfg.model.dtype,
                 quant=cfg.model.quant, double_quant=cfg.model.double_quant and cfg.model.quant != "none",
                 block_size=cfg.model.block_size, experts=bool(getattr(cfg.lora, "experts", False)), **axes,
+                quantize_experts=bool(getattr(cfg.model, "quantize_experts", True)),
                 targets=LINEARS if cfg.lora.targets == "all-linear" else tuple(cfg.lora.target_modules))
 
 

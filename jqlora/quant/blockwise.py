@@ -16,8 +16,12 @@ Double quantization compresses the float32 absmax vector a (one value per block)
 
     c = mean(a),     a' = a - c,     blocks of 256: m_k = max |a'_j|,     q_j = nearest(a'_j * (1 / m_k), D)
 
-with D the 256-entry signed dynamic 8-bit map. Here "nearest" is exact (float64 midpoints, ties to the lower
-code); bitsandbytes 0.50's CPU kernel approximates it and disagrees on ~0.15% of entries. Storage per parameter:
+with D the 256-entry signed dynamic 8-bit map, every block scaled by the float32 reciprocal (the partial last one
+too). "Nearest" is bitsandbytes' CUDA kernel's rule (``kQuantizeBlockwise`` / ``dQuantize<0>``), exactly: the
+boundary between D[j] and D[j+1] is their float32 midpoint, a value on it taking the even index. That is the exact
+nearest entry but on those ulp-wide boundaries, and tests/dq_cuda_oracle.py (a numpy emulation of the
+kernel) is its oracle. bitsandbytes 0.50's CPU kernel approximates the search and disagrees on ~0.03-0.25% of
+entries (measured there). Storage per parameter:
 4 bits + 32/B bits of absmax (0.5 for B=64), or 4 + 8/B + 32/(256·B) bits with double quantization (≈0.127).
 
 Conventions and where they differ from bitsandbytes:
@@ -94,14 +98,16 @@ def _thresholds_4bit(quant_type: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 @functools.cache
-def _thresholds_exact(name: str) -> np.ndarray:
-    """Largest float32 ≤ each exact (float64) midpoint: for float32 x, x > t  ⇔  x is nearer the upper entry."""
-    book = CODEBOOKS[name].astype(np.float64)
+def _thresholds_cuda(name: str) -> np.ndarray:
+    """bitsandbytes' CUDA rule (``dQuantize<0>``) as thresholds t_j, for float32 x: x > t_j  ⇔  x takes entry j+1
+    over entry j. The boundary is the float32 midpoint m_j = fl(D[j] + D[j+1]) · 0.5, and a value on it takes the
+    even index of the two (the kernel's binary search lands on even indices and keeps the landing entry on a tie):
+    t_j = m_j for even j, the float32 just below m_j for odd j."""
+    book = CODEBOOKS[name]
     assert np.all(np.diff(book) > 0), name
-    mids = (book[:-1] + book[1:]) / 2
-    t = mids.astype(np.float32)
-    over = t.astype(np.float64) > mids
-    t[over] = np.nextafter(t[over], np.float32(-np.inf))
+    t = ((book[:-1] + book[1:]) * np.float32(0.5)).astype(np.float32)  # float32 arithmetic, as the kernel
+    odd = np.arange(t.size) % 2 == 1
+    t[odd] = np.nextafter(t[odd], np.float32(-np.inf))
     return t
 
 
@@ -199,8 +205,9 @@ def _is_traced(x: Any) -> bool:
 # Quantize / dequantize
 
 
-def _blockwise_scale(x_N: jax.Array, block_size: int) -> tuple[jax.Array, jax.Array]:
-    """float32 [n] → (scaled values in [-1, 1] as [n_blocks, block_size] padded with 0, absmax [n_blocks])."""
+def _blockwise_scale(x_N: jax.Array, block_size: int, divide_last: bool = True) -> tuple[jax.Array, jax.Array]:
+    """float32 [n] → (scaled values in [-1, 1] as [n_blocks, block_size] padded with 0, absmax [n_blocks]);
+    ``divide_last``: a partial last block is divided by its absmax (else scaled by the reciprocal like the rest)."""
     n = x_N.shape[0]
     n_blocks = -(-n // block_size)
     pad = n_blocks * block_size - n
@@ -210,7 +217,7 @@ def _blockwise_scale(x_N: jax.Array, block_size: int) -> tuple[jax.Array, jax.Ar
     absmax_K = jnp.where(jnp.all(jnp.isfinite(x_KB), axis=1), absmax_K, jnp.nan)
     safe_K = jnp.maximum(absmax_K, _ABSMAX_FLOOR)
     scaled_KB = x_KB * (jnp.float32(1) / safe_K)[:, None]
-    if pad:  # bitsandbytes divides the partial last block instead of multiplying by the reciprocal
+    if pad and divide_last:  # bitsandbytes' CPU kernel divides the partial last block instead of multiplying by the reciprocal
         # (the barrier stops XLA from rewriting x / broadcast(a) into x * (1 / a), which rounds differently)
         divisor_B = jax.lax.optimization_barrier(jnp.broadcast_to(safe_K[-1], (block_size,)))
         scaled_KB = scaled_KB.at[-1].set(x_KB[-1] / divisor_B)
@@ -241,9 +248,14 @@ def _unpack_nibbles(packed: jax.Array, n: int) -> jax.Array:
 
 
 def double_quantize(absmax_K: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-    offset = jnp.mean(absmax_K)
-    scaled_MB, nested_M = _blockwise_scale(absmax_K - offset, NESTED_BLOCK_SIZE)
-    q = _nearest(scaled_MB, _thresholds_exact("dynamic8")).reshape(-1)[: absmax_K.shape[0]]
+    """(uint8 codes [K], nested absmax [ceil(K / 256)], offset) of float32 block scales, by the CUDA rule."""
+    offset = jnp.mean(absmax_K)  # (XLA: the float32 sum times the float32 1/K)
+    # Centre by the stored float32 offset: XLA's CPU backend repeats the mean's multiply in each fusion that uses it,
+    # and there contracts it with the subtraction into one fused multiply-add (one rounding fewer: nested absmax
+    # one ulp off, measured). A select between the two keeps them apart; it changes no finite value.
+    offset = jnp.where(jnp.isfinite(offset), offset, jnp.float32(jnp.nan))
+    scaled_MB, nested_M = _blockwise_scale(absmax_K - offset, NESTED_BLOCK_SIZE, divide_last=False)
+    q = _nearest(scaled_MB, _thresholds_cuda("dynamic8")).reshape(-1)[: absmax_K.shape[0]]
     return q.astype(jnp.uint8), nested_M, offset
 
 

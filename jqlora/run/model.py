@@ -81,7 +81,8 @@ def build_model(cfg, check: Callable[[Any], None] | None = None, mesh=None, run_
             return load_initialized(cfg, lambda quant, **kw: load_checkpoint(
                 path, quant=quant, double_quant=cfg.model.double_quant, block_size=cfg.model.block_size,
                 dtype=cfg.model.dtype, lora=LoraConfig.from_config(cfg.lora), seed=cfg.train.seed, remat=remat,
-                mesh=mesh if streamed and kw.get("streamed", True) else None), run_dir=run_dir)
+                mesh=mesh if streamed and kw.get("streamed", True) else None,
+                quantize_experts=cfg.model.quantize_experts), run_dir=run_dir)
         except (InitError, LoraError) as e:
             raise UserError(str(e).splitlines()[0]) from None
     except (ConvertError, FileNotFoundError) as e:
@@ -116,7 +117,8 @@ def load_initialized(cfg: Any, load: Callable[..., Any], run_dir: Any = None) ->
     try:
         notes = initialize.apply(model, init, seed=cfg.train.seed, loftq_iters=cfg.lora.loftq_iters,
                                  svd_niter=cfg.lora.svd_niter,
-                                 quant=QuantSpec(cfg.model.quant, cfg.model.double_quant, cfg.model.block_size))
+                                 quant=QuantSpec(cfg.model.quant, cfg.model.double_quant, cfg.model.block_size,
+                                                 cfg.model.quantize_experts))
     except ValueError as e:
         raise InitError(f"lora.init={init}: {str(e).splitlines()[0]}") from None
     log.info("lora.init=%s in %.1f s%s", init, time.perf_counter() - t0, "".join("; " + n for n in notes))
