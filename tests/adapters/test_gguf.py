@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 from test_export import randomize_adapters
-from tiny import make_family_model, make_model
+from tiny import make_model, make_moe_model
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 from transformers.integrations.gguf.gguf_tokenizer_mapping import _LLAMA3_SPLIT
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
@@ -134,10 +134,10 @@ def test_llama3_rope_factors_match_transformers():
 
 
 def test_refusals_are_one_line(tmp_path):
-    _, src = make_family_model(tmp_path / "gemma2", "gemma2", vocab_size=512)
+    _, src = make_moe_model(tmp_path / "mixtral", "mixtral", vocab_size=512)
     _tokenizer(src, None, False)
     model = jqlora.load_model(src, quant="none", dtype="float32", lora=LoraConfig(r=2, alpha=4))
-    with pytest.raises(ExportError, match="^GGUF export of model_type 'gemma2' is not supported"):
+    with pytest.raises(ExportError, match="^GGUF export of model_type 'mixtral' is not supported"):
         write_gguf(model, src, tmp_path / "o1", "f16")
     if shutil.which("llama-quantize") is None:
         with pytest.raises(ExportError, match="--gguf q4_k_m needs llama.cpp's llama-quantize on PATH"):
