@@ -19,7 +19,7 @@ llama.cpp's ``llama-quantize`` on PATH, which requantizes the f16 file written h
 Supported: Llama, Mistral, Qwen2, Qwen3, Gemma 2, Gemma 3 and Phi-3, each with what llama.cpp needs for it
 (`jqlora.adapters.gguf_families`: Gemma's norm offset and soft-caps, sliding windows, Phi-3's fused projections and
 LongRoPE). Anything llama.cpp would run differently is refused in one line: a file that loads and answers wrong is
-worse than none.
+worse than none. An Ollama ``Modelfile`` goes beside the file (`jqlora.adapters.ollama`).
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ from jqlora.adapters.gguf_families import (check_supported, context_length, extr
                                            to_llamacpp)
 from jqlora.adapters.gguf_vocab import add_tokenizer
 from jqlora.adapters.merge import merged_tensor
+from jqlora.adapters.ollama import write_modelfile
 from jqlora.checkpoints import atomic_directory
 from jqlora.models import hf_key_table
 
@@ -143,8 +144,9 @@ def _tensor_info(shape: tuple[int, ...], ggml_type: Any) -> tuple[tuple[int, ...
 
 def write_gguf(model: Any, base_path: str | os.PathLike, dst: str | os.PathLike, qtype: str = "f16", *,
                chat_template: str | None = None, tokenizer_path: str | os.PathLike | None = None,
-               overwrite: bool = False) -> Path:
-    """Write ``model`` (base + adapters, merged) into ``dst/model-{qtype}.gguf``; returns the file's path."""
+               overwrite: bool = False, modelfile: bool = True) -> Path:
+    """Write ``model`` (base + adapters, merged) into ``dst/model-{qtype}.gguf`` and, with ``modelfile``, an Ollama
+    ``dst/Modelfile`` for it (`jqlora.adapters.ollama`); returns the GGUF's path."""
     import gguf
 
     quantizer = check_type(qtype)
@@ -192,4 +194,8 @@ def write_gguf(model: Any, base_path: str | os.PathLike, dst: str | os.PathLike,
             path.unlink()
             path = final
         name = path.name
+        if modelfile:
+            note = write_modelfile(tmp, name, chat_template, tokenizer_path or base_path)
+            if note:
+                log.warning("%s", note)
     return Path(dst) / name

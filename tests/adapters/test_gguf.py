@@ -95,7 +95,10 @@ def _rounded_logits(hf_dir, qtype):
 def test_gguf_reads_back_as_the_merged_model(merged, qtype):
     family, src, model, hf, root = merged
     path = write_gguf(model, src, root / qtype, qtype)
-    assert path.name == f"model-{qtype}.gguf" and sorted(p.name for p in path.parent.iterdir()) == [path.name]
+    assert path.name == f"model-{qtype}.gguf"
+    assert sorted(p.name for p in path.parent.iterdir()) == ["Modelfile", path.name]
+    modelfile = (path.parent / "Modelfile").read_text()  # (the test tokenizer's ChatML template: test_ollama.py)
+    assert modelfile.startswith(f"FROM ./{path.name}\nTEMPLATE \"\"\"{{{{ range .Messages }}}}<|im_start|>")
     loaded = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
     with torch.no_grad():
         got = loaded(torch.from_numpy(X).long()).logits.numpy()
