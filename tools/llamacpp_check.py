@@ -12,8 +12,8 @@ llama.cpp greedy-decodes 16 tokens from 3 prompts of 6 token ids and returns the
 compared with jqlora's own greedy tokens (`jqlora.models.decode.generate`, float32) and logits, and with
 transformers on the merged checkpoint with its matrices rounded as the GGUF type rounds them (for the LoRA file:
 peft's adapter on the f16-rounded base). llama.cpp's CPU kernels also round the activations (to f16 for f16
-weights, to 8 bits for Q8_0), so its logits differ from those by more than the weights' rounding. Tokenizers: llama.cpp's
-ids on texts with special tokens, runs of spaces and byte fallback against the Hugging Face tokenizer's.
+weights, to 8 bits for Q8_0), so its logits differ from those by more than the weights' rounding. Tokenizers:
+llama.cpp's ids on texts with special tokens, runs of spaces and byte fallback against the Hugging Face tokenizer's.
 Prints one line per check; exits 1 when a token id differs, or a greedy token where jqlora's top two logits are
 further apart than twice the file's logit error (Q8_0's rounding can flip a near-tie; f16 must not).
 """
@@ -197,7 +197,8 @@ def main(argv: list[str] | None = None) -> int:
     ok = True
     for name, (greedy, ours, want) in cases.items():
         got = results[name]
-        same = sum(int(np.array_equal(a[:k], b[:k])) for a, b in zip(greedy, got["tokens"]) for k in range(1, N_NEW + 1))
+        same = sum(int(np.array_equal(a[:k], b[:k]))
+                   for a, b in zip(greedy, got["tokens"]) for k in range(1, N_NEW + 1))
         logits = np.asarray(got["logits"])
         ref = "peft on the f16 base" if "LoRA" in name else f"transformers on the {name.split()[-1]}-rounded merge"
         print(f"{name:22s} greedy: {same}/{len(PROMPTS) * N_NEW} tokens agree (prefix) with jqlora; prompt logits "

@@ -24,7 +24,8 @@ FAMILIES = {  # family: (marker in the Jinja template, Ollama template, stop tok
                "{{ end }}<|start_header_id|>assistant<|end_header_id|>\n\n",
                ("<|eot_id|>", "<|start_header_id|>")),
     "chatml": ("<|im_start|>",
-               "{{ range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n{{ end }}<|im_start|>assistant\n",
+               "{{ range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n{{ end }}"
+               "<|im_start|>assistant\n",
                ("<|im_end|>", "<|im_start|>")),
     "gemma": ("<start_of_turn>",
               "{{ range .Messages }}<start_of_turn>{{ if eq .Role \"assistant\" }}model{{ else }}{{ .Role }}{{ end }}\n"
