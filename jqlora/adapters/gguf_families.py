@@ -78,8 +78,8 @@ def _refusal(cfg: Any, arch: str) -> str | None:
     elif cfg.attn_softcap is not None:
         return "attention soft-capping, which llama.cpp's gemma3 does not apply"
     local = cfg.rope_local
-    if local is not None and (local.rope_type != "default" or (not windows and local.theta != r.theta)):
-        return f"a local-layer RoPE ({local.rope_type}, base {local.theta}) llama.cpp's {arch} cannot express"
+    if windows and local is not None and local.rope_type != "default":
+        return f"a scaled local-layer RoPE ({local.rope_type}), which llama.cpp's {arch} does not apply"
     return None
 
 
@@ -121,8 +121,7 @@ def family_metadata(w: Any, cfg: Any, arch: str) -> None:
         if windows:
             w.add_sliding_window(windows[0])
             w.add_sliding_window_pattern([w_ is not None for w_ in cfg.sliding_windows])
-            if cfg.rope_local is not None:
-                w.add_rope_freq_base_swa(cfg.rope_local.theta)
+            w.add_rope_freq_base_swa((cfg.rope_local or cfg.rope).theta)  # (the local layers' base)
     elif arch == "phi3":
         r = cfg.rope
         if r.rope_type == "longrope":

@@ -92,6 +92,8 @@ def test_family_gguf_reads_back_as_the_merged_model(merged, qtype):
         assert _field(reader, "gemma2.attn_logit_softcapping") == pytest.approx(c["attn_logit_softcapping"])
         assert _field(reader, "gemma2.final_logit_softcapping") == pytest.approx(c["final_logit_softcapping"])
         assert "output.weight" not in tensors  # tied: llama.cpp's gemma2 reads the embedding
+        theta = c["rope_parameters"]["rope_theta"]  # (one RoPE for all layers: the local layers' base is the same)
+        assert _field(reader, "gemma2.rope.freq_base") == _field(reader, "gemma2.rope.freq_base_swa") == theta
     if family == "gemma3":
         rp = c["rope_parameters"]
         assert "gemma3.attn_logit_softcapping" not in reader.fields
