@@ -13,7 +13,8 @@ are the dequantized 4-bit weights plus the adapter delta: the checkpoint carries
     python -m jqlora.export RUN_DIR|ADAPTER_DIR DST --gguf-adapter
 
 ``--gguf TYPE`` writes the merged model as one GGUF file, ``DST/model-TYPE.gguf``, for llama.cpp / Ollama / LM
-Studio (`jqlora.adapters.gguf`: what is supported, and what each type needs); ``--gguf-adapter`` the adapter as a
+Studio (`jqlora.adapters.gguf`: what is supported, and what each type needs), with an Ollama ``DST/Modelfile``
+(`jqlora.adapters.ollama`: ``ollama create NAME -f DST/Modelfile``); ``--gguf-adapter`` the adapter as a
 llama.cpp LoRA GGUF, ``DST/adapter-f32.gguf``, each module's own scaling folded into B (`jqlora.adapters.gguf_adapter`).
 
 Both carry the tokenizer files and the chat template training used (``data.chat_template``, else the tokenizer's
@@ -42,8 +43,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dtype", default=None, choices=list(DTYPES),
                     help="dtype of the merged weights (default bfloat16) or of the adapter tensors (default float32)")
     ap.add_argument("--gguf", default=None, metavar="TYPE",
-                    help="write the merged model as one GGUF file: f16, bf16, q8_0 (q4_k_m, q5_k_m, q6_k need "
-                         "llama.cpp's llama-quantize on PATH)")
+                    help="write the merged model as one GGUF file (and an Ollama Modelfile): f16, bf16, q8_0 "
+                         "(q4_k_m, q5_k_m, q6_k need llama.cpp's llama-quantize on PATH)")
     ap.add_argument("--gguf-adapter", action="store_true",
                     help="write the adapter as a llama.cpp LoRA GGUF (llama-cli --lora FILE), on the base's GGUF")
     ap.add_argument("--step", type=int, default=None, help="training step to export (default: the latest)")

@@ -16,10 +16,10 @@ model. Names and layout follow llama.cpp's converter (``convert_hf_to_gguf.py``)
 The k-quants (``q4_k_m``, ``q5_k_m``, ``q6_k``) are not in the gguf package (it can only read them): they need
 llama.cpp's ``llama-quantize`` on PATH, which requantizes the f16 file written here (its importance-free mixes).
 
-Supported: Llama, Mistral, Qwen2, Qwen3. These architectures have no sliding window in llama.cpp, so a model with one
-(Mistral 7B v0.1's 4096) declares the window as its ``context_length``: up to it, attention is the same (with a
-warning). Every other family, and anything llama.cpp would run differently (a RoPE it has no keys for, partial
-rotary, MoE, fused projections), is refused in one line: a file that loads and answers wrong is worse than none.
+Supported: Llama, Mistral, Qwen2, Qwen3, Gemma 2, Gemma 3 and Phi-3, each with what llama.cpp needs for it
+(`jqlora.adapters.gguf_families`: Gemma's norm offset and soft-caps, sliding windows, Phi-3's fused projections and
+LongRoPE). Anything llama.cpp would run differently is refused in one line: a file that loads and answers wrong is
+worse than none. An Ollama ``Modelfile`` goes beside the file (`jqlora.adapters.ollama`).
 """
 
 from __future__ import annotations
@@ -36,50 +36,17 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from jqlora.adapters.errors import ExportError
+from jqlora.adapters.gguf_families import (check_supported, context_length, extra_tensors, family_metadata,
+                                           to_llamacpp)
 from jqlora.adapters.gguf_vocab import add_tokenizer
 from jqlora.adapters.merge import merged_tensor
+from jqlora.adapters.ollama import write_modelfile
 from jqlora.checkpoints import atomic_directory
 from jqlora.models import hf_key_table
 
 TYPES = ("f16", "bf16", "q8_0")
 K_QUANTS = {"q4_k_m": "Q4_K_M", "q5_k_m": "Q5_K_M", "q6_k": "Q6_K"}
-ARCHS = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
-PERMUTED = ("llama",)
-log = logging.getLogger("jqlora.export")  # architectures whose q / k rows llama.cpp wants in interleaved RoPE order
-
-
-def check_supported(cfg: Any) -> str:
-    """The gguf architecture name of ``cfg`` (a `jqlora.models.ModelConfig`), or a one-line refusal."""
-    family = cfg.model_type
-    if family not in ARCHS:
-        raise ExportError(f"GGUF export of model_type {family!r} is not supported (supported: "
-                          f"{', '.join(sorted(ARCHS))}); export --merge and convert with llama.cpp")
-    why = None
-    if cfg.num_experts or cfg.fused_qkv or cfg.fused_gate_up:
-        why = "MoE or fused projections"
-    elif cfg.partial_rotary_factor != 1.0:
-        why = f"partial rotary embeddings (factor {cfg.partial_rotary_factor})"
-    elif cfg.rope.rope_type not in ("default", "linear", "llama3", "yarn"):
-        why = f"rope type {cfg.rope.rope_type!r}"
-    elif cfg.rope.rope_type == "yarn" and (cfg.rope.attention_factor is not None or cfg.rope.mscale is not None
-                                           or cfg.rope.mscale_all_dim is not None or not cfg.rope.truncate):
-        why = "a yarn RoPE with attention_factor / mscale / truncate=false, which llama.cpp computes otherwise"
-    elif cfg.hidden_act != "silu" or cfg.norm_unit_offset or cfg.attn_softcap or cfg.final_softcap:
-        why = "settings of another family"
-    elif cfg.attn_scale is not None and not math.isclose(cfg.attn_scale, cfg.head_dim ** -0.5):
-        why = f"an attention scale {cfg.attn_scale} other than 1/sqrt(head_dim)"
-    elif cfg.o_bias or (cfg.qkv_bias and family not in ("qwen2", "llama", "mistral")):
-        why = "attention biases llama.cpp does not read for this architecture"
-    if why:
-        raise ExportError(f"GGUF export of this {family} model: {why}; llama.cpp would answer differently")
-    return ARCHS[family]
-
-
-def context_length(cfg: Any) -> int:
-    """The context the file declares: ``max_position_embeddings``, or the shortest sliding window when there is one
-    (these architectures have no sliding window in llama.cpp; up to the window, attention is the same)."""
-    windows = [w for w in cfg.sliding_windows if w is not None]
-    return min([cfg.max_position_embeddings, *windows])
+log = logging.getLogger("jqlora.export")
 
 
 def check_type(qtype: str) -> str | None:
@@ -112,11 +79,11 @@ def llama3_rope_factors(r: Any, head_dim: int) -> np.ndarray:
     return factors.astype(np.float32)
 
 
-def _metadata(w: Any, cfg: Any, name: str, file_type: int) -> None:
+def _metadata(w: Any, cfg: Any, arch: str, name: str, file_type: int) -> None:
     import gguf
 
     w.add_name(name)
-    w.add_context_length(context_length(cfg))
+    w.add_context_length(context_length(cfg, arch))
     w.add_embedding_length(cfg.hidden_size)
     w.add_block_count(cfg.num_hidden_layers)
     w.add_feed_forward_length(cfg.intermediate_size)
@@ -124,7 +91,7 @@ def _metadata(w: Any, cfg: Any, name: str, file_type: int) -> None:
     w.add_head_count_kv(cfg.num_key_value_heads)
     w.add_key_length(cfg.head_dim)
     w.add_value_length(cfg.head_dim)
-    w.add_rope_dimension_count(cfg.head_dim)
+    w.add_rope_dimension_count(cfg.rotary_dim)
     w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
     w.add_rope_freq_base(cfg.rope.theta)
     w.add_vocab_size(cfg.vocab_size)
@@ -140,11 +107,7 @@ def _metadata(w: Any, cfg: Any, name: str, file_type: int) -> None:
         w.add_rope_scaling_orig_ctx_len(r.original_max_position_embeddings)
         w.add_rope_scaling_yarn_beta_fast(r.beta_fast)
         w.add_rope_scaling_yarn_beta_slow(r.beta_slow)
-
-
-def permute_rows(w: np.ndarray, n_head: int) -> np.ndarray:
-    """Hugging Face's rotate-half row order → llama.cpp's interleaved pairs, per head (rows, or a bias)."""
-    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+    family_metadata(w, cfg, arch)
 
 
 def _ggml_type(shape: tuple[int, ...], qtype: str) -> Any:
@@ -181,17 +144,18 @@ def _tensor_info(shape: tuple[int, ...], ggml_type: Any) -> tuple[tuple[int, ...
 
 def write_gguf(model: Any, base_path: str | os.PathLike, dst: str | os.PathLike, qtype: str = "f16", *,
                chat_template: str | None = None, tokenizer_path: str | os.PathLike | None = None,
-               overwrite: bool = False) -> Path:
-    """Write ``model`` (base + adapters, merged) into ``dst/model-{qtype}.gguf``; returns the file's path."""
+               overwrite: bool = False, modelfile: bool = True) -> Path:
+    """Write ``model`` (base + adapters, merged) into ``dst/model-{qtype}.gguf`` and, with ``modelfile``, an Ollama
+    ``dst/Modelfile`` for it (`jqlora.adapters.ollama`); returns the GGUF's path."""
     import gguf
 
     quantizer = check_type(qtype)
     cfg = model.config
     arch = check_supported(cfg)
-    if context_length(cfg) < cfg.max_position_embeddings:
+    if context_length(cfg, arch) < cfg.max_position_embeddings:
         log.warning("GGUF context_length %d, the sliding window (max_position_embeddings %d): llama.cpp's %s "
                     "architecture has no sliding window, so longer contexts would attend past it",
-                    context_length(cfg), cfg.max_position_embeddings, arch)
+                    context_length(cfg, arch), cfg.max_position_embeddings, arch)
     written = "f16" if quantizer else qtype
     file_type = {"f16": gguf.LlamaFileType.MOSTLY_F16, "bf16": gguf.LlamaFileType.MOSTLY_BF16,
                  "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[written]
@@ -204,12 +168,13 @@ def write_gguf(model: Any, base_path: str | os.PathLike, dst: str | os.PathLike,
         plan.append((name, entry, _ggml_type(tuple(entry.shape), written)))
     if cfg.rope.rope_type == "llama3":
         plan.append(("rope_freqs.weight", llama3_rope_factors(cfg.rope, cfg.head_dim), gguf.GGMLQuantizationType.F32))
+    plan += [(name, value, gguf.GGMLQuantizationType.F32) for name, value in extra_tensors(cfg, arch)]
     infos = [_tensor_info(tuple(e.shape) if hasattr(e, "key") else e.shape, t) for _, e, t in plan]
     need = sum(n for _, _, n, _ in infos) + (1 << 20)
     with atomic_directory(dst, overwrite=overwrite, error=ExportError, need=need * (2 if quantizer else 1)) as tmp:
         path = tmp / f"model-{written}.gguf"
         w = gguf.GGUFWriter(path, arch)
-        _metadata(w, cfg, Path(base_path).resolve().name, int(file_type))
+        _metadata(w, cfg, arch, Path(base_path).resolve().name, int(file_type))
         add_tokenizer(w, tokenizer_path or base_path, cfg.vocab_size, chat_template)
         for (name, _, _), (shape, dtype, nbytes, raw) in zip(plan, infos):
             w.add_tensor_info(name, shape, dtype, nbytes, raw_dtype=raw)
@@ -217,10 +182,7 @@ def write_gguf(model: Any, base_path: str | os.PathLike, dst: str | os.PathLike,
         w.write_kv_data_to_file()
         w.write_ti_data_to_file()
         for name, entry, t in tqdm(plan, desc="gguf", unit="tensor", disable=None, dynamic_ncols=True):
-            value = merged_tensor(model, entry) if hasattr(entry, "key") else entry
-            if arch in PERMUTED and entry is not value and entry.path[-1] in ("q_proj", "k_proj"):
-                value = permute_rows(value, cfg.num_attention_heads if entry.path[-1] == "q_proj"
-                                 else cfg.num_key_value_heads)
+            value = to_llamacpp(merged_tensor(model, entry), entry, cfg, arch) if hasattr(entry, "key") else entry
             w.write_tensor_data(_encode(value, t))
         w.close()
         if quantizer:
@@ -232,4 +194,8 @@ def write_gguf(model: Any, base_path: str | os.PathLike, dst: str | os.PathLike,
             path.unlink()
             path = final
         name = path.name
+        if modelfile:
+            note = write_modelfile(tmp, name, chat_template, tokenizer_path or base_path)
+            if note:
+                log.warning("%s", note)
     return Path(dst) / name

@@ -24,7 +24,7 @@ import numpy as np
 from jqlora.adapters.errors import ExportError
 from jqlora.adapters.experts import expert_modules
 from jqlora.adapters.export import lora_modules
-from jqlora.adapters.gguf import PERMUTED, permute_rows, check_supported
+from jqlora.adapters.gguf_families import PERMUTED, check_supported, permute_rows
 from jqlora.adapters.heads import head_modules
 from jqlora.checkpoints import atomic_directory
 

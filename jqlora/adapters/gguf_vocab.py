@@ -8,8 +8,9 @@ picks a built-in split regex by that name, so the name is read off the pre-token
 that is none of the known ones is refused (a guessed name would tokenize differently and answer wrong). The special
 token ids, BOS / EOS insertion, merges and the chat template go through the gguf package's ``SpecialVocab``.
 
-SentencePiece tokenizers (Llama 2, Mistral v0.1, Gemma, Phi-3: ``byte_fallback`` BPE or Unigram with ``▁``) are not
-written yet: llama.cpp's ``llama`` model needs their scores, which a ``tokenizer.json`` holds only for Unigram.
+A SentencePiece BPE (Llama 2, Mistral v0.1, Gemma, Phi-3: ``byte_fallback`` BPE over ``▁``-spelled text) is
+written as llama.cpp's ``llama`` model (`jqlora.adapters.gguf_spm`): tokens, scores and types, and whether a space is
+prefixed. SentencePiece Unigram vocabularies are refused.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from jqlora.adapters.errors import ExportError
+from jqlora.adapters.gguf_spm import effective_tokenizer_json, is_sentencepiece, sentencepiece_vocab
 
 # The split regexes of the byte-level pre-tokenizers llama.cpp has built in, by its names (llama-vocab.cpp).
 LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
@@ -58,9 +60,9 @@ def byte_level_vocab(tok_dir: str | Path, n_vocab: int) -> tuple[str, list[str],
     tj = json.loads(path.read_text(encoding="utf-8"))
     model = tj.get("model") or {}
     if model.get("type") != "BPE" or model.get("byte_fallback") or (tj.get("decoder") or {}).get("type") != "ByteLevel":
-        kind = "SentencePiece-style " if model.get("byte_fallback") or model.get("type") == "Unigram" else ""
-        raise ExportError(f"{path}: a {kind}{model.get('type')} tokenizer; GGUF export writes byte-level BPE "
-                          "tokenizers only (SentencePiece vocabularies are not supported yet)")
+        kind = "SentencePiece-style " if model.get("type") == "Unigram" else ""
+        raise ExportError(f"{path}: a {kind}{model.get('type')} tokenizer; GGUF export writes byte-level BPE and "
+                          "SentencePiece BPE (byte_fallback) tokenizers")
     normalizer = tj.get("normalizer")
     pre = pre_tokenizer_name(tj, str(path))
     if normalizer is not None and not (pre == "qwen2" and normalizer.get("type") == "NFC"):
@@ -79,14 +81,28 @@ def add_tokenizer(writer: Any, tok_dir: str | Path, n_vocab: int, chat_template:
     """Write the tokenizer of ``tok_dir`` (and ``chat_template``, else the directory's own) into ``writer``."""
     import gguf
 
-    pre, tokens, types = byte_level_vocab(tok_dir, n_vocab)
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre(pre)
-    writer.add_token_list(tokens)
-    writer.add_token_types(types)
-    special = gguf.SpecialVocab(Path(tok_dir), load_merges=True, n_vocab=n_vocab)
-    if not special.merges:
-        raise ExportError(f"{tok_dir}: the BPE tokenizer lists no merges")
+    path = Path(tok_dir) / "tokenizer.json"
+    if path.is_file() and is_sentencepiece(json.loads(path.read_text(encoding="utf-8"))):
+        tj = effective_tokenizer_json(tok_dir, str(path))
+        tokens, scores, types, prefix = sentencepiece_vocab(tj, str(path), n_vocab)
+        writer.add_tokenizer_model("llama")
+        writer.add_tokenizer_pre("default")
+        writer.add_token_list(tokens)
+        writer.add_token_scores(scores)
+        writer.add_token_types(types)
+        writer.add_add_space_prefix(prefix)
+        special = gguf.SpecialVocab(Path(tok_dir), load_merges=False, n_vocab=n_vocab)
+        special.add_special_token.setdefault("bos", False)  # (llama.cpp adds BOS to a SentencePiece vocab unless told)
+        special.add_special_token.setdefault("eos", False)
+    else:
+        pre, tokens, types = byte_level_vocab(tok_dir, n_vocab)
+        writer.add_tokenizer_model("gpt2")
+        writer.add_tokenizer_pre(pre)
+        writer.add_token_list(tokens)
+        writer.add_token_types(types)
+        special = gguf.SpecialVocab(Path(tok_dir), load_merges=True, n_vocab=n_vocab)
+        if not special.merges:
+            raise ExportError(f"{tok_dir}: the BPE tokenizer lists no merges")
     if chat_template is not None:
         special.chat_template = chat_template
     special.add_to_gguf(writer, quiet=True)

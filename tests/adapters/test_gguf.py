@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 from test_export import randomize_adapters
-from tiny import make_family_model, make_model
+from tiny import make_model, make_moe_model
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 from transformers.integrations.gguf.gguf_tokenizer_mapping import _LLAMA3_SPLIT
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
@@ -95,7 +95,10 @@ def _rounded_logits(hf_dir, qtype):
 def test_gguf_reads_back_as_the_merged_model(merged, qtype):
     family, src, model, hf, root = merged
     path = write_gguf(model, src, root / qtype, qtype)
-    assert path.name == f"model-{qtype}.gguf" and sorted(p.name for p in path.parent.iterdir()) == [path.name]
+    assert path.name == f"model-{qtype}.gguf"
+    assert sorted(p.name for p in path.parent.iterdir()) == ["Modelfile", path.name]
+    modelfile = (path.parent / "Modelfile").read_text()  # (the test tokenizer's ChatML template: test_ollama.py)
+    assert modelfile.startswith(f"FROM ./{path.name}\nTEMPLATE \"\"\"{{{{ range .Messages }}}}<|im_start|>")
     loaded = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
     with torch.no_grad():
         got = loaded(torch.from_numpy(X).long()).logits.numpy()
@@ -134,10 +137,10 @@ def test_llama3_rope_factors_match_transformers():
 
 
 def test_refusals_are_one_line(tmp_path):
-    _, src = make_family_model(tmp_path / "gemma2", "gemma2", vocab_size=512)
+    _, src = make_moe_model(tmp_path / "mixtral", "mixtral", vocab_size=512)
     _tokenizer(src, None, False)
     model = jqlora.load_model(src, quant="none", dtype="float32", lora=LoraConfig(r=2, alpha=4))
-    with pytest.raises(ExportError, match="^GGUF export of model_type 'gemma2' is not supported"):
+    with pytest.raises(ExportError, match="^GGUF export of model_type 'mixtral' is not supported"):
         write_gguf(model, src, tmp_path / "o1", "f16")
     if shutil.which("llama-quantize") is None:
         with pytest.raises(ExportError, match="--gguf q4_k_m needs llama.cpp's llama-quantize on PATH"):
@@ -153,7 +156,7 @@ def test_refusals_are_one_line(tmp_path):
         write_gguf(model, lo, tmp_path / "o3", "f16")
     tj["model"]["byte_fallback"] = True
     (lo / "tokenizer.json").write_text(json.dumps(tj))
-    with pytest.raises(ExportError, match="SentencePiece-style BPE tokenizer; GGUF export writes byte-level BPE"):
+    with pytest.raises(ExportError, match="transformers tokenizes with Metaspace prepend_scheme 'always'"):
         write_gguf(model, lo, tmp_path / "o4", "f16")
     assert not any((tmp_path / o).exists() for o in ("o1", "o2", "o3", "o4"))
 
