@@ -56,7 +56,7 @@ def _rollout(graphdef, T, state, ids_BP, pad_B, max_new, key, temperature, top_p
     model = nnx.merge(graphdef.value, state)
     B, P = ids_BP.shape
     cache = init_cache(model, B, bucket(P + T))
-    logits_BV, cache = forward_cached(model, cache, ids_BP, jnp.int32(0), pad_B)
+    logits_BV, cache = forward_cached(model, cache, ids_BP, 0, pad_B)  # (static start: slots [0, P) only)
     inv_t = 1.0 / jnp.where(temperature > 0, temperature, 1.0)
 
     def cond(carry):
