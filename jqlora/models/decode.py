@@ -58,63 +58,74 @@ def init_cache(model: LlamaForCausalLM, batch: int, max_len: int) -> dict[str, j
 # The cached forward pass
 
 
-def _layer_step(layer, h_BTD, cos_BTH, sin_BTH, k_BMKH, v_BMKH, start, slot_T, live_BT, live_BM, window,
+def _layer_step(layer, h_BTD, cos_BTH, sin_BTH, k_LBMKH, v_LBMKH, l, start, slot_T, live_BT, live_BS, window,
                 implementation):
-    """One decoder layer over T new tokens written at cache slots ``[start, start + T)``."""
+    """Decoder layer ``l`` over T new tokens: their keys and values written into the stacked cache at layer ``l``,
+    slots ``[start, start + T)`` (an in-place update of the loop-carried buffer), then attention over its first S
+    slots (S = ``live_BS``'s width: the whole cache, or up to the last new slot when ``start`` is static)."""
     attn = layer.self_attn
     N, H = attn.num_heads, attn.head_dim
     B, T, _ = h_BTD.shape
     q_BTNH, k_BTKH, v_BTKH = attn.qkv(layer.input_layernorm(h_BTD), cos_BTH, sin_BTH)
     zero = jnp.zeros((), jnp.int32)
-    k_BMKH = jax.lax.dynamic_update_slice(k_BMKH, k_BTKH.astype(k_BMKH.dtype), (zero, start, zero, zero))
-    v_BMKH = jax.lax.dynamic_update_slice(v_BMKH, v_BTKH.astype(v_BMKH.dtype), (zero, start, zero, zero))
+    at = (l, zero, start, zero, zero)
+    k_LBMKH = jax.lax.dynamic_update_slice(k_LBMKH, k_BTKH[None].astype(k_LBMKH.dtype), at)
+    v_LBMKH = jax.lax.dynamic_update_slice(v_LBMKH, v_BTKH[None].astype(v_LBMKH.dtype), at)
+    S = live_BS.shape[1]
+    k_BSKH, v_BSKH = (c[l, :, :S].astype(q_BTNH.dtype) for c in (k_LBMKH, v_LBMKH))
     # left padding is segment 0 and real tokens segment 1: a padding query sees only padding (its output is unused)
-    out_BTNH = attention(q_BTNH, k_BMKH.astype(q_BTNH.dtype), v_BMKH.astype(q_BTNH.dtype), scale=attn.scale,
-                         q_slots=slot_T, kv_slots=jnp.arange(k_BMKH.shape[1], dtype=jnp.int32),
-                         q_segment_ids=live_BT, kv_segment_ids=live_BM, window=window, implementation=implementation,
+    out_BTNH = attention(q_BTNH, k_BSKH, v_BSKH, scale=attn.scale, q_slots=slot_T,
+                         kv_slots=jnp.arange(S, dtype=jnp.int32), q_segment_ids=live_BT,
+                         kv_segment_ids=live_BS, window=window, implementation=implementation,
                          logit_softcap=attn.softcap)
     h_BTD = layer.add_attention(h_BTD, attn.o_proj(out_BTNH.reshape(B, T, N * H)))
     h_BTD = layer.add_mlp(h_BTD, deterministic=True, keys=None)
-    return h_BTD, k_BMKH, v_BMKH
+    return h_BTD, k_LBMKH, v_LBMKH
 
 
-def forward_cached(model: LlamaForCausalLM, cache: dict[str, jax.Array], ids_BT: jax.Array, start: jax.Array,
+def forward_cached(model: LlamaForCausalLM, cache: dict[str, jax.Array], ids_BT: jax.Array, start: int | jax.Array,
                    pad_B: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """float32 logits ``[B, T, V]`` of T tokens at slots ``[start, start + T)`` and the updated cache.
+    """float32 logits ``[B, V]`` of the last of T tokens at slots ``[start, start + T)``, and the updated cache.
 
     ``pad_B`` is each row's number of left-padding slots (slots before it are ignored; positions start after it).
+    The layer scan carries the whole stacked cache and writes only the T new slots of each layer into it, so the
+    compiled program updates the cache in place (no second cache per call, nor per token step of a loop around it);
+    the lm_head runs on the last position only (a prefill's other positions' logits are never needed). A Python int
+    ``start`` (a prefill) attends over slots ``[0, start + T)`` only: the later ones are masked anyway (causal), and
+    the scores of a prefill over the whole cache would be the rollout's largest temporary.
     """
     cfg = model.config
-    M = cache["k"].shape[2]
     T = ids_BT.shape[1]
+    S = start + T if isinstance(start, int) else cache["k"].shape[2]  # the slots attended to
     start = jnp.asarray(start, jnp.int32)
     pad_B = jnp.asarray(pad_B, jnp.int32)
     slot_T = start + jnp.arange(T, dtype=jnp.int32)
-    slot_M = jnp.arange(M, dtype=jnp.int32)
+    slot_S = jnp.arange(S, dtype=jnp.int32)
     pos_BT = jnp.maximum(slot_T[None, :] - pad_B[:, None], 0)
     cos_RBTH, sin_RBTH = rope_tables(cfg, pos_BT, model.dtype)
     live_BT = (slot_T[None, :] >= pad_B[:, None]).astype(jnp.int32)
-    live_BM = (slot_M[None, :] >= pad_B[:, None]).astype(jnp.int32)
+    live_BS = (slot_S[None, :] >= pad_B[:, None]).astype(jnp.int32)
     windows = jnp.asarray([w if w is not None else NO_WINDOW for w in cfg.sliding_windows], jnp.int32)
 
     h_BTD = model.model.embed_tokens(jnp.asarray(ids_BT, jnp.int32))
     graphdef, state = nnx.split(model.model.layers)
 
-    def body(h, xs):
-        layer_state, window, rope, k_BMKH, v_BMKH = xs
+    def body(carry, xs):
+        h, k_LBMKH, v_LBMKH = carry
+        layer_state, window, rope, l = xs
         layer = nnx.merge(graphdef, layer_state)
         # XLA attention: T new queries at cache offset ``start`` are not the aligned causal pattern cuDNN's kernel has
         rope = 0 if cos_RBTH.shape[0] == 1 else rope  # one RoPE: a static slice
-        h, k_BMKH, v_BMKH = _layer_step(layer, h, cos_RBTH[rope], sin_RBTH[rope], k_BMKH, v_BMKH, start, slot_T,
-                                        live_BT, live_BM, window, "xla")
-        return h, (k_BMKH, v_BMKH)
+        return _layer_step(layer, h, cos_RBTH[rope], sin_RBTH[rope], k_LBMKH, v_LBMKH, l, start, slot_T, live_BT,
+                           live_BS, window, "xla"), None
 
     ropes = jnp.asarray(cfg.layer_ropes, jnp.int32)
-    h_BTD, (k, v) = jax.lax.scan(body, h_BTD, (state, windows, ropes, cache["k"], cache["v"]))
-    h_BTD = model.model.norm(h_BTD)
-    logits_BTV = jax.lax.dot_general(h_BTD, model.lm_head_weight(), (((2,), (1,)), ((), ())),
-                                     preferred_element_type=jnp.float32)
-    return softcap(logits_BTV, cfg.final_softcap), {"k": k, "v": v}
+    layer_L = jnp.arange(cfg.num_hidden_layers, dtype=jnp.int32)
+    (h_BTD, k, v), _ = jax.lax.scan(body, (h_BTD, cache["k"], cache["v"]), (state, windows, ropes, layer_L))
+    h_BD = model.model.norm(h_BTD[:, -1])
+    logits_BV = jax.lax.dot_general(h_BD, model.lm_head_weight(), (((1,), (1,)), ((), ())),
+                                    preferred_element_type=jnp.float32)
+    return softcap(logits_BV, cfg.final_softcap), {"k": k, "v": v}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -170,16 +181,15 @@ class _Static:
 
 def _decode(graphdef, state, cache, ids_BT, start, pad_B, key, temperature, top_p, top_k):
     model = nnx.merge(graphdef.value, state)
-    logits_BTV, cache = forward_cached(model, cache, ids_BT, start, pad_B)
-    logits_BV = logits_BTV[:, -1]
+    logits_BV, cache = forward_cached(model, cache, ids_BT, start, pad_B)
     token_B = sample(logits_BV, jax.random.fold_in(key, start + ids_BT.shape[1]), temperature, top_p, top_k)
     return token_B, logits_BV, cache
 
 
 @functools.partial(jax.jit, static_argnums=0, donate_argnums=2)
-def _prefill(graphdef, state, cache, ids_BP, start, pad_B, key, temperature, top_p, top_k):
+def _prefill(graphdef, state, cache, ids_BP, pad_B, key, temperature, top_p, top_k):
     """The prompt block ``[B, P]`` at slots ``[0, P)``: compiles once per (B, P, M)."""
-    return _decode(graphdef, state, cache, ids_BP, start, pad_B, key, temperature, top_p, top_k)
+    return _decode(graphdef, state, cache, ids_BP, 0, pad_B, key, temperature, top_p, top_k)
 
 
 @functools.partial(jax.jit, static_argnums=0, donate_argnums=2)
@@ -270,8 +280,7 @@ def generate_stream(
     knobs = (jnp.float32(temperature), jnp.float32(top_p), jnp.int32(top_k))
     pad_B = jnp.asarray(pad_B)
 
-    token_B, logits_BV, cache = _prefill(graphdef, state, cache, jnp.asarray(ids_BP), jnp.int32(0), pad_B, key,
-                                         *knobs)
+    token_B, logits_BV, cache = _prefill(graphdef, state, cache, jnp.asarray(ids_BP), pad_B, key, *knobs)
     rope = model.config.rope
     longest = max(len(p) for p in prompts)
     # LongRoPE switches from its short to its long factors once the sequence passes the pretrained length; the
@@ -291,7 +300,7 @@ def generate_stream(
         if switch is not None and longest + i == switch:  # the new token is the first past the pretrained length
             ids_all = np.concatenate([ids_BP, np.stack(fed, axis=1)], axis=1)
             token_B, logits_BV, cache = _prefill(graphdef, state, init_cache(model, B, M), jnp.asarray(ids_all),
-                                                 jnp.int32(0), pad_B, key, *knobs)
+                                                 pad_B, key, *knobs)
             continue
         token_B, logits_BV, cache = _step(graphdef, state, cache, jnp.asarray(tok)[:, None], jnp.int32(P + i),
                                           pad_B, key, *knobs)

@@ -56,7 +56,7 @@ def _rollout(graphdef, T, state, ids_BP, pad_B, max_new, key, temperature, top_p
     model = nnx.merge(graphdef.value, state)
     B, P = ids_BP.shape
     cache = init_cache(model, B, bucket(P + T))
-    logits_BTV, cache = forward_cached(model, cache, ids_BP, jnp.int32(0), pad_B)
+    logits_BV, cache = forward_cached(model, cache, ids_BP, 0, pad_B)  # (static start: slots [0, P) only)
     inv_t = 1.0 / jnp.where(temperature > 0, temperature, 1.0)
 
     def cond(carry):
@@ -73,14 +73,14 @@ def _rollout(graphdef, T, state, ids_BP, pad_B, max_new, key, temperature, top_p
         tok_BT = jax.lax.dynamic_update_slice(tok_BT, token_B[:, None], (0, i))
         lp_BT = jax.lax.dynamic_update_slice(lp_BT, lp_B[:, None], (0, i))
         done_B = done_B | jnp.any(token_B[:, None] == stop_S[None, :], axis=-1)
-        logits_B1V, cache = forward_cached(model, cache, token_B[:, None], P + i, pad_B)
-        return i + 1, logits_B1V[:, 0], cache, tok_BT, lp_BT, done_B
+        logits_BV, cache = forward_cached(model, cache, token_B[:, None], P + i, pad_B)
+        return i + 1, logits_BV, cache, tok_BT, lp_BT, done_B
 
     tok_BT = jnp.full((B, T), pad_id, jnp.int32)
     lp_BT = jnp.zeros((B, T), jnp.float32)
     done_B = jnp.zeros((B,), bool)
     n, _, _, tok_BT, lp_BT, done_B = jax.lax.while_loop(
-        cond, body, (jnp.int32(0), logits_BTV[:, -1], cache, tok_BT, lp_BT, done_B))
+        cond, body, (jnp.int32(0), logits_BV, cache, tok_BT, lp_BT, done_B))
     # the mask: every token up to and including a row's first stop id, within the n steps run
     step_T = jnp.arange(T, dtype=jnp.int32)
     is_stop_BT = jnp.any(tok_BT[..., None] == stop_S, axis=-1) & (step_T[None, :] < n)
