@@ -263,9 +263,9 @@ def _compile_run_config(settings: dict[str, Any], cfg: Any | None) -> Any:
 
     import dataclasses as dc
 
-    from jqlora.config import load_config
+    from jqlora.config import Config
 
-    cfg = cfg if cfg is not None else load_config(None, [])
+    cfg = cfg if cfg is not None else Config()  # the defaults, as load_config(None) gives them (no omegaconf needed)
     targets = settings["targets"]
     lora_targets = "all-linear" if tuple(targets) == tuple(M.LINEARS) else tuple(targets)
     batch = int(settings["batch"])  # rows; a preference step takes pairs (chosen and rejected rows)
