@@ -110,6 +110,15 @@ class _Usage(Exception):
     pass
 
 
+def _estimate_gpu(gpu: str | None) -> str:
+    """The target whose figures the analytic step estimate uses: --gpu's, else an H100's."""
+    from jqlora.planning.aot import GPUS
+
+    if gpu is not None and gpu not in GPUS:
+        raise _Usage(f"--gpu {gpu}: unknown; expected one of {', '.join(GPUS)}")
+    return gpu or "h100-sxm"
+
+
 EXIT_DOES_NOT_FIT = 3  # the plan (or the compiled peak) is over --memory / --gpu; 2 is a usage error
 
 
@@ -223,9 +232,13 @@ def main(argv: list[str] | None = None) -> int:
             if budget is None:
                 raise _Usage("remat auto picks by the device's memory: give it with --memory GB")
             settings.pop("remat")
-            chosen, plan = M.choose_remat(shape, budget, name=name, **settings)
-            print(f"remat auto -> {chosen} (the fastest of {', '.join(M.AUTO_ORDER)} whose plan fits "
-                  f"{M.HEADROOM:.0%} of {budget / 1e9:.1f} GB)")
+            ranking = M.rank_remat(shape, budget, gpu=_estimate_gpu(args.gpu), name=name, **settings)
+            chosen = M.pick(ranking).policy
+            print(f"remat auto -> {chosen} (the fastest analytic step estimate on {_estimate_gpu(args.gpu)} among "
+                  f"{', '.join(M.AUTO_ORDER)} whose plan fits {M.HEADROOM:.0%} of {budget / 1e9:.1f} GB)")
+            for line in M.ranking_lines(ranking):
+                print(f"  {line}")
+            plan = M.memory_plan(shape, name=name, **settings, remat=chosen)
             settings["remat"] = chosen
         else:
             plan = M.memory_plan(shape, name=name, **settings)
@@ -300,7 +313,10 @@ def _print_compiled(args, shape: ModelConfig, name: str, settings: dict[str, Any
     try:
         if auto:
             remat, peak, tried = M.choose_remat_compiled(shape, run, budget, args.gpu)
-            print(f"remat auto (compiled) -> {remat}: tried {', '.join(tried)}")
+            print(f"remat auto (compiled) -> {remat}: the fastest roofline estimate of the compiled step among the "
+                  f"policies whose compiled peak fits {M.COMPILED_HEADROOM:.0%} of {budget / 1e9:.1f} GB")
+            for line in tried:
+                print(f"  {line}")
         attention = "cudnn" if args.gpu is not None or _on_gpu() else "xla"  # what the compiled step runs
         plan = M.memory_plan(shape, name=name, **{**settings, "remat": remat, "attention": attention})
         figures = aot.compiled_peak(shape, run, args.gpu, remat)

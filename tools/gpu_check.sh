@@ -136,7 +136,7 @@ if stage remat_auto 150 $PY -m jqlora.plan "${PLAN_MODEL[@]}" --seq "$SEQ" --bat
         --compile; then :; fi
 AUTO=$(sed -n 's/^remat auto (compiled) -> \([a-z_]*\).*/\1/p' "$OUT/remat_auto.log" | head -n 1)
 row "$($PY -c 'import json, sys; mem, auto, log = sys.argv[1:]
-rank = [l.strip() for l in open(log) if l.lstrip().startswith("#")]
+rank = [l.strip() for l in open(log) if l.lstrip().startswith("rank ")]
 print(json.dumps({"stage": "remat_auto_choice", "memory_gb": float(mem), "choice": auto or None, "ranking": rank}))' \
     "$MEM" "$AUTO" "$OUT/remat_auto.log" 2>/dev/null || echo '{"stage": "remat_auto_choice", "choice": null}')"
 

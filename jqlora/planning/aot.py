@@ -41,14 +41,16 @@ class Gpu:
     memory_bytes: int
     hbm_bytes_per_s: float
     bf16_flops: float  # dense tensor-core peak
+    host_link_bytes_per_s: float  # to or from host memory, one direction (the target file's pcie_bandwidth)
     launch_s: float = 4e-6  # per kernel launch (CUDA graphs amortize part of it)
 
 
 GPUS: dict[str, Gpu] = {
-    "h100-sxm": Gpu("NVIDIA H100 SXM 80GB", 80 * 2**30, 3.35e12, 989e12),
-    "h200": Gpu("NVIDIA H200 141GB", 141_000_000_000, 4.8e12, 989e12),
-    "a100-80gb": Gpu("NVIDIA A100 SXM 80GB", 80 * 2**30, 2.039e12, 312e12),
-    "l4": Gpu("NVIDIA L4 24GB", 24 * 2**30, 300e9, 121e12),
+    "h100-sxm": Gpu("NVIDIA H100 SXM 80GB", 80 * 2**30, 3.35e12, 989e12, 64e9),  # PCIe Gen5 x16
+    "h200": Gpu("NVIDIA H200 141GB", 141_000_000_000, 4.8e12, 989e12, 64e9),  # PCIe Gen5 x16
+    "a100-80gb": Gpu("NVIDIA A100 SXM 80GB", 80 * 2**30, 2.039e12, 312e12, 32e9),  # PCIe Gen4 x16
+    "l4": Gpu("NVIDIA L4 24GB", 24 * 2**30, 300e9, 121e12, 32e9),  # PCIe Gen4 x16
+    "gh200": Gpu("NVIDIA GH200 96GB", 96 * 2**30, 4.0e12, 989e12, 450e9),  # NVLink-C2C to the Grace CPU's memory
 }
 
 
