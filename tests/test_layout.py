@@ -28,7 +28,7 @@ MAY_IMPORT = {
     "checkpoints": {"models", "parallel", "lora", "quant"},
     "adapters": {"checkpoints", "models", "parallel", "lora", "quant"},
     "training": {"models", "lora", "quant"},
-    "planning": {"training", "models", "lora", "quant", "config"},
+    "planning": {"training", "models", "parallel", "lora", "quant", "config"},
     "run": {"planning", "training", "adapters", "checkpoints", "models", "parallel", "lora", "data", "quant", "config"},
 }
 TOP = "(top level)"  # the CLIs and `jqlora/__init__.py`: they may import every wing
