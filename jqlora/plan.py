@@ -5,6 +5,7 @@ shape, a hub id, a recipe's name, a config.json or a run config, optionally besi
     python -m jqlora.plan --model llama3-70b --seq 2048 --batch 1 --fsdp 2 --remat full
     python -m jqlora.plan --model-config path/to/config.json --seq 2048 --batch 1
     python -m jqlora.plan --config configs/llama3-8b.yaml [key.sub=value ...] [--devices 8]
+    python -m jqlora.plan --model llama3-70b --fsdp 8 --remat save_dots --compile --gpu h100-sxm  # deviceless mesh
 
 JAX is imported only after the arguments are parsed, so `--help` and argument errors are instant. The plan's
 functions (`memory_plan`, `resolve_remat`, `BUILTIN`, ...) live in `jqlora.planning`.
@@ -110,6 +111,15 @@ class _Usage(Exception):
     pass
 
 
+def _estimate_gpu(gpu: str | None) -> str:
+    """The target whose figures the analytic step estimate uses: --gpu's, else an H100's."""
+    from jqlora.planning.aot import GPUS
+
+    if gpu is not None and gpu not in GPUS:
+        raise _Usage(f"--gpu {gpu}: unknown; expected one of {', '.join(GPUS)}")
+    return gpu or "h100-sxm"
+
+
 EXIT_DOES_NOT_FIT = 3  # the plan (or the compiled peak) is over --memory / --gpu; 2 is a usage error
 
 
@@ -137,9 +147,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seq", type=int)
     ap.add_argument("--batch", type=int, help="rows per device (default: 1, or a --config's train.batch_size split "
                                               "over its data × fsdp devices)")
-    ap.add_argument("--data", default=None)
-    ap.add_argument("--fsdp", default=None)
-    ap.add_argument("--tensor", default=None)
+    ap.add_argument("--data", default=None, help="mesh axis: data-parallel devices (or auto); --compile compiles the "
+                                                  "mesh deviceless for --gpu")
+    ap.add_argument("--fsdp", default=None, help="mesh axis: devices the weights are sharded over (or auto)")
+    ap.add_argument("--tensor", default=None, help="mesh axis: tensor-parallel devices (or auto)")
     ap.add_argument("--devices", type=int, default=None, help="device count for 'auto' mesh axes (default 1)")
     ap.add_argument("--remat", choices=REMATS + ("auto",))
     ap.add_argument("--memory", type=float, help="GB per device: say whether the plan fits (and pick remat auto); "
@@ -231,9 +242,13 @@ def main(argv: list[str] | None = None) -> int:
             if budget is None:
                 raise _Usage("remat auto picks by the device's memory: give it with --memory GB")
             settings.pop("remat")
-            chosen, plan = M.choose_remat(shape, budget, name=name, **settings)
-            print(f"remat auto -> {chosen} (the fastest of {', '.join(M.AUTO_ORDER)} whose plan fits "
-                  f"{M.HEADROOM:.0%} of {budget / 1e9:.1f} GB)")
+            ranking = M.rank_remat(shape, budget, gpu=_estimate_gpu(args.gpu), name=name, **settings)
+            chosen = M.pick(ranking).policy
+            print(f"remat auto -> {chosen} (the fastest analytic step estimate on {_estimate_gpu(args.gpu)} among "
+                  f"{', '.join(M.AUTO_ORDER)} whose plan fits {M.HEADROOM:.0%} of {budget / 1e9:.1f} GB)")
+            for line in M.ranking_lines(ranking):
+                print(f"  {line}")
+            plan = M.memory_plan(shape, name=name, **settings, remat=chosen)
             settings["remat"] = chosen
         else:
             plan = M.memory_plan(shape, name=name, **settings)
@@ -295,9 +310,9 @@ def _compile_run_config(settings: dict[str, Any], cfg: Any | None) -> Any:
 
     import dataclasses as dc
 
-    from jqlora.config import load_config
+    from jqlora.config import Config
 
-    cfg = cfg if cfg is not None else load_config(None, [])
+    cfg = cfg if cfg is not None else Config()  # the defaults, as load_config(None) gives them (no omegaconf needed)
     targets = settings["targets"]
     lora_targets = "all-linear" if tuple(targets) == tuple(M.LINEARS) else tuple(targets)
     batch = int(settings["batch"])  # rows; a preference step takes pairs (chosen and rejected rows)
@@ -325,14 +340,16 @@ def _compile_run_config(settings: dict[str, Any], cfg: Any | None) -> Any:
 
 def _print_compiled(args, shape: ModelConfig, name: str, settings: dict[str, Any], plan: Plan,
                     budget: float | None, cfg: Any | None, auto: bool) -> bool:
-    """--compile: the compiler's peak of the run's step beside the analytic plan (one device); False when a budget
-    is given and the peak does not fit it."""
+    """--compile: the compiler's peak of the run's step beside the analytic plan (per device; a mesh is compiled
+    deviceless for ``--gpu``); False when a budget is given and the peak does not fit it."""
     from jqlora import planning as M
 
     from jqlora.planning import aot
 
-    if any(int(settings[a]) != 1 for a in ("data", "fsdp", "tensor")):
-        raise _Usage("--compile covers one device: use data=fsdp=tensor=1 (the analytic plan covers meshes)")
+    axes = {a: int(settings[a]) for a in ("data", "fsdp", "tensor")}
+    on_mesh = any(v != 1 for v in axes.values())
+    if on_mesh and args.gpu is None:
+        raise _Usage("--compile on a mesh (--data / --fsdp / --tensor) compiles deviceless for a named GPU: give --gpu")
     if args.gpu is not None and args.gpu not in aot.GPUS:
         raise _Usage(f"--gpu {args.gpu}: unknown; expected one of {', '.join(aot.GPUS)}")
     run = _compile_run_config(settings, cfg)
@@ -340,13 +357,29 @@ def _print_compiled(args, shape: ModelConfig, name: str, settings: dict[str, Any
     if settings.get("objective") == "grpo":
         return _print_compiled_grpo(args, shape, name, settings, run, budget, where)
     remat = settings["remat"]
-    try:
+    if on_mesh:  # the step of the whole mesh: train.batch_size is the global micro-batch
+        import dataclasses as dc
+
+        run = dc.replace(run, train=dc.replace(run.train, batch_size=run.train.batch_size * axes["data"] * axes["fsdp"]))
+        where = (f"{math.prod(axes.values())} x {args.gpu} (data {axes['data']} x fsdp {axes['fsdp']} x tensor "
+                 f"{axes['tensor']}), per device")
         if auto:
+            print(f"remat auto on a mesh: {remat} from the analytic plan (the compiled ranking covers one device)")
+    try:
+        if on_mesh:
+            plan = M.memory_plan(shape, name=name, **{**settings, "remat": remat, "attention": "cudnn"})
+            c = aot.compiled_mesh(shape, run, args.gpu, remat, axes["data"], axes["fsdp"], axes["tensor"])
+            figures = {**c.memory, "peak": c.peak_bytes}
+        elif auto:
             remat, peak, tried = M.choose_remat_compiled(shape, run, budget, args.gpu)
-            print(f"remat auto (compiled) -> {remat}: tried {', '.join(tried)}")
-        attention = "cudnn" if args.gpu is not None or _on_gpu() else "xla"  # what the compiled step runs
-        plan = M.memory_plan(shape, name=name, **{**settings, "remat": remat, "attention": attention})
-        figures = aot.compiled_peak(shape, run, args.gpu, remat)
+            print(f"remat auto (compiled) -> {remat}: the fastest roofline estimate of the compiled step among the "
+                  f"policies whose compiled peak fits {M.COMPILED_HEADROOM:.0%} of {budget / 1e9:.1f} GB")
+            for line in tried:
+                print(f"  {line}")
+        if not on_mesh:
+            attention = "cudnn" if args.gpu is not None or _on_gpu() else "xla"  # what the compiled step runs
+            plan = M.memory_plan(shape, name=name, **{**settings, "remat": remat, "attention": attention})
+            figures = aot.compiled_peak(shape, run, args.gpu, remat)
     except aot.AotError as e:
         raise _Usage(str(e)) from None
     peak = figures["peak"]

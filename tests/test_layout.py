@@ -28,7 +28,7 @@ MAY_IMPORT = {
     "checkpoints": {"models", "parallel", "lora", "quant"},
     "adapters": {"checkpoints", "models", "parallel", "lora", "quant"},
     "training": {"models", "lora", "quant"},
-    "planning": {"training", "models", "lora", "quant", "config"},
+    "planning": {"training", "models", "parallel", "lora", "quant", "config"},
     "evaluation": {"adapters", "checkpoints", "models", "parallel", "lora", "quant"},
     "run": {"evaluation", "planning", "training", "adapters", "checkpoints", "models", "parallel", "lora", "data", "quant", "config"},
 }

@@ -11,10 +11,20 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from omegaconf import OmegaConf
-from omegaconf.errors import OmegaConfBaseException
 
 from jqlora.config.schema import COMMAND_LINE, Config, ConfigError, _Invalid
+
+
+def _omegaconf():
+    """omegaconf and its base error, imported on first use: the core (models, the train step, tools/bench.py,
+    `python -m jqlora.plan` without --config) imports and runs where omegaconf is not installed (the lent GPU image)."""
+    try:
+        from omegaconf import OmegaConf
+        from omegaconf.errors import OmegaConfBaseException
+    except ImportError:
+        raise ConfigError("reading a run config needs omegaconf, which is not installed here "
+                          "(pip install omegaconf)") from None
+    return OmegaConf, OmegaConfBaseException
 
 # ---------------------------------------------------------------------------------------------------------------
 # Schema introspection
@@ -146,6 +156,7 @@ def _deep_update(into: dict, tree: dict) -> None:
 
 
 def _merge(base, tree: dict, source_of: dict[str, str] | str):
+    OmegaConf, OmegaConfBaseException = _omegaconf()
     try:
         return OmegaConf.merge(base, OmegaConf.create(tree))
     except OmegaConfBaseException as e:
@@ -158,6 +169,7 @@ def _merge(base, tree: dict, source_of: dict[str, str] | str):
 
 
 def _parse_override(item: str) -> dict:
+    OmegaConf, OmegaConfBaseException = _omegaconf()
     if not isinstance(item, str) or "=" not in item or item.startswith("="):
         raise ConfigError(f"{COMMAND_LINE}: override {item!r} is not of the form key=value (e.g. train.max_steps=100)")
     key = item.split("=", 1)[0].strip()
@@ -171,6 +183,7 @@ def _parse_override(item: str) -> dict:
 
 
 def _read_yaml(path: str) -> dict:
+    OmegaConf, OmegaConfBaseException = _omegaconf()
     if not os.path.isfile(path):
         raise ConfigError(f"{path}: no such config file")
     try:
@@ -190,6 +203,7 @@ def _read_yaml(path: str) -> dict:
 
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Defaults (the demo run) <- YAML file at `path` (if any) <- `key.sub=value` overrides, validated."""
+    OmegaConf, OmegaConfBaseException = _omegaconf()
     merged = OmegaConf.structured(Config)
     OmegaConf.set_readonly(merged, False)
     source_of: dict[str, str] = {}
@@ -216,6 +230,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tu
 
 def config_from_dict(tree: dict, source: str = "config") -> Config:
     """A Config from a nested dict (as written by `config_to_dict`), with the same checks as `load_config`."""
+    OmegaConf, OmegaConfBaseException = _omegaconf()
     merged = OmegaConf.structured(Config)
     OmegaConf.set_readonly(merged, False)
     tree = _drop_empty_sections(tree)

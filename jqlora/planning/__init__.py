@@ -1,6 +1,7 @@
 """Will it fit, and how fast: the analytic memory plan (`memory`), the deviceless compile of the run's own step for a
 named GPU (`aot`, with its target descriptions in ``gpu_targets/``), the published model shapes the plan knows
-by name (`model_shapes`) and the ``train.remat=auto`` choice above both (`remat`).
+by name (`model_shapes`), the step-time estimate (`estimate`: a roofline of the compiled HLO, or analytic) and
+the ``train.remat=auto`` choice above them (`remat`).
 
 The names below are imported on first use (PEP 562), so that `python -m jqlora.plan --help` can list the published
 shapes without importing JAX; `tests/test_layout.py` counts these module names as imports like any other.
@@ -21,8 +22,10 @@ _FACE = {
                                 "target_config"),
     "jqlora.planning.aot_grpo": ("GrpoShapes", "compile_grpo_step", "compile_rollout", "grpo_shapes"),
     "jqlora.planning.model_shapes": ("HUB_IDS", "NAMES", "PUBLISHED"),
-    "jqlora.planning.remat": ("AUTO_ORDER", "COMPILED_HEADROOM", "choose_remat", "choose_remat_compiled",
-                              "device_budget", "resolve_remat"),
+    "jqlora.planning.remat": ("AUTO_ORDER", "COMPILED_HEADROOM", "Ranked", "choose_remat", "choose_remat_compiled",
+                              "device_budget", "gpu_figures", "pick", "rank_remat", "rank_remat_compiled",
+                              "ranking_lines", "resolve_remat"),
+    "jqlora.planning.estimate": ("CATEGORIES", "Estimate", "analytic_step", "model_flops"),  # (estimate: the module)
 }
 _WHERE = {name: module for module, names in _FACE.items() for name in names}
 __all__ = sorted(_WHERE)

@@ -41,14 +41,16 @@ class Gpu:
     memory_bytes: int
     hbm_bytes_per_s: float
     bf16_flops: float  # dense tensor-core peak
+    host_link_bytes_per_s: float  # to or from host memory, one direction (the target file's pcie_bandwidth)
     launch_s: float = 4e-6  # per kernel launch (CUDA graphs amortize part of it)
 
 
 GPUS: dict[str, Gpu] = {
-    "h100-sxm": Gpu("NVIDIA H100 SXM 80GB", 80 * 2**30, 3.35e12, 989e12),
-    "h200": Gpu("NVIDIA H200 141GB", 141_000_000_000, 4.8e12, 989e12),
-    "a100-80gb": Gpu("NVIDIA A100 SXM 80GB", 80 * 2**30, 2.039e12, 312e12),
-    "l4": Gpu("NVIDIA L4 24GB", 24 * 2**30, 300e9, 121e12),
+    "h100-sxm": Gpu("NVIDIA H100 SXM 80GB", 80 * 2**30, 3.35e12, 989e12, 64e9),  # PCIe Gen5 x16
+    "h200": Gpu("NVIDIA H200 141GB", 141_000_000_000, 4.8e12, 989e12, 64e9),  # PCIe Gen5 x16
+    "a100-80gb": Gpu("NVIDIA A100 SXM 80GB", 80 * 2**30, 2.039e12, 312e12, 32e9),  # PCIe Gen4 x16
+    "l4": Gpu("NVIDIA L4 24GB", 24 * 2**30, 300e9, 121e12, 32e9),  # PCIe Gen4 x16
+    "gh200": Gpu("NVIDIA GH200 96GB", 96 * 2**30, 4.0e12, 989e12, 450e9),  # NVLink-C2C to the Grace CPU's memory
 }
 
 
@@ -232,3 +234,89 @@ def compiled_peak(shape, cfg, gpu: str | None, remat: str) -> dict[str, int]:
     """The memory figures (and ``peak``) of the run's step under ``remat``."""
     c = compiled(shape, cfg, gpu, remat)
     return {**c.memory, "peak": c.peak_bytes}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A mesh of several GPUs of one kind, deviceless
+
+
+@functools.cache
+def gpu_devices(gpu: str, n: int) -> tuple:
+    """``n`` (deviceless) devices of the named GPU in one host, from the CUDA plugin and the target description."""
+    if n == 1:
+        return (gpu_device(gpu),)
+    from jax.experimental import topologies
+
+    try:
+        topo = topologies.get_topology_desc("jqlora", "cuda", target_config=target_config(gpu), topology=f"1x1x{n}")
+    except AotError:
+        raise
+    except Exception as e:  # noqa: BLE001 - the plugin's own error, shortened
+        raise AotError(f"cannot build a deviceless {n}x {gpu} topology here ({str(e).splitlines()[0][:200]}); it "
+                       f"needs Python >= 3.12 with jax[cuda13]") from None
+    return tuple(topo.devices)
+
+
+def compile_step_mesh(shape, cfg, gpu: str, *, data: int = 1, fsdp: int = 1, tensor: int = 1,
+                      remat: str | None = None, attention: str = "cudnn") -> CompiledStep:
+    """Compile the run's train step (``train.objective=sft``) for a data × fsdp × tensor mesh of ``gpu``s, deviceless,
+    with the partition rules `jqlora.run` places the model, the optimizer state and the batch by
+    (`jqlora.parallel`). ``cfg.train.batch_size`` is the global micro-batch (rows split over data × fsdp). The memory
+    figures are per device (the compiler's SPMD program is one device's)."""
+    import numpy as np
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+    from jqlora import parallel
+    from jqlora.lora import SplitModel
+    from jqlora.training import optim
+    from jqlora.training.step import CE_CHUNK, STEP_KEYS, make_train_step
+
+    if getattr(cfg.train, "objective", "sft") != "sft":
+        raise AotError(f"a mesh compile covers train.objective=sft, not {cfg.train.objective}")
+    remat = remat or cfg.train.remat
+    if remat == "auto":
+        raise AotError("compile_step_mesh needs a concrete remat policy, not auto")
+    devices = gpu_devices(gpu, data * fsdp * tensor)
+    mesh = Mesh(np.array(devices).reshape(data, fsdp, tensor), parallel.AXES,
+                axis_types=(jax.sharding.AxisType.Auto,) * 3)
+    rows, seq = cfg.train.batch_size, cfg.data.max_length
+    if rows % (data * fsdp):
+        raise AotError(f"train.batch_size={rows} is not divisible by mesh data × fsdp = {data} × {fsdp}")
+    model = abstract_model(shape, cfg, remat=remat, attention=attention)
+    split = SplitModel.of(model)
+    tx, _ = optim.make_optimizer(cfg.train, max(1, cfg.train.max_steps or 1), cfg.lora.plus_ratio)
+
+    def placed(tree):
+        shardings = parallel.named_shardings(tree, mesh)
+        return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+    lora, frozen = placed(split.lora), placed(split.frozen)
+    by_path = {tuple(parallel.rules._key_name(k) for k in p): x
+               for p, x in jax.tree_util.tree_leaves_with_path(lora)}
+    replicated = NamedSharding(mesh, PartitionSpec())
+
+    def place_opt(p, x):  # as parallel.shard_optimizer_state: a LoRA parameter's sharding where path and shape match
+        keys = tuple(parallel.rules._key_name(k) for k in p if isinstance(k, jax.tree_util.DictKey))
+        match = by_path.get(keys)
+        sharding = match.sharding if match is not None and match.shape == x.shape else replicated
+        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
+
+    opt = jax.tree_util.tree_map_with_path(place_opt, jax.eval_shape(tx.init, split.lora))
+    rows_sharding = parallel.batch_sharding(mesh)
+    dtypes = {"loss_mask": jnp.float32}
+    batch_args = {k: jax.ShapeDtypeStruct((rows, seq), dtypes.get(k, jnp.int32), sharding=rows_sharding)
+                  for k in STEP_KEYS}
+    rng = jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=replicated)
+    scale = jax.ShapeDtypeStruct((), jnp.float32, sharding=replicated)
+    train_step = make_train_step(split, tx, CE_CHUNK, packed=cfg.data.packing,
+                                 aux_coef=cfg.train.router_aux_loss_coef)
+    with _traced_for(gpu):
+        traced = train_step.trace(lora, opt, frozen, batch_args, rng, scale)
+    compiled_step = traced.lower().compile()
+    return CompiledStep(compiled_step, gpu, _memory(compiled_step))
+
+
+@functools.lru_cache(maxsize=16)
+def compiled_mesh(shape, cfg, gpu: str, remat: str, data: int, fsdp: int, tensor: int) -> CompiledStep:
+    """`compile_step_mesh`, once per (shape, run config, GPU, policy, mesh) in this process."""
+    return compile_step_mesh(shape, cfg, gpu, data=data, fsdp=fsdp, tensor=tensor, remat=remat)
