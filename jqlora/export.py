@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -61,6 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     from jqlora.adapters.gguf_adapter import write_gguf_adapter
     from jqlora.adapters.serving import vllm_notes
     from jqlora.adapters.tokenizer_files import chat_template_of, write_tokenizer_files
+    from jqlora.checkpoints import hf_source
     from jqlora.data import read_chat_template
     from jqlora.run import best_step, find_run, restore_for_export
 
@@ -115,9 +117,13 @@ def main(argv: list[str] | None = None) -> int:
                 merge_to_hf(model, base, args.dst, dtype=args.dtype or "bfloat16", chat_template=template)
             else:
                 run_dir, _ = find_run(src, args.step)
+                card = {"steps": step, "data": cfg.data.path}
+                original = hf_source(base)  # the original HF checkpoint, also behind a converted base (as training)
+                if original != os.path.abspath(base):
+                    card["trained_on"] = f"{os.path.abspath(base)} (jqlora's 4-bit copy of the base)"
                 out = init_state.save_adapter(
-                    model, cfg, run_dir, args.dst, lora_config=model.lora_config, base=str(base),
-                    dtype=args.dtype or "float32", card={"steps": step, "data": cfg.data.path},
+                    model, cfg, run_dir, args.dst, lora_config=model.lora_config, base=original,
+                    dtype=args.dtype or "float32", card=card,
                     side_files=lambda tmp: write_tokenizer_files(tokenizer, tmp, template))
                 notes = vllm_notes(json.loads((out / "adapter_config.json").read_text()), str(args.dst))
     except ValueError as e:  # ExportError, DataError, AdapterError, ConvertError, ConfigError: a user's mistake

@@ -205,11 +205,14 @@ def main(argv: list[str] | None = None) -> int:
             shape, name = _model_json(args.model)  # a local Hugging Face directory
         elif shape is None and args.model and os.path.isdir(args.model):
             raise _Usage(f"--model {args.model}: a directory without config.json (not a Hugging Face model directory)")
+        elif shape is None and args.model and args.model.startswith((".", "/")):
+            raise _Usage(f"--model {args.model}: no such directory")  # (a path, not a name or a hub id)
         elif shape is None:
             found = lookup_shape(args.model or "llama3-8b") or _cached_shape(args.model)
             if found is None:
                 raise _Usage(f"--model {args.model}: unknown; expected one of {', '.join(PUBLISHED)}, a hub id such as "
-                             "meta-llama/Meta-Llama-3-8B, a recipe's name, or the shape with --model-config")
+                             "meta-llama/Meta-Llama-3-8B (or one in the local Hugging Face cache), a recipe's name, a local "
+                             "model directory, or the shape with --model-config")
             shape, name = found
         for key in ("seq", "batch", "remat", "r", "dtype", "quant", "data", "fsdp", "tensor", "dropout"):
             if getattr(args, key) is not None:

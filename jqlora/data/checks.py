@@ -51,7 +51,7 @@ def check_records(records: list[Record], data_cfg, fmt: str | None = None) -> st
             to_messages(r, fmt, messages_field=data_cfg.messages_field)
         elif not isinstance(r.data.get(data_cfg.text_field), str):
             value = r.data.get(data_cfg.text_field)
-            got = "missing" if value is None else f"a {type(value).__name__}"
+            got = "missing" if value is None else type(value).__name__
             raise DataError(f"{r.where}: '{data_cfg.text_field}' must be a string, got {got} (format text)")
     return fmt
 

@@ -74,6 +74,8 @@ def test_model_dir_reads_its_config_json(capsys, tmp_path):
     assert got == _total(_plan(capsys, "--model", "gemma2-9b", "--seq", "1024"))
     assert plan.main(["--model", str(tmp_path)]) == 2  # a directory, but no model in it
     assert "a directory without config.json" in capsys.readouterr().err
+    assert plan.main(["--model", str(tmp_path / "my-modle")]) == 2  # a mistyped path: not "unknown model name"
+    assert capsys.readouterr().err.strip() == f"jqlora.plan: --model {tmp_path / 'my-modle'}: no such directory"
 
 
 @pytest.mark.parametrize("memory", [80.0, 6.0])

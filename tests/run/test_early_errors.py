@@ -38,6 +38,7 @@ def work(assets, tmp_path_factory) -> Path:
     (work / "empty.jsonl").write_text("\n\n")
     (work / "bad.jsonl").write_text("\n".join([good[0], good[1], '{"messages": [{"role": "user"', good[2]]) + "\n")
     (work / "nofield.jsonl").write_text("\n".join([good[0], json.dumps({"text": "hello"})]) + "\n")
+    (work / "textint.jsonl").write_text(json.dumps({"text": 5}) + "\n")
     (work / "run").mkdir()
     return work
 
@@ -55,6 +56,7 @@ def _train(work: Path, assets: Path, *args: str, **env: str) -> tuple[int, bool,
     ("empty.jsonl", "empty.jsonl: no records (empty dataset)"),  # item 2
     ("bad.jsonl", "bad.jsonl:3: not valid JSON"),
     ("nofield.jsonl", "nofield.jsonl:2: missing 'messages' (format chat)"),
+    ("textint.jsonl", "textint.jsonl:1: 'text' must be a string, got int (format text)"),
 ])
 def test_data_mistake_is_one_line_before_jax(work, assets, value, message):
     rc, jax_imported, err = _train(work, assets, f"data.path={value}", HF_ENDPOINT="http://127.0.0.1:9")

@@ -1,7 +1,8 @@
 """Issue 28, item 6, through the CLIs: a run on a `convert --format bnb` base, killed with SIGKILL after its second log
 window, has every metrics.jsonl record in TensorBoard and a loss.png already (both written at each window), said
 "took over the stale lock" with the lock's path as output_dir was given (relative); resumed to the end, its adapter
-names the original checkpoint as its base, not the bnb copy. An output_dir that is a file is one line."""
+names the original checkpoint as its base, not the bnb copy (and so does `jqlora.export` of the run). An
+output_dir that is a file is one line."""
 
 import json
 import os
@@ -14,6 +15,7 @@ import numpy as np
 import pytest
 
 from jqlora import convert as C
+from jqlora import export as E
 from jqlora import train as T
 
 REPO = Path(__file__).resolve().parents[2]
@@ -81,6 +83,14 @@ def test_adapter_on_a_bnb_conversion_names_the_original(killed_then_resumed, ass
     assert resumed["rc"] == 0 and "resumed from run at step" in resumed["stderr"], resumed["stderr"][-3000:]
     config = json.loads((work / "run" / "adapter" / "adapter_config.json").read_text())
     assert config["base_model_name_or_path"] == str((assets / "model").resolve())
+
+
+def test_export_of_a_run_on_a_bnb_conversion_names_the_original(killed_then_resumed, assets, tmp_path):
+    work = killed_then_resumed["work"]
+    assert E.main([str(work / "run"), str(tmp_path / "adapter")]) == 0
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str((assets / "model").resolve())
+    assert "4-bit copy of the base" in (tmp_path / "adapter" / "README.md").read_text()
 
 
 def test_output_dir_that_is_a_file_is_one_line(assets, tmp_path, capsys, monkeypatch):
