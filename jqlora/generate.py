@@ -29,21 +29,6 @@ class UsageError(Exception):
     """A user's mistake: printed as one line, exit status 2."""
 
 
-def _eos_from(path: str, tokenizer) -> list[int]:
-    ids: list[int] = []
-    try:
-        import transformers
-
-        gen = transformers.GenerationConfig.from_pretrained(path)
-        e = gen.eos_token_id
-        ids = [e] if isinstance(e, int) else list(e or [])
-    except OSError:  # no generation_config.json: fall back to the tokenizer's
-        ids = []
-    if not ids and tokenizer.eos_token_id is not None:
-        ids = [tokenizer.eos_token_id]
-    return ids
-
-
 _FUSED = ("phi3",)  # model types with fused qkv_proj / gate_up_proj
 
 
@@ -200,6 +185,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         from jqlora import compile_cache
         from jqlora.adapters import load_model
+        from jqlora.models.decode import eos_token_ids
 
         compile_cache.enable()  # (before the first compilation)
 
@@ -213,7 +199,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             model = load_model(args.model, quant=args.quant, dtype=args.dtype, adapter=args.adapter)
         except (ValueError, OSError) as e:  # ConvertError / AdapterError are ValueErrors
             raise UsageError(str(e).splitlines()[0] if str(e) else type(e).__name__)
-        eos = _eos_from(args.model, tokenizer)
+        eos = eos_token_ids(args.model, tokenizer)
         if args.prompt is not None and args.raw:
             ids = tokenizer(args.prompt, add_special_tokens=True)["input_ids"]
             if not ids:

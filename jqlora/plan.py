@@ -390,12 +390,7 @@ def _print_compiled(args, shape: ModelConfig, name: str, settings: dict[str, Any
           f"{figures['argument'] / 1e9:.2f} + temporaries {figures['temp'] / 1e9:.2f} + outputs "
           f"{figures['output'] / 1e9:.2f} - aliased {figures['alias'] / 1e9:.2f}; plan {plan.total / 1e9:.2f} GB "
           f"({(plan.total - peak) / peak:+.1%})")
-    if budget is not None:
-        verdict = "fits" if peak <= M.COMPILED_HEADROOM * budget else "does NOT fit"
-        print(f"{verdict}: compiled peak {peak / 1e9:.2f} GB, {M.COMPILED_HEADROOM:.0%} of {budget / 1e9:.2f} GB = "
-              f"{M.COMPILED_HEADROOM * budget / 1e9:.2f} GB usable")
-        return verdict == "fits"
-    return True
+    return _compiled_fits(peak, budget)
 
 
 def _print_compiled_grpo(args, shape, name: str, settings: dict[str, Any], run: Any, budget: float | None,
@@ -419,12 +414,19 @@ def _print_compiled_grpo(args, shape, name: str, settings: dict[str, Any], run: 
     for phase, peak in peaks.items():
         print(f"compiled {phase} for {where} ({name}): peak {peak / 1e9:.2f} GB; plan {phases[phase] / 1e9:.2f} GB")
     peak = max(peaks.values())
-    if budget is not None:
-        verdict = "fits" if peak <= M.COMPILED_HEADROOM * budget else "does NOT fit"
-        print(f"{verdict}: compiled peak {peak / 1e9:.2f} GB, {M.COMPILED_HEADROOM:.0%} of {budget / 1e9:.2f} GB = "
-              f"{M.COMPILED_HEADROOM * budget / 1e9:.2f} GB usable")
-        return verdict == "fits"
-    return True
+    return _compiled_fits(peak, budget)
+
+
+def _compiled_fits(peak: float, budget: float | None) -> bool:
+    """Whether a compiled peak fits ``budget`` bytes (True without one), with the verdict printed."""
+    from jqlora import planning as M
+
+    if budget is None:
+        return True
+    verdict = "fits" if peak <= M.COMPILED_HEADROOM * budget else "does NOT fit"
+    print(f"{verdict}: compiled peak {peak / 1e9:.2f} GB, {M.COMPILED_HEADROOM:.0%} of {budget / 1e9:.2f} GB = "
+          f"{M.COMPILED_HEADROOM * budget / 1e9:.2f} GB usable")
+    return verdict == "fits"
 
 
 if __name__ == "__main__":

@@ -346,7 +346,8 @@ class TrainConfig:
         _check(isinstance(tasks, (list, tuple)) and all(isinstance(t, str) and t.strip() for t in tasks),
                "train.eval_tasks", tasks, "must be a list of lm-eval task names")
         if self.eval_tasks_limit is not None:
-            _check(self.eval_tasks_limit >= 1, "train.eval_tasks_limit", self.eval_tasks_limit, "must be >= 1 (or null)")
+            _check(self.eval_tasks_limit >= 1, "train.eval_tasks_limit", self.eval_tasks_limit,
+                   "must be >= 1 (or null)")
         if self.stop_at_step is not None:
             _check(self.stop_at_step >= 1, "train.stop_at_step", self.stop_at_step, "must be >= 1 (or null)")
 

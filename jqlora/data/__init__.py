@@ -14,7 +14,7 @@ from jqlora.data.rows import (BATCH_KEYS, BatchIterator, Example, Mixture, Token
 
 __all__ = [
     "BATCH_KEYS", "DEFAULT_CHAT_TEMPLATE", "FORMATS", "ROLES", "BatchIterator", "DataError", "Example", "Mixture",
-    "Record", "Source", "TokenDataset", "build_datasets", "check_data", "data_sources", "detect_format", "encode_records",
-    "epoch_order", "eval_batches", "fit_length", "load_tokenizer", "map_paths", "pack", "read_chat_template",
+    "Record", "Source", "TokenDataset", "build_datasets", "check_data", "data_sources", "detect_format",
+    "encode_records", "epoch_order", "eval_batches", "fit_length", "load_tokenizer", "map_paths", "pack", "read_chat_template",
     "read_records", "render_chat", "split_records", "to_messages",
 ]

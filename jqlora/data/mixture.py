@@ -2,8 +2,8 @@
 
 Sources. ``data.path`` is one dataset or a list of entries, each a string or ``{path, weight, split, subset,
 format}`` (split, subset and format default to the data section's; `data_sources`). Every source is read, split,
-encoded with its own format (auto: detected from its first record), fitted to data.max_length and packed on its own, so no
-row mixes two sources, and its statistics are its own (``TokenDataset.parts``). The training set is the sources'
+encoded with its own format (auto: detected from its first record), fitted to data.max_length and packed on its
+own, so no row mixes two sources, and its statistics are its own (``TokenDataset.parts``). The training set is the sources'
 rows one after the other:
 - without weights (concatenation) its rows are shuffled together per epoch, as one dataset's are;
 - with a weight on every entry (sampled mixing) each epoch's order is a `rows.Mixture`: as many rows as the

@@ -9,8 +9,8 @@ Batch contract (numpy, every array [B, S] with S = data.max_length):
     segment_ids  int32    1..k for the k examples packed in a row, 0 on padding (attention stays within a segment)
     positions    int32    0, 1, ... restarting in every segment; 0 on padding
 A row holds one example (data.packing=false) or several (best-fit decreasing by length); rows are built once and
-shuffled per epoch with a generator seeded by (seed, epoch), or, for weighted sources, drawn by a `Mixture`. The last batch of an epoch is filled with padding rows
-(all-zero loss_mask) unless drop_last. `BatchIterator.state()` is a JSON-able position that `restore` resumes from
+shuffled per epoch with a generator seeded by (seed, epoch), or, for weighted sources, drawn by a `Mixture`. The
+last batch of an epoch is filled with padding rows (all-zero loss_mask) unless drop_last. `BatchIterator.state()` is a JSON-able position that `restore` resumes from
 exactly.
 """
 

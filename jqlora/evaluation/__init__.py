@@ -3,7 +3,7 @@ batched scorer and KV-cache generation of `batching`; `evaluate` runs tasks (bui
 through ``lm_eval.simple_evaluate``. Needs the ``eval`` extra (``pip install jqlora[eval]``, lm-eval)."""
 
 from jqlora.evaluation.batching import Scorer, generate_rows
-from jqlora.evaluation.harness import JqloraLM, eos_ids_of
+from jqlora.evaluation.harness import JqloraLM
 from jqlora.evaluation.tasks import TaskError, evaluate, resolve_tasks
 
-__all__ = ["JqloraLM", "Scorer", "TaskError", "eos_ids_of", "evaluate", "generate_rows", "resolve_tasks"]
+__all__ = ["JqloraLM", "Scorer", "TaskError", "evaluate", "generate_rows", "resolve_tasks"]

@@ -28,25 +28,9 @@ from lm_eval.models.utils import Collator, handle_stop_sequences, normalize_gen_
 from tqdm import tqdm
 
 from jqlora.evaluation.batching import Scorer, generate_rows
+from jqlora.models.decode import eos_token_ids
 
 DEFAULT_MAX_GEN_TOKS = 256
-
-
-def eos_ids_of(path: str | os.PathLike | None, tokenizer) -> list[int]:
-    """The EOS ids generation stops at: the generation config's (as transformers' ``generate``), else the
-    tokenizer's."""
-    ids: list[int] = []
-    if path is not None:
-        import transformers
-
-        try:
-            e = transformers.GenerationConfig.from_pretrained(str(path)).eos_token_id
-            ids = [e] if isinstance(e, int) else list(e or [])
-        except OSError:  # no generation_config.json
-            ids = []
-    if not ids and tokenizer.eos_token_id is not None:
-        ids = [tokenizer.eos_token_id]
-    return ids
 
 
 @register_model("jqlora")
@@ -86,7 +70,7 @@ class JqloraLM(TemplateLM):
         self.add_bos_token = add_bos_token
         self.custom_prefix_token_id = prefix_token_id
         self.seed = int(seed)
-        self.eos_ids = eos_ids_of(generation_config or pretrained, tokenizer)
+        self.eos_ids = eos_token_ids(generation_config or pretrained, tokenizer)
         self.scorer = Scorer(model, self.batch_size)
 
     def set_model(self, model) -> None:

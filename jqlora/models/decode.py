@@ -39,6 +39,23 @@ from jqlora.models.llama import LlamaForCausalLM, rope_tables, softcap
 MIN_BUCKET = 16
 
 
+def eos_token_ids(path: Any, tokenizer) -> list[int]:
+    """The EOS ids generation stops at, as transformers' ``generate`` takes them: the ``eos_token_id`` (one or a
+    list) of the model directory's generation_config.json, else the tokenizer's EOS (none for ``path=None``)."""
+    ids: list[int] = []
+    if path is not None:
+        import transformers
+
+        try:
+            e = transformers.GenerationConfig.from_pretrained(str(path)).eos_token_id
+            ids = [e] if isinstance(e, int) else list(e or [])
+        except OSError:  # no generation_config.json
+            ids = []
+    if not ids and tokenizer.eos_token_id is not None:
+        ids = [tokenizer.eos_token_id]
+    return ids
+
+
 def bucket(n: int) -> int:
     """The smallest power of two ≥ ``max(n, MIN_BUCKET)`` (lengths are rounded up so shapes repeat)."""
     b = MIN_BUCKET

@@ -217,7 +217,7 @@ def _blockwise_scale(x_N: jax.Array, block_size: int, divide_last: bool = True) 
     absmax_K = jnp.where(jnp.all(jnp.isfinite(x_KB), axis=1), absmax_K, jnp.nan)
     safe_K = jnp.maximum(absmax_K, _ABSMAX_FLOOR)
     scaled_KB = x_KB * (jnp.float32(1) / safe_K)[:, None]
-    if pad and divide_last:  # bitsandbytes' CPU kernel divides the partial last block instead of multiplying by the reciprocal
+    if pad and divide_last:  # bitsandbytes' CPU kernel divides the partial last block (not times the reciprocal)
         # (the barrier stops XLA from rewriting x / broadcast(a) into x * (1 / a), which rounds differently)
         divisor_B = jax.lax.optimization_barrier(jnp.broadcast_to(safe_K[-1], (block_size,)))
         scaled_KB = scaled_KB.at[-1].set(x_KB[-1] / divisor_B)

@@ -166,18 +166,9 @@ def test_cudnn_attention_backward_only_in_the_policy(hlo):
 def test_preference_cost_weights_loop_bodies_by_trip_count(hlo):
     """tools/preference_cost.py --gpu counts each loop body times its trip count: DPO - SFT is then one forward pass
     over every layer (L layer bodies and the head), and the reference adds one attention forward call per layer."""
-    import importlib.util
-    import sys
-    from pathlib import Path
+    from tool_module import load_tool
 
-    tools = Path(__file__).resolve().parents[2] / "tools"
-    sys.path.insert(0, str(tools))  # (the tool imports tools/bench.py)
-    try:
-        spec = importlib.util.spec_from_file_location("jqlora_tools_preference_cost", tools / "preference_cost.py")
-        tool = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(tool)
-    finally:
-        sys.path.remove(str(tools))
+    tool = load_tool("preference_cost")  # (it imports tools/bench.py)
     (dpo, dpo_calls), (sft, sft_calls) = tool.hlo_dot_flops(hlo["dpo"]), tool.hlo_dot_flops(hlo["sft"])
     head = 2.0 * 2 * SEQ * SHAPE.hidden_size * SHAPE.vocab_size
     assert dpo - sft == pytest.approx(L * (_analytic_forward_flops() - head) + head, rel=1e-9), (dpo, sft)

@@ -6,7 +6,6 @@ saved and reloaded through AutoTokenizer, with a ChatML template, a Llama-3-styl
 """
 
 import dataclasses
-import importlib.util
 import json
 from pathlib import Path
 
@@ -15,6 +14,7 @@ import pytest
 
 from jqlora import data as D
 from jqlora.config import demo_config, load_config
+from tool_module import load_tool
 
 CHATML = (
     "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>' + '\n' }}{% endfor %}"
@@ -459,9 +459,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def test_demo_assets_are_what_the_script_builds(tmp_path):
-    spec = importlib.util.spec_from_file_location("make_demo_assets", REPO / "tools" / "make_demo_assets.py")
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
+    tool = load_tool("make_demo_assets")
     tool.main(["--out", str(tmp_path)])
     cfg = demo_config()
     tokenizer = D.load_tokenizer(str(tmp_path / "model"))

@@ -3,7 +3,6 @@
 Numbers are checked for sanity and consistency only; no wall-clock thresholds (performance is measured, not asserted).
 """
 
-import importlib.util
 import json
 import math
 import subprocess
@@ -13,19 +12,13 @@ from pathlib import Path
 import pytest
 
 from jqlora.models.llama import ModelConfig, hf_key_table
+from tool_module import load_tool
 
 REPO = Path(__file__).resolve().parents[2]
 BENCH = REPO / "tools" / "bench.py"
 
 
-def _load_bench():
-    spec = importlib.util.spec_from_file_location("jqlora_tools_bench", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-bench = _load_bench()
+bench = load_tool("bench")
 
 
 def test_flops_tiny_by_hand():

@@ -4,26 +4,15 @@ raw per-completion rewards the rows were logged from (by the trainer's own `roll
 The training runs themselves (minutes) are not run here: their figures are in the README's GRPO section.
 """
 
-import importlib.util
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from jqlora.training.grpo import rollout_metrics
+from tool_module import load_tool
 
-REPO = Path(__file__).resolve().parents[2]
-
-
-def _load_tool():
-    spec = importlib.util.spec_from_file_location("jqlora_tools_grpo_learning", REPO / "tools" / "grpo_learning.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-tool = _load_tool()
+tool = load_tool("grpo_learning")
 STEPS, PER_STEP, G, WINDOW = 25, 32, 8, 10
 
 
