@@ -116,6 +116,7 @@ class CompiledStep:
     compiled: Any
     gpu: str | None
     memory: dict[str, int]  # argument / output / alias / temp / generated_code bytes
+    _estimates: dict = dataclasses.field(default_factory=dict, repr=False, compare=False)
 
     @property
     def peak_bytes(self) -> int:
@@ -125,6 +126,16 @@ class CompiledStep:
 
     def hlo(self) -> str:
         return self.compiled.as_text()
+
+    def estimate(self, figures, **kw):
+        """`estimate.estimate` of this step's HLO, parsed once per (GPU figures, keywords): `remat=auto` ranks the same
+        compiled steps against several budgets."""
+        from jqlora.planning.estimate import estimate
+
+        key = (repr(figures), tuple(sorted(kw.items())))
+        if key not in self._estimates:
+            self._estimates[key] = estimate(self.hlo(), figures, **kw)
+        return self._estimates[key]
 
 
 def _memory(compiled) -> dict[str, int]:

@@ -14,7 +14,7 @@ from typing import Any
 
 from jqlora.models import ModelConfig
 from jqlora.planning.aot import GPUS, Gpu, compiled
-from jqlora.planning.estimate import analytic_step, estimate, model_flops
+from jqlora.planning.estimate import analytic_step, model_flops
 from jqlora.planning.memory import HEADROOM, Plan, memory_plan, settings_from_config
 
 AUTO_ORDER = ("none", "save_dots", "save_dots_no_batch", "full")  # the candidates, least recomputation first
@@ -101,8 +101,7 @@ def rank_remat_compiled(shape: ModelConfig, cfg: Any, budget: float, gpu: str | 
     out = []
     for policy in AUTO_ORDER:
         c = compiled(shape, cfg, gpu, policy)
-        est = estimate(c.hlo(), figures, tokens=tokens, model_flops=flops, lora_rank=cfg.lora.r,
-                       vocab=shape.vocab_size)
+        est = c.estimate(figures, tokens=tokens, model_flops=flops, lora_rank=cfg.lora.r, vocab=shape.vocab_size)
         out.append(Ranked(policy, c.peak_bytes, c.peak_bytes <= headroom * budget, est.total_ms))
     return out
 
