@@ -16,7 +16,8 @@ import numpy as np
 from jqlora.data.errors import DataError
 
 # the token-id fields of the examples of every objective: SFT's `Example` and GRPO's `PromptExample` (ids), the
-# preference data's `PairIds` (prompt, chosen, rejected) and `UnpairedIds` (prompt, completion)
+# preference data's `PairIds` (prompt, chosen, rejected) and `UnpairedIds` (prompt, completion); a field of these
+# names that does not hold integers is no token ids
 ID_FIELDS = ("ids", "prompt", "chosen", "rejected", "completion")
 
 FIX = ("use the model's own tokenizer (model.tokenizer_path), or resize the model's embeddings to the tokenizer "
@@ -38,10 +39,10 @@ def check_ids(examples: Iterable, tokenizer, tokenizer_path: str, vocab_size: in
     pad = getattr(tokenizer, "pad_token_id", None)
     for ex in examples:
         for name in ID_FIELDS:
-            ids = getattr(ex, name, None)
-            if ids is None or len(ids) == 0:
+            ids = np.asarray(getattr(ex, name, ()))
+            if ids.size == 0 or ids.dtype.kind not in "iu":  # (GRPO's `prompt` is the record's text or messages)
                 continue
-            top = int(np.max(np.asarray(ids)))
+            top = int(ids.max())
             if top >= vocab_size:
                 token = tokenizer.convert_ids_to_tokens(top)
                 raise DataError(f"{getattr(ex, 'where', '') or 'an example'}: token id {top} ({token!r}, from "

@@ -95,3 +95,29 @@ def test_data_ids_past_the_vocab_name_the_dataset_line(assets, tmp_path, capsys,
                    f"vocab_size {vocab}", "resize_token_embeddings"):
         assert needle in line, (needle, line)
     assert COMPILES == []
+
+
+@pytest.mark.parametrize("objective", ["dpo", "grpo"])
+def test_preference_and_grpo_dry_runs_check_their_ids(assets, tmp_path, capsys, monkeypatch, tokenizers, objective):
+    """Their examples hold other fields beside the ids (GRPO's prompt text, the messages): the model's own tokenizer
+    passes, the one whose <|im_start|> is id 600 is refused at the first record's line."""
+    from jqlora.train import main
+
+    if objective == "dpo":
+        data = tmp_path / "prefs.jsonl"
+        data.write_text(json.dumps({"prompt": [{"role": "user", "content": "Say hi."}],
+                                    "chosen": [{"role": "assistant", "content": "hi"}],
+                                    "rejected": [{"role": "assistant", "content": "no"}]}) + "\n")
+        args = ["train.objective=dpo", f"data.path={data}"]
+    else:
+        data = tmp_path / "prompts.jsonl"
+        data.write_text(json.dumps({"prompt": [{"role": "user", "content": "The capital of France?"}],
+                                    "answer": "The capital of France is Paris.", "capital": "Paris"}) + "\n")
+        args = ["--config", str(REPO / "configs" / "demo-grpo.yaml"), f"data.path={data}"]
+    monkeypatch.chdir(tmp_path)
+    base = ["--dry-run", f"model.path={assets / 'model'}", f"output_dir={tmp_path / 'run'}", *args]
+    assert main(base) == 0, capsys.readouterr().err
+    capsys.readouterr()
+    assert main([*base, f"model.tokenizer_path={tokenizers['hole']}"]) == 2
+    line = _error(capsys)
+    assert f"{data}:1: token id 600 ('<|im_start|>'" in line, line
