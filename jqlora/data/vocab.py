@@ -20,8 +20,14 @@ from jqlora.data.errors import DataError
 # names that does not hold integers is no token ids
 ID_FIELDS = ("ids", "prompt", "chosen", "rejected", "completion")
 
-FIX = ("use the model's own tokenizer (model.tokenizer_path), or resize the model's embeddings to the tokenizer "
-       "(transformers: model.resize_token_embeddings(len(tokenizer)), then save_pretrained)")
+RESIZE = ("resize the model's embeddings to the tokenizer (transformers: "
+          "model.resize_token_embeddings(len(tokenizer)), then save_pretrained)")
+
+
+def _fix(tokenizer_path: str, model_path: str) -> str:
+    if str(tokenizer_path) == str(model_path):  # (the model's own tokenizer: only the embeddings can change)
+        return RESIZE
+    return f"use the model's own tokenizer (unset model.tokenizer_path), or {RESIZE}"
 
 
 def check_tokenizer(tokenizer, tokenizer_path: str, vocab_size: int, model_path: str) -> None:
@@ -30,7 +36,7 @@ def check_tokenizer(tokenizer, tokenizer_path: str, vocab_size: int, model_path:
     if n > vocab_size:
         raise DataError(f"tokenizer {tokenizer_path}: {n} tokens (len(tokenizer), added tokens included), more than "
                         f"the vocab_size {vocab_size} of model {model_path}: ids from {vocab_size} on have no "
-                        f"embedding (NaN losses); {FIX}")
+                        f"embedding (NaN losses); {_fix(tokenizer_path, model_path)}")
 
 
 def check_ids(examples: Iterable, tokenizer, tokenizer_path: str, vocab_size: int, model_path: str) -> None:
@@ -47,7 +53,8 @@ def check_ids(examples: Iterable, tokenizer, tokenizer_path: str, vocab_size: in
                 token = tokenizer.convert_ids_to_tokens(top)
                 raise DataError(f"{getattr(ex, 'where', '') or 'an example'}: token id {top} ({token!r}, from "
                                 f"tokenizer {tokenizer_path}) is past the vocab_size {vocab_size} of model "
-                                f"{model_path} (an added token, or one a chat template emits); {FIX}")
+                                f"{model_path} (an added token, or one a chat template emits); "
+                                f"{_fix(tokenizer_path, model_path)}")
     if pad is not None and int(pad) >= vocab_size:
         raise DataError(f"tokenizer {tokenizer_path}: its pad_token_id {pad} is past the vocab_size {vocab_size} of "
-                        f"model {model_path}; {FIX}")
+                        f"model {model_path}; {_fix(tokenizer_path, model_path)}")

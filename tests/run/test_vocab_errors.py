@@ -52,30 +52,37 @@ def _error(capsys) -> str:
     return lines[0]
 
 
-def _train(assets, tmp_path, monkeypatch, *args) -> int:
+def _train(assets, tmp_path, monkeypatch, *args, model: Path | None = None) -> int:
     from jqlora.train import main
 
     monkeypatch.chdir(tmp_path)
     COMPILES.clear()
-    return main(["--no-progress", f"model.path={assets / 'model'}", f"data.path={assets / 'train.jsonl'}",
+    return main(["--no-progress", f"model.path={model or assets / 'model'}", f"data.path={assets / 'train.jsonl'}",
                  "data.max_length=48", f"output_dir={tmp_path / 'run'}", "train.max_steps=1",
                  "train.sample_prompt=null", *args])
 
 
-@pytest.mark.parametrize("dry", [True, False], ids=["dry-run", "train"])
-def test_a_tokenizer_larger_than_the_vocab_is_one_early_line(assets, tmp_path, capsys, monkeypatch, tokenizers, dry):
+@pytest.mark.parametrize("dry, own", [(True, False), (False, False), (True, True)],
+                         ids=["dry-run", "train", "dry-run-own-tokenizer"])
+def test_a_tokenizer_larger_than_the_vocab_is_one_early_line(assets, tmp_path, capsys, monkeypatch, tokenizers, dry,
+                                                              own):
     from transformers import AutoTokenizer
 
     n = len(AutoTokenizer.from_pretrained(tokenizers["big"]))
     vocab = json.loads((assets / "model" / "config.json").read_text())["vocab_size"]
     assert n == vocab + 2
-    code = _train(assets, tmp_path, monkeypatch, f"model.tokenizer_path={tokenizers['big']}",
-                  *(["--dry-run"] if dry else []))
+    model = assets / "model"
+    if own:  # the model directory's own tokenizer is the larger one: only resizing can help
+        model = Path(shutil.copytree(assets / "model", tmp_path / "model"))
+        AutoTokenizer.from_pretrained(tokenizers["big"]).save_pretrained(model)
+    code = _train(assets, tmp_path, monkeypatch, *([] if own else [f"model.tokenizer_path={tokenizers['big']}"]),
+                  *(["--dry-run"] if dry else []), model=model)
     line = _error(capsys)
     assert code == 2
-    for needle in (f"tokenizer {tokenizers['big']}: {n} tokens", f"vocab_size {vocab}", str(assets / "model"),
-                   "resize_token_embeddings", "the model's own tokenizer"):
+    for needle in (f"tokenizer {model if own else tokenizers['big']}: {n} tokens", f"vocab_size {vocab}", str(model),
+                   "resize_token_embeddings"):
         assert needle in line, (needle, line)
+    assert ("the model's own tokenizer" in line) is not own, line
     assert COMPILES == []  # (no weight loaded, nothing compiled)
     assert not (tmp_path / "run").exists() or not any((tmp_path / "run").glob("checkpoint*"))
 
