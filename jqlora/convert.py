@@ -77,4 +77,6 @@ def _parse_size(text: str) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from jqlora.cli import run
+
+    run(main)  # (sys.exit(main()), quiet when a pipe's reader has gone: `... | head`)

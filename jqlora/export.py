@@ -64,11 +64,11 @@ def main(argv: list[str] | None = None) -> int:
     from jqlora.adapters.tokenizer_files import chat_template_of, write_tokenizer_files
     from jqlora.checkpoints import hf_source
     from jqlora.data import read_chat_template
-    from jqlora.run import best_step, find_run, restore_for_export
+    from jqlora.run import best_checkpoint, find_run, restore_for_export
 
     compile_cache.enable()
 
-    src, notes = Path(args.src), []
+    src, notes, best = Path(args.src), [], None
     try:
         if not src.is_dir():
             raise ExportError(f"{src}: not a directory")
@@ -80,8 +80,9 @@ def main(argv: list[str] | None = None) -> int:
             check_type(args.gguf)  # (before minutes of loading)
         if args.best and (args.step is not None or is_adapter_dir(src)):
             raise ExportError("--best picks a step of a training run directory: drop --step, or give the run")
-        if args.best:
-            args.step = best_step(src)
+        best = best_checkpoint(src) if args.best else None
+        if best is not None:
+            args.step = best.step
         if is_adapter_dir(src):
             if args.step is not None:
                 raise ExportError("--step applies to a training run directory, not to an adapter directory")
@@ -129,11 +130,13 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:  # ExportError, DataError, AdapterError, ConvertError, ConfigError: a user's mistake
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"wrote {args.dst}")
+    print(f"wrote {args.dst}" + (f" from {best}" if best is not None else ""))
     for line in notes:
         print(line, file=sys.stderr if line.startswith("warning:") else sys.stdout)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from jqlora.cli import run
+
+    run(main)  # (sys.exit(main()), quiet when a pipe's reader has gone: `... | head`)

@@ -234,4 +234,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from jqlora.cli import run
+
+    run(main)  # (sys.exit(main()), quiet when a pipe's reader has gone: `... | head`)

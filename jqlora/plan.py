@@ -430,4 +430,6 @@ def _compiled_fits(peak: float, budget: float | None) -> bool:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from jqlora.cli import run
+
+    run(main)  # (sys.exit(main()), quiet when a pipe's reader has gone: `... | head`)

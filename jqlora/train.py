@@ -117,4 +117,6 @@ def _user_error(e: Exception) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from jqlora.cli import run
+
+    run(main)  # (sys.exit(main()), quiet when a pipe's reader has gone: `... | head`)

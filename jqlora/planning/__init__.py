@@ -14,7 +14,7 @@ from typing import Any
 
 _FACE = {
     "jqlora.planning.memory": ("BUILTIN", "CE_CHUNK", "HEADROOM", "LINEARS", "REMATS", "WEIGHTS_ROW", "Plan",
-                               "linear_shapes", "lora_param_count", "memory_plan", "quantized_bytes",
+                               "weights_row", "linear_shapes", "lora_param_count", "memory_plan", "quantized_bytes",
                                "settings_from_config", "weight_bytes", "GRPO_LOGITS", "grpo_plan",
                                "kv_cache_bytes"),
     "jqlora.planning.aot": ("GPUS", "AotError", "CompiledStep", "Gpu", "abstract_model", "compile_step",

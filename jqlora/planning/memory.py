@@ -45,7 +45,13 @@ NESTED = 256
 CE_CHUNK = 1024
 DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
 REMATS = ("none", "full", "save_dots", "save_dots_no_batch", "offload")  # = jqlora.config.REMAT_POLICIES
-WEIGHTS_ROW = "base weights (4-bit + bf16)"
+WEIGHTS_ROW = "base weights"  # the row's label starts so: `weights_row` adds what the weights are stored in
+
+
+def weights_row(dtype: str, quant: str = "nf4") -> str:
+    """The plan's row of the base weights, labelled with their storage: 4-bit kernels (unless quant=none) and the
+    rest (embeddings, norms, lm_head) in model.dtype."""
+    return f"{WEIGHTS_ROW} ({dtype})" if quant == "none" else f"{WEIGHTS_ROW} (4-bit + {dtype})"
 HEADROOM = 0.85  # share of a device's memory the plan may fill: XLA temporaries, fragmentation, CUDA context
 
 
@@ -175,7 +181,7 @@ def memory_plan(shape: ModelConfig, *, seq: int, batch: int = 1, data: int = 1, 
     w = weight_bytes(shape, quant=quant, double_quant=double_quant, block_size=block_size, dtype_bytes=c,
                      quantize_experts=quantize_experts)
     rows: dict[str, float] = {}
-    rows[WEIGHTS_ROW] = (w["total"] - w["norms"]) / P + w["norms"]
+    rows[weights_row(dtype, quant)] = (w["total"] - w["norms"]) / P + w["norms"]
     float_experts = bool(shape.num_experts) and not quantize_experts and quant != "none"
     if P > 1:  # (float experts are gathered too)
         layer = w["per_layer_quantized"] + (w["experts"] / L if float_experts else 0)
@@ -292,7 +298,7 @@ def grpo_plan(shape: ModelConfig, *, prompt: int, new_tokens: int, rows: int, ro
     N, K, H = shape.num_attention_heads, shape.num_key_value_heads, shape.head_dim
     base = memory_plan(shape, seq=P + T, batch=rows, dtype=dtype, tensor=tensor, name=name, **settings)
     rows_out = {k: v for k, v in base.rows.items() if not k.startswith("cross-entropy")}
-    shared = [k for k in rows_out if k == WEIGHTS_ROW or k.startswith(("gathered layer", "LoRA"))]
+    shared = [k for k in rows_out if k.startswith((WEIGHTS_ROW + " (", "gathered layer", "LoRA"))]
     train = [k for k in rows_out if k not in shared]
     logits = f"train: completion logits (float32 [{rows}, {T}, V] x {GRPO_LOGITS}) + hidden"
     rows_out[logits] = GRPO_LOGITS * rows * T * V * 4 + 2 * rows * (P + T) * D * c

@@ -13,10 +13,10 @@ from jqlora.run.preference import PreferenceTrainer
 from jqlora.run.grpo import GRPOTrainer
 from jqlora.run.model import DEMO_MODEL, UserError, build_model, ensure_demo_model
 from jqlora.run.restore import restore_for_export
-from jqlora.run.best import best_step
+from jqlora.run.best import Best, best_checkpoint
 
 __all__ = [
-    "DEMO_MODEL", "DryRunError", "GRPOTrainer", "LockError", "PreferenceTrainer", "RunDir", "RunDirError", "RunLock", "Trainer", "UserError",
-    "best_step", "build_model", "dry_run", "ensure_demo_model", "find_run", "open_run_dir", "read_metrics",
+    "Best", "DEMO_MODEL", "DryRunError", "GRPOTrainer", "LockError", "PreferenceTrainer", "RunDir", "RunDirError", "RunLock", "Trainer", "UserError",
+    "best_checkpoint", "build_model", "dry_run", "ensure_demo_model", "find_run", "open_run_dir", "read_metrics",
     "restore_for_export",
 ]

@@ -28,6 +28,7 @@ import json
 import logging
 import math
 import os
+from typing import NamedTuple
 
 from jqlora.adapters import ExportError
 from jqlora.run.directory import RunDir, find_run
@@ -117,8 +118,19 @@ class BestTracker:
             log.warning("warning: %s not updated (%s); the run goes on", path, e.strerror or e)
 
 
-def best_step(src: str | os.PathLike) -> int:
-    """The best step a run recorded (its newest checkpoint's meta), for ``export --best``; one-line errors."""
+class Best(NamedTuple):
+    """The best evaluation a run recorded: its step, train.metric_for_best and its value there."""
+    step: int
+    metric: str
+    value: float
+
+    def __str__(self) -> str:
+        return f"step {self.step}, the best {self.metric}: {self.value:.6g}"
+
+
+def best_checkpoint(src: str | os.PathLike) -> Best:
+    """The best step a run recorded (its newest checkpoint's meta) and its metric, for ``export --best``; one-line
+    errors."""
     run_dir, step = find_run(src)
     if step is not None:
         raise ExportError(f"{src}: --best takes the run directory, not one of its checkpoints")
@@ -132,4 +144,4 @@ def best_step(src: str | os.PathLike) -> int:
         raise ExportError(f"{run_dir}: the best step {best['best_step']} ({best['metric']} "
                           f"{best['best_metric']:.6g}) has no checkpoint (have {', '.join(map(str, run.steps()))}); "
                           "train with train.keep_best=true to keep it")
-    return int(best["best_step"])
+    return Best(int(best["best_step"]), str(best["metric"]), float(best["best_metric"]))

@@ -43,7 +43,7 @@ def _output_dir_line(cfg) -> str:
 
 
 def dry_run(cfg, out=print) -> int:
-    from jqlora.data import BatchIterator, DataError, build_datasets, load_tokenizer
+    from jqlora.data import BatchIterator, DataError, build_datasets
     from jqlora.training import optim
 
     from jqlora.run.model import ensure_demo_model
@@ -59,8 +59,9 @@ def dry_run(cfg, out=print) -> int:
     if cfg.train.objective != "sft":
         return _preference_dry_run(cfg, out)
     try:
-        tokenizer = load_tokenizer(cfg.model.tokenizer_path or cfg.model.path)
+        tokenizer = _tokenizer(cfg)
         train_ds, eval_ds = build_datasets(cfg.data, tokenizer, seed=cfg.train.seed)
+        _check_ids(cfg, tokenizer, train_ds, eval_ds)
     except DataError as e:
         raise DryRunError(str(e).splitlines()[0]) from None
     out("\n# data")
@@ -97,12 +98,13 @@ def dry_run(cfg, out=print) -> int:
 
 def _preference_dry_run(cfg, out) -> int:
     """The preference objectives' dry run: the examples read, the first one's ids decoded, the memory plan."""
-    from jqlora.data import DataError, load_tokenizer
+    from jqlora.data import DataError
     from jqlora.run.preference import read_examples
 
     try:
-        tokenizer = load_tokenizer(cfg.model.tokenizer_path or cfg.model.path)
+        tokenizer = _tokenizer(cfg)
         train, ev = read_examples(cfg, tokenizer)
+        _check_ids(cfg, tokenizer, train, ev)
     except DataError as e:
         raise DryRunError(str(e).splitlines()[0]) from None
     kind = "examples" if cfg.train.objective == "kto" else "pairs"
@@ -122,16 +124,43 @@ def _preference_dry_run(cfg, out) -> int:
     return 0
 
 
-def _plan(cfg, out) -> None:
+def _shape(cfg):
+    """The model's shape from its config.json (one-line `DryRunError` for an unusable one)."""
     from jqlora.models import ModelConfig
-    from jqlora.planning.memory import memory_plan, settings_from_config
 
     model_json = os.path.join(cfg.model.path, "config.json")
-    out("\n# memory plan per device (python -m jqlora.plan)")
     try:
-        shape = ModelConfig.from_hf(model_json)
+        return ModelConfig.from_hf(model_json)
     except (ValueError, TypeError, KeyError, OSError) as e:
         raise DryRunError(f"{model_json}: not a usable config.json ({str(e).splitlines()[0]})") from None
+
+
+def _tokenizer(cfg):
+    """The run's tokenizer, refused when it has more tokens than the model's vocab_size (`jqlora.data.vocab`)."""
+    from jqlora.data import check_tokenizer, load_tokenizer
+
+    where = cfg.model.tokenizer_path or cfg.model.path
+    tokenizer = load_tokenizer(where)
+    check_tokenizer(tokenizer, where, _shape(cfg).vocab_size, cfg.model.path)
+    return tokenizer
+
+
+def _check_ids(cfg, tokenizer, *datasets) -> None:
+    """Every example's ids within the model's vocab_size (a list of examples, or a dataset with ``examples``)."""
+    from jqlora.data import check_ids
+
+    vocab = _shape(cfg).vocab_size
+    for ds in datasets:
+        if ds is not None:
+            check_ids(getattr(ds, "examples", ds), tokenizer, cfg.model.tokenizer_path or cfg.model.path, vocab,
+                      cfg.model.path)
+
+
+def _plan(cfg, out) -> None:
+    from jqlora.planning.memory import memory_plan, settings_from_config
+
+    out("\n# memory plan per device (python -m jqlora.plan)")
+    shape = _shape(cfg)
     axes = {n: 1 if getattr(cfg.mesh, n) == "auto" else int(getattr(cfg.mesh, n)) for n in ("data", "fsdp", "tensor")}
     remat = "full" if cfg.train.remat == "auto" else cfg.train.remat
     p = memory_plan(shape, name=os.path.basename(os.path.abspath(cfg.model.path)), remat=remat,
@@ -143,14 +172,15 @@ def _plan(cfg, out) -> None:
 
 def _grpo_dry_run(cfg, out) -> int:
     """GRPO's dry run: the prompts read (one-line data errors), the first one's ids decoded, the rewards loaded."""
-    from jqlora.data import DataError, load_tokenizer
+    from jqlora.data import DataError
     from jqlora.data.prompts import read_prompts
     from jqlora.training.rewards import RewardError, load_reward
 
     try:
-        tokenizer = load_tokenizer(cfg.model.tokenizer_path or cfg.model.path)
+        tokenizer = _tokenizer(cfg)
         ds = read_prompts(cfg.data.path, tokenizer, split=cfg.data.split, subset=cfg.data.subset,
                           chat_template=cfg.data.chat_template, max_prompt_length=cfg.data.max_length)
+        _check_ids(cfg, tokenizer, ds)
         for spec in cfg.grpo.rewards:
             load_reward(spec)
     except (DataError, RewardError) as e:

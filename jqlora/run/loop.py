@@ -30,7 +30,7 @@ from flax import nnx
 from jqlora import parallel
 from jqlora.adapters import init_state
 from jqlora.config import save_config
-from jqlora.data import BatchIterator, build_datasets, load_tokenizer, map_paths
+from jqlora.data import BatchIterator, build_datasets, check_ids, check_tokenizer, load_tokenizer, map_paths
 from jqlora.data import stats
 from jqlora.lora import LoraConfig, NoLoraError, SplitModel
 from jqlora.run import background, progress
@@ -133,12 +133,10 @@ class Trainer(Samples, Evaluation):
             self.eval_tasks = EvalTasks.of(cfg)
         except ValueError as e:
             raise UserError(str(e)) from None
-        self.model = build_model(cfg, lambda shape: parallel.check_model_fits(
-            self.mesh, shape, self.tc.batch_size, self.tc.eval_batch_size), mesh=self.mesh, run_dir=self.out)
-        self.tokenizer = tokenizer = load_tokenizer(cfg.model.tokenizer_path or cfg.model.path)
-        self.train_ds, self.eval_ds = self._datasets(cfg, tokenizer)
+        self.model = build_model(cfg, lambda shape: self._before_weights(cfg, shape), mesh=self.mesh,
+                                 run_dir=self.out)
         if self.eval_tasks is not None:
-            self.eval_tasks.tokenizer = tokenizer
+            self.eval_tasks.tokenizer = self.tokenizer
         self.iterator = self._make_iterator(cfg)
         self.total_steps = optim.total_optimizer_steps(self.tc, self.iterator.batches_per_epoch)
         if self.primary:
@@ -168,6 +166,19 @@ class Trainer(Samples, Evaluation):
         self.monitor = DivergenceMonitor(uniform_loss=math.log(self.model.config.vocab_size))
         self.best = BestTracker(self.tc, self.run_dir)  # train.metric_for_best, early stopping (jqlora.run.best)
         self._make_steps(cfg, ce_chunk)
+
+    def _before_weights(self, cfg, shape) -> None:
+        """What needs the model's config.json but no weight (seconds, not the minutes of loading): the model fits the
+        mesh, the tokenizer and the data are read, and both are within the model's vocabulary (`jqlora.data.vocab`:
+        an id past vocab_size gives NaN losses, not an error)."""
+        parallel.check_model_fits(self.mesh, shape, self.tc.batch_size, self.tc.eval_batch_size)
+        where = cfg.model.tokenizer_path or cfg.model.path
+        self.tokenizer = tokenizer = load_tokenizer(where)
+        check_tokenizer(tokenizer, where, shape.vocab_size, cfg.model.path)
+        self.train_ds, self.eval_ds = self._datasets(cfg, tokenizer)
+        for ds in (self.train_ds, self.eval_ds):
+            if ds is not None:
+                check_ids(ds.examples, tokenizer, where, shape.vocab_size, cfg.model.path)
 
     def _datasets(self, cfg, tokenizer):
         """(train, eval or None) datasets with ``batch(rows)``; SFT's token rows here (preference: jqlora.run.preference)."""

@@ -100,7 +100,7 @@ def test_plan_cli_counts_float_experts_for_mixtral_8x7b():
     count = 32 * 8 * 3
     bf16 = count * n * 2
     nf4_dq = count * (n // 2 + blocks + 4 * math.ceil(blocks / 256) + 4)  # codes, 8-bit scales, nested, offset
-    row = r"base weights \(4-bit \+ bf16\)\s+([\d.]+) GB"
+    row = r"base weights \(4-bit \+ bfloat16\)\s+([\d.]+) GB"
     grew = float(re.search(row, floats).group(1)) - float(re.search(row, nf4).group(1))
     assert abs(grew - (bf16 - nf4_dq) / 1e9) <= 0.011, (grew, floats)
     assert f"the MoE experts stay bfloat16, {bf16 / 1e9:.2f} GB (4-bit: {nf4_dq / 1e9:.2f} GB)" in floats

@@ -424,10 +424,10 @@ def test_plan_70b_fsdp2():
     p = planning.memory_plan(planning.BUILTIN["llama3-70b"], seq=2048, batch=1, fsdp=2, remat="full")
     total_weights = p.total_weight_bytes
     assert 35e9 <= total_weights <= 40e9, total_weights
-    assert abs(p.rows["base weights (4-bit + bf16)"] - total_weights / 2) / total_weights < 0.01
+    assert abs(p.rows["base weights (4-bit + bfloat16)"] - total_weights / 2) / total_weights < 0.01
     assert p.total < 80e9  # fits an 80 GB GPU per device
     p8 = planning.memory_plan(planning.BUILTIN["llama3-8b"], seq=2048, batch=1, fsdp=1, remat="full")
-    assert 5e9 < p8.rows["base weights (4-bit + bf16)"] < 7e9
+    assert 5e9 < p8.rows["base weights (4-bit + bfloat16)"] < 7e9
     none = planning.memory_plan(planning.BUILTIN["llama3-8b"], seq=2048, batch=1, fsdp=1, remat="none")
     dots = planning.memory_plan(planning.BUILTIN["llama3-8b"], seq=2048, batch=1, fsdp=1, remat="save_dots")
     assert p8.total < dots.total < none.total
@@ -446,7 +446,7 @@ def test_70b_recipes_fit_80gb(name, fsdp):
     p = planning.memory_plan(planning.BUILTIN["llama3-70b"], seq=cfg.data.max_length, batch=cfg.train.batch_size // fsdp,
                          fsdp=fsdp, remat=cfg.train.remat, r=cfg.lora.r, dtype=cfg.model.dtype)
     assert p.total < 70e9, p.total
-    assert p.total_weight_bytes + p.rows["base weights (4-bit + bf16)"] < 70e9  # loading: whole model + its shard
+    assert p.total_weight_bytes + p.rows["base weights (4-bit + bfloat16)"] < 70e9  # loading: whole model + its shard
 
 
 def test_plan_cli(tmp_path):

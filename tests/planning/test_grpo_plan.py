@@ -57,7 +57,7 @@ def test_kv_cache_is_the_decoders_own():
 def test_phases_are_planned_apart():
     p = planning.grpo_plan(L8B, prompt=512, new_tokens=512, rows=8, rollout_rows=32, attention="cudnn")
     phases = p.phase_totals()
-    shared = p.rows["base weights (4-bit + bf16)"] + p.rows["LoRA params+grad+acc+AdamW (fp32)"]
+    shared = p.rows["base weights (4-bit + bfloat16)"] + p.rows["LoRA params+grad+acc+AdamW (fp32)"]
     rollout = [k for k in p.rows if k.startswith("rollout:")]
     assert phases["rollout"] == pytest.approx(shared + sum(p.rows[k] for k in rollout), rel=1e-12)
     assert phases["train"] == pytest.approx(sum(p.rows.values()) - sum(p.rows[k] for k in rollout), rel=1e-12)

@@ -137,3 +137,17 @@ def test_a_preference_config_plans_two_rows_per_pair(capsys):
                       "--compile"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--batch 3" in err[0] and "pairs of 2 rows" in err[0], err
+
+
+@pytest.mark.parametrize("dtype, quant, label", [
+    ("float32", "nf4", "base weights (4-bit + float32)"),
+    ("float16", "nf4", "base weights (4-bit + float16)"),
+    ("bfloat16", "fp4", "base weights (4-bit + bfloat16)"),
+    ("float32", "none", "base weights (float32)"),
+])
+def test_the_weights_row_names_the_model_dtype(capsys, dtype, quant, label):
+    """The base weights' row says what they are stored in: model.dtype (issue 28: it said bf16 whatever the dtype)."""
+    text = _plan(capsys, "--model", "llama3-8b", "--seq", "1024", "--dtype", dtype, "--quant", quant)
+    rows = [line for line in text.splitlines() if line.startswith("base weights")]
+    assert len(rows) == 1 and rows[0].split("  ")[0] == label, text
+    assert f" {dtype}" in text.splitlines()[0]  # (the title's dtype, the same setting)

@@ -200,7 +200,7 @@ def test_resume_after_a_kill_between_evals_keeps_the_patience_count(straight, as
     assert sorted(int(p.name) for p in (killed / "checkpoints").iterdir()) == [5, 8]
 
 
-def test_export_best_is_the_best_steps_adapter_and_loads_in_peft(straight, assets, tmp_path):
+def test_export_best_is_the_best_steps_adapter_and_loads_in_peft(straight, assets, tmp_path, capsys):
     import torch
     from peft import PeftModel, get_peft_model_state_dict
     from transformers import AutoModelForCausalLM
@@ -209,7 +209,12 @@ def test_export_best_is_the_best_steps_adapter_and_loads_in_peft(straight, asset
     from jqlora.lora import LoraConfig
 
     out, trainer, kept = straight
+    capsys.readouterr()
     assert E.main([str(out), str(tmp_path / "best"), "--best"]) == 0
+    # the one-line summary names the step it exported and its metric (transformers' best step and value)
+    _, best, best_metric, _ = oracle(CURVE, PATIENCE, THRESHOLD)
+    summary = capsys.readouterr().out.splitlines()[0]
+    assert summary == f"wrote {tmp_path / 'best'} from step {best}, the best eval_loss: {best_metric:.6g}", summary
     # the oracle: the adapter the run held in memory at step 5, written by the same writer
     ref = init_state.save_adapter(trainer.split.model(jax.tree.map(np.asarray, kept[5])), trainer.cfg, str(out),
                                   str(tmp_path / "ref"), lora_config=LoraConfig.from_config(trainer.cfg.lora),
