@@ -67,15 +67,14 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_run_config(args.config, args.overrides)
     except ConfigError as e:
         return _user_error(e)
-    # SFT's records checked early; preference and GRPO records are checked as their own readers read them
-    sft = cfg.train.objective == "sft"
-    if sft and (args.dry_run or not _holds_files(cfg.output_dir)):  # (a run to resume: its checks speak first)
+    # the records checked early, for the objective's fields (SFT formats, preference pairs, KTO, GRPO prompts)
+    if args.dry_run or not _holds_files(cfg.output_dir):  # (a run to resume: its checks speak first)
         from jqlora.data import DataError, check_data
 
         if not os.path.isdir(cfg.model.path):  # (the model is named before the data, as the full start does)
             return _user_error(ConfigError(f"model.path {cfg.model.path}: no such directory"))
         try:
-            check_data(cfg.data)  # (seconds, before JAX and the weights)
+            check_data(cfg.data, cfg.train.objective)  # (seconds, before JAX and the weights)
         except DataError as e:
             return _user_error(e)
     if args.dry_run:

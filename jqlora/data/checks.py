@@ -16,11 +16,15 @@ import os
 from jqlora.data import sources
 from jqlora.data.errors import DataError
 from jqlora.data.mixture import data_sources
+from jqlora.data.preference import check_preference_records
+from jqlora.data.prompts import check_prompt_records
 from jqlora.data.records import FORMATS, Record, detect_format, read_chat_template, read_records, to_messages
 
 
-def check_data(data_cfg) -> None:
-    """Raise `DataError` (one line) for the first problem of ``data_cfg``'s local files (a `DataConfig`)."""
+def check_data(data_cfg, objective: str = "sft") -> None:
+    """Raise `DataError` (one line) for the first problem of ``data_cfg``'s local files (a `DataConfig`), their
+    records checked for ``objective``'s fields (train.objective: SFT's formats, the preference pairs, KTO's
+    unpaired records, GRPO's prompts)."""
     if data_cfg.chat_template:
         read_chat_template(data_cfg.chat_template)
     for source in data_sources(data_cfg, "path") + data_sources(data_cfg, "eval_path"):
@@ -29,7 +33,13 @@ def check_data(data_cfg) -> None:
         path = os.path.expanduser(str(path))
         lower = path.lower()
         if kind == "file" and lower.endswith(sources.JSON_TYPES):
-            check_records(read_records(path, what=what), data_cfg, source.format)
+            records = read_records(path, what=what)
+            if objective == "sft":
+                check_records(records, data_cfg, source.format)
+            elif objective == "grpo":
+                check_prompt_records(records)
+            else:
+                check_preference_records(records, "unpaired" if objective == "kto" else "paired")
         elif kind == "file" and lower.endswith(".parquet"):
             _check_parquet(path)
         elif kind == "file" and not lower.endswith(sources.FILE_TYPES):

@@ -91,6 +91,20 @@ def read_preference_examples(path: str, tokenizer, *, kind: str, max_length: int
     return out
 
 
+def check_preference_records(records: list, kind: str) -> None:
+    """Every record has the fields of ``kind`` ("paired" / "unpaired"; paired records unpaired for KTO, as
+    `read_preference_examples` does), checked without a tokenizer: the fast check before JAX and the weights."""
+    items = [(r.data, r.where) for r in records]
+    if kind == "unpaired" and isinstance(items[0][0], dict) and "chosen" in items[0][0] and "rejected" in items[0][0]:
+        items = _unpair(items)
+    for record, where in items:
+        if not isinstance(record, dict):
+            raise DataError(_at(where, f"expected an object, got {type(record).__name__}"))
+        (_paired_fields if kind == "paired" else _unpaired_fields)(record, where)
+        if any(isinstance(v, list) for v in (record.get("prompt"), record.get("chosen"), record.get("completion"))):
+            _template_kwargs(record, where)
+
+
 def tokenize_preference_record(record: dict, tokenizer, *, kind: str, max_length: int | None,
                                max_prompt_length: int | None, truncation_mode: str = "keep_end", where: str = "",
                                chat_template: str | None = None) -> PairIds | UnpairedIds:

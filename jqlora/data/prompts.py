@@ -56,6 +56,18 @@ def _prompt(value: Any, where: str) -> Any:
     return out
 
 
+def check_prompt_records(records: list) -> None:
+    """Every record holds a prompt (a string or a list of messages), checked without a tokenizer."""
+    for rec in records:
+        _prompt_field(rec)
+
+
+def _prompt_field(rec) -> Any:
+    if not isinstance(rec.data, dict) or "prompt" not in rec.data:
+        raise DataError(f"{rec.where}: missing 'prompt' (train.objective=grpo reads prompt-only records)")
+    return _prompt(rec.data["prompt"], rec.where)
+
+
 def encode_prompt(prompt: Any, tokenizer, *, chat_template: str | None = None, where: str = "") -> list[int]:
     """The token ids the model continues from (see the module doc)."""
     if isinstance(prompt, str):
@@ -78,9 +90,7 @@ def read_prompts(path: str, tokenizer, *, split: str = "train", subset: str | No
     template = read_chat_template(chat_template) if chat_template else None
     examples = []
     for i, rec in enumerate(read_records(path, split=split, subset=subset)):
-        if not isinstance(rec.data, dict) or "prompt" not in rec.data:
-            raise DataError(f"{rec.where}: missing 'prompt' (train.objective=grpo reads prompt-only records)")
-        prompt = _prompt(rec.data["prompt"], rec.where)
+        prompt = _prompt_field(rec)
         ids = encode_prompt(prompt, tokenizer, chat_template=template, where=rec.where)
         if not ids:
             raise DataError(f"{rec.where}: the prompt has no tokens")

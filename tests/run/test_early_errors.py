@@ -63,6 +63,40 @@ def test_data_mistake_is_one_line_before_jax(work, assets, value, message):
     assert rc == 2 and err.splitlines() == [err] and message in err and not jax_imported, err
 
 
+@pytest.mark.parametrize("objective, lines, message", [
+    ("dpo", [], "no records (empty dataset)"),  # the newcomer trial's empty DPO file: 26 s before, after the weights
+    ("dpo", [{"prompt": "a", "chosen": "b"}], "pref.jsonl:1: missing 'rejected'"),
+    ("dpo", [{"prompt": "a", "chosen": "b", "rejected": ""}], "pref.jsonl:1: empty completion: 'rejected' is ''"),
+    ("kto", [{"prompt": "a", "completion": "b", "label": "yes"}], "pref.jsonl:1: 'label' must be true or false"),
+    ("kto", [{"prompt": "a", "chosen": "b", "rejected": " "}], "pref.jsonl:1: empty completion"),  # unpaired
+    ("grpo", [{"question": "a"}], "pref.jsonl:1: missing 'prompt' (train.objective=grpo"),
+    ("grpo", [{"prompt": [{"role": "robot", "content": "a"}]}], "pref.jsonl:1: prompt[0] must be a message"),
+])
+def test_preference_and_grpo_data_mistakes_are_one_line_before_jax(work, assets, objective, lines, message):
+    """The same early check for the other objectives' records (each reader's own words, without a tokenizer)."""
+    (work / "pref.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines) or "\n")
+    rewards = ["grpo.rewards=[jqlora.training.rewards:exact_match]"] if objective == "grpo" else []
+    rc, jax_imported, err = _train(work, assets, f"train.objective={objective}", "data.path=pref.jsonl", *rewards)
+    assert rc == 2 and err.splitlines() == [err] and message in err and not jax_imported, err
+
+
+def test_good_preference_and_prompt_records_pass_the_early_check(tmp_path):
+    """The readers' own accepted formats pass: conversational, implicit-prompt and paired-for-KTO records."""
+    from jqlora.data.preference import check_preference_records
+    from jqlora.data.prompts import check_prompt_records
+    from jqlora.data.records import read_records
+
+    msgs = lambda role, text: [{"role": role, "content": text}]  # noqa: E731
+    rows = [{"prompt": msgs("user", "q"), "chosen": msgs("assistant", "a"), "rejected": msgs("assistant", "b")},
+            {"chosen": "the cat sat", "rejected": "the cat ran"}, {"prompt": "q", "chosen": "a", "rejected": "b"}]
+    path = tmp_path / "good.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    check_preference_records(read_records(str(path)), "paired")
+    check_preference_records(read_records(str(path)), "unpaired")
+    path.write_text(json.dumps({"prompt": "q", "answer": 3}) + "\n" + json.dumps({"prompt": msgs("user", "q")}))
+    check_prompt_records(read_records(str(path)))
+
+
 def test_eval_path_is_named_and_dry_run_checks_first(work, assets):
     rc, jax_imported, err = _train(work, assets, "data.path=chat.jsonl", "data.eval_path=evl.jsonl", "--dry-run")
     assert rc == 2 and err == "error: data.eval_path=evl.jsonl: no such file or directory" and not jax_imported, err
