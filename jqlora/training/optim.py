@@ -28,6 +28,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from jqlora.training.optim8bit import OPTIMIZER_BLOCK, is_quantized, adamw_lowp
+
 
 def make_schedule(train_cfg, total_steps: int) -> optax.Schedule:
     """The learning rate as a function of the optimizer step (0-based) for a `jqlora.config.TrainConfig`."""
@@ -101,8 +103,8 @@ def make_optimizer(train_cfg, total_steps: int, plus_ratio: float | None = None
         parts.append(optax.clip_by_global_norm(float(train_cfg.max_grad_norm)))
 
     def adamw(lr):
-        return optax.adamw(lr, b1=float(train_cfg.adam_b1), b2=float(train_cfg.adam_b2),
-                           eps=float(train_cfg.adam_eps), weight_decay=float(train_cfg.weight_decay))
+        return adamw_lowp(lr, train_cfg.optimizer_state, b1=float(train_cfg.adam_b1), b2=float(train_cfg.adam_b2),
+                          eps=float(train_cfg.adam_eps), weight_decay=float(train_cfg.weight_decay))
 
     if plus_ratio:
         ratio = float(plus_ratio)
@@ -126,11 +128,20 @@ def total_optimizer_steps(train_cfg, batches_per_epoch: int) -> int:
 def check_state_is_lora_only(opt_state, params) -> int:
     """Assert that every non-scalar optimizer leaf has the shape of a trained parameter; returns how many there are.
 
-    With MultiSteps ∘ (clip, AdamW) that is 3 per parameter: the accumulated gradient, Adam's mu and nu.
+    With MultiSteps ∘ (clip, AdamW) that is 3 per parameter: the accumulated gradient, Adam's mu and nu. An 8-bit
+    moment (train.optimizer_state=8bit) counts as one: its codes have the parameter's shape, beside them one absmax
+    per block of 256 of them.
     """
     param_shapes = [tuple(np.shape(x)) for x in jax.tree.leaves(params)]
     allowed = set(param_shapes)
-    state_shapes = [tuple(np.shape(x)) for x in jax.tree.leaves(opt_state) if np.ndim(x) > 0]
+    state_shapes = []
+    for x in jax.tree.leaves(opt_state, is_leaf=is_quantized):
+        if is_quantized(x):
+            blocks = -(-int(np.prod(np.shape(x.codes), dtype=np.int64)) // OPTIMIZER_BLOCK)
+            assert tuple(np.shape(x.absmax)) == (blocks,), (np.shape(x.codes), np.shape(x.absmax))
+            x = x.codes
+        if np.ndim(x) > 0:
+            state_shapes.append(tuple(np.shape(x)))
     stray = [s for s in state_shapes if s not in allowed]
     assert not stray, f"optimizer state holds non-LoRA leaves of shapes {stray[:5]}"
     expected = 3 * len(param_shapes)
