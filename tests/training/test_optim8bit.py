@@ -187,3 +187,49 @@ def test_plan_row_follows_the_state():
     for state, per_param in (("float32", 20), ("bfloat16", 16), ("8bit", 14 + 8 / 256)):
         rows = memory_plan(shape, seq=2048, optimizer_state=state).rows
         assert rows[lora_row(state)] == pytest.approx(per_param * n), state
+
+
+@pytest.mark.usefixtures("compilation_cache")
+def test_resume_with_8bit_state_equals_uninterrupted(assets, tmp_path):
+    """A run stopped after step 3 and resumed from its checkpoint (8-bit moments saved and restored by orbax) ends
+    where the uninterrupted run ends: the same adapters and the same loss at every step."""
+    import json
+    from pathlib import Path
+
+    from jqlora.run import Trainer
+
+    def cfg(out):
+        return load_config(None, [
+            f"model.path={assets / 'model'}", f"data.path={assets / 'train.jsonl'}", "data.max_length=48",
+            f"output_dir={out}", "lora.r=32", "train.log_every=1", "train.eval_every=0", "train.warmup_steps=1",
+            "train.learning_rate=1e-2", "train.max_steps=6", "train.save_every=3", "train.batch_size=2",
+            "train.grad_accum_steps=2", "train.optimizer_state=8bit"])
+
+    def losses(out):
+        rows = [json.loads(ln) for ln in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+        return [(r["step"], r.get("loss")) for r in rows]
+
+    straight = Trainer(cfg(tmp_path / "a"), export=False)
+    assert straight.run() == 0
+    leaves = jax.tree.leaves(straight.opt_state, is_leaf=lambda x: isinstance(x, Quantized8bit))
+    # both moments of 12 of the 14 adapter leaves in 8 bits (r=32; k/v_proj's B [2, 32, 32] are under 4096)
+    assert sum(isinstance(x, Quantized8bit) for x in leaves) == 2 * 12
+
+    first = Trainer(cfg(tmp_path / "b"), export=False)
+    one_step = first.one_step
+
+    def interrupted():  # a SIGINT arriving during step 3
+        out = one_step()
+        if first.step == 3:
+            first._stop_signal = 2
+        return out
+
+    first.one_step = interrupted
+    assert first.run() == 130 and first.run_dir.latest_step() == 3
+    second = Trainer(cfg(tmp_path / "b"), export=False)
+    assert second.run() == 0
+    for a, b in zip(jax.tree.leaves(second.lora), jax.tree.leaves(straight.lora)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    for a, b in zip(jax.tree.leaves(second.opt_state), jax.tree.leaves(straight.opt_state)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert losses(tmp_path / "b") == losses(tmp_path / "a")
