@@ -8,8 +8,9 @@
 
 AdamW (Loshchilov & Hutter, "Decoupled Weight Decay Regularization", 2019) is applied to whatever tree it is given;
 the train step gives it the LoRA parameters only (`nnx.split(model, nnx.LoRAParam, ...)`), so the frozen base model
-has no optimizer state at all. `optax.MultiSteps(every_k_schedule=k)` averages k micro-step gradients and applies
-the inner chain every k-th call; t counts optimizer steps (not micro-steps).
+has no optimizer state at all; train.optimizer_state stores Adam's two moments in float32 (`optax.adamw`), bfloat16
+or bitsandbytes' blockwise 8 bits (`jqlora.training.optim8bit`). `optax.MultiSteps(every_k_schedule=k)` averages k
+micro-step gradients and applies the inner chain every k-th call; t counts optimizer steps (not micro-steps).
 
 LoRA+ (Hayou, Ghosh & Yu, "LoRA+: Efficient Low Rank Adaptation of Large Models", 2024): with ``plus_ratio`` λ the
 B matrices (and DoRA magnitudes, 1-D like peft's ``groupB``) train with learning rate λ · lr(t), the A matrices with
