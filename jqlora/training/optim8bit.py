@@ -12,11 +12,13 @@ One step t (1-based), as bitsandbytes' blockwise CPU update orders it:
     state = quantize(m), quantize(v)                   (new absmax = max |·| of each block)
 
 then ``optax.add_decayed_weights`` and the learning rate, as `optax.adamw` (p ← p - lr · (u + λ p); bitsandbytes
-writes p (1 - lr λ) - lr · u: the same up to rounding). bfloat16: every moment is stored in bfloat16 (round to
-nearest), computed in float32 the same way. A bfloat16 v holds 8 significant bits: an increment below ~0.2% of it
-rounds away, so with β2 = 0.999 v stops decaying once (1 - β2) g² is that small next to it (after ~500 steps of
-steady gradients) and keeps its largest recent level (smaller, safer steps, like AMSGrad). The 8-bit state renormalizes
-every block each step and is the one that matches bitsandbytes (tests/training/test_optim8bit.py).
+writes p (1 - lr λ) - lr · u: the same up to rounding). The 8-bit state renormalizes every block each step (a decaying
+block decays through its float32 absmax) and matches bitsandbytes (tests/training/test_optim8bit.py).
+
+bfloat16: every moment is stored in bfloat16, computed in float32 as above, and rounded stochastically (the float32
+bit pattern plus 16 uniform random bits, truncated: E[stored] = the float32 value; the bits are a function of the
+step count and the leaf, so runs and resumes repeat). Round-to-nearest would freeze v: with β2 = 0.999 and g² < v,
+β2 v + (1 - β2) g² is within 0.1% of v, under half a bfloat16 step, so v would never decay.
 
 Layer-stacked LoRA leaves ([L, ...]) are one tensor here: its blocks run over the flattened stack (for Llama shapes
 each layer's slice is a whole number of blocks) and the 4096-element threshold applies to the whole stack.
@@ -72,9 +74,19 @@ def _load(s, signed: bool) -> jax.Array:
     return s.astype(jnp.float32)
 
 
-def _store(x: jax.Array, like, signed: bool):
+def round_bf16_stochastic(x: jax.Array, key: jax.Array) -> jax.Array:
+    """float32 → bfloat16, rounding up in magnitude with probability (the dropped low 16 bits) / 2^16."""
+    bits = jax.lax.bitcast_convert_type(x.astype(jnp.float32), jnp.uint32)
+    noise = jax.random.bits(key, x.shape, jnp.uint32) >> 16
+    kept = (bits + noise) & jnp.uint32(0xFFFF0000)
+    return jax.lax.bitcast_convert_type(kept, jnp.float32).astype(jnp.bfloat16)
+
+
+def _store(x: jax.Array, like, signed: bool, key: jax.Array):
     if is_quantized(like):
         return Quantized8bit(*quantize_dynamic(x, signed))
+    if like.dtype == jnp.bfloat16:
+        return round_bf16_stochastic(x, key)
     return x.astype(like.dtype)
 
 
@@ -98,13 +110,15 @@ def scale_by_adam_lowp(state: str = "8bit", b1: float = 0.9, b2: float = 0.999,
         grads, treedef = jax.tree.flatten(updates)
         mus, nus = treedef.flatten_up_to(st.mu), treedef.flatten_up_to(st.nu)
         out_u, out_m, out_v = [], [], []
-        for g, m_s, v_s in zip(grads, mus, nus):
+        step_key = jax.random.fold_in(jax.random.PRNGKey(0), count)
+        for i, (g, m_s, v_s) in enumerate(zip(grads, mus, nus)):
+            key_m, key_v = jax.random.split(jax.random.fold_in(step_key, i))
             g = g.astype(jnp.float32)
             m = b1 * _load(m_s, True) + (1.0 - b1) * g
             v = b2 * _load(v_s, False) + (1.0 - b2) * g * g
             out_u.append((m / c1) / (jnp.sqrt(v) / c2 + eps))
-            out_m.append(_store(m, m_s, True))
-            out_v.append(_store(v, v_s, False))
+            out_m.append(_store(m, m_s, True, key_m))
+            out_v.append(_store(v, v_s, False, key_v))
         unflat = lambda xs: jax.tree.unflatten(treedef, xs)  # noqa: E731
         return unflat(out_u), ScaleByAdamLowpState(count, unflat(out_m), unflat(out_v))
 

@@ -174,6 +174,10 @@ def test_check_state_is_lora_only_takes_8bit_and_bf16_states():
 
 
 def test_bad_optimizer_state_is_one_line():
+    from jqlora.config.base import OPTIMIZER_STATES
+    from jqlora.training.optim8bit import STATE_DTYPES
+
+    assert OPTIMIZER_STATES == STATE_DTYPES
     with pytest.raises(ConfigError) as e:
         load_config(None, ["train.optimizer_state=int4"])
     msg = str(e.value)
@@ -235,3 +239,23 @@ def test_resume_with_8bit_state_equals_uninterrupted(assets, tmp_path):
     for a, b in zip(jax.tree.leaves(second.opt_state), jax.tree.leaves(straight.opt_state)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     assert losses(tmp_path / "b") == losses(tmp_path / "a")
+
+
+@pytest.mark.parametrize("state", ["bfloat16", "8bit"])
+def test_second_moment_decays_as_float64(state):
+    """After one gradient of 1 and 499 of 0, v is (1 - β2) β2^499 and m (1 - β1) β1^499 (float64) on average: the
+    bfloat16 state rounds stochastically (round-to-nearest would leave v at 1 - β2 forever), the 8-bit one decays
+    through its block absmax."""
+    from jqlora.training.optim8bit import scale_by_adam_lowp
+
+    tx = scale_by_adam_lowp(state, B1, B2, EPS)
+    params = {"w": jnp.zeros((64, 64))}
+    st = tx.init(params)
+    update = jax.jit(tx.update)
+    for t in range(500):
+        _, st = update({"w": jnp.full((64, 64), 1.0 if t == 0 else 0.0)}, st, params)
+    load = (lambda q, signed: np.asarray(quant.dequantize_dynamic(q.codes, q.absmax, signed))) if state == "8bit" \
+        else (lambda x, _: np.asarray(x, np.float64))
+    v, m = load(st.nu["w"], False), load(st.mu["w"], True)
+    np.testing.assert_allclose(v.mean(), (1 - B2) * B2 ** 499, rtol=0.01)
+    np.testing.assert_allclose(m.mean(), (1 - B1) * B1 ** 499, rtol=0.02)
