@@ -160,11 +160,17 @@ def test_check_state_is_lora_only_takes_8bit_and_bf16_states():
 
     params = {"layer": {"lora_a": jnp.zeros((2, 4, 64)), "lora_b": jnp.zeros((2, 64, 4)), "big": jnp.zeros((80, 64))}}
     for state in ("float32", "bfloat16", "8bit"):
-        tx, _ = optim.make_optimizer(TrainConfig(optimizer_state=state, grad_accum_steps=2), 10)
-        opt_state = tx.init(params)
-        assert optim.check_state_is_lora_only(opt_state, params) == 9
-        leaves = jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, Quantized8bit))
-        assert sum(isinstance(x, Quantized8bit) for x in leaves) == (2 if state == "8bit" else 0)  # only 5120 >= 4096
+        for plus_ratio in (None, 4.0):  # (LoRA+: a multi-transform of three AdamW)
+            tx, _ = optim.make_optimizer(TrainConfig(optimizer_state=state, grad_accum_steps=2), 10, plus_ratio)
+            opt_state = tx.init(params)
+            assert optim.check_state_is_lora_only(opt_state, params) == 9
+            leaves = jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, Quantized8bit))
+            # only "big" (5120 elements) is over 4096
+            assert sum(isinstance(x, Quantized8bit) for x in leaves) == (2 if state == "8bit" else 0)
+            dtypes = {x.dtype for x in leaves if not isinstance(x, Quantized8bit) and x.shape == (2, 4, 64)}
+            assert dtypes == {jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16 if state == "bfloat16" else jnp.float32)}
+    tx, _ = optim.make_optimizer(TrainConfig(optimizer_state="8bit", grad_accum_steps=2), 10)
+    opt_state = tx.init(params)
     stray = dict(opt_state.inner_opt_state[-1][0].mu)
     opt_state = opt_state._replace(inner_opt_state=(*opt_state.inner_opt_state[:-1], (
         opt_state.inner_opt_state[-1][0]._replace(mu={"layer": {**stray["layer"], "extra": jnp.zeros((3, 3))}}),
