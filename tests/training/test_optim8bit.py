@@ -1,12 +1,11 @@
-"""train.optimizer_state (jqlora.training.optim8bit): the dynamic maps are bitsandbytes' own, the 8-bit AdamW follows
-bitsandbytes' AdamW8bit (CPU) step by step, its state passes the LoRA-only check and survives a checkpoint (resume =
-uninterrupted), the plan's adapter row follows the state, and a bad value is a one-line config error.
+"""train.optimizer_state (jqlora.training.optim8bit): the 8-bit AdamW follows bitsandbytes' AdamW8bit (CPU) step by
+step, its moments decay as float64 says (the bfloat16 ones too), its state passes the LoRA-only check and survives a
+checkpoint (resume = uninterrupted), the plan's adapter row follows the state, and a bad value is a one-line config
+error.
 
-Oracles: ``bitsandbytes.functional.create_dynamic_map``, ``bitsandbytes.optim.AdamW8bit`` on CPU torch tensors, and a
-float64 numpy nearest-entry search. bitsandbytes' CPU quantizer approximates its search near the midpoints between
-map entries (measured: ~0.07% of codes with the signed map, ~3% with the unsigned one); ours takes the exact
-nearest entry (as its CUDA kernel), so codes are compared by where they differ, not byte for byte.
-"""
+Oracles: ``bitsandbytes.optim.AdamW8bit`` on CPU torch tensors, and float64 numpy. bitsandbytes' CPU quantizer
+approximates its search near the midpoints between map entries (tests/quant/test_dynamic.py); ours takes the exact
+nearest entry (as its CUDA kernel), so codes are compared by where they differ, not byte for byte."""
 
 from __future__ import annotations
 
@@ -19,7 +18,6 @@ import optax
 import torch
 
 import bitsandbytes as bnb
-import bitsandbytes.functional as F
 
 from jqlora import quant
 from jqlora.config import ConfigError, load_config
@@ -29,12 +27,6 @@ from jqlora.training.optim8bit import Quantized8bit, adamw_lowp
 LR, B1, B2, EPS, WD = 1e-2, 0.9, 0.999, 1e-8, 0.01
 SHAPES = {"big": (40, 150), "small": (16, 100)}  # 6000 elements (23.4 blocks of 256: a partial last one) and 1600
 STEPS = 20
-
-
-def test_dynamic_maps_are_bitsandbytes():
-    for signed in (True, False):
-        assert np.array_equal(quant.dynamic_map(signed), F.create_dynamic_map(signed=signed).numpy()), signed
-    assert np.array_equal(quant.dynamic_map(True), quant.CODEBOOKS["dynamic8"])
 
 
 def _grads(rng, step):
