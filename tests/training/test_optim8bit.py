@@ -194,9 +194,11 @@ def test_plan_row_follows_the_state():
 
 
 @pytest.mark.usefixtures("compilation_cache")
-def test_resume_with_8bit_state_equals_uninterrupted(assets, tmp_path):
-    """A run stopped after step 3 and resumed from its checkpoint (8-bit moments saved and restored by orbax) ends
-    where the uninterrupted run ends: the same adapters and the same loss at every step."""
+@pytest.mark.parametrize("state", ["8bit", "bfloat16"])
+def test_resume_with_low_precision_state_equals_uninterrupted(assets, tmp_path, state):
+    """A run stopped after step 3 and resumed from its checkpoint (8-bit / bfloat16 moments saved and restored by
+    orbax; the stochastic rounding's bits follow the restored step count) ends where the uninterrupted run ends: the
+    same adapters, optimizer state and loss at every step."""
     import json
     from pathlib import Path
 
@@ -207,7 +209,7 @@ def test_resume_with_8bit_state_equals_uninterrupted(assets, tmp_path):
             f"model.path={assets / 'model'}", f"data.path={assets / 'train.jsonl'}", "data.max_length=48",
             f"output_dir={out}", "lora.r=32", "train.log_every=1", "train.eval_every=0", "train.warmup_steps=1",
             "train.learning_rate=1e-2", "train.max_steps=6", "train.save_every=3", "train.batch_size=2",
-            "train.grad_accum_steps=2", "train.optimizer_state=8bit"])
+            "train.grad_accum_steps=2", f"train.optimizer_state={state}"])
 
     def losses(out):
         rows = [json.loads(ln) for ln in (Path(out) / "metrics.jsonl").read_text().splitlines()]
@@ -216,8 +218,10 @@ def test_resume_with_8bit_state_equals_uninterrupted(assets, tmp_path):
     straight = Trainer(cfg(tmp_path / "a"), export=False)
     assert straight.run() == 0
     leaves = jax.tree.leaves(straight.opt_state, is_leaf=lambda x: isinstance(x, Quantized8bit))
-    # both moments of 12 of the 14 adapter leaves in 8 bits (r=32; k/v_proj's B [2, 32, 32] are under 4096)
-    assert sum(isinstance(x, Quantized8bit) for x in leaves) == 2 * 12
+    # 8bit: both moments of 12 of the 14 adapter leaves in 8 bits (r=32; k/v_proj's B [2, 32, 32] are under 4096)
+    assert sum(isinstance(x, Quantized8bit) for x in leaves) == (2 * 12 if state == "8bit" else 0)
+    if state == "bfloat16":
+        assert sum(getattr(x, "dtype", None) == jnp.bfloat16 for x in leaves) == 2 * 14
 
     first = Trainer(cfg(tmp_path / "b"), export=False)
     one_step = first.one_step
