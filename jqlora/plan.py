@@ -159,6 +159,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dtype", choices=tuple(DTYPES))
     ap.add_argument("--quant", choices=("nf4", "fp4", "none"))
     ap.add_argument("--dropout", type=float, help="LoRA dropout (default 0, or the --config's)")
+    ap.add_argument("--optimizer-state", choices=("float32", "bfloat16", "8bit"),
+                    help="how the AdamW moments are stored (train.optimizer_state; default float32, or the --config's)")
     ap.add_argument("--objective", choices=("sft", "grpo"), help="grpo: plan the rollout's KV cache of prompts × G "
                                                                "rows beside the train step (default: sft, or the --config's)")
     ap.add_argument("--generations", type=int, help="grpo: completions per prompt, G (default 8, or the --config's)")
@@ -214,7 +216,8 @@ def main(argv: list[str] | None = None) -> int:
                              "meta-llama/Meta-Llama-3-8B (or one in the local Hugging Face cache), a recipe's name, a local "
                              "model directory, or the shape with --model-config")
             shape, name = found
-        for key in ("seq", "batch", "remat", "r", "dtype", "quant", "data", "fsdp", "tensor", "dropout"):
+        for key in ("seq", "batch", "remat", "r", "dtype", "quant", "data", "fsdp", "tensor", "dropout",
+                    "optimizer_state"):
             if getattr(args, key) is not None:
                 settings[key] = getattr(args, key)
         _grpo_settings(args, settings, cfg if args.config else None)
@@ -335,7 +338,8 @@ def _compile_run_config(settings: dict[str, Any], cfg: Any | None) -> Any:
         batch //= 2
     return dc.replace(
         cfg, data=dc.replace(cfg.data, max_length=settings["seq"]),
-        train=dc.replace(cfg.train, batch_size=batch),
+        train=dc.replace(cfg.train, batch_size=batch,
+                         optimizer_state=settings.get("optimizer_state", cfg.train.optimizer_state)),
         lora=dc.replace(cfg.lora, r=settings["r"], targets=lora_targets, dropout=settings["dropout"]),
         model=dc.replace(cfg.model, dtype=settings["dtype"], quant=settings["quant"],
                          double_quant=settings["double_quant"], block_size=settings["block_size"]))

@@ -16,6 +16,7 @@ TRAIN_ON = ("completion", "last_turn", "all")
 LORA_INITS = ("default", "gaussian", "pissa", "loftq")  # = lora_init.INITS
 OVERLONG = ("truncate", "drop", "error")
 LR_SCHEDULES = ("cosine", "linear", "constant")
+OPTIMIZER_STATES = ("float32", "bfloat16", "8bit")  # = training.optim8bit.STATE_DTYPES
 REMAT_POLICIES = ("none", "full", "save_dots", "save_dots_no_batch", "offload")  # = models.llama.REMAT_POLICIES
 OBJECTIVES = ("sft", "dpo", "orpo", "simpo", "kto", "grpo")  # = training.preference.OBJECTIVES + grpo
 GRPO_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")  # = training.grpo.LOSS_TYPES

@@ -11,8 +11,8 @@ from typing import Any, Dict, Optional
 # the allowed values and the error type live in config.base; they are re-exported here (and by jqlora.config)
 from jqlora.config.base import (  # noqa: F401
     BLOCK_SIZES, COMMAND_LINE, DATA_FORMATS, DTYPES, FUSED_MODULES, GRPO_LOSS_TYPES, GRPO_SCALE_REWARDS, HEAD_MODULES,
-    LORA_INITS, LORA_MODULES, LR_SCHEDULES, OBJECTIVES, OVERLONG, PREFERENCE_LOSS_TYPES, QUANT_TYPES, REFERENCES,
-    REMAT_POLICIES, SFT_EVAL_METRICS, TRAIN_ON, TRUNCATION_MODES, ConfigError, _Invalid, _check, _one_of)
+    LORA_INITS, LORA_MODULES, LR_SCHEDULES, OBJECTIVES, OPTIMIZER_STATES, OVERLONG, PREFERENCE_LOSS_TYPES, QUANT_TYPES,
+    REFERENCES, REMAT_POLICIES, SFT_EVAL_METRICS, TRAIN_ON, TRUNCATION_MODES, ConfigError, _Invalid, _check, _one_of)
 from jqlora.config.objectives import GRPOConfig, PreferenceConfig
 
 
@@ -256,6 +256,9 @@ class TrainConfig:
     adam_b1: float = 0.9  # AdamW first-moment decay
     adam_b2: float = 0.999  # AdamW second-moment decay
     adam_eps: float = 1e-8  # AdamW epsilon
+    # float32 | bfloat16 | 8bit: how the AdamW moments of the adapters are stored (8bit: bitsandbytes' blockwise
+    # AdamW8bit, absmax per 256; tensors under 4096 elements stay float32); computed in float32 either way
+    optimizer_state: str = "float32"
     max_grad_norm: float = 1.0  # global-norm gradient clipping; 0 disables
     seed: int = 0  # LoRA init, dropout, data shuffling and the eval split
     # none | full | save_dots | save_dots_no_batch | offload: what the scanned layer body keeps for backward;
@@ -329,6 +332,7 @@ class TrainConfig:
         _check(0.0 <= self.adam_b1 < 1.0, "train.adam_b1", self.adam_b1, "must be in [0, 1)")
         _check(0.0 <= self.adam_b2 < 1.0, "train.adam_b2", self.adam_b2, "must be in [0, 1)")
         _check(self.adam_eps > 0, "train.adam_eps", self.adam_eps, "must be > 0")
+        _one_of(self.optimizer_state, "train.optimizer_state", OPTIMIZER_STATES)
         _check(self.max_grad_norm >= 0, "train.max_grad_norm", self.max_grad_norm, "must be >= 0 (0 disables)")
         _one_of(self.remat, "train.remat", REMAT_POLICIES + ("auto",))
         _check(self.log_every >= 1, "train.log_every", self.log_every, "must be >= 1")

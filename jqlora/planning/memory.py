@@ -13,7 +13,8 @@ of size H, L layers, V vocabulary, r LoRA rank, c = bytes of the compute dtype, 
                         embeddings / lm_head / norms (and the experts with model.quantize_experts=false) in the
                         compute dtype; split over P (norms replicated), as `jqlora.parallel` places them
     gathered layer      FSDP only: one layer's 4-bit kernels all-gathered, twice (the next layer is prefetched)
-    LoRA + AdamW        fp32 adapters + gradient + accumulated gradient (optax.MultiSteps) + 2 moments = 20 B/param,
+    LoRA + AdamW        fp32 adapters + gradient + accumulated gradient (optax.MultiSteps) + 2 moments = 20 B/param
+                        (train.optimizer_state bfloat16: 16; 8bit: 14 + 8/256),
                         split over fsdp
     residual stream     every remat policy but none: the scanned layer input, L · T·D·c
     saved matmuls       save_dots: every dot output of every layer (base, LoRA A and B; with XLA attention also its
@@ -40,6 +41,7 @@ from typing import Any
 from jqlora.lora import ADAPTABLE_MODULES as LINEARS
 from jqlora.models import ModelConfig, hf_key_table
 from jqlora.planning.model_shapes import PUBLISHED
+from jqlora.training.optim8bit import state_bytes_per_parameter
 
 NESTED = 256
 CE_CHUNK = 1024
@@ -159,7 +161,7 @@ def memory_plan(shape: ModelConfig, *, seq: int, batch: int = 1, data: int = 1, 
                 double_quant: bool = True, block_size: int = 64, dtype: str = "bfloat16",
                 ce_chunk: int = CE_CHUNK, name: str = "model", attention: str = "xla",
                 dropout: float = 0.0, experts: bool = False, quantize_experts: bool = True, objective: str = "sft",
-                new_tokens: int = 0, rollout_rows: int = 0) -> Plan:
+                new_tokens: int = 0, rollout_rows: int = 0, optimizer_state: str = "float32") -> Plan:
     """Bytes per device; ``batch`` is rows per device (each device of the data × fsdp axes sees its own rows).
     ``objective="grpo"``: `grpo_plan` (``seq`` the prompt tokens, ``batch`` completion rows per micro-step)."""
     if objective == "grpo":
@@ -167,7 +169,7 @@ def memory_plan(shape: ModelConfig, *, seq: int, batch: int = 1, data: int = 1, 
                          data=data, fsdp=fsdp, tensor=tensor, remat=remat, r=r, targets=targets, quant=quant,
                          double_quant=double_quant, block_size=block_size, dtype=dtype, name=name,
                          attention=attention, dropout=dropout, experts=experts,
-                         quantize_experts=quantize_experts)
+                         quantize_experts=quantize_experts, optimizer_state=optimizer_state)
     if remat not in REMATS:
         raise ValueError(f"remat {remat!r}: expected one of {', '.join(REMATS)}")
     c = DTYPE_BYTES[dtype]
@@ -187,7 +189,7 @@ def memory_plan(shape: ModelConfig, *, seq: int, batch: int = 1, data: int = 1, 
         layer = w["per_layer_quantized"] + (w["experts"] / L if float_experts else 0)
         rows["gathered layer (fsdp prefetch, x2)"] = 2 * layer * (1 - 1 / P)
     n_lora = lora_param_count(shape, r, targets, experts)
-    rows["LoRA params+grad+acc+AdamW (fp32)"] = 20 * n_lora / fsdp
+    rows[lora_row(optimizer_state)] = (12 + state_bytes_per_parameter(optimizer_state)) * n_lora / fsdp
     residual = L * T * D * c
     acts = T * (6 * D + 2 * N * H + 2 * K * H + 3 * F) * c / tensor
     if dropout > 0 and remat == "none":
@@ -233,6 +235,12 @@ def memory_plan(shape: ModelConfig, *, seq: int, batch: int = 1, data: int = 1, 
     return Plan(title, rows, w["total"], notes, host)
 
 
+def lora_row(optimizer_state: str = "float32") -> str:
+    """The plan's row of the adapters, their gradients and AdamW state (train.optimizer_state)."""
+    return "LoRA params+grad+acc+AdamW (" + {"float32": "fp32", "bfloat16": "fp32, bf16 moments",
+                                             "8bit": "fp32, 8-bit moments"}[optimizer_state] + ")"
+
+
 def settings_from_config(cfg: Any, axes: dict[str, int] | None = None) -> dict[str, Any]:
     """`memory_plan`'s settings from a run config; ``axes``: resolved mesh sizes (default: the config's, auto = 1)."""
     if axes is None:
@@ -256,6 +264,7 @@ def settings_from_config(cfg: Any, axes: dict[str, int] | None = None) -> dict[s
                 quant=cfg.model.quant, double_quant=cfg.model.double_quant and cfg.model.quant != "none",
                 block_size=cfg.model.block_size, experts=bool(getattr(cfg.lora, "experts", False)), **axes,
                 quantize_experts=bool(getattr(cfg.model, "quantize_experts", True)),
+                optimizer_state=getattr(cfg.train, "optimizer_state", "float32"),
                 targets=LINEARS if cfg.lora.targets == "all-linear" else tuple(cfg.lora.target_modules))
 
 

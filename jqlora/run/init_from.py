@@ -124,7 +124,7 @@ def from_run(path: str | os.PathLike, lora: Any, opt_state: Any | None, make_tx)
     else:
         opt_like = jax.tree.leaves(opt_state)
         what = "this run's adapters and optimizer (train.resume_optimizer=true needs the same train.max_grad_norm " \
-               "on/off)"
+               "on/off and train.optimizer_state)"
     tree = {"lora": lora, "opt": {f"{i:05d}": x for i, x in enumerate(opt_like)}, "rng": jax.random.PRNGKey(0)}
     try:
         state, _ = run.restore(step, tree)

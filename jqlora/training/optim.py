@@ -8,8 +8,9 @@
 
 AdamW (Loshchilov & Hutter, "Decoupled Weight Decay Regularization", 2019) is applied to whatever tree it is given;
 the train step gives it the LoRA parameters only (`nnx.split(model, nnx.LoRAParam, ...)`), so the frozen base model
-has no optimizer state at all. `optax.MultiSteps(every_k_schedule=k)` averages k micro-step gradients and applies
-the inner chain every k-th call; t counts optimizer steps (not micro-steps).
+has no optimizer state at all; train.optimizer_state stores Adam's two moments in float32 (`optax.adamw`), bfloat16
+or bitsandbytes' blockwise 8 bits (`jqlora.training.optim8bit`). `optax.MultiSteps(every_k_schedule=k)` averages k
+micro-step gradients and applies the inner chain every k-th call; t counts optimizer steps (not micro-steps).
 
 LoRA+ (Hayou, Ghosh & Yu, "LoRA+: Efficient Low Rank Adaptation of Large Models", 2024): with ``plus_ratio`` λ the
 B matrices (and DoRA magnitudes, 1-D like peft's ``groupB``) train with learning rate λ · lr(t), the A matrices with
@@ -27,6 +28,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+
+from jqlora.training.optim8bit import OPTIMIZER_BLOCK, is_quantized, adamw_lowp
 
 
 def make_schedule(train_cfg, total_steps: int) -> optax.Schedule:
@@ -101,8 +104,8 @@ def make_optimizer(train_cfg, total_steps: int, plus_ratio: float | None = None
         parts.append(optax.clip_by_global_norm(float(train_cfg.max_grad_norm)))
 
     def adamw(lr):
-        return optax.adamw(lr, b1=float(train_cfg.adam_b1), b2=float(train_cfg.adam_b2),
-                           eps=float(train_cfg.adam_eps), weight_decay=float(train_cfg.weight_decay))
+        return adamw_lowp(lr, train_cfg.optimizer_state, b1=float(train_cfg.adam_b1), b2=float(train_cfg.adam_b2),
+                          eps=float(train_cfg.adam_eps), weight_decay=float(train_cfg.weight_decay))
 
     if plus_ratio:
         ratio = float(plus_ratio)
@@ -126,11 +129,20 @@ def total_optimizer_steps(train_cfg, batches_per_epoch: int) -> int:
 def check_state_is_lora_only(opt_state, params) -> int:
     """Assert that every non-scalar optimizer leaf has the shape of a trained parameter; returns how many there are.
 
-    With MultiSteps ∘ (clip, AdamW) that is 3 per parameter: the accumulated gradient, Adam's mu and nu.
+    With MultiSteps ∘ (clip, AdamW) that is 3 per parameter: the accumulated gradient, Adam's mu and nu. An 8-bit
+    moment (train.optimizer_state=8bit) counts as one: its codes have the parameter's shape, beside them one absmax
+    per block of 256 of them.
     """
     param_shapes = [tuple(np.shape(x)) for x in jax.tree.leaves(params)]
     allowed = set(param_shapes)
-    state_shapes = [tuple(np.shape(x)) for x in jax.tree.leaves(opt_state) if np.ndim(x) > 0]
+    state_shapes = []
+    for x in jax.tree.leaves(opt_state, is_leaf=is_quantized):
+        if is_quantized(x):
+            blocks = -(-int(np.prod(np.shape(x.codes), dtype=np.int64)) // OPTIMIZER_BLOCK)
+            assert tuple(np.shape(x.absmax)) == (blocks,), (np.shape(x.codes), np.shape(x.absmax))
+            x = x.codes
+        if np.ndim(x) > 0:
+            state_shapes.append(tuple(np.shape(x)))
     stray = [s for s in state_shapes if s not in allowed]
     assert not stray, f"optimizer state holds non-LoRA leaves of shapes {stray[:5]}"
     expected = 3 * len(param_shapes)
