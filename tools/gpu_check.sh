@@ -11,9 +11,10 @@
 # (tools/fetch_wheels.sh writes it to tools/wheels, 41 MB; carry that folder). Without it the reference row says why.
 #
 # Stages, each independent (one that fails or runs out of time writes its error row and the next runs), each with a
-# time budget under an overall deadline (GPU_CHECK_BUDGET_S, default 460 s), all sharing XLA's persistent compilation
-# cache ($JAX_COMPILATION_CACHE_DIR, default /tmp/jqlora-gpu-check-xla: it outlives $OUT, so a rerun on the same warm
-# machine reads its programs back). Rows go to $OUT/gpu_check.jsonl (default ./gpu_check_out) as they are measured:
+# time budget (doubled by --smoke: GPU_CHECK_SMOKE_STAGE_SCALE) under an overall deadline (GPU_CHECK_BUDGET_S,
+# default 460 s), all sharing XLA's persistent compilation cache ($JAX_COMPILATION_CACHE_DIR, default
+# /tmp/jqlora-gpu-check-xla: it outlives $OUT, so a rerun on the same warm machine reads its programs back). Rows go
+# to $OUT/gpu_check.jsonl (default ./gpu_check_out) as they are measured:
 #   wheels      the carried wheels installed with --no-index --no-deps into a folder on PYTHONPATH (when there);
 #   env         versions, the device, which optional packages are missing;
 #   attention   cuDNN attention against the XLA path, output and gradients: causal / packed / sliding window, bf16
@@ -40,7 +41,9 @@ export JAX_COMPILATION_CACHE_DIR="${JAX_COMPILATION_CACHE_DIR:-/tmp/jqlora-gpu-c
 export JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0 JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES=-1
 mkdir -p "$JAX_COMPILATION_CACHE_DIR"
 
+STAGE_SCALE=1  # the stage budgets below are the GPU machine's (16 cores); a loaded 2-core CPU compiles slower
 if [[ $SMOKE == 1 ]]; then
+    STAGE_SCALE="${GPU_CHECK_SMOKE_STAGE_SCALE:-2}"  # (the overall deadline, $BUDGET, still holds)
     MODEL=tiny; SEQ=64; STEPS="--steps 2 --warmup 1"; MEM=8
     # bench's tiny shape, for the plan (which knows published shapes by name)
     PLAN_MODEL=(--model-config "$($PY -c 'import importlib.util as u, json, sys
@@ -57,7 +60,7 @@ left() { echo $(( BUDGET - ($(date +%s) - START) )); }
 # stage NAME SECONDS COMMAND...: run COMMAND under `timeout` (its budget, or what is left of the deadline if less),
 # its output in $OUT/NAME.log; the stage row says ok / error / timeout / skipped, its seconds and the log's last line
 stage() {
-    local name=$1 want=$2; shift 2
+    local name=$1 want=$(( $2 * STAGE_SCALE )); shift 2
     local have; have=$(left)
     local limit=$(( want < have ? want : have ))
     if (( limit < 5 )); then
@@ -143,7 +146,7 @@ print(json.dumps({"stage": "remat_auto_choice", "memory_gb": float(mem), "choice
 bench() {  # remat, reference, budget
     local name="bench_$1"
     stage "$name" "$3" $PY tools/bench.py --model "$MODEL" --seq "$SEQ" --remat "$1" $STEPS --init device \
-        --reference "$2" --timeout "$3" --out "$OUT/$name.json"
+        --reference "$2" --timeout "$(( $3 * STAGE_SCALE ))" --out "$OUT/$name.json"
     row "$($PY -c 'import json, sys
 doc = json.load(open(sys.argv[1])); r = doc["results"][0]; jq, ref = r["jqlora"], r["reference"]
 keep = ("step_ms_median", "tokens_per_s", "peak_bytes", "mfu", "error", "skipped")

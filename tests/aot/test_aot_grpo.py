@@ -11,7 +11,9 @@ shapes; at tiny ones the compiler's per-kernel temporaries do).
     cache and the plan's rollout phase;
 (a') the cache is held once, updated in place: at a shape where it dominates (16 prompt slots, 1024 new tokens,
     8 KV heads: a 128 MiB cache) the rollout's temporaries are at least the cache and under 1.25 caches (1.07;
-    a layer scan that returned a new cache each step held two: 2.05, the bound this replaces);
+    a layer scan that returned a new cache each step held two: 2.05, the bound this replaces). jax 0.11.2, the GPU
+    image's (the aot venv's pin), holds 1.50: it lays the cache out differently in the prefill's layer scan and in
+    the token loop and transposes K and V between them (an expected failure there until the code avoids it);
 (b) the train step keeps the completions' float32 logits [rows, T, V] (GRPO does not chunk its cross-entropy) and
     its compiled peak is within the plan's train phase, the plan at most 1.5x the compiled peak.
 """
@@ -21,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import re
 
+import jax
 import pytest
 
 from jqlora.config import load_config
@@ -79,6 +82,9 @@ def test_rollout_holds_the_planned_kv_cache(compiled):
     assert ro.peak_bytes <= rollout_phase <= 1.5 * ro.peak_bytes, (ro.peak_bytes, rollout_phase)
 
 
+@pytest.mark.xfail(tuple(map(int, jax.__version__.split(".")[:2])) < (0, 12), strict=True, reason=(
+    "jax 0.11.2 (the GPU image's) lays the cache out {2,4,3,1,0} in the prefill's layer scan and {4,3,2,1,0} in the "
+    "token loop, and transposes K and V between the two: temp 1.50 caches (0.12.0.1: 1.07)"))
 def test_rollout_updates_the_cache_in_place():
     shape = dataclasses.replace(SHAPE, num_key_value_heads=8)
     cfg = run_config()
