@@ -277,8 +277,8 @@ def compile_step_mesh(shape, cfg, gpu: str, *, data: int = 1, fsdp: int = 1, ten
     if remat == "auto":
         raise AotError("compile_step_mesh needs a concrete remat policy, not auto")
     devices = gpu_devices(gpu, data * fsdp * tensor)
-    mesh = Mesh(np.array(devices).reshape(data, fsdp, tensor), parallel.AXES,
-                axis_types=(jax.sharding.AxisType.Auto,) * 3)
+    mesh = Mesh(np.array(devices).reshape(data, fsdp, 1, tensor), parallel.AXES,  # (seq 1)
+                axis_types=(jax.sharding.AxisType.Auto,) * len(parallel.AXES))
     rows, seq = cfg.train.batch_size, cfg.data.max_length
     if rows % (data * fsdp):
         raise AotError(f"train.batch_size={rows} is not divisible by mesh data × fsdp = {data} × {fsdp}")

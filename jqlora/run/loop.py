@@ -134,7 +134,10 @@ class Trainer(Samples, Evaluation):
         except ValueError as e:
             raise UserError(str(e)) from None
         self.model = build_model(cfg, lambda shape: parallel.check_model_fits(
-            self.mesh, shape, self.tc.batch_size, self.tc.eval_batch_size), mesh=self.mesh, run_dir=self.out)
+            self.mesh, shape, self.tc.batch_size, self.tc.eval_batch_size, seq_len=cfg.data.max_length),
+            mesh=self.mesh, run_dir=self.out)
+        if self.mesh.shape["seq"] > 1:  # sequence parallelism: every row's tokens over the seq axis
+            self.model.seq_mesh = self.mesh
         self.tokenizer = tokenizer = load_tokenizer(cfg.model.tokenizer_path or cfg.model.path)
         self.train_ds, self.eval_ds = self._datasets(cfg, tokenizer)
         if self.eval_tasks is not None:

@@ -1,0 +1,266 @@
+"""Sequence (context) parallelism (`jqlora.models.sequence`, mesh.seq): a tiny 4-bit Llama with its tokens split
+over the seq axis of 8 host devices gives the single-device logits, LoRA gradients, eval sums and train-step losses,
+on packed rows (several documents a row, positions restarting, trailing padding) and on unpacked ones; and a mesh
+that cannot split the heads is refused with one line naming mesh.seq and the head counts.
+
+Tolerance (float32 throughout): logits 2e-5 absolute (values ~1), gradients 1e-5 relative L2 over all LoRA leaves
+(summation order differs: the CE sums per device then over the mesh, the weight gradients reduce over devices).
+
+Like test_sharding.py, the 8-device part runs in one subprocess (this file as a script, `--worker`), since other
+test files start JAX in this process first.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+N_DEVICES = 8
+# 8 query heads, 4 KV heads
+TINY = dict(model_type="llama", vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+            num_attention_heads=8, num_key_value_heads=4, head_dim=8)
+# (data, fsdp, tensor, seq)
+# seq8 repeats each KV head twice; fsdp2_seq2_tensor2 splits the 2 KV heads a tensor shard holds over seq
+MESHES = {"seq8": (1, 1, 1, 8), "fsdp2_seq2_tensor2": (1, 2, 2, 2)}
+B, S = 4, 32
+
+
+def _model(dropout: float):
+    """The tiny 4-bit model with random codes and scales filled in (no quantization compile)."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from jqlora.lora import LoraConfig, QuantSpec
+    from jqlora.models.llama import LlamaForCausalLM, ModelConfig
+
+    abstract = nnx.eval_shape(lambda: LlamaForCausalLM(ModelConfig(**TINY), LoraConfig(r=4, alpha=8, dropout=dropout),
+                                                       QuantSpec("nf4"), "float32", rngs=nnx.Rngs(0), remat="none"))
+    graphdef, state = nnx.split(abstract)
+    rng = np.random.default_rng(0)
+
+    def fill(path, x):
+        name = str(getattr(path[-1], "key", path[-1]))
+        if x.dtype == jnp.uint8:
+            value = rng.integers(0, 256, x.shape)
+        elif name in ("offset", "nested_absmax"):
+            value = np.full(x.shape, 0.05 if name == "offset" else 0.02)
+        elif name == "lora_a":
+            value = rng.uniform(-0.1, 0.1, x.shape)
+        elif name == "lora_b":
+            value = 0.02 * rng.normal(size=x.shape)
+        elif "norm" in str(path):
+            value = 1 + 0.1 * rng.normal(size=x.shape)
+        else:
+            value = 0.05 * rng.normal(size=x.shape)
+        return jnp.asarray(value, x.dtype)
+
+    leaves = [fill(p, x) for p, x in jax.tree_util.tree_leaves_with_path(state)]
+    return nnx.merge(graphdef, jax.tree.unflatten(jax.tree.structure(state), leaves))
+
+
+def _batches():
+    rng = np.random.default_rng(1)
+    ids = rng.integers(0, TINY["vocab_size"], (B, S + 1)).astype(np.int32)
+    seg = np.zeros((B, S), np.int32)
+    pos = np.zeros((B, S), np.int32)
+    for b in range(B):  # 1-3 documents a row (boundaries off the 8 shards' edges), then padding
+        cuts = np.sort(rng.choice(np.arange(3, S - 2), size=b % 3, replace=False))
+        end = S - 3 * b
+        start = 0
+        for i, stop in enumerate(list(cuts[cuts < end]) + [end]):
+            seg[b, start:stop], pos[b, start:stop] = i + 1, np.arange(stop - start)
+            start = stop
+    mask = ((rng.random((B, S)) < 0.8) & (seg > 0)).astype(np.int32)
+    packed = {"input_ids": ids[:, :-1], "targets": ids[:, 1:], "loss_mask": mask, "segment_ids": seg,
+              "positions": pos}
+    real = np.arange(S)[None] < (S - 3 * np.arange(B))[:, None]  # one document a row, right-padded
+    unpacked = {"input_ids": ids[:, :-1], "targets": ids[:, 1:], "loss_mask": mask * real,
+                "segment_ids": real.astype(np.int32), "positions": np.broadcast_to(np.arange(S, dtype=np.int32),
+                                                                                    (B, S)).copy()}
+    return {"packed": packed, "unpacked": unpacked}
+
+
+def worker() -> dict:
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from jqlora import parallel
+    from jqlora.config import load_config
+    from jqlora.training import optim
+    from jqlora.training import step as T
+
+    assert jax.device_count() == N_DEVICES, jax.devices()
+    cfg = load_config(None, ["train.grad_accum_steps=1", "train.warmup_steps=1", "train.learning_rate=1e-2"]).train
+    batches = _batches()
+    flat = lambda tree: np.concatenate([np.ravel(x) for x in jax.tree.leaves(tree)]).astype(np.float64)  # noqa
+
+    def run(mesh_shape):
+        model = _model(dropout=0.1)  # dropout on: its masks must not depend on the placement either
+        mesh = None
+        if mesh_shape is not None:
+            d, f, t, s = mesh_shape
+            mesh = parallel.make_mesh(d, f, t, seq=s)
+            parallel.check_model_fits(mesh, model.config, B, B, seq_len=S)
+            model.seq_mesh = mesh
+        split = T.SplitModel.of(model)
+        if mesh is None:
+            place = lambda x: jax.device_put(x, jax.devices()[0])  # noqa: E731
+            lora, frozen = place(split.lora), place(split.frozen)
+            put = lambda b: {k: place(jnp.asarray(v)) for k, v in b.items()}  # noqa: E731
+        else:
+            lora, frozen = parallel.shard_tree(split.lora, mesh), parallel.shard_tree(split.frozen, mesh)
+            put = lambda b: parallel.shard_batch(b, mesh)  # noqa: E731
+        grad_fns = {kind: T.make_grad_fn(split, ce_chunk=16, packed=kind == "packed") for kind in batches}
+        eval_fn = T.make_eval_stats_step(split, ce_chunk=16)
+        key = jax.random.PRNGKey(5)
+
+        @jax.jit
+        def forward_backward(lo, fr, bs):  # one compile for all of it (inner jits inline)
+            res = {}
+            for kind, b in bs.items():
+                model = nnx.merge(split.graphdef, split.to_state(lo), fr)
+                res[f"logits_{kind}"] = model(b["input_ids"], b["segment_ids"] if kind == "packed" else None,
+                                              b["positions"])
+                res[f"grads_{kind}"], res[f"loss_sum_{kind}"] = grad_fns[kind](lo, fr, b, key, jnp.float32(1.0))
+            b = bs["packed"]
+            res["eval"] = eval_fn(lo, fr, b)
+            res["hidden"] = nnx.merge(split.graphdef, split.to_state(lo), fr).hidden_states(
+                b["input_ids"], b["segment_ids"], b["positions"])
+            return res
+
+        res = forward_backward(lora, frozen, {kind: put(batch) for kind, batch in batches.items()})
+        out = {k: np.asarray(v) if k.startswith("logits") else flat(v) if k.startswith("grads") else v
+               for k, v in res.items() if k not in ("eval", "hidden")}
+        out["eval"] = [float(x) for x in res["eval"]]
+        out["hidden_spec"] = str(getattr(res["hidden"].sharding, "spec", None))
+        out["hidden_shard"] = list(res["hidden"].addressable_shards[0].data.shape)
+        b = put(batches["packed"])
+        tx, _ = optim.make_optimizer(cfg, 2)
+        opt_state = tx.init(lora) if mesh is None else parallel.shard_optimizer_state(tx.init(lora), lora, mesh)
+        step = T.make_train_step(split, tx, ce_chunk=16)
+        n = float(batches["packed"]["loss_mask"].sum())
+        lo = jax.tree.map(lambda x: jnp.array(x, copy=True), lora)
+        losses = []
+        for i in range(2):
+            lo, opt_state, loss_sum = step(lo, opt_state, frozen, b, jax.random.fold_in(key, i), jnp.float32(1 / n))
+            losses.append(float(loss_sum) / n)
+        out["losses"], out["lora_after"] = losses, flat(lo)
+        return out
+
+    base = run(None)
+    result = {}
+    for name, shape in MESHES.items():
+        got = run(shape)
+        r = {"hidden_spec": got["hidden_spec"], "hidden_shard": got["hidden_shard"], "eval": got["eval"],
+             "base_eval": base["eval"], "losses": got["losses"], "base_losses": base["losses"]}
+        for kind in ("packed", "unpacked"):
+            r[f"logits_{kind}_max_abs"] = float(np.abs(got[f"logits_{kind}"] - base[f"logits_{kind}"]).max())
+            g, g0 = got[f"grads_{kind}"], base[f"grads_{kind}"]
+            r[f"grads_{kind}_rel"] = float(np.linalg.norm(g - g0) / np.linalg.norm(g0))
+            r[f"loss_sum_{kind}"] = float(got[f"loss_sum_{kind}"])
+            r[f"base_loss_sum_{kind}"] = float(base[f"loss_sum_{kind}"])
+        a, a0 = got["lora_after"], base["lora_after"]
+        r["lora_after_rel"] = float(np.linalg.norm(a - a0) / np.linalg.norm(a0))
+        result[name] = r
+    # meshes the heads cannot split: refused naming mesh.seq and the head counts
+    from jqlora.models.llama import ModelConfig
+
+    errors = {}
+    for heads, kv, mesh_shape in ((8, 4, (1, 1, 1, 8)), (6, 2, (1, 2, 1, 4)), (12, 6, (1, 2, 1, 4))):
+        try:
+            cfg_ = ModelConfig(**{**TINY, "num_attention_heads": heads, "num_key_value_heads": kv})
+            d, f, t, s = mesh_shape
+            parallel.check_model_fits(parallel.make_mesh(d, f, t, seq=s), cfg_, B, None, seq_len=S)
+            errors[f"{heads}/{kv}"] = None
+        except ValueError as e:
+            errors[f"{heads}/{kv}"] = str(e)
+    try:
+        parallel.check_model_fits(parallel.make_mesh(1, 1, 1, seq=8), ModelConfig(**TINY), B, None, seq_len=36)
+        errors["length"] = None
+    except ValueError as e:
+        errors["length"] = str(e)
+    result["errors"] = errors
+    return result
+
+
+@pytest.fixture(scope="module")
+def multi():
+    flags = (f"--xla_force_host_platform_device_count={N_DEVICES} --xla_backend_optimization_level=0 "
+             "--xla_llvm_disable_expensive_passes=true")
+    env = dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu")
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
+    proc = subprocess.run([sys.executable, __file__, "--worker"], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("mesh", list(MESHES))
+@pytest.mark.parametrize("kind", ["packed", "unpacked"])
+def test_logits_and_lora_grads_equal_one_device(multi, mesh, kind):
+    r = multi[mesh]
+    assert r[f"logits_{kind}_max_abs"] < 2e-5, r
+    assert r[f"grads_{kind}_rel"] < 1e-5, r
+    np.testing.assert_allclose(r[f"loss_sum_{kind}"], r[f"base_loss_sum_{kind}"], rtol=1e-6)
+
+
+@pytest.mark.parametrize("mesh", list(MESHES))
+def test_train_and_eval_steps_equal_one_device(multi, mesh):
+    """2 AdamW steps (LoRA dropout on): the same losses and adapters; eval's loss sum, token count and hits."""
+    r = multi[mesh]
+    np.testing.assert_allclose(r["losses"], r["base_losses"], rtol=1e-5)
+    assert r["losses"][0] != r["losses"][1]  # the first step moved the adapters
+    assert r["lora_after_rel"] < 1e-5, r
+    np.testing.assert_allclose(r["eval"], r["base_eval"], rtol=1e-6)
+
+
+@pytest.mark.parametrize("mesh", list(MESHES))
+def test_hidden_states_split_over_seq(multi, mesh):
+    """Each device holds S / seq tokens of its rows: the memory the axis is for."""
+    r = multi[mesh]
+    d, f, t, s = MESHES[mesh]
+    assert "seq" in r["hidden_spec"], r["hidden_spec"]
+    assert r["hidden_shard"] == [B // (d * f), S // s, TINY["hidden_size"]], r
+
+
+def test_bad_seq_mesh_names_heads(multi):
+    e = multi["errors"]
+    assert e["8/4"] is None  # seq 8 over 4 KV heads: repeated
+    assert "mesh.seq=4" in e["6/2"] and "num_attention_heads=6" in e["6/2"], e
+    assert "mesh.seq=4" in e["12/6"] and "num_key_value_heads=6" in e["12/6"], e
+    assert "mesh.seq=8" in e["length"] and "data.max_length=36" in e["length"], e
+
+
+def test_mesh_seq_config_key():
+    from jqlora.config import ConfigError, load_config
+
+    assert load_config(None, []).mesh.seq == 1
+    assert load_config(None, ["mesh.seq=4"]).mesh.seq == 4
+    for bad in ("mesh.seq=0", "mesh.seq=auto", "mesh.seq=two"):
+        with pytest.raises(ConfigError, match=r"mesh\.seq"):
+            load_config(None, [bad])
+
+
+def test_seq_heads_rule():
+    """The rule without devices: N divisible by seq · tensor; the device's K / tensor KV heads split or repeat."""
+    from jqlora.parallel.mesh import check_seq_heads
+
+    for seq, tensor, n, k in ((8, 1, 32, 8), (8, 1, 64, 8), (4, 2, 32, 8), (8, 1, 8, 1), (2, 1, 2, 2)):
+        check_seq_heads(seq, tensor, n, k)  # Llama-3 8B / 70B, MQA
+    for seq, tensor, n, k in ((8, 1, 12, 4), (3, 1, 12, 4), (4, 2, 24, 6)):
+        with pytest.raises(ValueError, match=rf"mesh\.seq={seq}.*num_(attention|key_value)_heads"):
+            check_seq_heads(seq, tensor, n, k)
+
+
+if __name__ == "__main__" and "--worker" in sys.argv:
+    sys.path.insert(0, str(REPO))
+    print(json.dumps(worker()))
