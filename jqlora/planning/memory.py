@@ -153,8 +153,10 @@ def memory_plan(shape: ModelConfig, *, seq: int, batch: int = 1, data: int = 1, 
                 double_quant: bool = True, block_size: int = 64, dtype: str = "bfloat16",
                 ce_chunk: int = CE_CHUNK, name: str = "model", attention: str = "xla",
                 dropout: float = 0.0, experts: bool = False, quantize_experts: bool = True, objective: str = "sft",
-                new_tokens: int = 0, rollout_rows: int = 0) -> Plan:
+                new_tokens: int = 0, rollout_rows: int = 0, seq_parallel: int = 1) -> Plan:
     """Bytes per device; ``batch`` is rows per device (each device of the data × fsdp axes sees its own rows).
+    ``seq_parallel`` = mesh.seq: every row's tokens split over that many devices (Ulysses: the attention of a device
+    covers the whole row for N / seq_parallel heads), so every activation row divides by it, the weights do not.
     ``objective="grpo"``: `grpo_plan` (``seq`` the prompt tokens, ``batch`` completion rows per micro-step)."""
     if objective == "grpo":
         return grpo_plan(shape, prompt=seq, new_tokens=new_tokens, rows=batch, rollout_rows=rollout_rows,
@@ -171,7 +173,7 @@ def memory_plan(shape: ModelConfig, *, seq: int, batch: int = 1, data: int = 1, 
         F = 2 * shape.num_experts_per_tok * F
     N, K, H, V = shape.num_attention_heads, shape.num_key_value_heads, shape.head_dim, shape.vocab_size
     B, S = batch, seq
-    T = B * S
+    T = B * S / seq_parallel  # tokens a device holds; attention's [B, N, S, S]-sized rows divide by it too (heads)
     w = weight_bytes(shape, quant=quant, double_quant=double_quant, block_size=block_size, dtype_bytes=c,
                      quantize_experts=quantize_experts)
     rows: dict[str, float] = {}
@@ -190,12 +192,12 @@ def memory_plan(shape: ModelConfig, *, seq: int, batch: int = 1, data: int = 1, 
         # and 6 D-wide compute-dtype activations, q/k/v and the attention output
         acts = T * ((6 * F + 6 * D + 2 * N * H + 2 * K * H) * c + 2 * D * 4 + (5 * D + N * H + F)) / tensor
     flash = attention == "cudnn"
-    scores = (B * min(64, S) * N * S * 4 if flash else 2 * B * N * S * S * c) / tensor
+    scores = (B * min(64, S) * N * S * 4 if flash else 2 * B * N * S * S * c) / (tensor * seq_parallel)
     kernels = sum(O * I for O, I in linear_shapes(shape).values()) * c / tensor
     outs = T * (N * H + 2 * K * H + D + 2 * F + D) * c
     n_lin = len(targets)
     no_batch_dots = (2 * outs + T * r * n_lin * c) / tensor  # base and LoRA B outputs, LoRA A outputs
-    dots = no_batch_dots + (0 if flash else (B * N * S * S * c + T * N * H * c) / tensor)  # + attention's dots
+    dots = no_batch_dots + (0 if flash else (B * N * S * S * c / seq_parallel + T * N * H * c) / tensor)  # + attention's
     host: dict[str, float] = {}
     if remat == "none":
         rows["all layers' activations (no remat)"] = L * (acts + scores)
@@ -222,7 +224,8 @@ def memory_plan(shape: ModelConfig, *, seq: int, batch: int = 1, data: int = 1, 
     if remat == "offload":
         notes.append("offload: the saved matmuls live in pinned host memory (GPU; on a backend without it they stay "
                      "on the device, as save_dots_no_batch)")
-    title = (f"{name}: seq={S} batch={B}/device data={data} fsdp={fsdp} tensor={tensor} remat={remat} "
+    title = (f"{name}: seq={S} batch={B}/device data={data} fsdp={fsdp} tensor={tensor} "
+             f"{f'seq-parallel={seq_parallel} ' if seq_parallel > 1 else ''}remat={remat} "
              f"r={r} {quant}{'+dq' if double_quant else ''} {dtype}")
     return Plan(title, rows, w["total"], notes, host)
 
@@ -249,6 +252,7 @@ def settings_from_config(cfg: Any, axes: dict[str, int] | None = None) -> dict[s
                 dropout=cfg.lora.dropout, dtype=cfg.model.dtype,
                 quant=cfg.model.quant, double_quant=cfg.model.double_quant and cfg.model.quant != "none",
                 block_size=cfg.model.block_size, experts=bool(getattr(cfg.lora, "experts", False)), **axes,
+                seq_parallel=int(getattr(cfg.mesh, "seq", 1)),
                 quantize_experts=bool(getattr(cfg.model, "quantize_experts", True)),
                 targets=LINEARS if cfg.lora.targets == "all-linear" else tuple(cfg.lora.target_modules))
 

@@ -261,6 +261,31 @@ def test_seq_heads_rule():
             check_seq_heads(seq, tensor, n, k)
 
 
+def test_plan_divides_token_rows_by_seq_parallel():
+    """The plan of 8 × 2048 tokens split over seq 8 holds 2048 tokens' rows a device (residuals, CE hidden, the
+    layer's token activations), the same weights; attention with cuDNN (statistics linear in S, heads / 8) too."""
+    from jqlora import planning
+
+    shape = planning.BUILTIN["llama3-8b"]
+    one = planning.memory_plan(shape, seq=2048, remat="full", attention="cudnn")
+    split = planning.memory_plan(shape, seq=8 * 2048, remat="full", attention="cudnn", seq_parallel=8)
+    for row in ("base weights (4-bit + bf16)", "residual stream checkpoints", "cross-entropy chunk + final hidden"):
+        assert split.rows[row] == pytest.approx(one.rows[row]), row
+    # the working set: token activations as one device's, cuDNN's float32 statistics B·64·(N/8)·(8S)·4 the same
+    assert split.rows["layer working set (recomputed)"] == pytest.approx(one.rows["layer working set (recomputed)"])
+    assert "seq-parallel=8" in split.title
+
+
+def test_plan_cli_seq_parallel():
+    ok = subprocess.run([sys.executable, "-m", "jqlora.plan", "--model", "llama3-8b", "--seq", "16384",
+                         "--seq-parallel", "8"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert ok.returncode == 0 and "seq-parallel=8" in ok.stdout, ok.stderr
+    bad = subprocess.run([sys.executable, "-m", "jqlora.plan", "--model", "llama3-8b", "--seq-parallel", "3"],
+                         cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1, bad.stderr
+    assert "mesh.seq=3" in bad.stderr and "num_attention_heads=32" in bad.stderr, bad.stderr
+
+
 if __name__ == "__main__" and "--worker" in sys.argv:
     sys.path.insert(0, str(REPO))
     print(json.dumps(worker()))
