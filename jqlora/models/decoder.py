@@ -36,7 +36,7 @@ from jqlora.models.attention import NO_WINDOW, attention
 from jqlora.models.config import ModelConfig
 from jqlora.models.layers import MLP, NEFTUNE_KEY, Embed, LMHead, linear, neftune_noise, rms_norm
 from jqlora.models.rope import apply_rope, rope_tables
-from jqlora.models.sequence import check_tokens, constrain_tokens, seq_size, ulysses_attention
+from jqlora.models.sequence import constrain_tokens, splits, ulysses_attention
 from jqlora.models.stack import REMAT_POLICIES, _remat_policy, segment_positions, softcap
 
 
@@ -248,9 +248,8 @@ class CausalLM(nnx.Module):
             positions = (segment_positions(jnp.asarray(segment_ids)) if segment_ids is not None
                          else jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S)))
         pos_BS = jnp.asarray(positions, jnp.int32)
-        seq_mesh = self.seq_mesh if seq_size(self.seq_mesh) > 1 else None
+        seq_mesh = self.seq_mesh if splits(self.seq_mesh, B, S) else None
         if seq_mesh is not None:  # every token-wise op below on the device's own tokens (global positions)
-            check_tokens(seq_mesh, S)
             ids_BS, pos_BS = constrain_tokens(seq_mesh, ids_BS), constrain_tokens(seq_mesh, pos_BS)
         cos_RBSH, sin_RBSH = rope_tables(cfg, pos_BS, self.dtype)
         seg_BS = None if segment_ids is None else jnp.asarray(segment_ids)

@@ -31,6 +31,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -62,6 +63,14 @@ def constrain_tokens(mesh, x: jax.Array) -> jax.Array:
     """``x`` [B, S, ...] placed rows over data × fsdp and tokens over seq (the layout of the whole stack)."""
     spec = P(_rows(mesh), SEQ, *([None] * (x.ndim - 2)))
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+
+
+def splits(mesh, B: int, S: int) -> bool:
+    """Whether ``B`` rows of ``S`` tokens split over the mesh (rows over data × fsdp, tokens over seq > 1); rows that
+    do not (an evaluation harness's odd batch) run unsplit, placed by the compiler as without the seq axis."""
+    n = seq_size(mesh)
+    rows = int(np.prod([mesh.shape[a] for a in ROWS if a in mesh.shape])) if n > 1 else 1
+    return n > 1 and S % n == 0 and B % rows == 0
 
 
 def check_tokens(mesh, S: int) -> None:

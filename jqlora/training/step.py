@@ -35,7 +35,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jqlora.lora import SplitModel
-from jqlora.models.sequence import seq_size, token_sum
+from jqlora.models.sequence import splits, token_sum
 
 CE_CHUNK = 1024  # tokens per cross-entropy chunk
 STEP_KEYS = ("input_ids", "targets", "loss_mask", "segment_ids", "positions")
@@ -115,7 +115,7 @@ def _ce(model, ce_fn: Callable, h_BSD: jax.Array, batch: dict, ce_chunk: int):
 
     args = (h_BSD, model.lm_head_weight(), batch["targets"], batch["loss_mask"])
     mesh = getattr(model, "seq_mesh", None)
-    return token_sum(mesh, ce, *args) if seq_size(mesh) > 1 else ce(*args)
+    return token_sum(mesh, ce, *args) if splits(mesh, *h_BSD.shape[:2]) else ce(*args)
 
 
 def make_loss_fn(split: SplitModel, ce_chunk: int = CE_CHUNK, packed: bool = True,

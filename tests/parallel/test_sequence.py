@@ -1,7 +1,8 @@
 """Sequence (context) parallelism (`jqlora.models.sequence`, mesh.seq): a tiny 4-bit Llama with its tokens split
 over the seq axis of 8 host devices gives the single-device logits, LoRA gradients, eval sums and train-step losses,
-on packed rows (several documents a row, positions restarting, trailing padding) and on unpacked ones; and a mesh
-that cannot split the heads is refused with one line naming mesh.seq and the head counts.
+on packed rows (several documents a row, positions restarting, trailing padding) and on unpacked ones, with remat
+full and LoRA dropout on; and a mesh that cannot split the heads is refused with one line naming mesh.seq and the
+head counts.
 
 Tolerance (float32 throughout): logits 2e-5 absolute (values ~1), gradients 1e-5 relative L2 over all LoRA leaves
 (summation order differs: the CE sums per device then over the mesh, the weight gradients reduce over devices).
@@ -42,7 +43,7 @@ def _model(dropout: float):
     from jqlora.models.llama import LlamaForCausalLM, ModelConfig
 
     abstract = nnx.eval_shape(lambda: LlamaForCausalLM(ModelConfig(**TINY), LoraConfig(r=4, alpha=8, dropout=dropout),
-                                                       QuantSpec("nf4"), "float32", rngs=nnx.Rngs(0), remat="none"))
+                                                       QuantSpec("nf4"), "float32", rngs=nnx.Rngs(0), remat="full"))
     graphdef, state = nnx.split(abstract)
     rng = np.random.default_rng(0)
 
@@ -135,6 +136,8 @@ def worker() -> dict:
             res["eval"] = eval_fn(lo, fr, b)
             res["hidden"] = nnx.merge(split.graphdef, split.to_state(lo), fr).hidden_states(
                 b["input_ids"], b["segment_ids"], b["positions"])
+            # rows that do not split (3 rows of 30 tokens: an evaluation harness's batch) run unsplit, the same
+            res["logits_odd"] = nnx.merge(split.graphdef, split.to_state(lo), fr)(b["input_ids"][:3, :30])
             return res
 
         res = forward_backward(lora, frozen, {kind: put(batch) for kind, batch in batches.items()})
@@ -162,6 +165,7 @@ def worker() -> dict:
         got = run(shape)
         r = {"hidden_spec": got["hidden_spec"], "hidden_shard": got["hidden_shard"], "eval": got["eval"],
              "base_eval": base["eval"], "losses": got["losses"], "base_losses": base["losses"]}
+        r["logits_odd_max_abs"] = float(np.abs(got["logits_odd"] - base["logits_odd"]).max())
         for kind in ("packed", "unpacked"):
             r[f"logits_{kind}_max_abs"] = float(np.abs(got[f"logits_{kind}"] - base[f"logits_{kind}"]).max())
             g, g0 = got[f"grads_{kind}"], base[f"grads_{kind}"]
@@ -221,6 +225,7 @@ def test_train_and_eval_steps_equal_one_device(multi, mesh):
     assert r["losses"][0] != r["losses"][1]  # the first step moved the adapters
     assert r["lora_after_rel"] < 1e-5, r
     np.testing.assert_allclose(r["eval"], r["base_eval"], rtol=1e-6)
+    assert r["logits_odd_max_abs"] < 2e-5, r
 
 
 @pytest.mark.parametrize("mesh", list(MESHES))
