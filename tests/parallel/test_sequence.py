@@ -256,18 +256,22 @@ def test_train_cli_on_seq_mesh_equals_one_device(assets, tmp_path):
             "train.batch_size=2", "train.grad_accum_steps=1", "train.log_every=1", "train.warmup_steps=0",
             "train.learning_rate=1e-2", "log.tensorboard=false", "train.eval_every=0"]
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
-    run = lambda *a, env=None: subprocess.run([sys.executable, "-m", "jqlora.train", "--no-progress", *args, *a],  # noqa
-                                              capture_output=True, text=True, cwd=REPO, env=env, timeout=600)
-    one = run(f"output_dir={tmp_path / 'one'}", "mesh.fsdp=1")
-    four = run(f"output_dir={tmp_path / 'four'}", "mesh.fsdp=2", "mesh.seq=2", env=env)
-    assert one.returncode == 0 and four.returncode == 0, (one.stderr[-1500:], four.stderr[-1500:])
+
+    def start(*extra, env=None):
+        return subprocess.Popen([sys.executable, "-m", "jqlora.train", "--no-progress", *args, *extra], cwd=REPO,
+                                env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    procs = [start(f"output_dir={tmp_path / 'one'}", "mesh.fsdp=1"),  # (side by side: 2 cores)
+             start(f"output_dir={tmp_path / 'four'}", "mesh.fsdp=2", "mesh.seq=2", env=env),
+             start(f"output_dir={tmp_path / 'bad'}", "mesh.fsdp=2", "mesh.seq=2", "data.max_length=63", env=env)]
+    (_, e1), (_, e4), (_, bad_err) = (p.communicate(timeout=600) for p in procs)
+    assert procs[0].returncode == 0 and procs[1].returncode == 0, (e1[-1500:], e4[-1500:])
     a, b = ([json.loads(x) for x in (tmp_path / d / "metrics.jsonl").read_text().splitlines()] for d in ("one", "four"))
     a, b = [x["loss"] for x in a if "loss" in x], [x["loss"] for x in b if "loss" in x]
     assert len(a) == len(b) == 2 and a[0] != a[1]
     np.testing.assert_allclose(b, a, rtol=1e-5)
-    bad = run(f"output_dir={tmp_path / 'bad'}", "mesh.fsdp=2", "mesh.seq=2", "data.max_length=63", env=env)
-    assert bad.returncode != 0 and len(bad.stderr.strip().splitlines()) == 1, bad.stderr[-1500:]
-    assert "mesh.seq=2" in bad.stderr and "data.max_length=63" in bad.stderr, bad.stderr
+    assert procs[2].returncode != 0 and len(bad_err.strip().splitlines()) == 1, bad_err[-1500:]
+    assert "mesh.seq=2" in bad_err and "data.max_length=63" in bad_err, bad_err
     assert not (tmp_path / "bad" / "metrics.jsonl").exists()
 
 
