@@ -159,6 +159,22 @@ def worker() -> dict:
             r[f"loss_sum_{kind}"] = float(got[f"loss_sum_{kind}"])
             r[f"base_loss_sum_{kind}"] = float(base[f"loss_sum_{kind}"])
         result[name] = r
+    # what a device holds: the compiled gradient step's temporaries for one row of 2048 tokens (XLA attention)
+    long = {"input_ids": np.zeros((1, 2048), np.int32), "targets": np.zeros((1, 2048), np.int32),
+            "loss_mask": np.ones((1, 2048), np.float32), "segment_ids": np.ones((1, 2048), np.int32),
+            "positions": np.arange(2048, dtype=np.int32)[None]}
+    result["temp_bytes"] = {}
+    for seq in (1, 8):
+        model = _model(dropout=0.0)
+        mesh = parallel.make_mesh(1, 1, 1, seq=seq) if seq > 1 else None
+        model.seq_mesh = mesh
+        split = T.SplitModel.of(model)
+        args = ((parallel.shard_tree(split.lora, mesh), parallel.shard_tree(split.frozen, mesh),
+                 parallel.shard_batch(long, mesh)) if mesh else
+                jax.device_put((split.lora, split.frozen, long), jax.devices()[0]))
+        compiled = jax.jit(T.make_grad_fn(split, ce_chunk=256)).lower(*args, jax.random.PRNGKey(0),
+                                                                        jnp.float32(1.0)).compile()
+        result["temp_bytes"][seq] = int(compiled.memory_analysis().temp_size_in_bytes)
     # meshes the heads cannot split: refused naming mesh.seq and the head counts
     from jqlora.models.llama import ModelConfig
 
@@ -217,6 +233,14 @@ def test_hidden_states_split_over_seq(multi, mesh):
     d, f, t, s = MESHES[mesh]
     assert "seq" in r["hidden_spec"], r["hidden_spec"]
     assert r["hidden_shard"] == [B // (d * f), S // s, TINY["hidden_size"]], r
+
+
+def test_a_device_holds_an_eighth_of_the_row(multi):
+    """seq=8: the compiled gradient step's temporaries per device are 1/8 of one device's for the same 2048-token row
+    (activations, attention's scores for 1/8 of the heads, the CE's hidden states): 8 devices hold 8× the context.
+    (measured: 1/8.0)"""
+    t = multi["temp_bytes"]
+    assert t["8"] <= 1.1 * t["1"] / 8, t
 
 
 def test_bad_seq_mesh_names_heads(multi):
