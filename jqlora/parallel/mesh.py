@@ -6,7 +6,8 @@ partition rules that place every variable on it are in `jqlora.parallel.rules`).
             optimizer state are split; XLA all-gathers a layer's weights inside the scanned layer body
     seq     sequence (context) parallelism: every row's tokens are split, so N devices hold N× the context; attention
             swaps the sequence split for a head split around itself (Ulysses, `jqlora.models.sequence`), every other
-            op of the layer and the cross-entropy run on the device's own tokens; weights are replicated over it
+            op of the layer and the cross-entropy run on the device's own tokens; the weights, adapters and optimizer
+            state are split over it as over fsdp (`jqlora.parallel.rules`)
     tensor  tensor (Megatron) parallelism for unquantized kernels; for 4-bit kernels it is one more weight split
 """
 

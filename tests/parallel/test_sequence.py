@@ -175,6 +175,7 @@ def worker() -> dict:
         compiled = jax.jit(T.make_grad_fn(split, ce_chunk=256)).lower(*args, jax.random.PRNGKey(0),
                                                                         jnp.float32(1.0)).compile()
         result["temp_bytes"][seq] = int(compiled.memory_analysis().temp_size_in_bytes)
+        result.setdefault("frozen_bytes", {})[seq] = max(parallel.per_device_bytes((args[0], args[1])).values())
     # meshes the heads cannot split: refused naming mesh.seq and the head counts
     from jqlora.models.llama import ModelConfig
 
@@ -241,6 +242,9 @@ def test_a_device_holds_an_eighth_of_the_row(multi):
     (measured: 1/8.0)"""
     t = multi["temp_bytes"]
     assert t["8"] <= 1.1 * t["1"] / 8, t
+    # the weights and adapters too: the seq axis is one more FSDP axis for them (norms and scales stay whole)
+    w = multi["frozen_bytes"]
+    assert w["1"] / 8 <= w["8"] < 1.15 * w["1"] / 8, w
 
 
 def test_bad_seq_mesh_names_heads(multi):
