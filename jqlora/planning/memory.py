@@ -5,7 +5,7 @@
     python -m jqlora.plan --config configs/llama3-8b.yaml [key.sub=value ...] [--devices 8]
 
 Rows (bytes per device; B = rows per device, S = sequence, T = B·S tokens, D hidden, F MLP width, N/K query/KV heads
-of size H, L layers, V vocabulary, r LoRA rank, c = bytes of the compute dtype, P = fsdp × tensor):
+of size H, L layers, V vocabulary, r LoRA rank, c = bytes of the compute dtype, P = fsdp × seq × tensor):
 
     base weights        exact storage of the frozen model: per linear kernel of n values ceil(n/2) code bytes +
                         n/block absmax (1 byte with double quantization, else 4) + ceil(blocks/256)·4 nested scales
@@ -156,7 +156,8 @@ def memory_plan(shape: ModelConfig, *, seq: int, batch: int = 1, data: int = 1, 
                 new_tokens: int = 0, rollout_rows: int = 0, seq_parallel: int = 1) -> Plan:
     """Bytes per device; ``batch`` is rows per device (each device of the data × fsdp axes sees its own rows).
     ``seq_parallel`` = mesh.seq: every row's tokens split over that many devices (Ulysses: the attention of a device
-    covers the whole row for N / seq_parallel heads), so every activation row divides by it, the weights do not.
+    covers the whole row for N / seq_parallel heads), so every activation row divides by it, and the weights,
+    adapters and optimizer state are split over it as over fsdp (`jqlora.parallel.rules`).
     ``objective="grpo"``: `grpo_plan` (``seq`` the prompt tokens, ``batch`` completion rows per micro-step)."""
     if objective == "grpo":
         return grpo_plan(shape, prompt=seq, new_tokens=new_tokens, rows=batch, rollout_rows=rollout_rows,
@@ -167,7 +168,7 @@ def memory_plan(shape: ModelConfig, *, seq: int, batch: int = 1, data: int = 1, 
     if remat not in REMATS:
         raise ValueError(f"remat {remat!r}: expected one of {', '.join(REMATS)}")
     c = DTYPE_BYTES[dtype]
-    P = fsdp * tensor
+    P = fsdp * seq_parallel * tensor  # (the seq axis is one more FSDP axis for the weights)
     L, D, F = shape.num_hidden_layers, shape.hidden_size, shape.intermediate_size
     if shape.num_experts:  # MoE: each token runs k experts, in dispatch tiles padded up to ~2x (models/moe.py)
         F = 2 * shape.num_experts_per_tok * F
@@ -183,7 +184,7 @@ def memory_plan(shape: ModelConfig, *, seq: int, batch: int = 1, data: int = 1, 
         layer = w["per_layer_quantized"] + (w["experts"] / L if float_experts else 0)
         rows["gathered layer (fsdp prefetch, x2)"] = 2 * layer * (1 - 1 / P)
     n_lora = lora_param_count(shape, r, targets, experts)
-    rows["LoRA params+grad+acc+AdamW (fp32)"] = 20 * n_lora / fsdp
+    rows["LoRA params+grad+acc+AdamW (fp32)"] = 20 * n_lora / (fsdp * seq_parallel)
     residual = L * T * D * c
     acts = T * (6 * D + 2 * N * H + 2 * K * H + 3 * F) * c / tensor
     if dropout > 0 and remat == "none":
@@ -197,7 +198,8 @@ def memory_plan(shape: ModelConfig, *, seq: int, batch: int = 1, data: int = 1, 
     outs = T * (N * H + 2 * K * H + D + 2 * F + D) * c
     n_lin = len(targets)
     no_batch_dots = (2 * outs + T * r * n_lin * c) / tensor  # base and LoRA B outputs, LoRA A outputs
-    dots = no_batch_dots + (0 if flash else (B * N * S * S * c / seq_parallel + T * N * H * c) / tensor)  # + attention's
+    # + attention's dots
+    dots = no_batch_dots + (0 if flash else (B * N * S * S * c / seq_parallel + T * N * H * c) / tensor)
     host: dict[str, float] = {}
     if remat == "none":
         rows["all layers' activations (no remat)"] = L * (acts + scores)

@@ -305,14 +305,18 @@ def test_train_cli_on_seq_mesh_equals_one_device(assets, tmp_path):
 
 def test_plan_divides_token_rows_by_seq_parallel():
     """The plan of 8 × 2048 tokens split over seq 8 holds 2048 tokens' rows a device (residuals, CE hidden, the
-    layer's token activations), the same weights; attention with cuDNN (statistics linear in S, heads / 8) too."""
+    layer's token activations; attention with cuDNN: statistics linear in S, heads / 8), and the weights of fsdp 8."""
     from jqlora import planning
 
     shape = planning.BUILTIN["llama3-8b"]
     one = planning.memory_plan(shape, seq=2048, remat="full", attention="cudnn")
     split = planning.memory_plan(shape, seq=8 * 2048, remat="full", attention="cudnn", seq_parallel=8)
-    for row in ("base weights (4-bit + bf16)", "residual stream checkpoints", "cross-entropy chunk + final hidden"):
+    fsdp8 = planning.memory_plan(shape, seq=2048, remat="full", attention="cudnn", fsdp=8)
+    for row in ("residual stream checkpoints", "cross-entropy chunk + final hidden"):
         assert split.rows[row] == pytest.approx(one.rows[row]), row
+    for row in ("base weights (4-bit + bf16)", "LoRA params+grad+acc+AdamW (fp32)",
+                "gathered layer (fsdp prefetch, x2)"):
+        assert split.rows[row] == pytest.approx(fsdp8.rows[row]), row
     # the working set: token activations as one device's, cuDNN's float32 statistics B·64·(N/8)·(8S)·4 the same
     assert split.rows["layer working set (recomputed)"] == pytest.approx(one.rows["layer working set (recomputed)"])
     assert "seq-parallel=8" in split.title
