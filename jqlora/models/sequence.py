@@ -110,8 +110,10 @@ def ulysses_attention(mesh, q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Ar
     win = jnp.asarray(window, jnp.int32) if traced_window else jnp.zeros((), jnp.int32)
     seg = segment_ids if segment_ids is not None else jnp.zeros(q_BTNH.shape[:2], jnp.int32)
     fn = local if segment_ids is not None else (lambda q, k, v, _s, w: local(q, k, v, None, w))
+    # check_vma=False: every axis of size > 1 is mapped in q/k/v and out (no replicated cotangents to sum), and the
+    # kernels inside (cuDNN's custom call) need no varying-axes typing
     return jax.shard_map(fn, mesh=mesh, in_specs=(qkv_spec, qkv_spec, qkv_spec, seg_spec, P()),
-                         out_specs=qkv_spec)(q_BTNH, k_BSKH, v_BSKH, seg, win)
+                         out_specs=qkv_spec, check_vma=False)(q_BTNH, k_BSKH, v_BSKH, seg, win)
 
 
 def token_sum(mesh, fn: Callable[..., jax.Array], h_BSD: jax.Array, replicated: jax.Array,
