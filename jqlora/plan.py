@@ -151,6 +151,9 @@ def main(argv: list[str] | None = None) -> int:
                                                   "mesh deviceless for --gpu")
     ap.add_argument("--fsdp", default=None, help="mesh axis: devices the weights are sharded over (or auto)")
     ap.add_argument("--tensor", default=None, help="mesh axis: tensor-parallel devices (or auto)")
+    ap.add_argument("--seq-parallel", type=int, default=None, metavar="N",
+                    help="mesh.seq: every row's tokens split over N devices (sequence parallelism; the heads must "
+                         "divide by N); --compile compiles the mesh deviceless for --gpu")
     ap.add_argument("--devices", type=int, default=None, help="device count for 'auto' mesh axes (default 1)")
     ap.add_argument("--remat", choices=REMATS + ("auto",))
     ap.add_argument("--memory", type=float, help="GB per device: say whether the plan fits (and pick remat auto); "
@@ -178,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings: dict[str, Any] = dict(seq=2048, batch=1, data=1, fsdp=1, tensor=1, remat="full", r=16,
                                         dtype="bfloat16", quant="nf4", double_quant=True, block_size=64,
-                                        targets=M.LINEARS, dropout=0.0)
+                                        targets=M.LINEARS, dropout=0.0, seq_parallel=1)
         if args.overrides and not args.config:
             raise _Usage(f"overrides {args.overrides} need --config")
         shape = None
@@ -217,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
                              "model directory, or the shape with --model-config")
             shape, name = found
         for key in ("seq", "batch", "remat", "r", "dtype", "quant", "data", "fsdp", "tensor", "dropout",
-                    "optimizer_state"):
+                    "optimizer_state", "seq_parallel"):
             if getattr(args, key) is not None:
                 settings[key] = getattr(args, key)
         _grpo_settings(args, settings, cfg if args.config else None)
@@ -231,6 +234,15 @@ def main(argv: list[str] | None = None) -> int:
             if v == "auto":
                 axes[axis] = _resolve_axis("auto", axis, devices, fixed)
         settings.update(axes)
+        n_seq = int(settings["seq_parallel"])
+        if n_seq < 1:
+            raise _Usage(f"--seq-parallel {n_seq}: must be >= 1")
+        if n_seq > 1:  # (ValueError: one line naming mesh.seq and the head counts)
+            from jqlora.parallel.mesh import check_seq_heads
+
+            check_seq_heads(n_seq, int(axes["tensor"]), shape.num_attention_heads, shape.num_key_value_heads)
+            if int(settings["seq"]) % n_seq:
+                raise _Usage(f"--seq {settings['seq']} is not divisible by --seq-parallel {n_seq}")
         if args.config and args.batch is None:  # the recipe's global micro-batch, split over data × fsdp
             per_example = 1 if cfg.train.objective in ("sft", "grpo") else 2  # (preference: pairs of 2 rows)
             settings["batch"] = max(1, cfg.train.batch_size // (axes["data"] * axes["fsdp"])) * per_example
@@ -354,7 +366,8 @@ def _print_compiled(args, shape: ModelConfig, name: str, settings: dict[str, Any
     from jqlora.planning import aot
 
     axes = {a: int(settings[a]) for a in ("data", "fsdp", "tensor")}
-    on_mesh = any(v != 1 for v in axes.values())
+    seq_parallel = int(settings.get("seq_parallel", 1))
+    on_mesh = any(v != 1 for v in axes.values()) or seq_parallel > 1
     if on_mesh and args.gpu is None:
         raise _Usage("--compile on a mesh (--data / --fsdp / --tensor) compiles deviceless for a named GPU: give --gpu")
     if args.gpu is not None and args.gpu not in aot.GPUS:
@@ -368,14 +381,15 @@ def _print_compiled(args, shape: ModelConfig, name: str, settings: dict[str, Any
         import dataclasses as dc
 
         run = dc.replace(run, train=dc.replace(run.train, batch_size=run.train.batch_size * axes["data"] * axes["fsdp"]))
-        where = (f"{math.prod(axes.values())} x {args.gpu} (data {axes['data']} x fsdp {axes['fsdp']} x tensor "
-                 f"{axes['tensor']}), per device")
+        where = (f"{math.prod(axes.values()) * seq_parallel} x {args.gpu} (data {axes['data']} x fsdp "
+                 f"{axes['fsdp']} x seq {seq_parallel} x tensor {axes['tensor']}), per device")
         if auto:
             print(f"remat auto on a mesh: {remat} from the analytic plan (the compiled ranking covers one device)")
     try:
         if on_mesh:
             plan = M.memory_plan(shape, name=name, **{**settings, "remat": remat, "attention": "cudnn"})
-            c = aot.compiled_mesh(shape, run, args.gpu, remat, axes["data"], axes["fsdp"], axes["tensor"])
+            c = aot.compiled_mesh(shape, run, args.gpu, remat, axes["data"], axes["fsdp"], axes["tensor"],
+                                  seq_parallel)
             figures = {**c.memory, "peak": c.peak_bytes}
         elif auto:
             remat, peak, tried = M.choose_remat_compiled(shape, run, budget, args.gpu)

@@ -374,10 +374,14 @@ class MeshConfig:
     data: Any = 1  # data-parallel axis: batch split, weights replicated (int or "auto")
     fsdp: Any = "auto"  # fully-sharded data parallel: batch and weights/adapters/optimizer state split
     tensor: Any = 1  # tensor parallel: kernels split inside a layer (must divide the heads and the MLP width)
+    seq: int = 1  # sequence (context) parallel: every row's tokens split over seq devices (Ulysses attention)
 
     def __post_init__(self):
         for name in ("data", "fsdp", "tensor"):
             object.__setattr__(self, name, _mesh_size(getattr(self, name), f"mesh.{name}"))
+        seq = _mesh_size(self.seq, "mesh.seq")
+        _check(seq != "auto", "mesh.seq", self.seq, "must be a positive integer (the heads must divide by it)")
+        object.__setattr__(self, "seq", seq)
         autos = [n for n in ("data", "fsdp", "tensor") if getattr(self, n) == "auto"]
         if len(autos) > 1:
             raise _Invalid(f"mesh.{autos[-1]}", "mesh: at most one axis may be 'auto', got "

@@ -36,6 +36,7 @@ from jqlora.models.attention import NO_WINDOW, attention
 from jqlora.models.config import ModelConfig
 from jqlora.models.layers import MLP, NEFTUNE_KEY, Embed, LMHead, linear, neftune_noise, rms_norm
 from jqlora.models.rope import apply_rope, rope_tables
+from jqlora.models.sequence import constrain_tokens, splits, ulysses_attention
 from jqlora.models.stack import REMAT_POLICIES, _remat_policy, segment_positions, softcap
 
 
@@ -78,14 +79,19 @@ class Attention(nnx.Module):
         return apply_rope(q_BSNH, cos_BSR, sin_BSR), apply_rope(k_BSKH, cos_BSR, sin_BSR), v_BSKH
 
     def __call__(self, x_BSD, cos_BSH, sin_BSH, segment_ids_BS, window, *, implementation: str,
-                 deterministic: bool, keys) -> jax.Array:
+                 deterministic: bool, keys, seq_mesh=None) -> jax.Array:
         B, S, _ = x_BSD.shape
         N, H = self.num_heads, self.head_dim
         kw = lambda i: dict(deterministic=deterministic, key=None if keys is None else keys[i])  # noqa: E731
         q_BSNH, k_BSKH, v_BSKH = self.qkv(x_BSD, cos_BSH, sin_BSH, deterministic=deterministic, keys=keys)
-        out_BSNH = attention(q_BSNH, k_BSKH, v_BSKH, scale=self.scale, q_segment_ids=segment_ids_BS,
-                             kv_segment_ids=segment_ids_BS, window=window, implementation=implementation,
-                             logit_softcap=self.softcap)
+        if seq_mesh is not None:  # tokens split over the mesh's seq axis: Ulysses (sequence.py)
+            out_BSNH = ulysses_attention(seq_mesh, q_BSNH, k_BSKH, v_BSKH, scale=self.scale,
+                                         segment_ids=segment_ids_BS, window=window, implementation=implementation,
+                                         logit_softcap=self.softcap)
+        else:
+            out_BSNH = attention(q_BSNH, k_BSKH, v_BSKH, scale=self.scale, q_segment_ids=segment_ids_BS,
+                                 kv_segment_ids=segment_ids_BS, window=window, implementation=implementation,
+                                 logit_softcap=self.softcap)
         return self.o_proj(out_BSNH.reshape(B, S, N * H), **kw(3))
 
 
@@ -130,11 +136,11 @@ class DecoderLayer(nnx.Module):
         return h_BSD + mlp if stats_mask_T is None else (h_BSD + mlp, stats)
 
     def __call__(self, x_BSD, cos_BSH, sin_BSH, segment_ids_BS, window, *, implementation: str,
-                 deterministic: bool, key, stats_mask_T=None):
+                 deterministic: bool, key, stats_mask_T=None, seq_mesh=None):
         keys = None if key is None else jax.random.split(key, 7)
         attn = self.self_attn(self.input_layernorm(x_BSD), cos_BSH, sin_BSH, segment_ids_BS, window,
                               implementation=implementation, deterministic=deterministic,
-                              keys=None if keys is None else keys[:4])
+                              keys=None if keys is None else keys[:4], seq_mesh=seq_mesh)
         h_BSD = self.add_attention(x_BSD, attn)
         return self.add_mlp(h_BSD, deterministic=deterministic, keys=None if keys is None else keys[4:],
                             stats_mask_T=stats_mask_T)
@@ -164,7 +170,8 @@ class CausalLM(nnx.Module):
 
     ``remat`` (one of `REMAT_POLICIES`), ``scan_layers`` and ``attention`` (one of `ATTENTION_IMPLEMENTATIONS`:
     ``"auto"`` is cuDNN flash attention on a GPU backend, XLA elsewhere) are plain attributes that may be changed
-    between calls.
+    between calls; so is ``seq_mesh``: a mesh with a ``seq`` axis of size > 1 splits every row's tokens over it
+    (sequence parallelism, `sequence.py`), None (the default) leaves the placement to the inputs.
     """
 
     def __init__(
@@ -194,6 +201,7 @@ class CausalLM(nnx.Module):
         self.remat = remat
         self.scan_layers = scan_layers
         self.attention = attention
+        self.seq_mesh = None
         self.model = DecoderModel(cfg, lora, quant, dtype, jnp.dtype(lora_dtype), rngs)
         head_lora = lora.for_module("lm_head") if lora is not None else None
         if head_lora is not None and cfg.tie_word_embeddings:
@@ -240,6 +248,9 @@ class CausalLM(nnx.Module):
             positions = (segment_positions(jnp.asarray(segment_ids)) if segment_ids is not None
                          else jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S)))
         pos_BS = jnp.asarray(positions, jnp.int32)
+        seq_mesh = self.seq_mesh if splits(self.seq_mesh, B, S) else None
+        if seq_mesh is not None:  # every token-wise op below on the device's own tokens (global positions)
+            ids_BS, pos_BS = constrain_tokens(seq_mesh, ids_BS), constrain_tokens(seq_mesh, pos_BS)
         cos_RBSH, sin_RBSH = rope_tables(cfg, pos_BS, self.dtype)
         seg_BS = None if segment_ids is None else jnp.asarray(segment_ids)
         windows = [w if w is not None else NO_WINDOW for w in cfg.sliding_windows]
@@ -252,6 +263,8 @@ class CausalLM(nnx.Module):
             if key is None:
                 raise ValueError("NEFTune (embed_noise > 0) needs a PRNG key (key=...) when deterministic=False")
             h_BSD = h_BSD + neftune_noise(jax.random.fold_in(key, NEFTUNE_KEY), h_BSD.shape, embed_noise, h_BSD.dtype)
+        if seq_mesh is not None:
+            h_BSD = constrain_tokens(seq_mesh, h_BSD)
         graphdef, state = nnx.split(self.model.layers)
         use_dropout = not deterministic and self.lora_config is not None and self.lora_config.dropout > 0
         if use_dropout and key is None:
@@ -265,7 +278,7 @@ class CausalLM(nnx.Module):
                 rope = 0
             w = (window if shared_window is None else shared_window) if windowed else None
             out = layer(h, cos_RBSH[rope], sin_RBSH[rope], seg_BS, w, implementation=self.attention,
-                        deterministic=not use_dropout, key=layer_key, stats_mask_T=stats_mask_T)
+                        deterministic=not use_dropout, key=layer_key, stats_mask_T=stats_mask_T, seq_mesh=seq_mesh)
             return out if want_stats else (out, None)
 
         if self.remat != "none":

@@ -1,7 +1,10 @@
 """Partition rules: where every variable of the model lives on the data × fsdp × tensor mesh (`jqlora.parallel.mesh`).
 
 Activations and the batch are sharded along the batch axis over ("data", "fsdp") (`jqlora.parallel.batches`); the
-layer axis L of the stacked layers is never sharded (the layer scan walks it).
+layer axis L of the stacked layers is never sharded (the layer scan walks it). A seq axis (sequence parallelism,
+`jqlora.models.sequence`) splits the tokens of every row; for the weights it is one more FSDP axis: wherever a rule
+below says fsdp it means ("fsdp", "seq") first, then fsdp alone (a row of 1 and seq 8 still splits the weights 8
+ways), so the text keeps saying fsdp.
 
 Partition rules (by the variable's name and type; dims counted from the end so the leading L axis is ignored):
 
@@ -80,8 +83,11 @@ def _kind(var: Any) -> str:
     return "array"
 
 
+FSDP = ("fsdp", "seq")  # the weights' FSDP group: a seq axis (tokens split) shards the weights as fsdp does
+
+
 def _axes_present(mesh: Mesh, axes: tuple[str, ...]) -> tuple[str, ...]:
-    return tuple(a for a in axes if mesh.shape[a] > 1)
+    return tuple(a for a in axes if dict(mesh.shape).get(a, 1) > 1)
 
 
 def _spec_entry(axes: tuple[str, ...]) -> Any:
@@ -133,13 +139,13 @@ def _quant_spec(path: tuple[str, ...], name: str, shape: tuple[int, ...], ctx: _
     block = (2 * n_bytes) // n_blocks if n_blocks else 0
     # no partial last block (nor odd padding): only then is 2·bytes / blocks exactly a valid block size
     whole = n_blocks > 0 and 2 * n_bytes == n_blocks * block and block in BLOCK_SIZES
-    wanted = [("fsdp", "tensor"), ("fsdp",), ("tensor",)]
+    wanted = [FSDP + ("tensor",), FSDP, ("fsdp", "tensor"), ("fsdp",), ("tensor",)]
     if not _weight_axes_wanted(mesh, wanted):
         return P()
     axes = _pick_dim(mesh, n_blocks, wanted) if whole else ()
     if not axes:
         if name == "codes":
-            n_shards = mesh_size(mesh, _axes_present(mesh, ("fsdp", "tensor")))
+            n_shards = mesh_size(mesh, _axes_present(mesh, FSDP + ("tensor",)))
             why = "a partial last block" if not whole else f"{n_blocks} blocks do not split into {n_shards} shards"
             ctx.notes.append(f"{'.'.join(path)}: 4-bit kernel replicated ({why}; a shard never splits a block)")
         return P()
@@ -159,26 +165,28 @@ def _frozen_spec(path: tuple[str, ...], name: str, shape: tuple[int, ...], ctx: 
     where = ".".join(path + (name,))
     if module in EMBEDDINGS and name == "weight" and len(shape) >= 2:
         V, D = shape[-2], shape[-1]
-        axes = _pick_dim(mesh, V, [("fsdp", "tensor"), ("fsdp",)])
+        axes = _pick_dim(mesh, V, [FSDP + ("tensor",), FSDP, ("fsdp", "tensor"), ("fsdp",)])
         if axes:
             return _spec(len(shape), {-2: axes})
-        axes = _pick_dim(mesh, D, [("fsdp",)])
+        axes = _pick_dim(mesh, D, [FSDP, ("fsdp",)])
         if axes:
             return _spec(len(shape), {-1: axes})
-        if _axes_present(mesh, ("fsdp", "tensor")):
+        if _axes_present(mesh, FSDP + ("tensor",)):
             ctx.notes.append(f"{where}: replicated (neither V={V} nor D={D} divides over fsdp)")
         return P()
     linear = module in COLUMN_PARALLEL or module in ROW_PARALLEL
     if linear and name == "weight" and len(shape) >= 2:
         t_dim, f_dim = (-2, -1) if module in COLUMN_PARALLEL else (-1, -2)
         dims = {}
-        for dim, axis in ((t_dim, "tensor"), (f_dim, "fsdp")):
+        for dim, group in ((t_dim, ("tensor",)), (f_dim, FSDP)):
             size = shape[dim]
-            if mesh.shape[axis] > 1:
-                if size % mesh.shape[axis] == 0:
-                    dims[dim] = (axis,)
+            if _axes_present(mesh, group):
+                axes = _pick_dim(mesh, size, [group, group[:1]])
+                if axes:
+                    dims[dim] = axes
                 else:
-                    ctx.notes.append(f"{where}: dim {size} not split over {axis}={mesh.shape[axis]} (replicated)")
+                    n = mesh_size(mesh, _axes_present(mesh, group))
+                    ctx.notes.append(f"{where}: dim {size} not split over {'×'.join(group)}={n} (replicated)")
         return _spec(len(shape), dims)
     if linear and name == "bias" and module in COLUMN_PARALLEL:
         axes = _pick_dim(mesh, shape[-1], [("tensor",)])
@@ -191,7 +199,7 @@ def _lora_spec(path: tuple[str, ...], name: str, shape: tuple[int, ...], ctx: _C
     if len(shape) < 2 or name not in ("lora_a", "lora_b"):
         return P()
     dim = -2 if name == "lora_a" else -1  # A [.., I, R]: split I;  B [.., R, O]: split O
-    axes = _pick_dim(mesh, shape[dim], [("fsdp",)])
+    axes = _pick_dim(mesh, shape[dim], [FSDP, ("fsdp",)])
     return _spec(len(shape), {dim: axes}) if axes else P()
 
 

@@ -269,11 +269,12 @@ def gpu_devices(gpu: str, n: int) -> tuple:
 
 
 def compile_step_mesh(shape, cfg, gpu: str, *, data: int = 1, fsdp: int = 1, tensor: int = 1,
-                      remat: str | None = None, attention: str = "cudnn") -> CompiledStep:
-    """Compile the run's train step (``train.objective=sft``) for a data × fsdp × tensor mesh of ``gpu``s, deviceless,
-    with the partition rules `jqlora.run` places the model, the optimizer state and the batch by
-    (`jqlora.parallel`). ``cfg.train.batch_size`` is the global micro-batch (rows split over data × fsdp). The memory
-    figures are per device (the compiler's SPMD program is one device's)."""
+                      remat: str | None = None, attention: str = "cudnn", seq: int = 1) -> CompiledStep:
+    """Compile the run's train step (``train.objective=sft``) for a data × fsdp × seq × tensor mesh of ``gpu``s,
+    deviceless, with the partition rules `jqlora.run` places the model, the optimizer state and the batch by
+    (`jqlora.parallel`). ``cfg.train.batch_size`` is the global micro-batch (rows split over data × fsdp; with
+    ``seq`` > 1 every row's tokens over seq, `jqlora.models.sequence`). The memory figures are per device (the
+    compiler's SPMD program is one device's)."""
     import numpy as np
     from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
@@ -287,13 +288,19 @@ def compile_step_mesh(shape, cfg, gpu: str, *, data: int = 1, fsdp: int = 1, ten
     remat = remat or cfg.train.remat
     if remat == "auto":
         raise AotError("compile_step_mesh needs a concrete remat policy, not auto")
-    devices = gpu_devices(gpu, data * fsdp * tensor)
-    mesh = Mesh(np.array(devices).reshape(data, fsdp, tensor), parallel.AXES,
-                axis_types=(jax.sharding.AxisType.Auto,) * 3)
+    devices = gpu_devices(gpu, data * fsdp * seq * tensor)
+    mesh = Mesh(np.array(devices).reshape(data, fsdp, seq, tensor), parallel.AXES,
+                axis_types=(jax.sharding.AxisType.Auto,) * len(parallel.AXES))
     rows, seq = cfg.train.batch_size, cfg.data.max_length
     if rows % (data * fsdp):
         raise AotError(f"train.batch_size={rows} is not divisible by mesh data × fsdp = {data} × {fsdp}")
     model = abstract_model(shape, cfg, remat=remat, attention=attention)
+    if seq > 1:
+        try:
+            parallel.check_model_fits(mesh, shape, rows, seq_len=cfg.data.max_length)
+        except ValueError as e:
+            raise AotError(str(e)) from None
+        model.seq_mesh = mesh
     split = SplitModel.of(model)
     tx, _ = optim.make_optimizer(cfg.train, max(1, cfg.train.max_steps or 1), cfg.lora.plus_ratio)
 
@@ -328,6 +335,6 @@ def compile_step_mesh(shape, cfg, gpu: str, *, data: int = 1, fsdp: int = 1, ten
 
 
 @functools.lru_cache(maxsize=16)
-def compiled_mesh(shape, cfg, gpu: str, remat: str, data: int, fsdp: int, tensor: int) -> CompiledStep:
+def compiled_mesh(shape, cfg, gpu: str, remat: str, data: int, fsdp: int, tensor: int, seq: int = 1) -> CompiledStep:
     """`compile_step_mesh`, once per (shape, run config, GPU, policy, mesh) in this process."""
-    return compile_step_mesh(shape, cfg, gpu, data=data, fsdp=fsdp, tensor=tensor, remat=remat)
+    return compile_step_mesh(shape, cfg, gpu, data=data, fsdp=fsdp, tensor=tensor, remat=remat, seq=seq)

@@ -5,7 +5,7 @@
     python -m jqlora.plan --config configs/llama3-8b.yaml [key.sub=value ...] [--devices 8]
 
 Rows (bytes per device; B = rows per device, S = sequence, T = B·S tokens, D hidden, F MLP width, N/K query/KV heads
-of size H, L layers, V vocabulary, r LoRA rank, c = bytes of the compute dtype, P = fsdp × tensor):
+of size H, L layers, V vocabulary, r LoRA rank, c = bytes of the compute dtype, P = fsdp × seq × tensor):
 
     base weights        exact storage of the frozen model: per linear kernel of n values ceil(n/2) code bytes +
                         n/block absmax (1 byte with double quantization, else 4) + ceil(blocks/256)·4 nested scales
@@ -161,8 +161,12 @@ def memory_plan(shape: ModelConfig, *, seq: int, batch: int = 1, data: int = 1, 
                 double_quant: bool = True, block_size: int = 64, dtype: str = "bfloat16",
                 ce_chunk: int = CE_CHUNK, name: str = "model", attention: str = "xla",
                 dropout: float = 0.0, experts: bool = False, quantize_experts: bool = True, objective: str = "sft",
-                new_tokens: int = 0, rollout_rows: int = 0, optimizer_state: str = "float32") -> Plan:
+                new_tokens: int = 0, rollout_rows: int = 0, optimizer_state: str = "float32",
+                seq_parallel: int = 1) -> Plan:
     """Bytes per device; ``batch`` is rows per device (each device of the data × fsdp axes sees its own rows).
+    ``seq_parallel`` = mesh.seq: every row's tokens split over that many devices (Ulysses: the attention of a device
+    covers the whole row for N / seq_parallel heads), so every activation row divides by it, and the weights,
+    adapters and optimizer state are split over it as over fsdp (`jqlora.parallel.rules`).
     ``objective="grpo"``: `grpo_plan` (``seq`` the prompt tokens, ``batch`` completion rows per micro-step)."""
     if objective == "grpo":
         return grpo_plan(shape, prompt=seq, new_tokens=new_tokens, rows=batch, rollout_rows=rollout_rows,
@@ -173,13 +177,13 @@ def memory_plan(shape: ModelConfig, *, seq: int, batch: int = 1, data: int = 1, 
     if remat not in REMATS:
         raise ValueError(f"remat {remat!r}: expected one of {', '.join(REMATS)}")
     c = DTYPE_BYTES[dtype]
-    P = fsdp * tensor
+    P = fsdp * seq_parallel * tensor  # (the seq axis is one more FSDP axis for the weights)
     L, D, F = shape.num_hidden_layers, shape.hidden_size, shape.intermediate_size
     if shape.num_experts:  # MoE: each token runs k experts, in dispatch tiles padded up to ~2x (models/moe.py)
         F = 2 * shape.num_experts_per_tok * F
     N, K, H, V = shape.num_attention_heads, shape.num_key_value_heads, shape.head_dim, shape.vocab_size
     B, S = batch, seq
-    T = B * S
+    T = B * S / seq_parallel  # tokens a device holds; attention's [B, N, S, S]-sized rows divide by it too (heads)
     w = weight_bytes(shape, quant=quant, double_quant=double_quant, block_size=block_size, dtype_bytes=c,
                      quantize_experts=quantize_experts)
     rows: dict[str, float] = {}
@@ -189,7 +193,8 @@ def memory_plan(shape: ModelConfig, *, seq: int, batch: int = 1, data: int = 1, 
         layer = w["per_layer_quantized"] + (w["experts"] / L if float_experts else 0)
         rows["gathered layer (fsdp prefetch, x2)"] = 2 * layer * (1 - 1 / P)
     n_lora = lora_param_count(shape, r, targets, experts)
-    rows[lora_row(optimizer_state)] = (12 + state_bytes_per_parameter(optimizer_state)) * n_lora / fsdp
+    per_parameter = 12 + state_bytes_per_parameter(optimizer_state)
+    rows[lora_row(optimizer_state)] = per_parameter * n_lora / (fsdp * seq_parallel)
     residual = L * T * D * c
     acts = T * (6 * D + 2 * N * H + 2 * K * H + 3 * F) * c / tensor
     if dropout > 0 and remat == "none":
@@ -198,12 +203,13 @@ def memory_plan(shape: ModelConfig, *, seq: int, batch: int = 1, data: int = 1, 
         # and 6 D-wide compute-dtype activations, q/k/v and the attention output
         acts = T * ((6 * F + 6 * D + 2 * N * H + 2 * K * H) * c + 2 * D * 4 + (5 * D + N * H + F)) / tensor
     flash = attention == "cudnn"
-    scores = (B * min(64, S) * N * S * 4 if flash else 2 * B * N * S * S * c) / tensor
+    scores = (B * min(64, S) * N * S * 4 if flash else 2 * B * N * S * S * c) / (tensor * seq_parallel)
     kernels = sum(O * I for O, I in linear_shapes(shape).values()) * c / tensor
     outs = T * (N * H + 2 * K * H + D + 2 * F + D) * c
     n_lin = len(targets)
     no_batch_dots = (2 * outs + T * r * n_lin * c) / tensor  # base and LoRA B outputs, LoRA A outputs
-    dots = no_batch_dots + (0 if flash else (B * N * S * S * c + T * N * H * c) / tensor)  # + attention's dots
+    # + attention's dots
+    dots = no_batch_dots + (0 if flash else (B * N * S * S * c / seq_parallel + T * N * H * c) / tensor)
     host: dict[str, float] = {}
     if remat == "none":
         rows["all layers' activations (no remat)"] = L * (acts + scores)
@@ -230,7 +236,8 @@ def memory_plan(shape: ModelConfig, *, seq: int, batch: int = 1, data: int = 1, 
     if remat == "offload":
         notes.append("offload: the saved matmuls live in pinned host memory (GPU; on a backend without it they stay "
                      "on the device, as save_dots_no_batch)")
-    title = (f"{name}: seq={S} batch={B}/device data={data} fsdp={fsdp} tensor={tensor} remat={remat} "
+    title = (f"{name}: seq={S} batch={B}/device data={data} fsdp={fsdp} tensor={tensor} "
+             f"{f'seq-parallel={seq_parallel} ' if seq_parallel > 1 else ''}remat={remat} "
              f"r={r} {quant}{'+dq' if double_quant else ''} {dtype}")
     return Plan(title, rows, w["total"], notes, host)
 
@@ -263,6 +270,7 @@ def settings_from_config(cfg: Any, axes: dict[str, int] | None = None) -> dict[s
                 dropout=cfg.lora.dropout, dtype=cfg.model.dtype,
                 quant=cfg.model.quant, double_quant=cfg.model.double_quant and cfg.model.quant != "none",
                 block_size=cfg.model.block_size, experts=bool(getattr(cfg.lora, "experts", False)), **axes,
+                seq_parallel=int(getattr(cfg.mesh, "seq", 1)),
                 quantize_experts=bool(getattr(cfg.model, "quantize_experts", True)),
                 optimizer_state=getattr(cfg.train, "optimizer_state", "float32"),
                 targets=LINEARS if cfg.lora.targets == "all-linear" else tuple(cfg.lora.target_modules))

@@ -135,6 +135,8 @@ class Trainer(Samples, Evaluation):
             raise UserError(str(e)) from None
         self.model = build_model(cfg, lambda shape: self._before_weights(cfg, shape), mesh=self.mesh,
                                  run_dir=self.out)
+        if self.mesh.shape["seq"] > 1:  # sequence parallelism: every row's tokens over the seq axis
+            self.model.seq_mesh = self.mesh
         if self.eval_tasks is not None:
             self.eval_tasks.tokenizer = self.tokenizer
         self.iterator = self._make_iterator(cfg)
@@ -171,7 +173,8 @@ class Trainer(Samples, Evaluation):
         """What needs the model's config.json but no weight (seconds, not the minutes of loading): the model fits the
         mesh, the tokenizer and the data are read, and both are within the model's vocabulary (`jqlora.data.vocab`:
         an id past vocab_size gives NaN losses, not an error)."""
-        parallel.check_model_fits(self.mesh, shape, self.tc.batch_size, self.tc.eval_batch_size)
+        parallel.check_model_fits(self.mesh, shape, self.tc.batch_size, self.tc.eval_batch_size,
+                                  seq_len=cfg.data.max_length)
         where = cfg.model.tokenizer_path or cfg.model.path
         self.tokenizer = tokenizer = load_tokenizer(where)
         check_tokenizer(tokenizer, where, shape.vocab_size, cfg.model.path)

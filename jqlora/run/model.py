@@ -72,7 +72,8 @@ def build_model(cfg, check: Callable[[Any], None] | None = None, mesh=None, run_
                 check(shape)
             except ValueError as e:
                 raise UserError(str(e).splitlines()[0]) from None
-        axes = {k: int(v) for k, v in mesh.shape.items()} if mesh is not None else None
+        # (the plan's axes: data, fsdp, tensor; a seq axis splits the tokens, not the weights)
+        axes = {k: int(v) for k, v in mesh.shape.items() if k != "seq"} if mesh is not None else None
         remat, why = resolve_remat(cfg, shape, axes)
         if cfg.train.remat == "auto":
             log.info(why)

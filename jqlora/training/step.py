@@ -35,6 +35,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jqlora.lora import SplitModel
+from jqlora.models.sequence import splits, token_sum
 
 CE_CHUNK = 1024  # tokens per cross-entropy chunk
 STEP_KEYS = ("input_ids", "targets", "loss_mask", "segment_ids", "positions")
@@ -106,6 +107,17 @@ def full_ce_sum(logits_BSV: jax.Array, targets_BS: jax.Array, mask_BS: jax.Array
     return jnp.sum(nll * mask_BS.astype(jnp.float32))
 
 
+def _ce(model, ce_fn: Callable, h_BSD: jax.Array, batch: dict, ce_chunk: int):
+    """``ce_fn`` (`chunked_ce_sum` or `chunked_ce_and_correct`) of the batch; with the tokens split over a seq mesh
+    axis (`jqlora.models.sequence`) each device's own tokens in chunks, summed over the mesh: the same sums."""
+    def ce(h, w, t, m):
+        return ce_fn(h, w, t, m, ce_chunk, logit_cap=model.config.final_softcap)
+
+    args = (h_BSD, model.lm_head_weight(), batch["targets"], batch["loss_mask"])
+    mesh = getattr(model, "seq_mesh", None)
+    return token_sum(mesh, ce, *args) if splits(mesh, *h_BSD.shape[:2]) else ce(*args)
+
+
 def make_loss_fn(split: SplitModel, ce_chunk: int = CE_CHUNK, packed: bool = True,
                  aux_coef: float = 0.0, neftune_alpha: float = 0.0) -> Callable:
     """loss_fn(lora, frozen, batch, rng, deterministic) -> (Σ token losses, number of trained tokens), and with
@@ -130,8 +142,7 @@ def make_loss_fn(split: SplitModel, ce_chunk: int = CE_CHUNK, packed: bool = Tru
                                   batch["positions"], deterministic=deterministic, key=rng,
                                   router_stats_mask=mask_BS, embed_noise=neftune_alpha)
         h_BSD, stats_L2E = out if aux_coef else (out, None)
-        loss_sum = chunked_ce_sum(h_BSD, model.lm_head_weight(), batch["targets"], batch["loss_mask"], ce_chunk,
-                                  logit_cap=model.config.final_softcap)
+        loss_sum = _ce(model, chunked_ce_sum, h_BSD, batch, ce_chunk)
         n = jnp.sum(batch["loss_mask"].astype(jnp.float32))
         if not aux_coef:
             return loss_sum, n
@@ -192,8 +203,7 @@ def make_eval_stats_step(split: SplitModel, ce_chunk: int = CE_CHUNK) -> Callabl
         model = nnx.merge(split.graphdef, split.to_state(lora), frozen)
         h_BSD = model.hidden_states(batch["input_ids"], batch["segment_ids"], batch["positions"],
                                     deterministic=True, key=None)
-        loss_sum, right = chunked_ce_and_correct(h_BSD, model.lm_head_weight(), batch["targets"], batch["loss_mask"],
-                                                 ce_chunk, logit_cap=model.config.final_softcap)
+        loss_sum, right = _ce(model, chunked_ce_and_correct, h_BSD, batch, ce_chunk)
         return loss_sum, jnp.sum(batch["loss_mask"].astype(jnp.float32)), right
 
     return jax.jit(stats)
