@@ -16,7 +16,7 @@ from jqlora.checkpoints.conversion import is_jqlora_dir, load_jqlora
 from jqlora.checkpoints.errors import ConvertError
 from jqlora.checkpoints.reader import Checkpoint, check_checkpoint
 from jqlora.checkpoints.sharded import from_hf_tensors_sharded
-from jqlora.lora import LoraConfig
+from jqlora.lora import LoraConfig, QuantSpec
 from jqlora.models import LlamaForCausalLM, ModelConfig, TensorGetter, from_hf_tensors, hf_key_table
 
 
@@ -32,6 +32,7 @@ def load_checkpoint(
     remat: str = "full",
     mesh: Mesh | None = None,
     quantize_experts: bool = True,
+    head_quant: QuantSpec | None = None,
 ) -> LlamaForCausalLM:
     """Load a model from a Hugging Face directory (converted on the fly) or a `python -m jqlora.convert` output.
 
@@ -46,11 +47,19 @@ def load_checkpoint(
     ``mesh`` (a ("data", "fsdp", "tensor") mesh, `jqlora.parallel.make_mesh`): every variable is placed on the mesh
     by `jqlora.parallel`'s partition rules while loading, one tensor at a time, so no device and no host ever holds
     the whole model unquantized (see the module docstring); the values equal the unsharded load's bit for bit.
+
+    ``head_quant`` (``train.memory=min``): the embedding and lm_head tables stored 4-bit too (`models.layers`).
     """
     if mesh is not None and not isinstance(mesh, Mesh):
         raise TypeError(f"mesh must be a jax.sharding.Mesh (jqlora.parallel.make_mesh), got {type(mesh).__name__}")
-    build = from_hf_tensors if mesh is None else functools.partial(from_hf_tensors_sharded, mesh=mesh,
-                                                                   desc=f"loading {_name(path)}")
+    if head_quant is not None and head_quant.enabled:
+        if mesh is not None:
+            raise ConvertError("train.memory=min: a quantized embedding / lm_head is loaded on one device only (not "
+                               "streamed into a mesh's shards); use train.memory=default on a mesh")
+        build = functools.partial(from_hf_tensors, head_quant=head_quant)
+    else:
+        build = from_hf_tensors if mesh is None else functools.partial(from_hf_tensors_sharded, mesh=mesh,
+                                                                       desc=f"loading {_name(path)}")
     if is_jqlora_dir(path):
         config, meta, get, _ = load_jqlora(path, host=mesh is not None)
         quant, double_quant, block_size = meta["quant"], meta["double_quant"], meta["block_size"]

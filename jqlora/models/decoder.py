@@ -34,7 +34,8 @@ from jqlora.lora import LoraConfig, LoraLinear, QuantSpec, compute_dtype, set_la
 from jqlora.models.attention import IMPLEMENTATIONS as ATTENTION_IMPLEMENTATIONS
 from jqlora.models.attention import NO_WINDOW, attention
 from jqlora.models.config import ModelConfig
-from jqlora.models.layers import MLP, NEFTUNE_KEY, Embed, LMHead, linear, neftune_noise, rms_norm
+from jqlora.models.layers import (HEAD_BLOCK_ROWS, MLP, NEFTUNE_KEY, Embed, LMHead, QuantHead, linear,
+                                  neftune_noise, rms_norm)
 from jqlora.models.rope import apply_rope, rope_tables
 from jqlora.models.stack import REMAT_POLICIES, _remat_policy, segment_positions, softcap
 
@@ -144,10 +145,10 @@ class DecoderModel(nnx.Module):
     """``embed_tokens``, stacked ``layers`` (leading axis L on every variable), final ``norm``."""
 
     def __init__(self, cfg: ModelConfig, lora: LoraConfig | None, quant: QuantSpec, dtype: Any, lora_dtype: Any,
-                 rngs: nnx.Rngs):
+                 rngs: nnx.Rngs, head_quant: QuantSpec | None = None):
         self.embed_tokens = Embed(cfg.vocab_size, cfg.hidden_size, dtype, rngs, scale=cfg.embed_scale,
                                   lora=lora.for_module("embed_tokens") if lora is not None else None,
-                                  lora_dtype=lora_dtype)
+                                  lora_dtype=lora_dtype, quant=head_quant)
 
         @nnx.split_rngs(splits=cfg.num_hidden_layers)
         @nnx.vmap(in_axes=(0,), out_axes=0)
@@ -164,7 +165,8 @@ class CausalLM(nnx.Module):
 
     ``remat`` (one of `REMAT_POLICIES`), ``scan_layers`` and ``attention`` (one of `ATTENTION_IMPLEMENTATIONS`:
     ``"auto"`` is cuDNN flash attention on a GPU backend, XLA elsewhere) are plain attributes that may be changed
-    between calls.
+    between calls. ``head_quant`` (``train.memory=min``) stores the embedding and lm_head tables 4-bit
+    (`layers.QuantHead`; one table when tied).
     """
 
     def __init__(
@@ -179,8 +181,10 @@ class CausalLM(nnx.Module):
         remat: str = "full",
         scan_layers: bool = True,
         attention: str = "auto",
+        head_quant: QuantSpec | None = None,
     ):
         quant = quant if quant is not None else QuantSpec()
+        head_quant = head_quant if head_quant is not None and head_quant.enabled else None
         dtype = compute_dtype(dtype)
         if remat not in REMAT_POLICIES:
             raise ValueError(f"unknown remat policy {remat!r}: expected one of {', '.join(REMAT_POLICIES)}")
@@ -194,19 +198,30 @@ class CausalLM(nnx.Module):
         self.remat = remat
         self.scan_layers = scan_layers
         self.attention = attention
-        self.model = DecoderModel(cfg, lora, quant, dtype, jnp.dtype(lora_dtype), rngs)
+        self.head_quant = head_quant
+        self.head_block_rows = HEAD_BLOCK_ROWS  # (a plain attribute: vocabulary rows a quantized head reads at once)
+        self.model = DecoderModel(cfg, lora, quant, dtype, jnp.dtype(lora_dtype), rngs, head_quant)
         head_lora = lora.for_module("lm_head") if lora is not None else None
         if head_lora is not None and cfg.tie_word_embeddings:
             raise ValueError("lora.targets: lm_head cannot be adapted in a model with tied embeddings "
                              "(tie_word_embeddings=true); adapt embed_tokens, or leave lm_head out")
         self.lm_head = None if cfg.tie_word_embeddings else LMHead(cfg.vocab_size, cfg.hidden_size, dtype, rngs,
-                                                                   lora=head_lora, lora_dtype=lora_dtype)
+                                                                   lora=head_lora, lora_dtype=lora_dtype,
+                                                                   quant=head_quant)
 
     def lm_head_weight(self) -> jax.Array:
-        """``[V, D]`` in the compute dtype (the embedding matrix when tied)."""
+        """``[V, D]`` in the compute dtype (the embedding matrix when tied; dequantized whole when quantized)."""
         if self.lm_head is None:
-            return self.model.embed_tokens.weight[...]
+            return self.model.embed_tokens.table()
         return self.lm_head.head_weight()
+
+    def ce_head(self) -> jax.Array | QuantHead:
+        """The head as the chunked cross-entropy reads it: `lm_head_weight`, or with quantized tables a `QuantHead`
+        read a block of vocabulary rows at a time."""
+        if self.lm_head is not None:
+            return self.lm_head.ce_head(self.head_block_rows)
+        t = self.model.embed_tokens.quantized()
+        return self.lm_head_weight() if t is None else QuantHead(t, self.dtype, block_rows=self.head_block_rows)
 
     def hidden_states(
         self,

@@ -359,3 +359,27 @@ def bits_per_parameter(quant_type: str = "nf4", block_size: int = 64, double_qua
     if double_quant:
         return 4 + 8 / block_size + 32 / (NESTED_BLOCK_SIZE * block_size) + 0.0
     return 4 + 32 / block_size
+
+
+def dequantize_rows(q: QuantizedTensor, rows: jax.Array, dtype: Any = None) -> jax.Array:
+    """Rows ``rows`` (int array, any shape R) of a quantized matrix ``[V, D]``, dequantized: ``[*R, D]`` equal to
+    ``dequantize(q, dtype)[rows]`` bit for bit, reading only those rows' codes and scales (an embedding lookup, or
+    a block of lm_head rows). Needs D to be a multiple of the block size, so that every row is whole blocks."""
+    V, D = q.shape if len(q.shape) == 2 else (None, None)
+    if V is None or q.batch_shape or D % q.block_size:
+        raise ValueError(f"dequantize_rows needs an unstacked [V, D] tensor with D a multiple of the block size "
+                         f"{q.block_size}; got {q!r}")
+    out_dtype = jnp.dtype(_dtype_name(dtype if dtype is not None else q.dtype))
+    per_row = D // q.block_size  # blocks per row
+    rows = jnp.asarray(rows, jnp.int32)
+    codes_RH = jnp.take(q.codes.reshape(V, D // 2), rows, axis=0)  # (H = D / 2 bytes a row)
+    scales_RK = jnp.take(q.absmax.reshape(V, per_row), rows, axis=0)
+    if q.double_quant:  # the same two roundings as _double_dequantize, on the gathered blocks only
+        block_RK = rows[..., None] * per_row + jnp.arange(per_row, dtype=jnp.int32)
+        nested_RK = jnp.take(q.nested_absmax, block_RK // NESTED_BLOCK_SIZE, axis=0)
+        scaled = jnp.asarray(CODEBOOKS["dynamic8"])[scales_RK.astype(jnp.int32)] * nested_RK
+        scales_RK = jax.lax.optimization_barrier(scaled) + q.offset
+    with jax.named_scope("dequantize_codes"):
+        values_RD = jnp.asarray(CODEBOOKS[q.quant_type])[_unpack_nibbles(codes_RH, D).astype(jnp.int32)]
+    values_RKB = values_RD.reshape(*rows.shape, per_row, q.block_size) * scales_RK[..., None]
+    return values_RKB.reshape(*rows.shape, D).astype(out_dtype)
