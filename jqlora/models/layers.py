@@ -110,6 +110,16 @@ def _table(module: nnx.Module) -> q.QuantizedTensor | None:
                              module.quant_dtype, module.block_size, module.quant_type)
 
 
+def heads_spec(memory: str, quant: str = "nf4", block_size: int = 64) -> QuantSpec | None:
+    """How train.memory stores the embedding and lm_head tables: None (``default``: the compute dtype), or for
+    ``min`` the model's 4-bit type (NF4 when the linears are unquantized) with double quantization at ``block_size``."""
+    if memory == "default":
+        return None
+    if memory != "min":
+        raise ValueError(f"train.memory {memory!r}: expected default or min")
+    return QuantSpec(quant if quant != "none" else "nf4", True, block_size)
+
+
 HEAD_BLOCK_ROWS = 8192  # vocabulary rows of a quantized head dequantized at once (Llama-3: 16 blocks, 64 MiB bf16)
 
 
