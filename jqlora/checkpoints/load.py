@@ -16,7 +16,7 @@ from jqlora.checkpoints.conversion import is_jqlora_dir, load_jqlora
 from jqlora.checkpoints.errors import ConvertError
 from jqlora.checkpoints.reader import Checkpoint, check_checkpoint
 from jqlora.checkpoints.sharded import from_hf_tensors_sharded
-from jqlora.lora import LoraConfig, QuantSpec
+from jqlora.lora import LoraConfig
 from jqlora.models import LlamaForCausalLM, ModelConfig, TensorGetter, from_hf_tensors, hf_key_table
 
 
@@ -32,7 +32,7 @@ def load_checkpoint(
     remat: str = "full",
     mesh: Mesh | None = None,
     quantize_experts: bool = True,
-    head_quant: QuantSpec | None = None,
+    memory: str = "default",
 ) -> LlamaForCausalLM:
     """Load a model from a Hugging Face directory (converted on the fly) or a `python -m jqlora.convert` output.
 
@@ -48,15 +48,15 @@ def load_checkpoint(
     by `jqlora.parallel`'s partition rules while loading, one tensor at a time, so no device and no host ever holds
     the whole model unquantized (see the module docstring); the values equal the unsharded load's bit for bit.
 
-    ``head_quant`` (``train.memory=min``): the embedding and lm_head tables stored 4-bit too (`models.layers`).
+    ``memory`` is train.memory (``min``: the embedding and lm_head stored 4-bit too, `models.decoder.CausalLM`).
     """
     if mesh is not None and not isinstance(mesh, Mesh):
         raise TypeError(f"mesh must be a jax.sharding.Mesh (jqlora.parallel.make_mesh), got {type(mesh).__name__}")
-    if head_quant is not None and head_quant.enabled:
+    if memory != "default":
         if mesh is not None:
             raise ConvertError("train.memory=min: a quantized embedding / lm_head is loaded on one device only (not "
                                "streamed into a mesh's shards); use train.memory=default on a mesh")
-        build = functools.partial(from_hf_tensors, head_quant=head_quant)
+        build = functools.partial(from_hf_tensors, memory=memory)
     else:
         build = from_hf_tensors if mesh is None else functools.partial(from_hf_tensors_sharded, mesh=mesh,
                                                                        desc=f"loading {_name(path)}")

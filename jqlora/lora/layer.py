@@ -118,6 +118,8 @@ class LoraLinear(nnx.Module):
     (``[L, R]``), filled by `set_layer_values` once the layers are stacked.
     """
 
+    tile_bytes = 0  # > 0 (train.memory=min): the quantized kernel is dequantized this many bytes at a time
+
     def __init__(
         self,
         in_features: int,
@@ -269,7 +271,11 @@ class LoraLinear(nnx.Module):
         if self.quant.enabled:
             # named so that the remat policies that save matmul outputs can still see this one (a custom_vjp hides
             # the dot inside from dots_saveable)
-            y = checkpoint_name(quantized_matmul(x, self.quantized(), self.dtype), FROZEN_MATMUL)
+            if self.tile_bytes:  # train.memory=min: a tile of the kernel dequantized at a time
+                y = tiled_quantized_matmul(x, self.quantized(), self.dtype, self.tile_bytes)
+            else:
+                y = quantized_matmul(x, self.quantized(), self.dtype)
+            y = checkpoint_name(y, FROZEN_MATMUL)
         else:
             y = _dot_last(x, self.weight[...].astype(self.dtype))
         base = y
@@ -327,6 +333,66 @@ def _quantized_matmul_bwd(dtype, t, g):
 
 
 quantized_matmul.defvjp(_quantized_matmul_fwd, _quantized_matmul_bwd)
+
+
+def _tiles(n: int, kernel_bytes: int, tile_bytes: int, unit: int = 1) -> int:
+    """The fewest tiles, a divisor of n / unit, that keep one tile of the kernel within ``tile_bytes``."""
+    units = n // unit
+    for k in range(max(1, -(-kernel_bytes // tile_bytes)), units + 1):
+        if units % k == 0:
+            return k
+    return units
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def tiled_quantized_matmul(x: jax.Array, t: q.QuantizedTensor, dtype: Any, tile_bytes: int) -> jax.Array:
+    """`quantized_matmul` that dequantizes at most ``tile_bytes`` of the kernel at a time (train.memory=min), never
+    the whole ``[O, I]`` copy: the forward pass walks tiles of output rows, ``y[..., rows] = x · W[rows]ᵀ``, the
+    backward tiles of input columns (whole quantization blocks), ``dx[..., cols] = g · W[:, cols]``, each a
+    `jax.lax.scan` writing its slice in place. Every output element is the same full-length dot product as in
+    `quantized_matmul`; only fewer dequantized values are live at once."""
+    return _tiled_forward(x, t, dtype, tile_bytes)
+
+
+def _tiled_forward(x, t, dtype, tile_bytes):
+    O, I = t.shape
+    n = _tiles(O, O * I * jnp.dtype(dtype).itemsize, tile_bytes)
+    if n == 1:
+        return _dot_last(x, q.dequantize(t, dtype))
+    R = O // n
+    zero = jnp.int32(0)
+
+    def tile(y, i):
+        y_R = _dot_last(x, q.dequantize_block(t, i * R, R, zero, I, dtype))
+        return jax.lax.dynamic_update_slice_in_dim(y, y_R.astype(y.dtype), i * R, axis=y.ndim - 1), None
+
+    y0 = jnp.zeros((*x.shape[:-1], O), jnp.result_type(x.dtype, dtype))
+    return jax.lax.scan(tile, y0, jnp.arange(n, dtype=jnp.int32))[0]
+
+
+def _tiled_fwd(x, t, dtype, tile_bytes):
+    return _tiled_forward(x, t, dtype, tile_bytes), t
+
+
+def _tiled_bwd(dtype, tile_bytes, t, g):
+    O, I = t.shape
+    n = _tiles(I, O * I * jnp.dtype(dtype).itemsize, tile_bytes, t.block_size)
+    if n == 1:
+        return _quantized_matmul_bwd(dtype, t, g)
+    C = I // n
+    zero = jnp.int32(0)
+
+    def tile(dx, i):
+        w_OC = q.dequantize_block(t, zero, O, i * C, C, dtype)
+        dx_C = jax.lax.dot_general(g, w_OC, (((g.ndim - 1,), (0,)), ((), ())))
+        return jax.lax.dynamic_update_slice_in_dim(dx, dx_C.astype(dx.dtype), i * C, axis=dx.ndim - 1), None
+
+    dx0 = jnp.zeros((*g.shape[:-1], I), jnp.result_type(g.dtype, dtype))
+    dx = jax.lax.scan(tile, dx0, jnp.arange(n, dtype=jnp.int32))[0]
+    return dx, jax.tree.map(lambda _: None, t)
+
+
+tiled_quantized_matmul.defvjp(_tiled_fwd, _tiled_bwd)
 
 
 def count_params(tree: Any) -> int:

@@ -34,7 +34,7 @@ from jqlora.lora import LoraConfig, LoraLinear, QuantSpec, compute_dtype, set_la
 from jqlora.models.attention import IMPLEMENTATIONS as ATTENTION_IMPLEMENTATIONS
 from jqlora.models.attention import NO_WINDOW, attention
 from jqlora.models.config import ModelConfig
-from jqlora.models.layers import (HEAD_BLOCK_ROWS, MLP, NEFTUNE_KEY, Embed, LMHead, QuantHead, linear,
+from jqlora.models.layers import (HEAD_BLOCK_ROWS, MLP, NEFTUNE_KEY, Embed, LMHead, QuantHead, heads_spec, linear,
                                   neftune_noise, rms_norm)
 from jqlora.models.rope import apply_rope, rope_tables
 from jqlora.models.stack import REMAT_POLICIES, _remat_policy, segment_positions, softcap
@@ -88,6 +88,9 @@ class Attention(nnx.Module):
                              kv_segment_ids=segment_ids_BS, window=window, implementation=implementation,
                              logit_softcap=self.softcap)
         return self.o_proj(out_BSNH.reshape(B, S, N * H), **kw(3))
+
+
+MIN_TILE_BYTES = 16 << 20  # train.memory=min: bytes of a 4-bit kernel dequantized at once (Llama-3-8B's MLP: 7 tiles)
 
 
 class DecoderLayer(nnx.Module):
@@ -165,8 +168,9 @@ class CausalLM(nnx.Module):
 
     ``remat`` (one of `REMAT_POLICIES`), ``scan_layers`` and ``attention`` (one of `ATTENTION_IMPLEMENTATIONS`:
     ``"auto"`` is cuDNN flash attention on a GPU backend, XLA elsewhere) are plain attributes that may be changed
-    between calls. ``head_quant`` (``train.memory=min``) stores the embedding and lm_head tables 4-bit
-    (`layers.QuantHead`; one table when tied).
+    between calls. ``memory`` is train.memory: ``min`` stores the embedding and lm_head tables 4-bit
+    (`layers.QuantHead`; one table when tied) and dequantizes each 4-bit kernel `MIN_TILE_BYTES` at a time
+    (`lora.tiled_quantized_matmul`).
     """
 
     def __init__(
@@ -181,10 +185,10 @@ class CausalLM(nnx.Module):
         remat: str = "full",
         scan_layers: bool = True,
         attention: str = "auto",
-        head_quant: QuantSpec | None = None,
+        memory: str = "default",
     ):
         quant = quant if quant is not None else QuantSpec()
-        head_quant = head_quant if head_quant is not None and head_quant.enabled else None
+        head_quant = heads_spec(memory, quant.quant, quant.block_size)
         dtype = compute_dtype(dtype)
         if remat not in REMAT_POLICIES:
             raise ValueError(f"unknown remat policy {remat!r}: expected one of {', '.join(REMAT_POLICIES)}")
@@ -198,9 +202,14 @@ class CausalLM(nnx.Module):
         self.remat = remat
         self.scan_layers = scan_layers
         self.attention = attention
+        self.memory = memory
         self.head_quant = head_quant
         self.head_block_rows = HEAD_BLOCK_ROWS  # (a plain attribute: vocabulary rows a quantized head reads at once)
         self.model = DecoderModel(cfg, lora, quant, dtype, jnp.dtype(lora_dtype), rngs, head_quant)
+        if memory == "min":
+            for _, module in nnx.iter_modules(self.model.layers):
+                if isinstance(module, LoraLinear):
+                    module.tile_bytes = MIN_TILE_BYTES
         head_lora = lora.for_module("lm_head") if lora is not None else None
         if head_lora is not None and cfg.tie_word_embeddings:
             raise ValueError("lora.targets: lm_head cannot be adapted in a model with tied embeddings "

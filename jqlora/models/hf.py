@@ -159,7 +159,7 @@ def from_hf_tensors(
     remat: str = "full",
     scan_layers: bool = True,
     quantize_experts: bool = True,
-    head_quant: QuantSpec | None = None,
+    memory: str = "default",
 ) -> Any:
     """Build the model from Hugging Face tensors fetched one key at a time by ``get(key)``.
 
@@ -169,8 +169,8 @@ def from_hf_tensors(
     naming the key. The model is built abstractly (`nnx.eval_shape`), so no full-size random weights are made;
     each stacked variable is filled into one host buffer, then moved to the device once. Adapters are initialized
     from ``seed`` as peft does. ``quantize_experts`` False keeps MoE experts in the compute dtype (`QuantSpec`).
-    ``head_quant`` (``train.memory=min``): the embedding and lm_head tables are quantized as they stream in, from
-    the compute-dtype values the default mode holds (`layers.QuantHead`).
+    ``memory`` is train.memory: with ``min`` the embedding and lm_head tables are quantized as they stream in,
+    from the compute-dtype values the default mode holds (`layers.QuantHead`).
     """
     qspec = QuantSpec(quant, double_quant, block_size, quantize_experts)
     cdtype = compute_dtype(dtype)
@@ -178,7 +178,8 @@ def from_hf_tensors(
 
     model = nnx.eval_shape(lambda: CausalLM(cfg, lora, qspec, cdtype, rngs=nnx.Rngs(seed),
                                             lora_dtype=lora_dtype, remat=remat, scan_layers=scan_layers,
-                                            head_quant=head_quant))
+                                            memory=memory))
+    head_quant = model.head_quant
     buffers: dict[tuple[tuple[str, ...], str], np.ndarray] = {}
     quant_dtypes: dict[tuple[str, ...], tuple[str, str]] = {}  # module path -> (dtype name, first key)
 

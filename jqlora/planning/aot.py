@@ -136,14 +136,14 @@ def _memory(compiled) -> dict[str, int]:
 def abstract_model(shape, cfg, *, remat: str, attention: str = "cudnn", scan_layers: bool = True):
     """The run's model as shapes only (`nnx.eval_shape`): no weights are drawn or loaded."""
     from jqlora.lora import LoraConfig, QuantSpec, compute_dtype
-    from jqlora.models import LlamaForCausalLM, heads_spec
+    from jqlora.models import LlamaForCausalLM
 
     qspec = QuantSpec(cfg.model.quant, cfg.model.double_quant and cfg.model.quant != "none", cfg.model.block_size,
                       cfg.model.quantize_experts)
-    heads = heads_spec(getattr(cfg.train, "memory", "default"), cfg.model.quant, cfg.model.block_size)  # train.memory
     return nnx.eval_shape(lambda: LlamaForCausalLM(
         shape, LoraConfig.from_config(cfg.lora), qspec, compute_dtype(cfg.model.dtype), rngs=nnx.Rngs(cfg.train.seed),
-        remat=remat, scan_layers=scan_layers, attention=attention, head_quant=heads))
+        remat=remat, scan_layers=scan_layers, attention=attention,
+        memory=getattr(cfg.train, "memory", "default")))
 
 
 def step_arguments(split, tx, *, batch: int, seq: int, sharding) -> tuple:

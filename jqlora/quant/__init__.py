@@ -3,10 +3,10 @@ block scales (`blockwise`), and bitsandbytes' serialized 4-bit state (`bnb`). Ar
 Flax. The math and where it differs from bitsandbytes are in `jqlora.quant.blockwise`'s docstring."""
 
 from jqlora.quant.blockwise import (BLOCK_SIZES, CODEBOOKS, DTYPES, NESTED_BLOCK_SIZE, QUANT_TYPES, QuantizedTensor,
-                                    bits_per_parameter, block_absmax, codebook, dequantize, dequantize_rows,
-                                    double_quantize, quantize, stack)
+                                    bits_per_parameter, block_absmax, codebook, dequantize, dequantize_block,
+                                    dequantize_rows, double_quantize, quantize, stack)
 from jqlora.quant.bnb import from_bnb, to_bnb, to_numpy
 
 __all__ = ["BLOCK_SIZES", "CODEBOOKS", "DTYPES", "NESTED_BLOCK_SIZE", "QUANT_TYPES", "QuantizedTensor",
-           "bits_per_parameter", "block_absmax", "codebook", "dequantize", "dequantize_rows", "double_quantize", "from_bnb",
-           "quantize", "stack", "to_bnb", "to_numpy"]
+           "bits_per_parameter", "block_absmax", "codebook", "dequantize", "dequantize_block", "dequantize_rows",
+           "double_quantize", "from_bnb", "quantize", "stack", "to_bnb", "to_numpy"]

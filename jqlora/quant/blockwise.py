@@ -383,3 +383,28 @@ def dequantize_rows(q: QuantizedTensor, rows: jax.Array, dtype: Any = None) -> j
         values_RD = jnp.asarray(CODEBOOKS[q.quant_type])[_unpack_nibbles(codes_RH, D).astype(jnp.int32)]
     values_RKB = values_RD.reshape(*rows.shape, per_row, q.block_size) * scales_RK[..., None]
     return values_RKB.reshape(*rows.shape, D).astype(out_dtype)
+
+
+def dequantize_block(q: QuantizedTensor, row0: jax.Array, rows: int, col0: jax.Array, cols: int,
+                     dtype: Any = None) -> jax.Array:
+    """The tile ``[row0 : row0 + rows, col0 : col0 + cols]`` of a quantized matrix ``[O, I]``, dequantized, equal to
+    the same slice of ``dequantize(q, dtype)`` bit for bit, reading only the tile's codes and scales. ``rows`` /
+    ``cols`` are static; I, ``cols`` and ``col0`` are multiples of the block size (each tile row is whole blocks)."""
+    if len(q.shape) != 2 or q.batch_shape or q.shape[1] % q.block_size or cols % q.block_size:
+        raise ValueError(f"dequantize_block needs an unstacked [O, I] tensor and a tile of whole blocks "
+                         f"({q.block_size}); got {q!r}, {rows} x {cols}")
+    O, I = q.shape
+    bs, per_row = q.block_size, q.shape[1] // q.block_size
+    out_dtype = jnp.dtype(_dtype_name(dtype if dtype is not None else q.dtype))
+    row0, col0 = jnp.asarray(row0, jnp.int32), jnp.asarray(col0, jnp.int32)
+    codes = jax.lax.dynamic_slice(q.codes.reshape(O, I // 2), (row0, col0 // 2), (rows, cols // 2))
+    scales = jax.lax.dynamic_slice(q.absmax.reshape(O, per_row), (row0, col0 // bs), (rows, cols // bs))
+    if q.double_quant:  # the same two roundings as _double_dequantize, on the tile's blocks only
+        block = ((row0 + jnp.arange(rows, dtype=jnp.int32))[:, None] * per_row + col0 // bs
+                 + jnp.arange(cols // bs, dtype=jnp.int32)[None, :])
+        nested = jnp.take(q.nested_absmax, block // NESTED_BLOCK_SIZE, axis=0)
+        scaled = jnp.asarray(CODEBOOKS["dynamic8"])[scales.astype(jnp.int32)] * nested
+        scales = jax.lax.optimization_barrier(scaled) + q.offset
+    with jax.named_scope("dequantize_codes"):
+        values = jnp.asarray(CODEBOOKS[q.quant_type])[_unpack_nibbles(codes, cols).astype(jnp.int32)]
+    return (values.reshape(rows, cols // bs, bs) * scales[..., None]).reshape(rows, cols).astype(out_dtype)

@@ -20,7 +20,7 @@ from jqlora.checkpoints import Checkpoint, ConvertError, is_jqlora_dir, load_che
 from jqlora.config import REPO_ROOT
 from jqlora.lora import LoraConfig, LoraError, QuantSpec, initialize
 from jqlora.lora.initialize import InitError
-from jqlora.models import ModelConfig, heads_spec
+from jqlora.models import ModelConfig
 from jqlora.planning.remat import resolve_remat
 
 log = logging.getLogger("jqlora.train")
@@ -82,8 +82,7 @@ def build_model(cfg, check: Callable[[Any], None] | None = None, mesh=None, run_
                 path, quant=quant, double_quant=cfg.model.double_quant, block_size=cfg.model.block_size,
                 dtype=cfg.model.dtype, lora=LoraConfig.from_config(cfg.lora), seed=cfg.train.seed, remat=remat,
                 mesh=mesh if streamed and kw.get("streamed", True) else None,
-                quantize_experts=cfg.model.quantize_experts, head_quant=heads_spec(cfg.train.memory, cfg.model.quant,
-                                                                    cfg.model.block_size)), run_dir=run_dir)
+                quantize_experts=cfg.model.quantize_experts, memory=cfg.train.memory), run_dir=run_dir)
         except (InitError, LoraError) as e:
             raise UserError(str(e).splitlines()[0]) from None
     except (ConvertError, FileNotFoundError) as e:

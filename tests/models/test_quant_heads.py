@@ -16,12 +16,11 @@ from tiny import make_model
 
 from jqlora import quant as q
 from jqlora.checkpoints import load_checkpoint
-from jqlora.lora import LoraConfig, QuantSpec, SplitModel
+from jqlora.lora import LoraConfig, LoraLinear, SplitModel, quantized_matmul, tiled_quantized_matmul
 from jqlora.training import step
 from jqlora.training.preference_step import token_logps
 
 V, D = 128, 64
-HEADS = QuantSpec("nf4", True, 64)
 LORA = LoraConfig(r=4, alpha=8, targets=("q_proj", "v_proj", "down_proj", "embed_tokens", "lm_head"))
 
 
@@ -45,7 +44,7 @@ def models(tmp_path_factory):
     path = make_model(tmp_path_factory.mktemp("qheads") / "m", "llama", torch.float32)
     kw = dict(dtype="float32", lora=LORA, seed=3, remat="full")
     default = load_checkpoint(path, **kw)
-    low = load_checkpoint(path, head_quant=HEADS, **kw)
+    low = load_checkpoint(path, memory="min", **kw)
     for m in (default, low):
         _nudge(m)
     oracle = load_checkpoint(path, **kw)  # the default mode over the dequantized tables
@@ -56,6 +55,10 @@ def models(tmp_path_factory):
     _nudge(embed_only)
     embed_only.model.embed_tokens.weight.set_value(low.model.embed_tokens.table())
     low.head_block_rows = 48  # 3 blocks of the 128 rows, the last overlapping its predecessor
+    tiled = [m for _, m in nnx.iter_modules(low) if isinstance(m, LoraLinear)]
+    assert tiled and all(m.tile_bytes for m in tiled)  # min mode: every 4-bit kernel tiled ...
+    for m in tiled:
+        m.tile_bytes = 4096  # ... here in 2-8 tiles of the tiny model's kernels (float32 [64, 64] = 16 KiB)
     return dict(default=default, low=low, oracle=oracle, embed_only=embed_only)
 
 
@@ -83,9 +86,23 @@ def test_rows_dequantize_exactly():
         np.testing.assert_array_equal(np.asarray(q.dequantize_rows(t, ids, jnp.float32)), full[np.asarray(ids)])
 
 
+def test_tiled_matmul_equals_the_whole_kernel():
+    """Invariant: the tiled 4-bit matmul (row tiles forward, column tiles backward) gives the whole-kernel matmul's
+    output and input gradient bit for bit (each element is the same full-length dot product)."""
+    t = q.quantize((0.02 * jax.random.normal(jax.random.key(0), (384, 256))).astype(jnp.bfloat16), "nf4")
+    x = jax.random.normal(jax.random.key(1), (3, 5, 256)).astype(jnp.bfloat16)
+    want = jax.jit(jax.value_and_grad(lambda x: jnp.sum(jnp.sin(quantized_matmul(x, t, jnp.bfloat16)
+                                                                .astype(jnp.float32)))))(x)
+    for tile in (384 * 256 // 2, 384 * 256 * 2 // 3):  # 4 row / 4 column tiles; 3 row / 4 column tiles
+        got = jax.jit(jax.value_and_grad(lambda x, tile=tile: jnp.sum(jnp.sin(tiled_quantized_matmul(
+            x, t, jnp.bfloat16, tile).astype(jnp.float32)))))(x)
+        assert float(got[0]) == float(want[0])
+        np.testing.assert_array_equal(np.asarray(got[1], np.float32), np.asarray(want[1], np.float32))
+
+
 def test_loss_and_grads_equal_the_dequantized_default(models, grads):
-    """Oracle (1): min mode == default mode over the dequantized tables (float32 noise), every LoRA gradient
-    (including the embedding's and lm_head's adapters)."""
+    """Oracle (1): min mode (4-bit tables, tiled 4-bit matmuls) == default mode over the dequantized tables (float32
+    noise), every LoRA gradient (including the embedding's and lm_head's adapters)."""
     (g_low, l_low), (g_or, l_or) = grads["low"], grads["oracle"]
     np.testing.assert_allclose(l_low, l_or, rtol=2e-6)
     leaves = jax.tree_util.tree_leaves_with_path(g_or)
@@ -155,7 +172,7 @@ def test_tied_embeddings_hold_one_quantized_copy(tmp_path):
     """Invariant: with tied embeddings the min mode holds one table, 4-bit: no [V, D] float leaf, and the embedding's
     bytes are exactly one NF4 + DQ tensor of V·D values (computed here from the layout)."""
     path = make_model(tmp_path / "tied", "llama", torch.float32, tie_word_embeddings=True)
-    low = load_checkpoint(path, dtype="float32", lora=LoraConfig(r=4, alpha=8), head_quant=HEADS)
+    low = load_checkpoint(path, dtype="float32", lora=LoraConfig(r=4, alpha=8), memory="min")
     assert low.lm_head is None
     leaves = jax.tree_util.tree_leaves_with_path(nnx.state(low))
     assert not [p for p, x in leaves if tuple(x.shape) in ((V, D), (D, V))]
