@@ -120,7 +120,7 @@ def heads_spec(memory: str, quant: str = "nf4", block_size: int = 64) -> QuantSp
     return QuantSpec(quant if quant != "none" else "nf4", True, block_size)
 
 
-HEAD_BLOCK_ROWS = 8192  # vocabulary rows of a quantized head dequantized at once (Llama-3: 16 blocks, 64 MiB bf16)
+HEAD_BLOCK_ROWS = 4096  # vocabulary rows of a quantized head dequantized at once (Llama-3: 32 blocks of 32 MiB bf16)
 
 
 @jax.tree_util.register_pytree_node_class

@@ -29,7 +29,7 @@ of size H, L layers, V vocabulary, r LoRA rank, c = bytes of the compute dtype, 
                         hidden states and their gradient 2·T·D·c
 
 ``memory="min"`` (train.memory=min): the embedding and lm_head tables are 4-bit too, ``quantized_bytes(V·D)`` each
-(one when tied) in the base weights row, and the cross-entropy holds one block of R = min(8192, V) vocabulary rows
+(one when tied) in the base weights row, and the cross-entropy holds one block of R = min(4096, V) vocabulary rows
 at a time: 2 · 1024·R·4 logits and their gradient plus the block's rows dequantized (and their recomputation), 2·R·D·c.
 
 Not counted: XLA's temporary buffers and fragmentation, the CUDA context (~0.5 GB), the batch itself.
@@ -50,7 +50,7 @@ CE_CHUNK = 1024
 DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
 REMATS = ("none", "full", "save_dots", "save_dots_no_batch", "offload")  # = jqlora.config.REMAT_POLICIES
 MEMORY_MODES = ("default", "min")  # = jqlora.config.MEMORY_MODES (train.memory)
-HEAD_BLOCK_ROWS = 8192  # = jqlora.models.layers.HEAD_BLOCK_ROWS
+HEAD_BLOCK_ROWS = 4096  # = jqlora.models.layers.HEAD_BLOCK_ROWS
 WEIGHTS_ROW = "base weights (4-bit + bf16)"
 HEADROOM = 0.85  # share of a device's memory the plan may fill: XLA temporaries, fragmentation, CUDA context
 
