@@ -31,6 +31,8 @@ of size H, L layers, V vocabulary, r LoRA rank, c = bytes of the compute dtype, 
 ``memory="min"`` (train.memory=min): the embedding and lm_head tables are 4-bit too, ``quantized_bytes(V·D)`` each
 (one when tied) in the base weights row, and the cross-entropy holds one block of R = min(4096, V) vocabulary rows
 at a time: 2 · 1024·R·4 logits and their gradient plus the block's rows dequantized (and their recomputation), 2·R·D·c.
+Its 4-bit matmuls dequantize 16 MiB tiles (`lora.tiled_quantized_matmul`): the layer working set holds the layer's
+4-bit kernels (the copy the layer scan slices out) and two tiles instead of the layer's kernels in the compute dtype.
 
 Not counted: XLA's temporary buffers and fragmentation, the CUDA context (~0.5 GB), the batch itself.
 The tensor axis divides the per-layer working set and saved matmuls (heads and MLP are split), not the residuals.
@@ -51,6 +53,7 @@ DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
 REMATS = ("none", "full", "save_dots", "save_dots_no_batch", "offload")  # = jqlora.config.REMAT_POLICIES
 MEMORY_MODES = ("default", "min")  # = jqlora.config.MEMORY_MODES (train.memory)
 HEAD_BLOCK_ROWS = 4096  # = jqlora.models.layers.HEAD_BLOCK_ROWS
+MIN_TILE_BYTES = 16 << 20  # = jqlora.models.decoder.MIN_TILE_BYTES
 WEIGHTS_ROW = "base weights (4-bit + bf16)"
 HEADROOM = 0.85  # share of a device's memory the plan may fill: XLA temporaries, fragmentation, CUDA context
 
@@ -206,6 +209,8 @@ def memory_plan(shape: ModelConfig, *, seq: int, batch: int = 1, data: int = 1, 
     flash = attention == "cudnn"
     scores = (B * min(64, S) * N * S * 4 if flash else 2 * B * N * S * S * c) / tensor
     kernels = sum(O * I for O, I in linear_shapes(shape).values()) * c / tensor
+    if low and quant != "none":  # tiled 4-bit matmuls: the layer's codes sliced out, and two tiles dequantized
+        kernels = min(kernels, (w["per_layer_quantized"] + 2 * MIN_TILE_BYTES) / tensor)
     outs = T * (N * H + 2 * K * H + D + 2 * F + D) * c
     n_lin = len(targets)
     no_batch_dots = (2 * outs + T * r * n_lin * c) / tensor  # base and LoRA B outputs, LoRA A outputs

@@ -29,8 +29,12 @@ def test_min_rows_smaller_by_the_layout_bytes(name):
     ce = "cross-entropy chunk + final hidden"
     R = min(4096, V)  # one block of vocabulary rows: logits and gradient [1024, R] float32, the rows in bf16 twice
     assert default[ce] - low[ce] == 2 * 1024 * V * 4 - (2 * 1024 * R * 4 + 2 * R * D * 2)
-    assert {k: v for k, v in default.items() if k not in (M.WEIGHTS_ROW, ce)} == \
-        {k: v for k, v in low.items() if k not in (M.WEIGHTS_ROW, ce)}
+    work = "layer working set (recomputed)"  # one layer's kernels: bf16, or their 4-bit codes + two 16 MiB tiles
+    layer = M.linear_shapes(shape).values()
+    assert default[work] - low[work] == sum(O * I * 2 for O, I in layer) - (
+        sum(_nf4_dq_bytes(O * I) for O, I in layer) + 2 * 16 * 2**20)
+    assert {k: v for k, v in default.items() if k not in (M.WEIGHTS_ROW, ce, work)} == \
+        {k: v for k, v in low.items() if k not in (M.WEIGHTS_ROW, ce, work)}
 
 
 def test_plan_cli_mode(capsys):
