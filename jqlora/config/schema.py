@@ -11,8 +11,8 @@ from typing import Any, Dict, Optional
 # the allowed values and the error type live in config.base; they are re-exported here (and by jqlora.config)
 from jqlora.config.base import (  # noqa: F401
     BLOCK_SIZES, COMMAND_LINE, DATA_FORMATS, DTYPES, FUSED_MODULES, GRPO_LOSS_TYPES, GRPO_SCALE_REWARDS, HEAD_MODULES,
-    LORA_INITS, LORA_MODULES, LR_SCHEDULES, MEMORY_MODES, OBJECTIVES, OVERLONG, PREFERENCE_LOSS_TYPES, QUANT_TYPES, REFERENCES,
-    REMAT_POLICIES, SFT_EVAL_METRICS, TRAIN_ON, TRUNCATION_MODES, ConfigError, _Invalid, _check, _one_of)
+    LORA_INITS, LORA_MODULES, LR_SCHEDULES, MEMORY_MODES, OBJECTIVES, OVERLONG, PREFERENCE_LOSS_TYPES, QUANT_TYPES,
+    REFERENCES, REMAT_POLICIES, SFT_EVAL_METRICS, TRAIN_ON, TRUNCATION_MODES, ConfigError, _Invalid, _check, _one_of)
 from jqlora.config.objectives import GRPOConfig, PreferenceConfig
 
 

@@ -84,7 +84,8 @@ def _quantized_table(module: nnx.Module, w_VD: jax.Array, quant: QuantSpec | Non
     V, D = w_VD.shape
     if D % quant.block_size:
         raise ValueError(f"train.memory=min: hidden size {D} is not a multiple of model.block_size "
-                         f"{quant.block_size}, so the embedding's rows are not whole blocks; use a block size dividing it")
+                         f"{quant.block_size}, so the embedding's rows are not whole blocks; pick a block size "
+                         "dividing it")
     set_quantized_table(module, q.quantize(w_VD, quant.quant, block_size=quant.block_size,
                                            double_quant=quant.double_quant))
 
