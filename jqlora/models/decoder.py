@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jqlora.lora import LoraConfig, LoraLinear, QuantSpec, compute_dtype, set_layer_values
+from jqlora.lora import Frozen, LoraConfig, LoraLinear, QuantData, QuantSpec, compute_dtype, set_layer_values
 from jqlora.models.attention import IMPLEMENTATIONS as ATTENTION_IMPLEMENTATIONS
 from jqlora.models.attention import NO_WINDOW, attention
 from jqlora.models.config import ModelConfig
@@ -206,10 +206,15 @@ class CausalLM(nnx.Module):
         self.head_quant = head_quant
         self.head_block_rows = HEAD_BLOCK_ROWS  # (a plain attribute: vocabulary rows a quantized head reads at once)
         self.model = DecoderModel(cfg, lora, quant, dtype, jnp.dtype(lora_dtype), rngs, head_quant)
+        # train.memory=min on a dense model: the layer scan leaves the 4-bit kernels stacked and each tiled matmul
+        # reads its layer's tiles at layer_index (`hidden_states`), so no layer's codes are copied out first
+        self.hoist_kernels = memory == "min" and quant.enabled and not cfg.num_experts
         if memory == "min":
             for _, module in nnx.iter_modules(self.model.layers):
                 if isinstance(module, LoraLinear):
                     module.tile_bytes = MIN_TILE_BYTES
+                    if self.hoist_kernels:
+                        module.layer_index = Frozen(jnp.arange(cfg.num_hidden_layers, dtype=jnp.int32))
         head_lora = lora.for_module("lm_head") if lora is not None else None
         if head_lora is not None and cfg.tie_word_embeddings:
             raise ValueError("lora.targets: lm_head cannot be adapted in a model with tied embeddings "
@@ -223,6 +228,12 @@ class CausalLM(nnx.Module):
         if self.lm_head is None:
             return self.model.embed_tokens.table()
         return self.lm_head.head_weight()
+
+    def set_layer_indices(self) -> None:
+        """Fill every tiled kernel's ``layer_index`` (0 … L-1; after an abstract build and loading)."""
+        for _, module in nnx.iter_modules(self.model.layers):
+            if isinstance(module, LoraLinear) and module.layer_index is not None:
+                module.layer_index.set_value(jnp.arange(self.config.num_hidden_layers, dtype=jnp.int32))
 
     def ce_head(self) -> jax.Array | QuantHead:
         """The head as the chunked cross-entropy reads it: `lm_head_weight`, or with quantized tables a `QuantHead`
@@ -276,7 +287,10 @@ class CausalLM(nnx.Module):
             if key is None:
                 raise ValueError("NEFTune (embed_noise > 0) needs a PRNG key (key=...) when deterministic=False")
             h_BSD = h_BSD + neftune_noise(jax.random.fold_in(key, NEFTUNE_KEY), h_BSD.shape, embed_noise, h_BSD.dtype)
-        graphdef, state = nnx.split(self.model.layers)
+        if self.hoist_kernels:  # the 4-bit kernels stay stacked, outside the scanned state (see __init__)
+            graphdef, kernels, state = nnx.split(self.model.layers, QuantData, ...)
+        else:
+            graphdef, state = nnx.split(self.model.layers)
         use_dropout = not deterministic and self.lora_config is not None and self.lora_config.dropout > 0
         if use_dropout and key is None:
             raise ValueError("LoRA dropout needs a PRNG key (key=...) when deterministic=False")
@@ -284,7 +298,8 @@ class CausalLM(nnx.Module):
 
         def body(h, xs):
             layer_state, window, rope, layer_key = xs
-            layer = nnx.merge(graphdef, layer_state)
+            parts = (kernels, layer_state) if self.hoist_kernels else (layer_state,)
+            layer = nnx.merge(graphdef, *parts)
             if cos_RBSH.shape[0] == 1:  # one RoPE: a static slice, no per-layer selection
                 rope = 0
             w = (window if shared_window is None else shared_window) if windowed else None

@@ -219,6 +219,7 @@ def from_hf_tensors(
             module.lora_a.set_value(jnp.zeros(module.lora_a.shape, module.lora_a.dtype))
             module.lora_b.set_value(jnp.zeros(module.lora_b.shape, module.lora_b.dtype))
     set_layer_values(model.model.layers)  # per-layer ranks / alphas: masks and scalings (built abstractly above)
+    model.set_layer_indices()  # (train.memory=min)
     model.init_lora(jax.random.key(seed))
     check_filled(model)
     return model

@@ -386,19 +386,37 @@ def dequantize_rows(q: QuantizedTensor, rows: jax.Array, dtype: Any = None) -> j
 
 
 def dequantize_block(q: QuantizedTensor, row0: jax.Array, rows: int, col0: jax.Array, cols: int,
-                     dtype: Any = None) -> jax.Array:
+                     dtype: Any = None, layer: jax.Array | None = None) -> jax.Array:
     """The tile ``[row0 : row0 + rows, col0 : col0 + cols]`` of a quantized matrix ``[O, I]``, dequantized, equal to
     the same slice of ``dequantize(q, dtype)`` bit for bit, reading only the tile's codes and scales. ``rows`` /
-    ``cols`` are static; I, ``cols`` and ``col0`` are multiples of the block size (each tile row is whole blocks)."""
-    if len(q.shape) != 2 or q.batch_shape or q.shape[1] % q.block_size or cols % q.block_size:
+    ``cols`` are static; I, ``cols`` and ``col0`` are multiples of the block size (each tile row is whole blocks).
+    ``layer``: ``q`` is a stack ``[L]`` of such matrices and the tile is read from matrix ``layer`` (no copy of that
+    matrix's codes is made first)."""
+    if layer is not None:
+        if len(q.batch_shape) != 1:
+            raise ValueError(f"dequantize_block(layer=) needs a stack of matrices; got {q!r}")
+        q = QuantizedTensor(q.codes, q.absmax, None if q.nested_absmax is None else
+                            jnp.take(q.nested_absmax, layer, axis=0)[None],
+                            None if q.offset is None else jnp.take(q.offset, layer, axis=0)[None],
+                            q.shape, q.dtype, q.block_size, q.quant_type)
+    L = q.batch_shape[0] if layer is not None else None
+    if len(q.shape) != 2 or (q.batch_shape and layer is None) or q.shape[1] % q.block_size or cols % q.block_size:
         raise ValueError(f"dequantize_block needs an unstacked [O, I] tensor and a tile of whole blocks "
                          f"({q.block_size}); got {q!r}, {rows} x {cols}")
     O, I = q.shape
     bs, per_row = q.block_size, q.shape[1] // q.block_size
     out_dtype = jnp.dtype(_dtype_name(dtype if dtype is not None else q.dtype))
     row0, col0 = jnp.asarray(row0, jnp.int32), jnp.asarray(col0, jnp.int32)
-    codes = jax.lax.dynamic_slice(q.codes.reshape(O, I // 2), (row0, col0 // 2), (rows, cols // 2))
-    scales = jax.lax.dynamic_slice(q.absmax.reshape(O, per_row), (row0, col0 // bs), (rows, cols // bs))
+    if layer is None:
+        codes = jax.lax.dynamic_slice(q.codes.reshape(O, I // 2), (row0, col0 // 2), (rows, cols // 2))
+        scales = jax.lax.dynamic_slice(q.absmax.reshape(O, per_row), (row0, col0 // bs), (rows, cols // bs))
+    else:
+        at = jnp.asarray(layer, jnp.int32)
+        codes = jax.lax.dynamic_slice(q.codes.reshape(L, O, I // 2), (at, row0, col0 // 2), (1, rows, cols // 2))[0]
+        scales = jax.lax.dynamic_slice(q.absmax.reshape(L, O, per_row), (at, row0, col0 // bs),
+                                       (1, rows, cols // bs))[0]
+        q = QuantizedTensor(None, None, None if q.nested_absmax is None else q.nested_absmax[0],
+                            None if q.offset is None else q.offset[0], q.shape, q.dtype, q.block_size, q.quant_type)
     if q.double_quant:  # the same two roundings as _double_dequantize, on the tile's blocks only
         block = ((row0 + jnp.arange(rows, dtype=jnp.int32))[:, None] * per_row + col0 // bs
                  + jnp.arange(cols // bs, dtype=jnp.int32)[None, :])

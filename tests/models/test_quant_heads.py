@@ -56,7 +56,8 @@ def models(tmp_path_factory):
     embed_only.model.embed_tokens.weight.set_value(low.model.embed_tokens.table())
     low.head_block_rows = 48  # 3 blocks of the 128 rows, the last overlapping its predecessor
     tiled = [m for _, m in nnx.iter_modules(low) if isinstance(m, LoraLinear)]
-    assert tiled and all(m.tile_bytes for m in tiled)  # min mode: every 4-bit kernel tiled ...
+    assert tiled and all(m.tile_bytes and m.layer_index is not None for m in tiled)  # min: every kernel tiled ...
+    np.testing.assert_array_equal(np.asarray(tiled[0].layer_index[...]), np.arange(2))  # (read in the stack)
     for m in tiled:
         m.tile_bytes = 4096  # ... here in 2-8 tiles of the tiny model's kernels (float32 [64, 64] = 16 KiB)
     return dict(default=default, low=low, oracle=oracle, embed_only=embed_only)
@@ -93,11 +94,13 @@ def test_tiled_matmul_equals_the_whole_kernel():
     x = jax.random.normal(jax.random.key(1), (3, 5, 256)).astype(jnp.bfloat16)
     want = jax.jit(jax.value_and_grad(lambda x: jnp.sum(jnp.sin(quantized_matmul(x, t, jnp.bfloat16)
                                                                 .astype(jnp.float32)))))(x)
+    stack = q.stack([q.quantize(jnp.zeros((384, 256), jnp.bfloat16) + 0.01, "nf4"), t])
     for tile in (384 * 256 // 2, 384 * 256 * 2 // 3):  # 4 row / 4 column tiles; 3 row / 4 column tiles
-        got = jax.jit(jax.value_and_grad(lambda x, tile=tile: jnp.sum(jnp.sin(tiled_quantized_matmul(
-            x, t, jnp.bfloat16, tile).astype(jnp.float32)))))(x)
-        assert float(got[0]) == float(want[0])
-        np.testing.assert_array_equal(np.asarray(got[1], np.float32), np.asarray(want[1], np.float32))
+        for kernel, layer in ((t, None), (stack, jnp.int32(1))):  # (the stack of layers, read at layer 1)
+            got = jax.jit(jax.value_and_grad(lambda x, tile=tile, k=kernel, at=layer: jnp.sum(jnp.sin(
+                tiled_quantized_matmul(x, k, jnp.bfloat16, tile, at).astype(jnp.float32)))))(x)
+            assert float(got[0]) == float(want[0])
+            np.testing.assert_array_equal(np.asarray(got[1], np.float32), np.asarray(want[1], np.float32))
 
 
 def test_loss_and_grads_equal_the_dequantized_default(models, grads):
