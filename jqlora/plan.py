@@ -19,7 +19,7 @@ import os
 import sys
 from typing import TYPE_CHECKING, Any
 
-from jqlora.config.schema import DTYPES, REMAT_POLICIES as REMATS
+from jqlora.config.schema import DTYPES, MEMORY_MODES, REMAT_POLICIES as REMATS
 from jqlora.planning.model_shapes import HUB_IDS, NAMES, PUBLISHED
 
 if TYPE_CHECKING:
@@ -156,6 +156,8 @@ def main(argv: list[str] | None = None) -> int:
                          "divide by N); --compile compiles the mesh deviceless for --gpu")
     ap.add_argument("--devices", type=int, default=None, help="device count for 'auto' mesh axes (default 1)")
     ap.add_argument("--remat", choices=REMATS + ("auto",))
+    ap.add_argument("--mode", choices=MEMORY_MODES, help="train.memory: min holds the embedding and lm_head "
+                                                               "4-bit too (needs --remat full or offload)")
     ap.add_argument("--memory", type=float, help="GB per device: say whether the plan fits (and pick remat auto); "
                                                  "exit status 3 when it does NOT fit")
     ap.add_argument("--r", type=int)
@@ -223,6 +225,10 @@ def main(argv: list[str] | None = None) -> int:
                     "optimizer_state", "seq_parallel"):
             if getattr(args, key) is not None:
                 settings[key] = getattr(args, key)
+        if args.mode is not None:  # train.memory
+            settings["memory"] = args.mode
+        if settings.get("memory", "default") == "min" and settings["remat"] not in ("full", "offload"):
+            raise _Usage(f"--mode min takes --remat full (or offload), not {settings['remat']}")
         _grpo_settings(args, settings, cfg if args.config else None)
         devices = args.devices or 1
         axes = {}
@@ -350,7 +356,8 @@ def _compile_run_config(settings: dict[str, Any], cfg: Any | None) -> Any:
         batch //= 2
     return dc.replace(
         cfg, data=dc.replace(cfg.data, max_length=settings["seq"]),
-        train=dc.replace(cfg.train, batch_size=batch,
+        train=dc.replace(cfg.train, batch_size=batch, memory=settings.get("memory", "default"),
+                         remat="full" if settings.get("memory") == "min" else cfg.train.remat,
                          optimizer_state=settings.get("optimizer_state", cfg.train.optimizer_state)),
         lora=dc.replace(cfg.lora, r=settings["r"], targets=lora_targets, dropout=settings["dropout"]),
         model=dc.replace(cfg.model, dtype=settings["dtype"], quant=settings["quant"],

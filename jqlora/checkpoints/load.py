@@ -32,6 +32,7 @@ def load_checkpoint(
     remat: str = "full",
     mesh: Mesh | None = None,
     quantize_experts: bool = True,
+    memory: str = "default",
 ) -> LlamaForCausalLM:
     """Load a model from a Hugging Face directory (converted on the fly) or a `python -m jqlora.convert` output.
 
@@ -46,11 +47,19 @@ def load_checkpoint(
     ``mesh`` (a ("data", "fsdp", "tensor") mesh, `jqlora.parallel.make_mesh`): every variable is placed on the mesh
     by `jqlora.parallel`'s partition rules while loading, one tensor at a time, so no device and no host ever holds
     the whole model unquantized (see the module docstring); the values equal the unsharded load's bit for bit.
+
+    ``memory`` is train.memory (``min``: the embedding and lm_head stored 4-bit too, `models.decoder.CausalLM`).
     """
     if mesh is not None and not isinstance(mesh, Mesh):
         raise TypeError(f"mesh must be a jax.sharding.Mesh (jqlora.parallel.make_mesh), got {type(mesh).__name__}")
-    build = from_hf_tensors if mesh is None else functools.partial(from_hf_tensors_sharded, mesh=mesh,
-                                                                   desc=f"loading {_name(path)}")
+    if memory != "default":
+        if mesh is not None:
+            raise ConvertError("train.memory=min: a quantized embedding / lm_head is loaded on one device only (not "
+                               "streamed into a mesh's shards); use train.memory=default on a mesh")
+        build = functools.partial(from_hf_tensors, memory=memory)
+    else:
+        build = from_hf_tensors if mesh is None else functools.partial(from_hf_tensors_sharded, mesh=mesh,
+                                                                       desc=f"loading {_name(path)}")
     if is_jqlora_dir(path):
         config, meta, get, _ = load_jqlora(path, host=mesh is not None)
         quant, double_quant, block_size = meta["quant"], meta["double_quant"], meta["block_size"]

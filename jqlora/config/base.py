@@ -18,6 +18,7 @@ OVERLONG = ("truncate", "drop", "error")
 LR_SCHEDULES = ("cosine", "linear", "constant")
 OPTIMIZER_STATES = ("float32", "bfloat16", "8bit")  # = training.optim8bit.STATE_DTYPES
 REMAT_POLICIES = ("none", "full", "save_dots", "save_dots_no_batch", "offload")  # = models.llama.REMAT_POLICIES
+MEMORY_MODES = ("default", "min")  # train.memory; = jqlora.plan --mode
 OBJECTIVES = ("sft", "dpo", "orpo", "simpo", "kto", "grpo")  # = training.preference.OBJECTIVES + grpo
 GRPO_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")  # = training.grpo.LOSS_TYPES
 GRPO_SCALE_REWARDS = ("group", "batch", "none")  # = training.grpo.SCALE_REWARDS

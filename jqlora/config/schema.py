@@ -11,8 +11,8 @@ from typing import Any, Dict, Optional
 # the allowed values and the error type live in config.base; they are re-exported here (and by jqlora.config)
 from jqlora.config.base import (  # noqa: F401
     BLOCK_SIZES, COMMAND_LINE, DATA_FORMATS, DTYPES, FUSED_MODULES, GRPO_LOSS_TYPES, GRPO_SCALE_REWARDS, HEAD_MODULES,
-    LORA_INITS, LORA_MODULES, LR_SCHEDULES, OBJECTIVES, OPTIMIZER_STATES, OVERLONG, PREFERENCE_LOSS_TYPES, QUANT_TYPES,
-    REFERENCES, REMAT_POLICIES, SFT_EVAL_METRICS, TRAIN_ON, TRUNCATION_MODES, ConfigError, _Invalid, _check, _one_of)
+    LORA_INITS, LORA_MODULES, LR_SCHEDULES, MEMORY_MODES, OBJECTIVES, OPTIMIZER_STATES, OVERLONG, PREFERENCE_LOSS_TYPES,
+    QUANT_TYPES, REFERENCES, REMAT_POLICIES, SFT_EVAL_METRICS, TRAIN_ON, TRUNCATION_MODES, ConfigError, _Invalid, _check, _one_of)
 from jqlora.config.objectives import GRPOConfig, PreferenceConfig
 
 
@@ -265,6 +265,9 @@ class TrainConfig:
     # auto: the fastest of none, save_dots, save_dots_no_batch, full whose memory plan fits the device
     # (jqlora.planning.remat)
     remat: str = "full"
+    # default | min: min holds the embedding and lm_head 4-bit too (NF4 + double quant, model.block_size; the
+    # cross-entropy dequantizes the head a block of vocabulary rows at a time) and needs train.remat full or offload
+    memory: str = "default"
     log_every: int = 10  # optimizer steps between metric lines
     eval_every: int = 25  # optimizer steps between evaluations; 0: only at the end
     eval_batches: Optional[int] = None  # micro-batches per evaluation; null: the whole eval set
@@ -335,6 +338,13 @@ class TrainConfig:
         _one_of(self.optimizer_state, "train.optimizer_state", OPTIMIZER_STATES)
         _check(self.max_grad_norm >= 0, "train.max_grad_norm", self.max_grad_norm, "must be >= 0 (0 disables)")
         _one_of(self.remat, "train.remat", REMAT_POLICIES + ("auto",))
+        _one_of(self.memory, "train.memory", MEMORY_MODES)
+        if self.memory == "min":
+            _check(self.remat in ("full", "offload"), "train.memory", self.memory,
+                   f"takes train.remat=full (or offload), not {self.remat}")
+            _check(self.objective != "grpo", "train.memory", self.memory,
+                   "is not available with train.objective=grpo (its completion log-probs read the whole head): use "
+                   "train.memory=default")
         _check(self.log_every >= 1, "train.log_every", self.log_every, "must be >= 1")
         _check(self.eval_every >= 0, "train.eval_every", self.eval_every, "must be >= 0 (0: only at the end)")
         if self.eval_batches is not None:

@@ -5,7 +5,8 @@ parameters and the rest (`split`)."""
 
 from jqlora.lora import dora, initialize
 from jqlora.lora.layer import (COMPUTE_DTYPES, FROZEN_MATMUL, QUANTS, Frozen, LoraLinear, QuantData, QuantSpec,
-                               compute_dtype, count_params, lora_a_init, quantized_matmul, set_layer_values)
+                               compute_dtype, count_params, lora_a_init, quantized_matmul, set_layer_values,
+                               tiled_quantized_matmul)
 from jqlora.lora.spec import (ADAPTABLE_MODULES, FUSED_MODULES, HEAD_MODULES, LINEAR_MODULES, LoraConfig, LoraError,
                               LoraSpec, check_rank_fits, match_pattern)
 from jqlora.lora.split import NoLoraError, SplitModel
@@ -14,5 +15,5 @@ __all__ = [
     "ADAPTABLE_MODULES", "COMPUTE_DTYPES", "FROZEN_MATMUL", "FUSED_MODULES", "HEAD_MODULES", "LINEAR_MODULES", "QUANTS",
     "Frozen", "LoraConfig", "LoraError", "LoraLinear", "LoraSpec", "NoLoraError", "QuantData", "QuantSpec",
     "SplitModel", "check_rank_fits", "compute_dtype", "count_params", "dora", "initialize", "lora_a_init",
-    "match_pattern", "quantized_matmul", "set_layer_values",
+    "match_pattern", "quantized_matmul", "set_layer_values", "tiled_quantized_matmul",
 ]

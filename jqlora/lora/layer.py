@@ -118,6 +118,9 @@ class LoraLinear(nnx.Module):
     (``[L, R]``), filled by `set_layer_values` once the layers are stacked.
     """
 
+    tile_bytes = 0  # > 0 (train.memory=min): the quantized kernel is dequantized this many bytes at a time
+    layer_index = None  # train.memory=min: Frozen int32 [L], each stacked layer's index (set by the decoder)
+
     def __init__(
         self,
         in_features: int,
@@ -269,7 +272,13 @@ class LoraLinear(nnx.Module):
         if self.quant.enabled:
             # named so that the remat policies that save matmul outputs can still see this one (a custom_vjp hides
             # the dot inside from dots_saveable)
-            y = checkpoint_name(quantized_matmul(x, self.quantized(), self.dtype), FROZEN_MATMUL)
+            if self.tile_bytes:  # train.memory=min: a tile of the kernel dequantized at a time
+                t = self.quantized()  # (inside the layer scan: every layer's kernel, read at layer_index)
+                layer = self.layer_index[...] if t.batch_shape and self.layer_index is not None else None
+                y = tiled_quantized_matmul(x, t, self.dtype, self.tile_bytes, layer)
+            else:
+                y = quantized_matmul(x, self.quantized(), self.dtype)
+            y = checkpoint_name(y, FROZEN_MATMUL)
         else:
             y = _dot_last(x, self.weight[...].astype(self.dtype))
         base = y
@@ -327,6 +336,79 @@ def _quantized_matmul_bwd(dtype, t, g):
 
 
 quantized_matmul.defvjp(_quantized_matmul_fwd, _quantized_matmul_bwd)
+
+
+def _tiles(n: int, kernel_bytes: int, tile_bytes: int, unit: int = 1) -> int:
+    """The fewest tiles, a divisor of n / unit, that keep one tile of the kernel within ``tile_bytes``."""
+    units = n // unit
+    for k in range(max(1, -(-kernel_bytes // tile_bytes)), units + 1):
+        if units % k == 0:
+            return k
+    return units
+
+
+def tiled_quantized_matmul(x: jax.Array, t: q.QuantizedTensor, dtype: Any, tile_bytes: int,
+                           layer: jax.Array | None = None) -> jax.Array:
+    """`quantized_matmul` that dequantizes at most ``tile_bytes`` of the kernel at a time (train.memory=min), never
+    the whole ``[O, I]`` copy: the forward pass walks tiles of output rows, ``y[..., rows] = x · W[rows]ᵀ``, the
+    backward tiles of input columns (whole quantization blocks), ``dx[..., cols] = g · W[:, cols]``, each a
+    `jax.lax.scan` writing its slice in place. Every output element is the same full-length dot product as in
+    `quantized_matmul`; only fewer dequantized values are live at once. ``layer``: ``t`` is the stack of every
+    layer's kernel and the tiles are read from kernel ``layer`` in place (the layer scan then copies no layer's
+    codes out of the stack first)."""
+    if layer is None:
+        return _tiled(x, t, jnp.zeros((), jnp.int32), dtype, tile_bytes, False)
+    return _tiled(x, t, jnp.asarray(layer, jnp.int32), dtype, tile_bytes, True)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _tiled(x, t, layer, dtype, tile_bytes, stacked):
+    return _tiled_forward(x, t, layer, dtype, tile_bytes, stacked)
+
+
+def _tiled_forward(x, t, layer, dtype, tile_bytes, stacked):
+    O, I = t.shape
+    at = layer if stacked else None
+    n = _tiles(O, O * I * jnp.dtype(dtype).itemsize, tile_bytes)
+    if n == 1 and not stacked:
+        return _dot_last(x, q.dequantize(t, dtype))
+    R = O // n
+    zero = jnp.int32(0)
+
+    def tile(y, i):
+        y_R = _dot_last(x, q.dequantize_block(t, i * R, R, zero, I, dtype, at))
+        return jax.lax.dynamic_update_slice_in_dim(y, y_R.astype(y.dtype), i * R, axis=y.ndim - 1), None
+
+    y0 = jnp.zeros((*x.shape[:-1], O), jnp.result_type(x.dtype, dtype))
+    return jax.lax.scan(tile, y0, jnp.arange(n, dtype=jnp.int32))[0]
+
+
+def _tiled_fwd(x, t, layer, dtype, tile_bytes, stacked):
+    return _tiled_forward(x, t, layer, dtype, tile_bytes, stacked), (t, layer)
+
+
+def _tiled_bwd(dtype, tile_bytes, stacked, res, g):
+    t, layer = res
+    O, I = t.shape
+    n = _tiles(I, O * I * jnp.dtype(dtype).itemsize, tile_bytes, t.block_size)
+    none = jax.tree.map(lambda _: None, t)  # the frozen kernel gets no cotangent
+    if n == 1 and not stacked:
+        return (*_quantized_matmul_bwd(dtype, t, g), None)
+    C = I // n
+    zero = jnp.int32(0)
+    at = layer if stacked else None
+
+    def tile(dx, i):
+        w_OC = q.dequantize_block(t, zero, O, i * C, C, dtype, at)
+        dx_C = jax.lax.dot_general(g, w_OC, (((g.ndim - 1,), (0,)), ((), ())))
+        return jax.lax.dynamic_update_slice_in_dim(dx, dx_C.astype(dx.dtype), i * C, axis=dx.ndim - 1), None
+
+    dx0 = jnp.zeros((*g.shape[:-1], I), jnp.result_type(g.dtype, dtype))
+    dx = jax.lax.scan(tile, dx0, jnp.arange(n, dtype=jnp.int32))[0]
+    return dx, none, None
+
+
+_tiled.defvjp(_tiled_fwd, _tiled_bwd)
 
 
 def count_params(tree: Any) -> int:

@@ -11,10 +11,11 @@ text), `phi3.py` (Phi-3, Phi-3.5, Phi-4-mini), `mixtral.py` and `qwen3_moe.py` (
 from jqlora.models import moe
 from jqlora.models.config import ModelConfig, RopeConfig
 from jqlora.models.hf import HFKey, TensorGetter, checkpoint_pieces, check_filled, from_hf_tensors, hf_key_table
+from jqlora.models.layers import QuantHead, heads_spec
 from jqlora.models.llama import LlamaForCausalLM
 from jqlora.models.stack import REMAT_POLICIES
 
 __all__ = [
-    "REMAT_POLICIES", "HFKey", "LlamaForCausalLM", "ModelConfig", "RopeConfig", "TensorGetter", "check_filled",
-    "checkpoint_pieces", "from_hf_tensors", "hf_key_table", "moe",
+    "REMAT_POLICIES", "HFKey", "LlamaForCausalLM", "ModelConfig", "QuantHead", "RopeConfig", "TensorGetter",
+    "check_filled", "checkpoint_pieces", "from_hf_tensors", "heads_spec", "hf_key_table", "moe",
 ]

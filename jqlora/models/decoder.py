@@ -30,11 +30,12 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jqlora.lora import LoraConfig, LoraLinear, QuantSpec, compute_dtype, set_layer_values
+from jqlora.lora import Frozen, LoraConfig, LoraLinear, QuantData, QuantSpec, compute_dtype, set_layer_values
 from jqlora.models.attention import IMPLEMENTATIONS as ATTENTION_IMPLEMENTATIONS
 from jqlora.models.attention import NO_WINDOW, attention
 from jqlora.models.config import ModelConfig
-from jqlora.models.layers import MLP, NEFTUNE_KEY, Embed, LMHead, linear, neftune_noise, rms_norm
+from jqlora.models.layers import (HEAD_BLOCK_ROWS, MLP, NEFTUNE_KEY, Embed, LMHead, QuantHead, heads_spec, linear,
+                                  neftune_noise, rms_norm)
 from jqlora.models.rope import apply_rope, rope_tables
 from jqlora.models.sequence import constrain_tokens, splits, ulysses_attention
 from jqlora.models.stack import REMAT_POLICIES, _remat_policy, segment_positions, softcap
@@ -95,6 +96,9 @@ class Attention(nnx.Module):
         return self.o_proj(out_BSNH.reshape(B, S, N * H), **kw(3))
 
 
+MIN_TILE_BYTES = 16 << 20  # train.memory=min: bytes of a 4-bit kernel dequantized at once (Llama-3-8B's MLP: 7 tiles)
+
+
 class DecoderLayer(nnx.Module):
     """Pre-norm attention and MLP blocks; with ``sandwich_norms`` (Gemma 2/3) the attention and MLP outputs are
     normalized too: h = x + post_attention_layernorm(attn(...)), y = h + post_feedforward_layernorm(mlp(
@@ -150,10 +154,10 @@ class DecoderModel(nnx.Module):
     """``embed_tokens``, stacked ``layers`` (leading axis L on every variable), final ``norm``."""
 
     def __init__(self, cfg: ModelConfig, lora: LoraConfig | None, quant: QuantSpec, dtype: Any, lora_dtype: Any,
-                 rngs: nnx.Rngs):
+                 rngs: nnx.Rngs, head_quant: QuantSpec | None = None):
         self.embed_tokens = Embed(cfg.vocab_size, cfg.hidden_size, dtype, rngs, scale=cfg.embed_scale,
                                   lora=lora.for_module("embed_tokens") if lora is not None else None,
-                                  lora_dtype=lora_dtype)
+                                  lora_dtype=lora_dtype, quant=head_quant)
 
         @nnx.split_rngs(splits=cfg.num_hidden_layers)
         @nnx.vmap(in_axes=(0,), out_axes=0)
@@ -171,7 +175,9 @@ class CausalLM(nnx.Module):
     ``remat`` (one of `REMAT_POLICIES`), ``scan_layers`` and ``attention`` (one of `ATTENTION_IMPLEMENTATIONS`:
     ``"auto"`` is cuDNN flash attention on a GPU backend, XLA elsewhere) are plain attributes that may be changed
     between calls; so is ``seq_mesh``: a mesh with a ``seq`` axis of size > 1 splits every row's tokens over it
-    (sequence parallelism, `sequence.py`), None (the default) leaves the placement to the inputs.
+    (sequence parallelism, `sequence.py`), None (the default) leaves the placement to the inputs. ``memory`` is
+    train.memory: ``min`` stores the embedding and lm_head tables 4-bit (`layers.QuantHead`; one table when tied)
+    and dequantizes each 4-bit kernel `MIN_TILE_BYTES` at a time (`lora.tiled_quantized_matmul`).
     """
 
     def __init__(
@@ -186,8 +192,10 @@ class CausalLM(nnx.Module):
         remat: str = "full",
         scan_layers: bool = True,
         attention: str = "auto",
+        memory: str = "default",
     ):
         quant = quant if quant is not None else QuantSpec()
+        head_quant = heads_spec(memory, quant.quant, quant.block_size)
         dtype = compute_dtype(dtype)
         if remat not in REMAT_POLICIES:
             raise ValueError(f"unknown remat policy {remat!r}: expected one of {', '.join(REMAT_POLICIES)}")
@@ -202,19 +210,46 @@ class CausalLM(nnx.Module):
         self.scan_layers = scan_layers
         self.attention = attention
         self.seq_mesh = None
-        self.model = DecoderModel(cfg, lora, quant, dtype, jnp.dtype(lora_dtype), rngs)
+        self.memory = memory
+        self.head_quant = head_quant
+        self.head_block_rows = HEAD_BLOCK_ROWS  # (a plain attribute: vocabulary rows a quantized head reads at once)
+        self.model = DecoderModel(cfg, lora, quant, dtype, jnp.dtype(lora_dtype), rngs, head_quant)
+        # train.memory=min on a dense model: the layer scan leaves the 4-bit kernels stacked and each tiled matmul
+        # reads its layer's tiles at layer_index (`hidden_states`), so no layer's codes are copied out first
+        self.hoist_kernels = memory == "min" and quant.enabled and not cfg.num_experts
+        if memory == "min":
+            for _, module in nnx.iter_modules(self.model.layers):
+                if isinstance(module, LoraLinear):
+                    module.tile_bytes = MIN_TILE_BYTES
+                    if self.hoist_kernels:
+                        module.layer_index = Frozen(jnp.arange(cfg.num_hidden_layers, dtype=jnp.int32))
         head_lora = lora.for_module("lm_head") if lora is not None else None
         if head_lora is not None and cfg.tie_word_embeddings:
             raise ValueError("lora.targets: lm_head cannot be adapted in a model with tied embeddings "
                              "(tie_word_embeddings=true); adapt embed_tokens, or leave lm_head out")
         self.lm_head = None if cfg.tie_word_embeddings else LMHead(cfg.vocab_size, cfg.hidden_size, dtype, rngs,
-                                                                   lora=head_lora, lora_dtype=lora_dtype)
+                                                                   lora=head_lora, lora_dtype=lora_dtype,
+                                                                   quant=head_quant)
 
     def lm_head_weight(self) -> jax.Array:
-        """``[V, D]`` in the compute dtype (the embedding matrix when tied)."""
+        """``[V, D]`` in the compute dtype (the embedding matrix when tied; dequantized whole when quantized)."""
         if self.lm_head is None:
-            return self.model.embed_tokens.weight[...]
+            return self.model.embed_tokens.table()
         return self.lm_head.head_weight()
+
+    def set_layer_indices(self) -> None:
+        """Fill every tiled kernel's ``layer_index`` (0 … L-1; after an abstract build and loading)."""
+        for _, module in nnx.iter_modules(self.model.layers):
+            if isinstance(module, LoraLinear) and module.layer_index is not None:
+                module.layer_index.set_value(jnp.arange(self.config.num_hidden_layers, dtype=jnp.int32))
+
+    def ce_head(self) -> jax.Array | QuantHead:
+        """The head as the chunked cross-entropy reads it: `lm_head_weight`, or with quantized tables a `QuantHead`
+        read a block of vocabulary rows at a time."""
+        if self.lm_head is not None:
+            return self.lm_head.ce_head(self.head_block_rows)
+        t = self.model.embed_tokens.quantized()
+        return self.lm_head_weight() if t is None else QuantHead(t, self.dtype, block_rows=self.head_block_rows)
 
     def hidden_states(
         self,
@@ -265,7 +300,10 @@ class CausalLM(nnx.Module):
             h_BSD = h_BSD + neftune_noise(jax.random.fold_in(key, NEFTUNE_KEY), h_BSD.shape, embed_noise, h_BSD.dtype)
         if seq_mesh is not None:
             h_BSD = constrain_tokens(seq_mesh, h_BSD)
-        graphdef, state = nnx.split(self.model.layers)
+        if self.hoist_kernels:  # the 4-bit kernels stay stacked, outside the scanned state (see __init__)
+            graphdef, kernels, state = nnx.split(self.model.layers, QuantData, ...)
+        else:
+            graphdef, state = nnx.split(self.model.layers)
         use_dropout = not deterministic and self.lora_config is not None and self.lora_config.dropout > 0
         if use_dropout and key is None:
             raise ValueError("LoRA dropout needs a PRNG key (key=...) when deterministic=False")
@@ -273,7 +311,8 @@ class CausalLM(nnx.Module):
 
         def body(h, xs):
             layer_state, window, rope, layer_key = xs
-            layer = nnx.merge(graphdef, layer_state)
+            parts = (kernels, layer_state) if self.hoist_kernels else (layer_state,)
+            layer = nnx.merge(graphdef, *parts)
             if cos_RBSH.shape[0] == 1:  # one RoPE: a static slice, no per-layer selection
                 rope = 0
             w = (window if shared_window is None else shared_window) if windowed else None

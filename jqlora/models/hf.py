@@ -159,6 +159,7 @@ def from_hf_tensors(
     remat: str = "full",
     scan_layers: bool = True,
     quantize_experts: bool = True,
+    memory: str = "default",
 ) -> Any:
     """Build the model from Hugging Face tensors fetched one key at a time by ``get(key)``.
 
@@ -168,13 +169,17 @@ def from_hf_tensors(
     naming the key. The model is built abstractly (`nnx.eval_shape`), so no full-size random weights are made;
     each stacked variable is filled into one host buffer, then moved to the device once. Adapters are initialized
     from ``seed`` as peft does. ``quantize_experts`` False keeps MoE experts in the compute dtype (`QuantSpec`).
+    ``memory`` is train.memory: with ``min`` the embedding and lm_head tables are quantized as they stream in,
+    from the compute-dtype values the default mode holds (`layers.QuantHead`).
     """
     qspec = QuantSpec(quant, double_quant, block_size, quantize_experts)
     cdtype = compute_dtype(dtype)
     from jqlora.models.decoder import CausalLM
 
     model = nnx.eval_shape(lambda: CausalLM(cfg, lora, qspec, cdtype, rngs=nnx.Rngs(seed),
-                                            lora_dtype=lora_dtype, remat=remat, scan_layers=scan_layers))
+                                            lora_dtype=lora_dtype, remat=remat, scan_layers=scan_layers,
+                                            memory=memory))
+    head_quant = model.head_quant
     buffers: dict[tuple[tuple[str, ...], str], np.ndarray] = {}
     quant_dtypes: dict[tuple[str, ...], tuple[str, str]] = {}  # module path -> (dtype name, first key)
 
@@ -192,6 +197,16 @@ def from_hf_tensors(
         buf[index] = value
 
     for entry, name, value in checkpoint_pieces(cfg, get, qspec, cdtype, quant_dtypes):
+        module = _module_at(model, entry.path)
+        if entry.kind in ("embedding", "lm_head") and getattr(module, "codes", None) is not None:
+            # (quantized from the compute-dtype table, the values the default mode would use)
+            t = q.quantize(np.asarray(value), head_quant.quant, block_size=head_quant.block_size,
+                           double_quant=head_quant.double_quant)
+            for part in ("codes", "absmax", "nested_absmax", "offset"):
+                if getattr(t, part) is not None:
+                    put(entry, part, np.asarray(getattr(t, part)))
+            module.quant_dtype = t.dtype
+            continue
         put(entry, name, np.asarray(value))
 
     for (path, name), buf in buffers.items():
@@ -204,6 +219,7 @@ def from_hf_tensors(
             module.lora_a.set_value(jnp.zeros(module.lora_a.shape, module.lora_a.dtype))
             module.lora_b.set_value(jnp.zeros(module.lora_b.shape, module.lora_b.dtype))
     set_layer_values(model.model.layers)  # per-layer ranks / alphas: masks and scalings (built abstractly above)
+    model.set_layer_indices()  # (train.memory=min)
     model.init_lora(jax.random.key(seed))
     check_filled(model)
     return model

@@ -18,6 +18,13 @@ The head adapter is folded into the head weight ``[V, D]`` (one extra copy of it
 (the config refuses lm_head with lora.dropout > 0); peft takes no dropout on the embedding either. With tied
 embeddings the embedding adapter changes the input side only, as in peft; an lm_head adapter is refused there.
 
+Quantized embedding and head (``train.memory=min``; `QuantHead`): the table ``[V, D]`` is held as NF4 (/FP4) codes
+with (double-quantized) block scales like a linear kernel, D a multiple of the block so each row is whole blocks.
+The embedding gathers the codes and scales of the rows a batch uses and dequantizes only those
+(`quant.dequantize_rows`, equal to dequantizing all and gathering, bit for bit); the cross-entropy reads the head
+one block of vocabulary rows at a time (`QuantHead.rows`), so no ``[V, D]`` compute-dtype copy is ever live in the
+train step. With tied embeddings the one quantized table serves both.
+
 Shape letters: B batch, S sequence, D hidden, F MLP hidden, V vocabulary.
 """
 
@@ -30,7 +37,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jqlora.lora import Frozen, LoraConfig, LoraLinear, LoraSpec, QuantSpec, check_rank_fits, lora_a_init
+from jqlora import quant as q
+from jqlora.lora import Frozen, LoraConfig, LoraLinear, LoraSpec, QuantData, QuantSpec, check_rank_fits, lora_a_init
 from jqlora.models.config import ModelConfig
 
 ACTIVATIONS = {"silu": jax.nn.silu, "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True)}
@@ -66,10 +74,97 @@ def neftune_noise(key: jax.Array, shape_BSD: tuple[int, int, int], alpha: float,
     return jax.random.uniform(key, tuple(shape_BSD), jnp.float32, -bound, bound).astype(dtype)
 
 
+def _quantized_table(module: nnx.Module, w_VD: jax.Array, quant: QuantSpec | None) -> None:
+    """Store ``w_VD`` on ``module`` as ``weight`` (Frozen), or quantized by ``quant`` as ``codes`` / ``absmax`` (/
+    ``nested_absmax`` / ``offset``) QuantData with the static fields as plain attributes (as `LoraLinear`)."""
+    if quant is None or not quant.enabled:
+        module.weight = Frozen(w_VD)
+        module.codes = None
+        return
+    V, D = w_VD.shape
+    if D % quant.block_size:
+        raise ValueError(f"train.memory=min: hidden size {D} is not a multiple of model.block_size "
+                         f"{quant.block_size}, so the embedding's rows are not whole blocks; pick a block size "
+                         "dividing it")
+    set_quantized_table(module, q.quantize(w_VD, quant.quant, block_size=quant.block_size,
+                                           double_quant=quant.double_quant))
+
+
+def set_quantized_table(module: nnx.Module, t: q.QuantizedTensor) -> None:
+    """Store the quantized table ``t`` on an `Embed` / `LMHead` built quantized (loading fills it this way)."""
+    module.weight = None
+    module.codes = QuantData(t.codes)
+    module.absmax = QuantData(t.absmax)
+    module.nested_absmax = QuantData(t.nested_absmax) if t.double_quant else None
+    module.offset = QuantData(t.offset) if t.double_quant else None
+    module.quant_shape, module.quant_dtype = t.shape, t.dtype
+    module.block_size, module.quant_type = t.block_size, t.quant_type
+
+
+def _table(module: nnx.Module) -> q.QuantizedTensor | None:
+    """The module's quantized table, or None when it holds a plain ``weight``."""
+    if module.codes is None:
+        return None
+    nested = module.nested_absmax[...] if module.nested_absmax is not None else None
+    offset = module.offset[...] if module.offset is not None else None
+    return q.QuantizedTensor(module.codes[...], module.absmax[...], nested, offset, module.quant_shape,
+                             module.quant_dtype, module.block_size, module.quant_type)
+
+
+def heads_spec(memory: str, quant: str = "nf4", block_size: int = 64) -> QuantSpec | None:
+    """How train.memory stores the embedding and lm_head tables: None (``default``: the compute dtype), or for
+    ``min`` the model's 4-bit type (NF4 when the linears are unquantized) with double quantization at ``block_size``."""
+    if memory == "default":
+        return None
+    if memory != "min":
+        raise ValueError(f"train.memory {memory!r}: expected default or min")
+    return QuantSpec(quant if quant != "none" else "nf4", True, block_size)
+
+
+HEAD_BLOCK_ROWS = 4096  # vocabulary rows of a quantized head dequantized at once (Llama-3: 32 blocks of 32 MiB bf16)
+
+
+@jax.tree_util.register_pytree_node_class
+class QuantHead:
+    """The LM head for the chunked cross-entropy as a quantized ``[V, D]`` table (and an lm_head adapter A ``[D, R]``,
+    B ``[R, V]`` scaled by s), read ``size`` vocabulary rows at a time: never a whole ``[V, D]`` copy."""
+
+    def __init__(self, table: q.QuantizedTensor, dtype: Any, lora_a=None, lora_b=None, scaling: float = 0.0,
+                 block_rows: int = HEAD_BLOCK_ROWS):
+        self.table, self.dtype = table, jnp.dtype(dtype)
+        self.lora_a, self.lora_b, self.scaling = lora_a, lora_b, scaling
+        self.block_rows = min(int(block_rows), table.shape[0])  # vocabulary rows dequantized at once
+
+    @property
+    def vocab(self) -> int:
+        return self.table.shape[0]
+
+    def rows(self, start: jax.Array, size: int) -> jax.Array:
+        """Rows [start, start + size) of ``W + s (A B)ᵀ`` in the compute dtype (equal, row for row, to
+        `LMHead.head_weight` over the dequantized table)."""
+        w_RD = q.dequantize_rows(self.table, start + jnp.arange(size, dtype=jnp.int32), self.dtype)
+        if self.lora_a is None:
+            return w_RD
+        b_RV = jax.lax.dynamic_slice_in_dim(self.lora_b.astype(self.dtype), start, size, axis=1)
+        delta_RD = jnp.matmul(self.lora_a.astype(self.dtype), b_RV).T
+        return w_RD + delta_RD * jnp.asarray(self.scaling, self.dtype)
+
+    def tree_flatten(self):
+        return (self.table, self.lora_a, self.lora_b), (self.dtype, self.scaling, self.block_rows)
+
+    @classmethod
+    def tree_unflatten(cls, aux, children):
+        return cls(children[0], aux[0], children[1], children[2], aux[1], aux[2])
+
+
 class Embed(nnx.Module):
+    """``embed_tokens``: a ``[V, D]`` table (``weight``, or 4-bit with ``quant``: see the module docstring)."""
+
     def __init__(self, vocab: int, dim: int, dtype: Any, rngs: nnx.Rngs, scale: bool = False,
-                 lora: LoraSpec | None = None, lora_dtype: Any = jnp.float32):
-        self.weight = Frozen((0.02 * jax.random.normal(rngs.params(), (vocab, dim), jnp.float32)).astype(dtype))
+                 lora: LoraSpec | None = None, lora_dtype: Any = jnp.float32, quant: QuantSpec | None = None):
+        _quantized_table(self, (0.02 * jax.random.normal(rngs.params(), (vocab, dim), jnp.float32)).astype(dtype),
+                         quant)
+        self.dtype = jnp.dtype(dtype)
         self.scale = math.sqrt(dim) if scale else None
         self.spec = lora
         if lora is not None:
@@ -85,8 +180,20 @@ class Embed(nnx.Module):
             a.set_value(jnp.zeros(a.shape, a.dtype))
             b.set_value(jax.random.normal(key, b.shape, b.dtype))
 
+    def quantized(self) -> q.QuantizedTensor | None:
+        return _table(self)
+
+    def table(self) -> jax.Array:
+        """The whole ``[V, D]`` table in the compute dtype (dequantized when quantized: decoding, export)."""
+        t = _table(self)
+        return self.weight[...] if t is None else q.dequantize(t, self.dtype)
+
     def __call__(self, ids_BS: jax.Array) -> jax.Array:
-        h_BSD = jnp.take(self.weight[...], ids_BS, axis=0)
+        t = _table(self)
+        if t is None:
+            h_BSD = jnp.take(self.weight[...], ids_BS, axis=0)
+        else:  # only the rows used are dequantized
+            h_BSD = q.dequantize_rows(t, ids_BS, self.dtype)
         if self.spec is not None:
             dt = h_BSD.dtype
             a_BSR = jnp.take(self.lora_embedding_a[...].astype(dt), ids_BS, axis=0)
@@ -99,8 +206,10 @@ class Embed(nnx.Module):
 
 class LMHead(nnx.Module):
     def __init__(self, vocab: int, dim: int, dtype: Any, rngs: nnx.Rngs, lora: LoraSpec | None = None,
-                 lora_dtype: Any = jnp.float32):
-        self.weight = Frozen((0.02 * jax.random.normal(rngs.params(), (vocab, dim), jnp.float32)).astype(dtype))
+                 lora_dtype: Any = jnp.float32, quant: QuantSpec | None = None):
+        _quantized_table(self, (0.02 * jax.random.normal(rngs.params(), (vocab, dim), jnp.float32)).astype(dtype),
+                         quant)
+        self.dtype = jnp.dtype(dtype)
         self.spec = lora
         self.in_features = dim
         if lora is not None:
@@ -115,13 +224,26 @@ class LMHead(nnx.Module):
             self.lora_a.set_value(lora_a_init(key, self.lora_a.shape, self.in_features, self.lora_a.dtype))
             self.lora_b.set_value(jnp.zeros(self.lora_b.shape, self.lora_b.dtype))
 
+    def quantized(self) -> q.QuantizedTensor | None:
+        return _table(self)
+
     def head_weight(self) -> jax.Array:
-        """``W + s (A B)ᵀ`` ``[V, D]`` in the weight's dtype (W without an adapter)."""
-        w_VD = self.weight[...]
+        """``W + s (A B)ᵀ`` ``[V, D]`` in the weight's dtype (W without an adapter; dequantized when quantized)."""
+        t = _table(self)
+        w_VD = self.weight[...] if t is None else q.dequantize(t, self.dtype)
         if self.spec is None:
             return w_VD
         delta_VD = jnp.matmul(self.lora_a[...].astype(w_VD.dtype), self.lora_b[...].astype(w_VD.dtype)).T
         return w_VD + delta_VD * jnp.asarray(self.spec.scaling, w_VD.dtype)
+
+    def ce_head(self, block_rows: int = HEAD_BLOCK_ROWS) -> jax.Array | QuantHead:
+        """What the chunked cross-entropy reads: `head_weight`, or a `QuantHead` when the table is quantized."""
+        t = _table(self)
+        if t is None:
+            return self.head_weight()
+        if self.spec is None:
+            return QuantHead(t, self.dtype, block_rows=block_rows)
+        return QuantHead(t, self.dtype, self.lora_a[...], self.lora_b[...], self.spec.scaling, block_rows)
 
 
 def linear(cfg_lora: LoraConfig | None, name: str, n_in: int, n_out: int, *, bias: bool, quant: QuantSpec,

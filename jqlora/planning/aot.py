@@ -153,7 +153,8 @@ def abstract_model(shape, cfg, *, remat: str, attention: str = "cudnn", scan_lay
                       cfg.model.quantize_experts)
     return nnx.eval_shape(lambda: LlamaForCausalLM(
         shape, LoraConfig.from_config(cfg.lora), qspec, compute_dtype(cfg.model.dtype), rngs=nnx.Rngs(cfg.train.seed),
-        remat=remat, scan_layers=scan_layers, attention=attention))
+        remat=remat, scan_layers=scan_layers, attention=attention,
+        memory=getattr(cfg.train, "memory", "default")))
 
 
 def step_arguments(split, tx, *, batch: int, seq: int, sharding) -> tuple:

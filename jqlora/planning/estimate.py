@@ -149,11 +149,20 @@ def _kernel_bytes(comps, types, comp: str, ins: Instr) -> float:
         if name in in_place:
             full = 0.0
         elif name is not None:
-            users = [u for u in body if name in u.operands()]
+            users = _users_through_views(body, name)
             if users and all(u.opcode in ("dynamic-slice", "slice") for u in users):
                 full = min(full, sum(_bytes(u.type) for u in users))
         total += full
     return total
+
+
+def _users_through_views(body: list[Instr], name: str) -> list[Instr]:
+    """The instructions of a fused computation that use ``name``, looking through bitcasts / reshapes of it (a
+    stacked kernel reshaped, then sliced to one layer's tile, is read one tile's worth)."""
+    out = []
+    for u in (u for u in body if name in u.operands()):
+        out += _users_through_views(body, u.name) if u.opcode in ("bitcast", "reshape") else [u]
+    return out
 
 
 def _has(comps, comp: str, needle: str) -> bool:

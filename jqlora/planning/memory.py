@@ -29,6 +29,12 @@ of size H, L layers, V vocabulary, r LoRA rank, c = bytes of the compute dtype, 
     cross-entropy       one chunk of 1024 tokens of float32 logits and their gradient, 2 · 1024·V·4, plus the final
                         hidden states and their gradient 2·T·D·c
 
+``memory="min"`` (train.memory=min): the embedding and lm_head tables are 4-bit too, ``quantized_bytes(V·D)`` each
+(one when tied) in the base weights row, and the cross-entropy holds one block of R = min(4096, V) vocabulary rows
+at a time: 2 · 1024·R·4 logits and their gradient plus the block's rows dequantized (and their recomputation), 2·R·D·c.
+Its 4-bit matmuls dequantize 16 MiB tiles (`lora.tiled_quantized_matmul`): the layer working set holds the layer's
+4-bit kernels (the copy the layer scan slices out) and two tiles instead of the layer's kernels in the compute dtype.
+
 Not counted: XLA's temporary buffers and fragmentation, the CUDA context (~0.5 GB), the batch itself.
 The tensor axis divides the per-layer working set and saved matmuls (heads and MLP are split), not the residuals.
 """
@@ -47,6 +53,9 @@ NESTED = 256
 CE_CHUNK = 1024
 DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
 REMATS = ("none", "full", "save_dots", "save_dots_no_batch", "offload")  # = jqlora.config.REMAT_POLICIES
+MEMORY_MODES = ("default", "min")  # = jqlora.config.MEMORY_MODES (train.memory)
+HEAD_BLOCK_ROWS = 4096  # = jqlora.models.layers.HEAD_BLOCK_ROWS
+MIN_TILE_BYTES = 16 << 20  # = jqlora.models.decoder.MIN_TILE_BYTES
 WEIGHTS_ROW = "base weights"  # the row's label starts so: `weights_row` adds what the weights are stored in
 
 
@@ -82,10 +91,11 @@ def quantized_bytes(n: int, block_size: int = 64, double_quant: bool = True) -> 
 
 
 def weight_bytes(shape: ModelConfig, *, quant: str = "nf4", double_quant: bool = True, block_size: int = 64,
-                 dtype_bytes: int = 2, quantize_experts: bool = True) -> dict[str, int]:
+                 dtype_bytes: int = 2, quantize_experts: bool = True, quantized_heads: bool = False) -> dict[str, int]:
     """Bytes of the whole frozen model: {'quantized', 'unquantized', 'norms', 'per_layer_quantized', 'experts',
-    'total'}; 'experts' (in either of the first two) is every MoE expert kernel, quantized one expert at a time or,
-    with ``quantize_experts`` False, in the compute dtype."""
+    'heads', 'total'}; 'experts' (in either of the first two) is every MoE expert kernel, quantized one expert at a
+    time or, with ``quantize_experts`` False, in the compute dtype; 'heads' the embedding and lm_head tables, 4-bit
+    with ``quantized_heads`` (train.memory=min: NF4 + double quant at ``block_size``), else in the compute dtype."""
     L, D, V = shape.num_hidden_layers, shape.hidden_size, shape.vocab_size
     per_layer = float_layer = experts = 0
     for name, (O, I) in linear_shapes(shape).items():
@@ -101,11 +111,12 @@ def weight_bytes(shape: ModelConfig, *, quant: str = "nf4", double_quant: bool =
     biases = (shape.num_attention_heads + 2 * shape.num_key_value_heads) * shape.head_dim if shape.qkv_bias else 0
     router = shape.num_experts * D  # MoE: the router stays unquantized
     norms = L * (2 * D + (2 * shape.head_dim if shape.qk_norm else 0) + biases + router) + D
-    embed = V * D * (1 if shape.tie_word_embeddings else 2)
-    quantized = L * per_layer
-    unquantized = (embed + norms) * dtype_bytes + L * float_layer
+    tables = 1 if shape.tie_word_embeddings else 2
+    heads = tables * (quantized_bytes(V * D, block_size, True) if quantized_heads else V * D * dtype_bytes)
+    quantized = L * per_layer + (heads if quantized_heads else 0)
+    unquantized = norms * dtype_bytes + L * float_layer + (0 if quantized_heads else heads)
     return {"quantized": quantized, "unquantized": unquantized, "norms": norms * dtype_bytes,
-            "per_layer_quantized": per_layer, "experts": L * experts, "total": quantized + unquantized}
+            "per_layer_quantized": per_layer, "experts": L * experts, "heads": heads, "total": quantized + unquantized}
 
 
 def lora_param_count(shape: ModelConfig, r: int = 16, targets: tuple[str, ...] = LINEARS,
@@ -162,12 +173,17 @@ def memory_plan(shape: ModelConfig, *, seq: int, batch: int = 1, data: int = 1, 
                 ce_chunk: int = CE_CHUNK, name: str = "model", attention: str = "xla",
                 dropout: float = 0.0, experts: bool = False, quantize_experts: bool = True, objective: str = "sft",
                 new_tokens: int = 0, rollout_rows: int = 0, optimizer_state: str = "float32",
-                seq_parallel: int = 1) -> Plan:
+                seq_parallel: int = 1, memory: str = "default") -> Plan:
     """Bytes per device; ``batch`` is rows per device (each device of the data × fsdp axes sees its own rows).
     ``seq_parallel`` = mesh.seq: every row's tokens split over that many devices (Ulysses: the attention of a device
     covers the whole row for N / seq_parallel heads), so every activation row divides by it, and the weights,
     adapters and optimizer state are split over it as over fsdp (`jqlora.parallel.rules`).
-    ``objective="grpo"``: `grpo_plan` (``seq`` the prompt tokens, ``batch`` completion rows per micro-step)."""
+    ``objective="grpo"``: `grpo_plan` (``seq`` the prompt tokens, ``batch`` completion rows per micro-step).
+    ``memory`` is train.memory (`MEMORY_MODES`; min: see the module docstring)."""
+    if memory not in MEMORY_MODES:
+        raise ValueError(f"memory mode {memory!r}: expected one of {', '.join(MEMORY_MODES)}")
+    if memory == "min" and objective == "grpo":
+        raise ValueError("memory mode min is not available with objective grpo (train.memory=min)")
     if objective == "grpo":
         return grpo_plan(shape, prompt=seq, new_tokens=new_tokens, rows=batch, rollout_rows=rollout_rows,
                          data=data, fsdp=fsdp, tensor=tensor, remat=remat, r=r, targets=targets, quant=quant,
@@ -184,8 +200,9 @@ def memory_plan(shape: ModelConfig, *, seq: int, batch: int = 1, data: int = 1, 
     N, K, H, V = shape.num_attention_heads, shape.num_key_value_heads, shape.head_dim, shape.vocab_size
     B, S = batch, seq
     T = B * S / seq_parallel  # tokens a device holds; attention's [B, N, S, S]-sized rows divide by it too (heads)
+    low = memory == "min"
     w = weight_bytes(shape, quant=quant, double_quant=double_quant, block_size=block_size, dtype_bytes=c,
-                     quantize_experts=quantize_experts)
+                     quantize_experts=quantize_experts, quantized_heads=low)
     rows: dict[str, float] = {}
     rows[weights_row(dtype, quant)] = (w["total"] - w["norms"]) / P + w["norms"]
     float_experts = bool(shape.num_experts) and not quantize_experts and quant != "none"
@@ -205,6 +222,8 @@ def memory_plan(shape: ModelConfig, *, seq: int, batch: int = 1, data: int = 1, 
     flash = attention == "cudnn"
     scores = (B * min(64, S) * N * S * 4 if flash else 2 * B * N * S * S * c) / (tensor * seq_parallel)
     kernels = sum(O * I for O, I in linear_shapes(shape).values()) * c / tensor
+    if low and quant != "none":  # tiled 4-bit matmuls: the layer's codes sliced out, and two tiles dequantized
+        kernels = min(kernels, (w["per_layer_quantized"] + 2 * MIN_TILE_BYTES) / tensor)
     outs = T * (N * H + 2 * K * H + D + 2 * F + D) * c
     n_lin = len(targets)
     no_batch_dots = (2 * outs + T * r * n_lin * c) / tensor  # base and LoRA B outputs, LoRA A outputs
@@ -223,12 +242,20 @@ def memory_plan(shape: ModelConfig, *, seq: int, batch: int = 1, data: int = 1, 
         elif remat == "offload":
             host["saved matmul outputs (no attention)"] = L * no_batch_dots
         rows["layer working set (recomputed)"] = acts + scores + kernels
-    rows["cross-entropy chunk + final hidden"] = 2 * min(ce_chunk, T) * V * 4 + 2 * T * D * c
+    if low:  # one block of R vocabulary rows at a time: its logits and their gradient, its rows dequantized
+        R = min(HEAD_BLOCK_ROWS, V)
+        rows["cross-entropy chunk + final hidden"] = 2 * min(ce_chunk, T) * R * 4 + 2 * R * D * c + 2 * T * D * c
+    else:
+        rows["cross-entropy chunk + final hidden"] = 2 * min(ce_chunk, T) * V * 4 + 2 * T * D * c
     n_4bit = sum(O * I for k, (O, I) in linear_shapes(shape).items() if not (float_experts and k.startswith("experts.")))
-    notes = [f"{w['quantized'] * 8 / max(1, n_4bit * L):.3f} "
+    notes = [f"{(w['quantized'] - (w['heads'] if low else 0)) * 8 / max(1, n_4bit * L):.3f} "
              f"bits/param for the {'4-bit ' if float_experts else ''}linear kernels; {n_lora / 1e6:.1f} M LoRA params "
              f"(r={r})",
              f"all devices together hold {w['total'] / 1e9:.2f} GB of base weights"]
+    if low:
+        notes.append(f"memory=min: embedding{'' if shape.tie_word_embeddings else ' and lm_head'} 4-bit, "
+                     f"{w['heads'] / 1e9:.2f} GB (in {dtype}: "
+                     f"{(1 if shape.tie_word_embeddings else 2) * V * D * c / 1e9:.2f} GB)")
     if float_experts:
         packed = weight_bytes(shape, quant=quant, double_quant=double_quant, block_size=block_size, dtype_bytes=c)
         notes.append(f"model.quantize_experts=false: the MoE experts stay {dtype}, {w['experts'] / 1e9:.2f} GB "
@@ -238,7 +265,7 @@ def memory_plan(shape: ModelConfig, *, seq: int, batch: int = 1, data: int = 1, 
                      "on the device, as save_dots_no_batch)")
     title = (f"{name}: seq={S} batch={B}/device data={data} fsdp={fsdp} tensor={tensor} "
              f"{f'seq-parallel={seq_parallel} ' if seq_parallel > 1 else ''}remat={remat} "
-             f"r={r} {quant}{'+dq' if double_quant else ''} {dtype}")
+             f"r={r} {quant}{'+dq' if double_quant else ''} {dtype}{' memory=min' if low else ''}")
     return Plan(title, rows, w["total"], notes, host)
 
 
@@ -273,6 +300,7 @@ def settings_from_config(cfg: Any, axes: dict[str, int] | None = None) -> dict[s
                 seq_parallel=int(getattr(cfg.mesh, "seq", 1)),
                 quantize_experts=bool(getattr(cfg.model, "quantize_experts", True)),
                 optimizer_state=getattr(cfg.train, "optimizer_state", "float32"),
+                memory=getattr(cfg.train, "memory", "default"),
                 targets=LINEARS if cfg.lora.targets == "all-linear" else tuple(cfg.lora.target_modules))
 
 

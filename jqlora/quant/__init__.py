@@ -3,11 +3,12 @@ block scales (`blockwise`), and bitsandbytes' serialized 4-bit state (`bnb`). Ar
 Flax. The math and where it differs from bitsandbytes are in `jqlora.quant.blockwise`'s docstring."""
 
 from jqlora.quant.blockwise import (BLOCK_SIZES, CODEBOOKS, DTYPES, NESTED_BLOCK_SIZE, QUANT_TYPES, QuantizedTensor,
-                                    bits_per_parameter, block_absmax, codebook, dequantize, double_quantize, quantize,
-                                    stack)
+                                    bits_per_parameter, block_absmax, codebook, dequantize, dequantize_block,
+                                    dequantize_rows, double_quantize, quantize, stack)
 from jqlora.quant.bnb import from_bnb, to_bnb, to_numpy
 from jqlora.quant.dynamic import OPTIMIZER_BLOCK, dequantize_dynamic, dynamic_map, quantize_dynamic
 
 __all__ = ["BLOCK_SIZES", "CODEBOOKS", "DTYPES", "NESTED_BLOCK_SIZE", "QUANT_TYPES", "QuantizedTensor",
-           "OPTIMIZER_BLOCK", "bits_per_parameter", "block_absmax", "codebook", "dequantize", "dequantize_dynamic",
-           "double_quantize", "dynamic_map", "from_bnb", "quantize", "quantize_dynamic", "stack", "to_bnb", "to_numpy"]
+           "OPTIMIZER_BLOCK", "bits_per_parameter", "block_absmax", "codebook", "dequantize", "dequantize_block",
+           "dequantize_dynamic", "dequantize_rows", "double_quantize", "dynamic_map", "from_bnb", "quantize",
+           "quantize_dynamic", "stack", "to_bnb", "to_numpy"]

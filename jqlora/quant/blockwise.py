@@ -359,3 +359,70 @@ def bits_per_parameter(quant_type: str = "nf4", block_size: int = 64, double_qua
     if double_quant:
         return 4 + 8 / block_size + 32 / (NESTED_BLOCK_SIZE * block_size) + 0.0
     return 4 + 32 / block_size
+
+
+def dequantize_rows(q: QuantizedTensor, rows: jax.Array, dtype: Any = None) -> jax.Array:
+    """Rows ``rows`` (int array, any shape R) of a quantized matrix ``[V, D]``, dequantized: ``[*R, D]`` equal to
+    ``dequantize(q, dtype)[rows]`` bit for bit, reading only those rows' codes and scales (an embedding lookup, or
+    a block of lm_head rows). Needs D to be a multiple of the block size, so that every row is whole blocks."""
+    V, D = q.shape if len(q.shape) == 2 else (None, None)
+    if V is None or q.batch_shape or D % q.block_size:
+        raise ValueError(f"dequantize_rows needs an unstacked [V, D] tensor with D a multiple of the block size "
+                         f"{q.block_size}; got {q!r}")
+    out_dtype = jnp.dtype(_dtype_name(dtype if dtype is not None else q.dtype))
+    per_row = D // q.block_size  # blocks per row
+    rows = jnp.asarray(rows, jnp.int32)
+    codes_RH = jnp.take(q.codes.reshape(V, D // 2), rows, axis=0)  # (H = D / 2 bytes a row)
+    scales_RK = jnp.take(q.absmax.reshape(V, per_row), rows, axis=0)
+    if q.double_quant:  # the same two roundings as _double_dequantize, on the gathered blocks only
+        block_RK = rows[..., None] * per_row + jnp.arange(per_row, dtype=jnp.int32)
+        nested_RK = jnp.take(q.nested_absmax, block_RK // NESTED_BLOCK_SIZE, axis=0)
+        scaled = jnp.asarray(CODEBOOKS["dynamic8"])[scales_RK.astype(jnp.int32)] * nested_RK
+        scales_RK = jax.lax.optimization_barrier(scaled) + q.offset
+    with jax.named_scope("dequantize_codes"):
+        values_RD = jnp.asarray(CODEBOOKS[q.quant_type])[_unpack_nibbles(codes_RH, D).astype(jnp.int32)]
+    values_RKB = values_RD.reshape(*rows.shape, per_row, q.block_size) * scales_RK[..., None]
+    return values_RKB.reshape(*rows.shape, D).astype(out_dtype)
+
+
+def dequantize_block(q: QuantizedTensor, row0: jax.Array, rows: int, col0: jax.Array, cols: int,
+                     dtype: Any = None, layer: jax.Array | None = None) -> jax.Array:
+    """The tile ``[row0 : row0 + rows, col0 : col0 + cols]`` of a quantized matrix ``[O, I]``, dequantized, equal to
+    the same slice of ``dequantize(q, dtype)`` bit for bit, reading only the tile's codes and scales. ``rows`` /
+    ``cols`` are static; I, ``cols`` and ``col0`` are multiples of the block size (each tile row is whole blocks).
+    ``layer``: ``q`` is a stack ``[L]`` of such matrices and the tile is read from matrix ``layer`` (no copy of that
+    matrix's codes is made first)."""
+    if layer is not None:
+        if len(q.batch_shape) != 1:
+            raise ValueError(f"dequantize_block(layer=) needs a stack of matrices; got {q!r}")
+        q = QuantizedTensor(q.codes, q.absmax, None if q.nested_absmax is None else
+                            jnp.take(q.nested_absmax, layer, axis=0)[None],
+                            None if q.offset is None else jnp.take(q.offset, layer, axis=0)[None],
+                            q.shape, q.dtype, q.block_size, q.quant_type)
+    L = q.batch_shape[0] if layer is not None else None
+    if len(q.shape) != 2 or (q.batch_shape and layer is None) or q.shape[1] % q.block_size or cols % q.block_size:
+        raise ValueError(f"dequantize_block needs an unstacked [O, I] tensor and a tile of whole blocks "
+                         f"({q.block_size}); got {q!r}, {rows} x {cols}")
+    O, I = q.shape
+    bs, per_row = q.block_size, q.shape[1] // q.block_size
+    out_dtype = jnp.dtype(_dtype_name(dtype if dtype is not None else q.dtype))
+    row0, col0 = jnp.asarray(row0, jnp.int32), jnp.asarray(col0, jnp.int32)
+    if layer is None:
+        codes = jax.lax.dynamic_slice(q.codes.reshape(O, I // 2), (row0, col0 // 2), (rows, cols // 2))
+        scales = jax.lax.dynamic_slice(q.absmax.reshape(O, per_row), (row0, col0 // bs), (rows, cols // bs))
+    else:
+        at = jnp.asarray(layer, jnp.int32)
+        codes = jax.lax.dynamic_slice(q.codes.reshape(L, O, I // 2), (at, row0, col0 // 2), (1, rows, cols // 2))[0]
+        scales = jax.lax.dynamic_slice(q.absmax.reshape(L, O, per_row), (at, row0, col0 // bs),
+                                       (1, rows, cols // bs))[0]
+        q = QuantizedTensor(None, None, None if q.nested_absmax is None else q.nested_absmax[0],
+                            None if q.offset is None else q.offset[0], q.shape, q.dtype, q.block_size, q.quant_type)
+    if q.double_quant:  # the same two roundings as _double_dequantize, on the tile's blocks only
+        block = ((row0 + jnp.arange(rows, dtype=jnp.int32))[:, None] * per_row + col0 // bs
+                 + jnp.arange(cols // bs, dtype=jnp.int32)[None, :])
+        nested = jnp.take(q.nested_absmax, block // NESTED_BLOCK_SIZE, axis=0)
+        scaled = jnp.asarray(CODEBOOKS["dynamic8"])[scales.astype(jnp.int32)] * nested
+        scales = jax.lax.optimization_barrier(scaled) + q.offset
+    with jax.named_scope("dequantize_codes"):
+        values = jnp.asarray(CODEBOOKS[q.quant_type])[_unpack_nibbles(codes, cols).astype(jnp.int32)]
+    return (values.reshape(rows, cols // bs, bs) * scales[..., None]).reshape(rows, cols).astype(out_dtype)

@@ -64,6 +64,10 @@ def build_model(cfg, check: Callable[[Any], None] | None = None, mesh=None, run_
         if "lm_head" in cfg.lora.target_modules and shape.tie_word_embeddings:
             raise UserError(f"lora.targets: lm_head cannot be adapted in {path}: its embeddings are tied "
                             "(tie_word_embeddings=true); adapt embed_tokens, or leave lm_head out")
+        if cfg.train.memory == "min" and shape.hidden_size % cfg.model.block_size:
+            raise UserError(f"train.memory=min: {path} has hidden size {shape.hidden_size}, not a multiple of "
+                            f"model.block_size={cfg.model.block_size} (the 4-bit embedding's rows must be whole "
+                            "blocks); pick a block size dividing it, or train.memory=default")
         if cfg.train.router_aux_loss_coef and not shape.num_experts:
             raise UserError(f"train.router_aux_loss_coef={cfg.train.router_aux_loss_coef} needs a model with experts "
                             f"(Mixtral, Qwen3-MoE); {path} has a dense MLP: set it to 0")
@@ -83,7 +87,7 @@ def build_model(cfg, check: Callable[[Any], None] | None = None, mesh=None, run_
                 path, quant=quant, double_quant=cfg.model.double_quant, block_size=cfg.model.block_size,
                 dtype=cfg.model.dtype, lora=LoraConfig.from_config(cfg.lora), seed=cfg.train.seed, remat=remat,
                 mesh=mesh if streamed and kw.get("streamed", True) else None,
-                quantize_experts=cfg.model.quantize_experts), run_dir=run_dir)
+                quantize_experts=cfg.model.quantize_experts, memory=cfg.train.memory), run_dir=run_dir)
         except (InitError, LoraError) as e:
             raise UserError(str(e).splitlines()[0]) from None
     except (ConvertError, FileNotFoundError) as e:

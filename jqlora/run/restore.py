@@ -34,6 +34,10 @@ def restore_for_export(src: str | os.PathLike, *, step: int | None = None, quant
     cfg = load_config(str(src / "config.yaml"), [])
     if quant is not None:
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, quant=quant))
+    if getattr(cfg.train, "memory", "default") != "default":
+        # the adapter is the same in every memory mode; the base's embedding and lm_head are exported (merged) as
+        # the checkpoint holds them, not as train.memory=min's 4-bit copies
+        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, memory="default"))
     run = RunDir(src, create=False)
     with held_checkpoint(run, step) as (held, step):
         meta = held.restore_meta(step)

@@ -32,25 +32,26 @@ from flax import nnx
 
 from jqlora.lora import SplitModel
 from jqlora.training import preference as P
-from jqlora.training.step import CE_CHUNK, _chunk_logits, _token_chunks, optax_apply
+from jqlora.models import QuantHead
+from jqlora.training.step import CE_CHUNK, _token_chunks, head_stats, optax_apply
 
 PAIR_STEP_KEYS = ("input_ids", "targets", "completion_mask", "token_mask", "segment_ids", "positions", "valid")
 KTO_STEP_KEYS = PAIR_STEP_KEYS + ("label",)
 
 
-def token_logps(h_BSD: jax.Array, w_VD: jax.Array, targets_BS: jax.Array, chunk: int = CE_CHUNK,
+def token_logps(h_BSD: jax.Array, w_VD: jax.Array | QuantHead, targets_BS: jax.Array, chunk: int = CE_CHUNK,
                 logit_cap: float | None = None) -> tuple[jax.Array, jax.Array]:
     """(log p(target) [B, S], mean logit over the vocabulary [B, S], no gradient) in float32, chunk by chunk."""
     B, S = targets_BS.shape
     ones = jnp.ones(targets_BS.shape, jnp.float32)
 
+    V = w_VD.vocab if isinstance(w_VD, QuantHead) else w_VD.shape[0]
+
     @jax.checkpoint
     def body(_, xs):
         h_CD, t_C, _m = xs
-        logits_CV = _chunk_logits(h_CD, w_VD, logit_cap)
-        lse_C = jax.nn.logsumexp(logits_CV, axis=-1)
-        tgt_C = jnp.take_along_axis(logits_CV, t_C[:, None], axis=-1)[:, 0]
-        return None, (tgt_C - lse_C, jax.lax.stop_gradient(jnp.mean(logits_CV, axis=-1)))
+        lse_C, tgt_C, sum_C, _ = head_stats(h_CD, w_VD, t_C, logit_cap)  # (a QuantHead block by block)
+        return None, (tgt_C - lse_C, jax.lax.stop_gradient(sum_C / V))
 
     _, (lp_NC, ml_NC) = jax.lax.scan(body, None, _token_chunks(h_BSD, targets_BS, ones, chunk))
     return lp_NC.reshape(-1)[:B * S].reshape(B, S), ml_NC.reshape(-1)[:B * S].reshape(B, S)
@@ -69,7 +70,7 @@ def make_forward(split: SplitModel, ce_chunk: int = CE_CHUNK) -> Callable:
         # rows are right-padded, one example each: causality alone keeps real tokens from the padding
         h = model.hidden_states(_rows(batch["input_ids"]), None, _rows(batch["positions"]),
                                 deterministic=deterministic, key=rng)
-        return token_logps(h, model.lm_head_weight(), _rows(batch["targets"]), ce_chunk,
+        return token_logps(h, model.ce_head(), _rows(batch["targets"]), ce_chunk,
                            logit_cap=model.config.final_softcap)
 
     return forward

@@ -20,6 +20,13 @@ Cross-entropy is computed in chunks of `ce_chunk` tokens (a `jax.lax.scan` over 
 logits [chunk, V] in float32 exist for one chunk at a time, and are recomputed in the backward pass, so the
 [B·S, V] float32 logits are never materialized.
 
+With a quantized head (``train.memory=min``, `models.layers.QuantHead`) each chunk also walks the vocabulary in
+blocks of R rows (a `jax.lax.scan` over a checkpointed block body): the block's rows are dequantized, its logits
+[C, R] formed, and a running logsumexp kept, m ← max(m, max z), s ← s·e^(m_old − m) + Σ e^(z − m), lse = m + log s
+(m held constant for the gradient: d lse / dz = softmax either way). Neither the [V, D] head in the compute dtype
+nor the [C, V] logits is ever live; the backward recomputes each block. The last block starts at V − R when R does
+not divide V, and the columns its predecessor already counted are masked out.
+
 The step is `jax.jit(step, donate_argnums=(0, 1))(lora_params, opt_state, frozen_state, batch, rng, grad_scale)`;
 lora_params is a plain nested dict (`nnx.State.to_pure_dict()` of the `nnx.LoRAParam` state), frozen_state the
 rest of the model (`nnx.split(model, nnx.LoRAParam, ...)`), so only LoRA leaves have gradients and optimizer state.
@@ -36,6 +43,7 @@ from flax import nnx
 
 from jqlora.lora import SplitModel
 from jqlora.models.sequence import splits, token_sum
+from jqlora.models import QuantHead
 
 CE_CHUNK = 1024  # tokens per cross-entropy chunk
 STEP_KEYS = ("input_ids", "targets", "loss_mask", "segment_ids", "positions")
@@ -64,24 +72,60 @@ def _chunk_logits(h_CD: jax.Array, w_VD: jax.Array, logit_cap: float | None) -> 
     return logits_CV if logit_cap is None else jnp.tanh(logits_CV / logit_cap) * logit_cap
 
 
-def chunked_ce_sum(h_BSD: jax.Array, w_VD: jax.Array, targets_BS: jax.Array, mask_BS: jax.Array,
+def head_stats(h_CD: jax.Array, head: jax.Array | QuantHead, t_C: jax.Array, logit_cap: float | None = None):
+    """(logsumexp z, z[target], Σ_v z, argmax z) per token, float32 [C] each, z = h headᵀ (soft-capped): from the
+    whole [C, V] logits for a plain ``[V, D]`` head, block by block for a `QuantHead` (the module docstring)."""
+    if not isinstance(head, QuantHead):
+        logits_CV = _chunk_logits(h_CD, head, logit_cap)
+        lse_C = jax.nn.logsumexp(logits_CV, axis=-1)
+        tgt_C = jnp.take_along_axis(logits_CV, t_C[:, None], axis=-1)[:, 0]
+        return lse_C, tgt_C, jnp.sum(logits_CV, axis=-1), jnp.argmax(logits_CV, axis=-1)
+    V, R, C = head.vocab, head.block_rows, h_CD.shape[0]
+    n = -(-V // R)
+
+    @jax.checkpoint
+    def block(carry, i):
+        m_C, s_C, tgt_C, sum_C, best_C, arg_C = carry
+        start = jnp.minimum(i * R, V - R)
+        cols_R = start + jnp.arange(R, dtype=jnp.int32)
+        fresh_R = cols_R >= i * R  # (the last block's first columns were counted by the block before)
+        logits_CR = _chunk_logits(h_CD, head.rows(start, R), logit_cap)
+        z_CR = jnp.where(fresh_R[None, :], logits_CR, -jnp.inf)
+        zmax_C = jnp.max(z_CR, axis=-1)
+        new_m_C = jax.lax.stop_gradient(jnp.maximum(m_C, zmax_C))
+        s_C = s_C * jnp.exp(m_C - new_m_C) + jnp.sum(jnp.exp(z_CR - new_m_C[:, None]), axis=-1)
+        hit_CR = (cols_R[None, :] == t_C[:, None]) & fresh_R[None, :]
+        tgt_C = tgt_C + jnp.sum(jnp.where(hit_CR, logits_CR, 0.0), axis=-1)
+        sum_C = sum_C + jnp.sum(jnp.where(fresh_R[None, :], logits_CR, 0.0), axis=-1)
+        better_C = zmax_C > best_C  # (strictly: the first maximum wins, as jnp.argmax)
+        arg_C = jnp.where(better_C, start + jnp.argmax(z_CR, axis=-1).astype(jnp.int32), arg_C)
+        best_C = jnp.where(better_C, zmax_C, best_C)
+        return (new_m_C, s_C, tgt_C, sum_C, best_C, arg_C), None
+
+    zero = jnp.zeros((C,), jnp.float32)
+    ninf = jnp.full((C,), -jnp.inf, jnp.float32)
+    init = (ninf, zero, zero, zero, ninf, jnp.zeros((C,), jnp.int32))
+    (m_C, s_C, tgt_C, sum_C, _, arg_C), _ = jax.lax.scan(block, init, jnp.arange(n, dtype=jnp.int32))
+    return m_C + jnp.log(s_C), tgt_C, sum_C, arg_C
+
+
+def chunked_ce_sum(h_BSD: jax.Array, w_VD: jax.Array | QuantHead, targets_BS: jax.Array, mask_BS: jax.Array,
                    chunk: int = CE_CHUNK, logit_cap: float | None = None) -> jax.Array:
     """Σ mask · (logsumexp(z) - z[target]) in float32 with z = h wᵀ (soft-capped to ``logit_cap`` · tanh(z /
-    ``logit_cap``) when given, Gemma 2's final logits), over chunks of `chunk` tokens (B S tokens in all)."""
+    ``logit_cap``) when given, Gemma 2's final logits), over chunks of `chunk` tokens (B S tokens in all); ``w_VD``
+    may be a `QuantHead` (read block by block: the module docstring)."""
 
     @jax.checkpoint
     def body(total, xs):
         h_CD, t_C, m_C = xs
-        logits_CV = _chunk_logits(h_CD, w_VD, logit_cap)
-        lse_C = jax.nn.logsumexp(logits_CV, axis=-1)
-        tgt_C = jnp.take_along_axis(logits_CV, t_C[:, None], axis=-1)[:, 0]
+        lse_C, tgt_C, _, _ = head_stats(h_CD, w_VD, t_C, logit_cap)
         return total + jnp.sum((lse_C - tgt_C) * m_C), None
 
     total, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32), _token_chunks(h_BSD, targets_BS, mask_BS, chunk))
     return total
 
 
-def chunked_ce_and_correct(h_BSD: jax.Array, w_VD: jax.Array, targets_BS: jax.Array, mask_BS: jax.Array,
+def chunked_ce_and_correct(h_BSD: jax.Array, w_VD: jax.Array | QuantHead, targets_BS: jax.Array, mask_BS: jax.Array,
                            chunk: int = CE_CHUNK, logit_cap: float | None = None) -> tuple[jax.Array, jax.Array]:
     """(`chunked_ce_sum`, Σ mask · [argmax(z) = target]): the loss and the trained tokens predicted right (for
     evaluation: token accuracy), in one pass over the same chunks."""
@@ -89,10 +133,8 @@ def chunked_ce_and_correct(h_BSD: jax.Array, w_VD: jax.Array, targets_BS: jax.Ar
     def body(carry, xs):
         total, right = carry
         h_CD, t_C, m_C = xs
-        logits_CV = _chunk_logits(h_CD, w_VD, logit_cap)
-        lse_C = jax.nn.logsumexp(logits_CV, axis=-1)
-        tgt_C = jnp.take_along_axis(logits_CV, t_C[:, None], axis=-1)[:, 0]
-        hit_C = (jnp.argmax(logits_CV, axis=-1) == t_C).astype(jnp.float32)
+        lse_C, tgt_C, _, arg_C = head_stats(h_CD, w_VD, t_C, logit_cap)
+        hit_C = (arg_C == t_C).astype(jnp.float32)
         return (total + jnp.sum((lse_C - tgt_C) * m_C), right + jnp.sum(hit_C * m_C)), None
 
     zero = jnp.zeros((), jnp.float32)
@@ -113,7 +155,7 @@ def _ce(model, ce_fn: Callable, h_BSD: jax.Array, batch: dict, ce_chunk: int):
     def ce(h, w, t, m):
         return ce_fn(h, w, t, m, ce_chunk, logit_cap=model.config.final_softcap)
 
-    args = (h_BSD, model.lm_head_weight(), batch["targets"], batch["loss_mask"])
+    args = (h_BSD, model.ce_head(), batch["targets"], batch["loss_mask"])
     mesh = getattr(model, "seq_mesh", None)
     return token_sum(mesh, ce, *args) if splits(mesh, *h_BSD.shape[:2]) else ce(*args)
 
