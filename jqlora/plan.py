@@ -164,8 +164,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dtype", choices=tuple(DTYPES))
     ap.add_argument("--quant", choices=("nf4", "fp4", "none"))
     ap.add_argument("--dropout", type=float, help="LoRA dropout (default 0, or the --config's)")
-    ap.add_argument("--optimizer-state", choices=("float32", "bfloat16", "8bit"),
-                    help="how the AdamW moments are stored (train.optimizer_state; default float32, or the --config's)")
+    ap.add_argument("--optimizer-state", choices=("auto", "float32", "bfloat16", "8bit"),
+                    help="how the AdamW moments are stored (train.optimizer_state; default auto: 8bit with --mode min, "
+                         "else float32; or the --config's)")
     ap.add_argument("--objective", choices=("sft", "grpo"), help="grpo: plan the rollout's KV cache of prompts × G "
                                                                "rows beside the train step (default: sft, or the --config's)")
     ap.add_argument("--generations", type=int, help="grpo: completions per prompt, G (default 8, or the --config's)")

@@ -256,9 +256,10 @@ class TrainConfig:
     adam_b1: float = 0.9  # AdamW first-moment decay
     adam_b2: float = 0.999  # AdamW second-moment decay
     adam_eps: float = 1e-8  # AdamW epsilon
-    # float32 | bfloat16 | 8bit: how the AdamW moments of the adapters are stored (8bit: bitsandbytes' blockwise
-    # AdamW8bit, absmax per 256; tensors under 4096 elements stay float32); computed in float32 either way
-    optimizer_state: str = "float32"
+    # auto | float32 | bfloat16 | 8bit: how the AdamW moments of the adapters are stored (8bit: bitsandbytes'
+    # blockwise AdamW8bit, absmax per 256; tensors under 4096 elements stay float32); computed in float32 either way;
+    # auto: 8bit with train.memory=min, else float32
+    optimizer_state: str = "auto"
     max_grad_norm: float = 1.0  # global-norm gradient clipping; 0 disables
     seed: int = 0  # LoRA init, dropout, data shuffling and the eval split
     # none | full | save_dots | save_dots_no_batch | offload: what the scanned layer body keeps for backward;
@@ -335,7 +336,7 @@ class TrainConfig:
         _check(0.0 <= self.adam_b1 < 1.0, "train.adam_b1", self.adam_b1, "must be in [0, 1)")
         _check(0.0 <= self.adam_b2 < 1.0, "train.adam_b2", self.adam_b2, "must be in [0, 1)")
         _check(self.adam_eps > 0, "train.adam_eps", self.adam_eps, "must be > 0")
-        _one_of(self.optimizer_state, "train.optimizer_state", OPTIMIZER_STATES)
+        _one_of(self.optimizer_state, "train.optimizer_state", ("auto",) + OPTIMIZER_STATES)
         _check(self.max_grad_norm >= 0, "train.max_grad_norm", self.max_grad_norm, "must be >= 0 (0 disables)")
         _one_of(self.remat, "train.remat", REMAT_POLICIES + ("auto",))
         _one_of(self.memory, "train.memory", MEMORY_MODES)

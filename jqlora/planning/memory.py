@@ -47,7 +47,7 @@ from typing import Any
 from jqlora.lora import ADAPTABLE_MODULES as LINEARS
 from jqlora.models import ModelConfig, hf_key_table
 from jqlora.planning.model_shapes import PUBLISHED
-from jqlora.training.optim8bit import state_bytes_per_parameter
+from jqlora.training.optim8bit import resolve_state, state_bytes_per_parameter
 
 NESTED = 256
 CE_CHUNK = 1024
@@ -172,7 +172,7 @@ def memory_plan(shape: ModelConfig, *, seq: int, batch: int = 1, data: int = 1, 
                 double_quant: bool = True, block_size: int = 64, dtype: str = "bfloat16",
                 ce_chunk: int = CE_CHUNK, name: str = "model", attention: str = "xla",
                 dropout: float = 0.0, experts: bool = False, quantize_experts: bool = True, objective: str = "sft",
-                new_tokens: int = 0, rollout_rows: int = 0, optimizer_state: str = "float32",
+                new_tokens: int = 0, rollout_rows: int = 0, optimizer_state: str = "auto",
                 seq_parallel: int = 1, memory: str = "default") -> Plan:
     """Bytes per device; ``batch`` is rows per device (each device of the data × fsdp axes sees its own rows).
     ``seq_parallel`` = mesh.seq: every row's tokens split over that many devices (Ulysses: the attention of a device
@@ -184,6 +184,7 @@ def memory_plan(shape: ModelConfig, *, seq: int, batch: int = 1, data: int = 1, 
         raise ValueError(f"memory mode {memory!r}: expected one of {', '.join(MEMORY_MODES)}")
     if memory == "min" and objective == "grpo":
         raise ValueError("memory mode min is not available with objective grpo (train.memory=min)")
+    optimizer_state = resolve_state(optimizer_state, memory)
     if objective == "grpo":
         return grpo_plan(shape, prompt=seq, new_tokens=new_tokens, rows=batch, rollout_rows=rollout_rows,
                          data=data, fsdp=fsdp, tensor=tensor, remat=remat, r=r, targets=targets, quant=quant,
@@ -299,7 +300,8 @@ def settings_from_config(cfg: Any, axes: dict[str, int] | None = None) -> dict[s
                 block_size=cfg.model.block_size, experts=bool(getattr(cfg.lora, "experts", False)), **axes,
                 seq_parallel=int(getattr(cfg.mesh, "seq", 1)),
                 quantize_experts=bool(getattr(cfg.model, "quantize_experts", True)),
-                optimizer_state=getattr(cfg.train, "optimizer_state", "float32"),
+                optimizer_state=resolve_state(getattr(cfg.train, "optimizer_state", "float32"),
+                                              getattr(cfg.train, "memory", "default")),
                 memory=getattr(cfg.train, "memory", "default"),
                 targets=LINEARS if cfg.lora.targets == "all-linear" else tuple(cfg.lora.target_modules))
 

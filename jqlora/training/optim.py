@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jqlora.training.optim8bit import OPTIMIZER_BLOCK, is_quantized, adamw_lowp
+from jqlora.training.optim8bit import OPTIMIZER_BLOCK, adamw_lowp, is_quantized, resolve_state
 
 
 def make_schedule(train_cfg, total_steps: int) -> optax.Schedule:
@@ -104,7 +104,8 @@ def make_optimizer(train_cfg, total_steps: int, plus_ratio: float | None = None
         parts.append(optax.clip_by_global_norm(float(train_cfg.max_grad_norm)))
 
     def adamw(lr):
-        return adamw_lowp(lr, train_cfg.optimizer_state, b1=float(train_cfg.adam_b1), b2=float(train_cfg.adam_b2),
+        state = resolve_state(train_cfg.optimizer_state, getattr(train_cfg, "memory", "default"))
+        return adamw_lowp(lr, state, b1=float(train_cfg.adam_b1), b2=float(train_cfg.adam_b2),
                           eps=float(train_cfg.adam_eps), weight_decay=float(train_cfg.weight_decay))
 
     if plus_ratio:

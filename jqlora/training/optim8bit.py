@@ -36,6 +36,13 @@ import optax
 from jqlora.quant import OPTIMIZER_BLOCK, dequantize_dynamic, quantize_dynamic
 
 STATE_DTYPES = ("float32", "bfloat16", "8bit")  # = config.base.OPTIMIZER_STATES
+
+
+def resolve_state(state: str, memory: str = "default") -> str:
+    """train.optimizer_state with ``auto`` resolved: 8bit under train.memory=min (every saving), else float32."""
+    if state == "auto":
+        return "8bit" if memory == "min" else "float32"
+    return state
 MIN_8BIT_SIZE = 4096  # bitsandbytes' min_8bit_size: smaller tensors keep float32 state
 
 

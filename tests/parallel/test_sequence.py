@@ -314,7 +314,7 @@ def test_plan_divides_token_rows_by_seq_parallel():
     fsdp8 = planning.memory_plan(shape, seq=2048, remat="full", attention="cudnn", fsdp=8)
     for row in ("residual stream checkpoints", "cross-entropy chunk + final hidden"):
         assert split.rows[row] == pytest.approx(one.rows[row]), row
-    for row in ("base weights (4-bit + bf16)", "LoRA params+grad+acc+AdamW (fp32)",
+    for row in (planning.weights_row("bfloat16"), "LoRA params+grad+acc+AdamW (fp32)",
                 "gathered layer (fsdp prefetch, x2)"):
         assert split.rows[row] == pytest.approx(fsdp8.rows[row]), row
     # the working set: token activations as one device's, cuDNN's float32 statistics B·64·(N/8)·(8S)·4 the same

@@ -171,6 +171,25 @@ def test_check_state_is_lora_only_takes_8bit_and_bf16_states():
         optim.check_state_is_lora_only(opt_state, params)
 
 
+def test_auto_state_is_8bit_under_memory_min_only():
+    """train.optimizer_state=auto (the default): train.memory=min takes the 8-bit moments with its other savings,
+    the default mode float32; the plan counts what the optimizer holds."""
+    from jqlora.config import TrainConfig
+    from jqlora.plan import lookup_shape
+    from jqlora.planning.memory import lora_row, memory_plan
+
+    params = {"big": jnp.zeros((80, 64))}
+    for memory, quantized in (("default", 0), ("min", 2)):
+        tc = TrainConfig(memory=memory, remat="full")
+        assert tc.optimizer_state == "auto"
+        leaves = jax.tree.leaves(optim.make_optimizer(tc, 10)[0].init(params),
+                                 is_leaf=lambda x: isinstance(x, Quantized8bit))
+        assert sum(isinstance(x, Quantized8bit) for x in leaves) == quantized, memory
+    shape, _ = lookup_shape("llama3-8b")
+    assert lora_row("8bit") in memory_plan(shape, seq=2048, memory="min").rows
+    assert lora_row("float32") in memory_plan(shape, seq=2048).rows
+
+
 def test_bad_optimizer_state_is_one_line():
     from jqlora.config.base import OPTIMIZER_STATES
     from jqlora.training.optim8bit import STATE_DTYPES
@@ -179,7 +198,7 @@ def test_bad_optimizer_state_is_one_line():
     with pytest.raises(ConfigError) as e:
         load_config(None, ["train.optimizer_state=int4"])
     msg = str(e.value)
-    assert "\n" not in msg and "train.optimizer_state='int4' must be one of float32, bfloat16, 8bit" in msg, msg
+    assert "\n" not in msg and "train.optimizer_state='int4' must be one of auto, float32, bfloat16, 8bit" in msg, msg
 
 
 def test_plan_row_follows_the_state():
