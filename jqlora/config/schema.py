@@ -262,6 +262,12 @@ class TrainConfig:
     # auto: the fastest of none, save_dots, save_dots_no_batch, full whose memory plan fits the device
     # (jqlora.planning.remat)
     remat: str = "full"
+    # long context: the dense MLP computed over chunks of this many tokens (0: one pass), so its [tokens,
+    # intermediate] activations live one chunk at a time (jqlora/models/layers.py)
+    mlp_chunk: int = 0
+    # long context: the residual stream entering each layer kept in pinned host memory for the backward instead of
+    # on the device (needs train.remat other than none; jqlora/models/stack.py)
+    offload_residual: bool = False
     log_every: int = 10  # optimizer steps between metric lines
     eval_every: int = 25  # optimizer steps between evaluations; 0: only at the end
     eval_batches: Optional[int] = None  # micro-batches per evaluation; null: the whole eval set
@@ -331,6 +337,10 @@ class TrainConfig:
         _check(self.adam_eps > 0, "train.adam_eps", self.adam_eps, "must be > 0")
         _check(self.max_grad_norm >= 0, "train.max_grad_norm", self.max_grad_norm, "must be >= 0 (0 disables)")
         _one_of(self.remat, "train.remat", REMAT_POLICIES + ("auto",))
+        _check(self.mlp_chunk >= 0, "train.mlp_chunk", self.mlp_chunk, "must be >= 0 (tokens per chunk; 0: off)")
+        if self.offload_residual:
+            _check(self.remat != "none", "train.offload_residual", self.offload_residual, "needs train.remat other "
+                   "than none (without remat every activation stays on the device)")
         _check(self.log_every >= 1, "train.log_every", self.log_every, "must be >= 1")
         _check(self.eval_every >= 0, "train.eval_every", self.eval_every, "must be >= 0 (0: only at the end)")
         if self.eval_batches is not None:

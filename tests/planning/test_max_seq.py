@@ -1,0 +1,59 @@
+"""`python -m jqlora.plan --max-seq` without --compile (jqlora.planning.max_seq over the analytic plan):
+
+- the search finds the boundary of a peak whose boundary is known in closed form, from guesses below, at and above
+  it, on both grids;
+- the CLI's answer N on a small shape is the boundary of the plan itself: `memory_plan` at N tokens fits the
+  usable budget and at N + 1 it does not (the search refines the analytic plan to 1 token);
+- the long-context savings are what make the difference: turning them off shortens the answer;
+- no budget is a one-line usage error.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+
+from jqlora import plan
+from jqlora.planning import HEADROOM, max_seq, memory_plan
+from jqlora.models import ModelConfig
+
+SMALL = {"model_type": "llama", "vocab_size": 512, "hidden_size": 256, "intermediate_size": 704,
+         "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 4096}
+
+
+@pytest.mark.parametrize("guess", [4096, 123_456, 1 << 20])
+@pytest.mark.parametrize("fine", [1, 256])
+def test_search_finds_a_known_boundary(guess, fine):
+    a, b, budget = 3.0e9, 37_123.0, 40.0e9  # peak(S) = a + b·S: the longest S is floor((budget - a) / b)
+    exact = int((budget - a) // b)
+    found = max_seq.search(lambda s: a + b * s, budget, guess=guess, fine=fine)
+    assert found.best == exact // fine * fine
+    assert found.over()[0] == found.best + fine
+
+
+def _max_seq(capsys, *args) -> int:
+    code = plan.main(["--model-config", json.dumps(SMALL), "--max-seq", *args])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    return int(re.search(r"^max seq: (\d+) tokens$", out, re.MULTILINE).group(1))
+
+
+def test_cli_answer_is_the_plans_boundary(capsys):
+    budget = 2.0  # GB
+    n = _max_seq(capsys, "--memory", str(budget))
+    shape = ModelConfig.from_hf(SMALL)
+
+    def total(seq):
+        return memory_plan(shape, seq=seq, remat="full", attention="cudnn", mlp_chunk=max_seq.LONG_MLP_CHUNK,
+                           offload_residual=True).total
+
+    assert total(n) <= HEADROOM * budget * 1e9 < total(n + 1)
+    assert _max_seq(capsys, "--memory", str(budget), "--mlp-chunk", "0", "--no-offload-residual") < n
+
+
+def test_max_seq_needs_a_budget(capsys):
+    assert plan.main(["--model", "llama3-8b", "--max-seq"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "--memory" in err
