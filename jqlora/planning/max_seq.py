@@ -19,6 +19,7 @@ is checked once against a compile of the full depth (`FullDepthCheck`).
 from __future__ import annotations
 
 import dataclasses
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -50,10 +51,11 @@ def with_layers(shape: Any, n: int) -> Any:
 
 
 def search(peak: Callable[[int], float], budget: float, *, guess: int = 32768, coarse: int = COARSE_STEP,
-           fine: int = FINE_STEP, limit: int = 1 << 24, growth: float = 2.0) -> Search:
+           fine: int = FINE_STEP, limit: int = 1 << 24, growth: float = 2.0,
+           progress: Callable[[str], None] | None = None) -> Search:
     """The largest multiple of ``fine`` tokens whose ``peak(seq)`` is ≤ ``budget`` bytes (``peak`` nondecreasing
     in seq), found on multiples of ``coarse`` first; at most ``limit`` tokens. From ``guess`` the bracket grows
-    (or shrinks) by ``growth`` a probe."""
+    (or shrinks) by ``growth`` a probe; ``progress`` is told each probe's line as it is done."""
     assert coarse % fine == 0 and fine >= 1
     probes: list[tuple[int, float, bool]] = []
     known: dict[int, bool] = {}
@@ -63,6 +65,8 @@ def search(peak: Callable[[int], float], budget: float, *, guess: int = 32768, c
             p = float(peak(seq))
             known[seq] = p <= budget
             probes.append((seq, p, known[seq]))
+            if progress is not None:
+                progress(_probe_line(seq, p, known[seq]))
         return known[seq]
 
     x = max(coarse, guess // coarse * coarse)
@@ -181,12 +185,16 @@ def full_depth_check(probe: CompiledProbe, seq: int) -> FullDepthCheck:
     return FullDepthCheck(seq, probe(seq), peak, memory)
 
 
+def _probe_line(seq: int, peak: float, fits: bool) -> str:
+    return f"  seq {seq:>9}: {peak / 1e9:8.2f} GB  {'fits' if fits else 'over'}"
+
+
 def report_lines(found: Search, budget: float, usable: float, what: str) -> list[str]:
     """What `plan --max-seq` prints: the method, the probes, the boundary and the answer line."""
     lines = [f"max seq search over {what}: the longest multiple of {found.fine} tokens whose peak is within "
              f"{usable / 1e9:.2f} GB ({usable / budget:.0%} of {budget / 1e9:.1f} GB), found on multiples of "
              f"{found.coarse} first, then of {found.fine}"]
-    lines += [f"  seq {s:>9}: {p / 1e9:8.2f} GB  {'fits' if ok else 'over'}" for s, p, ok in found.probes]
+    lines += [_probe_line(s, p, ok) for s, p, ok in found.probes]
     over = found.over()
     if over is not None:
         lines.append(f"boundary: {found.best} tokens fit, {over[0]} tokens (+{over[0] - found.best}) need "
@@ -216,7 +224,8 @@ def longest(shape: Any, name: str, settings: dict[str, Any], budget: float, *, c
     run = dataclasses.replace(run, train=dataclasses.replace(
         run.train, mlp_chunk=chunk, offload_residual=offload, batch_size=run.train.batch_size * axes[0] * axes[1]))
     probe = CompiledProbe(shape, run, gpu, remat, axes)
-    found = search(probe, usable, guess=max(guess.best, COARSE_STEP), growth=1.125, fine=COMPILED_FINE_STEP)
+    found = search(probe, usable, guess=max(guess.best, COARSE_STEP), growth=1.125, fine=COMPILED_FINE_STEP,
+                   progress=lambda line: print(f"compiled probe:{line[1:]}", file=sys.stderr, flush=True))
     check = full_depth_check(probe, found.best) if found.best else None
     mesh = "" if axes == (1, 1, 1) else f" on data {axes[0]} x fsdp {axes[1]} x tensor {axes[2]}, per device"
     what = (f"deviceless compiles for {gpu}{mesh} ({name}, remat={remat}, {savings}, cuDNN attention; the peak of "
