@@ -38,6 +38,7 @@ class Search:
     probes: list[tuple[int, float, bool]]
     coarse: int
     fine: int
+    interpolated: bool = False
 
     def over(self) -> tuple[int, float] | None:
         """The shortest probed sequence above ``best`` and its peak (what shows the boundary)."""
@@ -51,29 +52,44 @@ def with_layers(shape: Any, n: int) -> Any:
 
 
 def search(peak: Callable[[int], float], budget: float, *, guess: int = 32768, coarse: int = COARSE_STEP,
-           fine: int = FINE_STEP, limit: int = 1 << 24, growth: float = 2.0,
+           fine: int = FINE_STEP, limit: int = 1 << 24, growth: float = 2.0, interpolate: bool = False,
            progress: Callable[[str], None] | None = None) -> Search:
     """The largest multiple of ``fine`` tokens whose ``peak(seq)`` is ≤ ``budget`` bytes (``peak`` nondecreasing
-    in seq), found on multiples of ``coarse`` first; at most ``limit`` tokens. From ``guess`` the bracket grows
-    (or shrinks) by ``growth`` a probe; ``progress`` is told each probe's line as it is done."""
+    in seq; at most ``limit`` tokens). From ``guess`` the bracket grows (or shrinks) by ``growth`` a probe on
+    multiples of ``coarse``, then bisection narrows it on multiples of ``coarse`` and then of ``fine``.
+
+    ``interpolate``: the split point is where the straight line through the bracket's two peaks meets the budget
+    (regula falsi, safeguarded: a split that does not halve the bracket is followed by a midpoint), the bracket
+    grows to where the last two probes' line meets it, and there is no coarse stage. For a peak affine in seq this
+    takes about 4 probes in all. ``progress`` is told each probe's line as it is done."""
     assert coarse % fine == 0 and fine >= 1
     probes: list[tuple[int, float, bool]] = []
-    known: dict[int, bool] = {}
+    val: dict[int, float] = {}
 
     def fits(seq: int) -> bool:
-        if seq not in known:
-            p = float(peak(seq))
-            known[seq] = p <= budget
-            probes.append((seq, p, known[seq]))
+        if seq not in val:
+            val[seq] = float(peak(seq))
+            probes.append((seq, val[seq], val[seq] <= budget))
             if progress is not None:
-                progress(_probe_line(seq, p, known[seq]))
-        return known[seq]
+                progress(_probe_line(seq, val[seq], val[seq] <= budget))
+        return val[seq] <= budget
+
+    def meets(a: int, b: int) -> float | None:
+        """Where the line through the peaks at a and b meets the budget."""
+        if a == b or val[a] == val[b]:
+            return None
+        return a + (budget - val[a]) * (b - a) / (val[b] - val[a])
 
     x = max(coarse, guess // coarse * coarse)
+    last = x
     if fits(x):
         lo, hi = x, None
         while hi is None:
-            x = max(x + coarse, int(x * growth) // coarse * coarse)
+            nxt = int(x * growth) // coarse * coarse
+            at = meets(last, x) if interpolate and last != x else None
+            if at is not None:  # one grid step past the line's answer (at most 4x): the bracket closes at once
+                nxt = min(4 * x, int(at) // coarse * coarse + coarse)
+            last, x = x, max(x + coarse, nxt)
             if x > limit:
                 hi = limit // coarse * coarse + coarse
             elif fits(x):
@@ -83,26 +99,39 @@ def search(peak: Callable[[int], float], budget: float, *, guess: int = 32768, c
     else:
         lo, hi = 0, x
         while lo == 0 and x > coarse:
-            x = max(coarse, min(x - coarse, int(x / growth) // coarse * coarse))
+            nxt = int(x / growth) // coarse * coarse
+            at = meets(last, x) if interpolate and last != x else None
+            if at is not None:
+                nxt = max(x // 4, int(at) // coarse * coarse)
+            last, x = x, max(coarse, min(x - coarse, nxt))
             if fits(x):
                 lo = x
             else:
                 hi = x
-    lo, hi = _bisect(fits, lo, hi, coarse)
-    lo, _ = _bisect(fits, lo, hi, fine)
-    return Search(lo, sorted(probes), coarse, fine)
+    if not interpolate:
+        lo, hi = _bisect(fits, lo, hi, coarse)
+    lo, _ = _bisect(fits, lo, hi, fine, meets if interpolate else None)
+    return Search(lo, sorted(probes), coarse, fine, interpolate)
 
 
-def _bisect(fits: Callable[[int], bool], lo: int, hi: int, step: int) -> tuple[int, int]:
-    """(lo, hi) multiples of ``step`` with ``fits(lo)`` (or lo = 0) and not ``fits(hi)``, hi - lo = step."""
+def _bisect(fits: Callable[[int], bool], lo: int, hi: int, step: int,
+            meets: Callable[[int, int], float | None] | None = None) -> tuple[int, int]:
+    """(lo, hi) multiples of ``step`` with ``fits(lo)`` (or lo = 0) and not ``fits(hi)``, hi - lo = step; the split
+    at ``meets(lo, hi)`` when given (and lo > 0), else at the midpoint."""
     lo = lo // step * step
     hi = -(-hi // step) * step
+    halve = meets is None
     while hi - lo > step:
         mid = (lo + hi) // 2 // step * step
+        at = None if halve or lo == 0 else meets(lo, hi)
+        if at is not None:
+            mid = min(hi - step, max(lo + step, int(at) // step * step))
+        width = hi - lo
         if fits(mid):
             lo = mid
         else:
             hi = mid
+        halve = meets is None or (not halve and 2 * (hi - lo) > width)
     return lo, hi
 
 
@@ -175,7 +204,8 @@ class FullDepthCheck:
         m = self.memory
         return (f"full-depth check at {self.seq} tokens: compiled peak {self.compiled / 1e9:.2f} GB (arguments "
                 f"{m['argument'] / 1e9:.2f} + temporaries {m['temp'] / 1e9:.2f} + outputs {m['output'] / 1e9:.2f} - "
-                f"aliased {m['alias'] / 1e9:.2f}; host {m['host_temp'] / 1e9:.2f}); extrapolated {self.extrapolated / 1e9:.2f} GB "
+                f"aliased {m['alias'] / 1e9:.2f}; host {m['host_temp'] / 1e9:.2f}); extrapolated "
+                f"{self.extrapolated / 1e9:.2f} GB "
                 f"({(self.extrapolated - self.compiled) / self.compiled:+.2%})")
 
 
@@ -191,9 +221,11 @@ def _probe_line(seq: int, peak: float, fits: bool) -> str:
 
 def report_lines(found: Search, budget: float, usable: float, what: str) -> list[str]:
     """What `plan --max-seq` prints: the method, the probes, the boundary and the answer line."""
+    how = (f"bracketed on multiples of {found.coarse}, then bisected on multiples of {found.fine}, split where the "
+           "line through the bracket's peaks meets the budget" if found.interpolated else
+           f"found on multiples of {found.coarse} first, then of {found.fine}")
     lines = [f"max seq search over {what}: the longest multiple of {found.fine} tokens whose peak is within "
-             f"{usable / 1e9:.2f} GB ({usable / budget:.0%} of {budget / 1e9:.1f} GB), found on multiples of "
-             f"{found.coarse} first, then of {found.fine}"]
+             f"{usable / 1e9:.2f} GB ({usable / budget:.0%} of {budget / 1e9:.1f} GB), {how}"]
     lines += [_probe_line(s, p, ok) for s, p, ok in found.probes]
     over = found.over()
     if over is not None:
@@ -225,6 +257,7 @@ def longest(shape: Any, name: str, settings: dict[str, Any], budget: float, *, c
         run.train, mlp_chunk=chunk, offload_residual=offload, batch_size=run.train.batch_size * axes[0] * axes[1]))
     probe = CompiledProbe(shape, run, gpu, remat, axes)
     found = search(probe, usable, guess=max(guess.best, COARSE_STEP), growth=1.125, fine=COMPILED_FINE_STEP,
+                   interpolate=True,
                    progress=lambda line: print(f"compiled probe:{line[1:]}", file=sys.stderr, flush=True))
     check = full_depth_check(probe, found.best) if found.best else None
     mesh = "" if axes == (1, 1, 1) else f" on data {axes[0]} x fsdp {axes[1]} x tensor {axes[2]}, per device"

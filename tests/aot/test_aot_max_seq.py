@@ -7,7 +7,7 @@ residual offloaded):
   points, so the boundary is not trivially a grid point's own peak);
 - the offloaded residual is in host memory: the compiler's host temporaries hold exactly the L layer inputs
   [L, B, S, D] in bf16.
-One module-wide probe, 5 compiles (the budget's and 4 of the search).
+One module-wide probe, about 5 compiles (the budget's and those of the search, interpolating as the CLI does).
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ def probe():
 
 def test_max_seq_finds_the_compiled_boundary(probe):
     budget = probe(2800)  # (a length between the grid's points)
-    found = max_seq.search(probe, budget, guess=2048, coarse=1024, fine=512)
+    found = max_seq.search(probe, budget, guess=2048, coarse=1024, fine=512, interpolate=True)  # as the CLI
     peaks = {s: p for s, p, _ in found.probes}
     assert found.best >= 2560  # peak(2560) <= peak(2800): the peak does not shrink with the length
     assert found.best % 512 == 0 and peaks[found.best] <= budget < peaks[found.best + found.fine]

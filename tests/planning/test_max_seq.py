@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import re
 
+import numpy as np
 import pytest
 
 from jqlora import plan
@@ -25,12 +26,20 @@ SMALL = {"model_type": "llama", "vocab_size": 512, "hidden_size": 256, "intermed
 
 @pytest.mark.parametrize("guess", [4096, 123_456, 1 << 20])
 @pytest.mark.parametrize("fine", [1, 256])
-def test_search_finds_a_known_boundary(guess, fine):
+@pytest.mark.parametrize("interpolate", [False, True])
+@pytest.mark.parametrize("curve", ["affine", "convex", "steps"])
+def test_search_finds_a_known_boundary(guess, fine, interpolate, curve):
     a, b, budget = 3.0e9, 37_123.0, 40.0e9  # peak(S) = a + b·S: the longest S is floor((budget - a) / b)
-    exact = int((budget - a) // b)
-    found = max_seq.search(lambda s: a + b * s, budget, guess=guess, fine=fine)
-    assert found.best == exact // fine * fine
+    peak = {"affine": lambda s: a + b * s,
+            "convex": lambda s: a + b * s * (s / 1e6) ** 2,  # (the interpolation's split lands off the boundary)
+            "steps": lambda s: a + b * 4096 * np.ceil(s / 4096)}[curve]  # (flat stretches: the line meets no probe)
+    grid = np.arange(0, 2 << 20, fine, dtype=np.float64)
+    exact = int(grid[peak(grid) <= budget].max())  # (brute force on the fine grid)
+    found = max_seq.search(peak, budget, guess=guess, fine=fine, interpolate=interpolate)
+    assert found.best == exact
     assert found.over()[0] == found.best + fine
+    if interpolate and curve == "affine":
+        assert len(found.probes) <= 8  # (from 4096 the bracket grows at most 4x a probe)
 
 
 def _max_seq(capsys, *args) -> int:
