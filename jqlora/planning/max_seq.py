@@ -154,11 +154,7 @@ class CompiledProbe:
     remat: str
     axes: tuple[int, int, int] = (1, 1, 1)
     layers: tuple[int, int] = PROBE_LAYERS
-    # bytes per layer; with the residual offloaded that is one layer's weights, adapters and optimizer state whatever
-    # the length, so it is measured once (at seq slope_at: compiles of L₁ and L₂ layers) and reused (one compile a
-    # probe); otherwise each probe measures it
-    slope: float | None = None
-    slope_at: int = 0
+    log: Callable[[str], None] | None = None  # told each probe's two compiled peaks
     compiles: dict[tuple[int, int], tuple[int, dict[str, int]]] = dataclasses.field(default_factory=dict)
 
     def compile_peak(self, seq: int, n_layers: int) -> tuple[int, dict[str, int]]:
@@ -185,11 +181,10 @@ class CompiledProbe:
         L, (L1, L2) = self.shape.num_hidden_layers, self.layers
         if L <= L2:
             return float(self.compile_peak(seq, L)[0])
-        p1 = self.compile_peak(seq, L1)[0]
-        if self.slope is None or not self.run.train.offload_residual:
-            self.slope = (self.compile_peak(seq, L2)[0] - p1) / (L2 - L1)
-            self.slope_at = seq
-        return p1 + (L - L1) * self.slope
+        p1, p2 = self.compile_peak(seq, L1)[0], self.compile_peak(seq, L2)[0]
+        if self.log is not None:
+            self.log(f"  seq {seq:>9}: {L1} layers {p1 / 1e9:.2f} GB, {L2} layers {p2 / 1e9:.2f} GB")
+        return p1 + (L - L1) * (p2 - p1) / (L2 - L1)
 
 
 
@@ -255,17 +250,18 @@ def longest(shape: Any, name: str, settings: dict[str, Any], budget: float, *, c
     axes = tuple(int(settings[a]) for a in ("data", "fsdp", "tensor"))
     run = dataclasses.replace(run, train=dataclasses.replace(
         run.train, mlp_chunk=chunk, offload_residual=offload, batch_size=run.train.batch_size * axes[0] * axes[1]))
-    probe = CompiledProbe(shape, run, gpu, remat, axes)
+    def log(line: str) -> None:
+        print(f"compiled probe:{line[1:]}", file=sys.stderr, flush=True)
+
+    probe = CompiledProbe(shape, run, gpu, remat, axes, log=log)
     found = search(probe, usable, guess=max(guess.best, COARSE_STEP), growth=1.125, fine=COMPILED_FINE_STEP,
-                   interpolate=True,
-                   progress=lambda line: print(f"compiled probe:{line[1:]}", file=sys.stderr, flush=True))
+                   interpolate=True, progress=log)
     check = full_depth_check(probe, found.best) if found.best else None
     mesh = "" if axes == (1, 1, 1) else f" on data {axes[0]} x fsdp {axes[1]} x tensor {axes[2]}, per device"
     what = (f"deviceless compiles for {gpu}{mesh} ({name}, remat={remat}, {savings}, cuDNN attention; the peak of "
             f"{probe.layers[0]} and {probe.layers[1]} scanned layers extrapolated to {shape.num_hidden_layers}, "
             f"affine in the layer count under scan; first guess {guess.best} tokens from the analytic plan)")
     lines = report_lines(found, budget, usable, what)
-    lines.insert(1, f"  per layer: {probe.slope / 1e9:.3f} GB (measured at {probe.slope_at} tokens)")
     ok = found.best > 0
     if check is not None:
         lines.insert(-1, check.line())
