@@ -272,9 +272,32 @@ def longest(shape: Any, name: str, settings: dict[str, Any], budget: float, *, c
             f"affine in the layer count under scan; first guess {guess.best} tokens from the analytic plan)")
     lines = report_lines(found, budget, usable, what)
     ok = found.best > 0
+    if check is not None and check.compiled > usable:  # shift the extrapolation by what the full depth showed
+        lines.insert(-1, check.line())
+        best = corrected(found, check.compiled - check.extrapolated, usable)
+        lines.insert(-1, f"over the budget at full depth: the extrapolation shifted by the full depth's offset "
+                     f"({(check.compiled - check.extrapolated) / 1e9:+.2f} GB) on the line through the two probes "
+                     f"below gives {best} tokens")
+        found = dataclasses.replace(found, best=best)
+        lines[-1] = f"max seq: {best} tokens"
+        check = full_depth_check(probe, best) if best else None
     if check is not None:
         lines.insert(-1, check.line())
         if check.compiled > usable:
             ok = False
             lines.insert(-1, "the full-depth compile does NOT fit at that length: the extrapolation is off here")
     return ok, lines
+
+
+def corrected(found: Search, offset: float, usable: float) -> int:
+    """The longest multiple of ``found.fine`` at most ``found.best`` whose peak, on the line through the two probes
+    around it and shifted by ``offset`` bytes, is within ``usable`` (0 when none)."""
+    below = [(s, p) for s, p, _ in found.probes if s <= found.best]
+    if len(below) < 2:
+        return 0
+    (s0, p0), (s1, p1) = below[-2], below[-1]
+    per_token = (p1 - p0) / (s1 - s0)
+    if per_token <= 0:
+        return s0 if p0 + offset <= usable else 0
+    best = int((s1 - (p1 + offset - usable) / per_token) // found.fine * found.fine)
+    return max(0, min(best, found.best))

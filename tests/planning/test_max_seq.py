@@ -66,3 +66,13 @@ def test_max_seq_needs_a_budget(capsys):
     assert plan.main(["--model", "llama3-8b", "--max-seq"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "--memory" in err
+
+
+def test_correction_by_the_full_depth_offset():
+    """A full-depth peak 0.16 GB above the extrapolation at the answer: the corrected answer is where the line
+    through the probes, shifted up by 0.16 GB, meets the budget (closed form on an affine peak)."""
+    a, b, budget = 6.0e9, 87_000.0, 77.6e9
+    found = max_seq.search(lambda s: a + b * s, budget, guess=700_000, fine=1024, interpolate=True)
+    exact = int((budget - 0.16e9 - a) // b) // 1024 * 1024
+    assert max_seq.corrected(found, 0.16e9, budget) == exact < found.best
+    assert max_seq.corrected(found, 0.0, budget) == found.best
