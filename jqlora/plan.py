@@ -6,6 +6,7 @@ shape, a hub id, a recipe's name, a config.json or a run config, optionally besi
     python -m jqlora.plan --model-config path/to/config.json --seq 2048 --batch 1
     python -m jqlora.plan --config configs/llama3-8b.yaml [key.sub=value ...] [--devices 8]
     python -m jqlora.plan --model llama3-70b --fsdp 8 --remat save_dots --compile --gpu h100-sxm  # deviceless mesh
+    python -m jqlora.plan --model llama3-8b --max-seq --compile --gpu h100-sxm --memory 80  # the longest sequence
 
 JAX is imported only after the arguments are parsed, so `--help` and argument errors are instant. The plan's
 functions (`memory_plan`, `resolve_remat`, `BUILTIN`, ...) live in `jqlora.planning`.
@@ -178,6 +179,13 @@ def main(argv: list[str] | None = None) -> int:
                                                            "print the compiler's peak beside the plan")
     ap.add_argument("--gpu", default=None, help="with --compile: the target GPU (h100-sxm, h200, a100-80gb, l4), "
                                                 "compiled deviceless; default: this machine's own device")
+    ap.add_argument("--max-seq", action="store_true", help="search the longest sequence whose plan (with --compile: "
+                    "deviceless compiled peak) fits --memory / --gpu, with the long-context savings on; prints "
+                    "'max seq: N tokens' (jqlora.planning.max_seq)")
+    ap.add_argument("--mlp-chunk", type=int, default=None, help="--max-seq: train.mlp_chunk (tokens; default 4096, "
+                                                                "0: off)")
+    ap.add_argument("--offload-residual", action=argparse.BooleanOptionalAction, default=None,
+                    help="--max-seq: train.offload_residual (default on)")
     args = ap.parse_intermixed_args(argv)  # (flags anywhere among the arguments)
     from jqlora import planning as M  # (after parsing: --help and usage errors need no JAX)
 
@@ -275,6 +283,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"  {line}")
             plan = M.memory_plan(shape, name=name, **settings, remat=chosen)
             settings["remat"] = chosen
+        elif args.max_seq:
+            return _max_seq(args, shape, name, settings, budget, cfg if args.config else None)
         else:
             plan = M.memory_plan(shape, name=name, **settings)
     except _Usage as e:
@@ -297,6 +307,34 @@ def main(argv: list[str] | None = None) -> int:
             print(f"jqlora.plan: {e}", file=sys.stderr)
             return 2
     return 0 if fits else EXIT_DOES_NOT_FIT
+
+
+def _max_seq(args, shape: ModelConfig, name: str, settings: dict[str, Any], budget: float | None,
+             cfg: Any | None) -> int:
+    """--max-seq: the longest sequence within the budget (`jqlora.planning.max_seq`)."""
+    from jqlora.planning import aot, max_seq
+
+    if budget is None:
+        raise _Usage("--max-seq searches within a budget: give --memory GB (or --compile with --gpu)")
+    if settings.get("objective") == "grpo":
+        raise _Usage("--max-seq covers train.objective=sft")
+    chunk = args.mlp_chunk if args.mlp_chunk is not None else max_seq.LONG_MLP_CHUNK
+    offload = args.offload_residual if args.offload_residual is not None else settings["remat"] != "none"
+    if chunk < 0:
+        raise _Usage(f"--mlp-chunk {chunk}: must be >= 0 (0: off)")
+    if offload and settings["remat"] == "none":
+        raise _Usage("--offload-residual needs a remat policy other than none")
+    run = None
+    if args.compile:
+        if args.gpu is None:
+            raise _Usage("--max-seq --compile compiles deviceless for a named GPU: give --gpu")
+        run = _compile_run_config(settings, cfg)
+    try:
+        ok, lines = max_seq.longest(shape, name, settings, budget, chunk=chunk, offload=offload, run=run, gpu=args.gpu)
+    except aot.AotError as e:
+        raise _Usage(str(e)) from None
+    print("\n".join(lines))
+    return 0 if ok else EXIT_DOES_NOT_FIT
 
 
 def _grpo_settings(args, settings: dict[str, Any], cfg: Any | None) -> None:

@@ -269,6 +269,12 @@ class TrainConfig:
     # default | min: min holds the embedding and lm_head 4-bit too (NF4 + double quant, model.block_size; the
     # cross-entropy dequantizes the head a block of vocabulary rows at a time) and needs train.remat full or offload
     memory: str = "default"
+    # long context: the dense MLP computed over chunks of this many tokens (0: one pass), so its [tokens,
+    # intermediate] activations live one chunk at a time (jqlora/models/layers.py)
+    mlp_chunk: int = 0
+    # long context: the residual stream entering each layer kept in pinned host memory for the backward instead of
+    # on the device (needs train.remat other than none; jqlora/models/stack.py)
+    offload_residual: bool = False
     log_every: int = 10  # optimizer steps between metric lines
     eval_every: int = 25  # optimizer steps between evaluations; 0: only at the end
     eval_batches: Optional[int] = None  # micro-batches per evaluation; null: the whole eval set
@@ -346,6 +352,10 @@ class TrainConfig:
             _check(self.objective != "grpo", "train.memory", self.memory,
                    "is not available with train.objective=grpo (its completion log-probs read the whole head): use "
                    "train.memory=default")
+        _check(self.mlp_chunk >= 0, "train.mlp_chunk", self.mlp_chunk, "must be >= 0 (tokens per chunk; 0: off)")
+        if self.offload_residual:
+            _check(self.remat != "none", "train.offload_residual", self.offload_residual, "needs train.remat other "
+                   "than none (without remat every activation stays on the device)")
         _check(self.log_every >= 1, "train.log_every", self.log_every, "must be >= 1")
         _check(self.eval_every >= 0, "train.eval_every", self.eval_every, "must be >= 0 (0: only at the end)")
         if self.eval_batches is not None:

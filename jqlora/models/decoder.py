@@ -29,6 +29,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from jqlora.lora import Frozen, LoraConfig, LoraLinear, QuantData, QuantSpec, compute_dtype, set_layer_values
 from jqlora.models.attention import IMPLEMENTATIONS as ATTENTION_IMPLEMENTATIONS
@@ -38,7 +39,7 @@ from jqlora.models.layers import (HEAD_BLOCK_ROWS, MLP, NEFTUNE_KEY, Embed, LMHe
                                   neftune_noise, rms_norm)
 from jqlora.models.rope import apply_rope, rope_tables
 from jqlora.models.sequence import constrain_tokens, splits, ulysses_attention
-from jqlora.models.stack import REMAT_POLICIES, _remat_policy, segment_positions, softcap
+from jqlora.models.stack import REMAT_POLICIES, RESIDUAL, _remat_policy, segment_positions, softcap
 
 
 class Attention(nnx.Module):
@@ -125,11 +126,14 @@ class DecoderLayer(nnx.Module):
             return x_BSD + self.post_attention_layernorm(attn_BSD)
         return x_BSD + attn_BSD
 
-    def add_mlp(self, h_BSD: jax.Array, *, deterministic: bool, keys, stats_mask_T=None):
-        """The residual stream after the MLP block (and, given ``stats_mask_T``, the MoE's router statistics)."""
+    def add_mlp(self, h_BSD: jax.Array, *, deterministic: bool, keys, stats_mask_T=None, mlp_chunk: int = 0):
+        """The residual stream after the MLP block (and, given ``stats_mask_T``, the MoE's router statistics);
+        ``mlp_chunk`` > 0: a dense MLP over chunks of that many tokens (`layers.MLP`)."""
         kw = {"deterministic": deterministic, "keys": keys}
         if stats_mask_T is not None:
             kw["stats_mask_T"] = stats_mask_T
+        if mlp_chunk and isinstance(self.mlp, MLP):
+            kw["chunk"] = mlp_chunk
         if self.pre_feedforward_layernorm is not None:
             out = self.mlp(self.pre_feedforward_layernorm(h_BSD), **kw)
         else:
@@ -140,14 +144,14 @@ class DecoderLayer(nnx.Module):
         return h_BSD + mlp if stats_mask_T is None else (h_BSD + mlp, stats)
 
     def __call__(self, x_BSD, cos_BSH, sin_BSH, segment_ids_BS, window, *, implementation: str,
-                 deterministic: bool, key, stats_mask_T=None, seq_mesh=None):
+                 deterministic: bool, key, stats_mask_T=None, seq_mesh=None, mlp_chunk: int = 0):
         keys = None if key is None else jax.random.split(key, 7)
         attn = self.self_attn(self.input_layernorm(x_BSD), cos_BSH, sin_BSH, segment_ids_BS, window,
                               implementation=implementation, deterministic=deterministic,
                               keys=None if keys is None else keys[:4], seq_mesh=seq_mesh)
         h_BSD = self.add_attention(x_BSD, attn)
         return self.add_mlp(h_BSD, deterministic=deterministic, keys=None if keys is None else keys[4:],
-                            stats_mask_T=stats_mask_T)
+                            stats_mask_T=stats_mask_T, mlp_chunk=mlp_chunk)
 
 
 class DecoderModel(nnx.Module):
@@ -175,7 +179,9 @@ class CausalLM(nnx.Module):
     ``remat`` (one of `REMAT_POLICIES`), ``scan_layers`` and ``attention`` (one of `ATTENTION_IMPLEMENTATIONS`:
     ``"auto"`` is cuDNN flash attention on a GPU backend, XLA elsewhere) are plain attributes that may be changed
     between calls; so is ``seq_mesh``: a mesh with a ``seq`` axis of size > 1 splits every row's tokens over it
-    (sequence parallelism, `sequence.py`), None (the default) leaves the placement to the inputs. ``memory`` is
+    (sequence parallelism, `sequence.py`), None (the default) leaves the placement to the inputs; so are
+    ``mlp_chunk`` (tokens per chunk of the dense MLP, 0 = one pass; `layers.MLP`) and ``offload_residual`` (the
+    residual stream entering each layer saved in pinned host memory; `stack.RESIDUAL`). ``memory`` is
     train.memory: ``min`` stores the embedding and lm_head tables 4-bit (`layers.QuantHead`; one table when tied)
     and dequantizes each 4-bit kernel `MIN_TILE_BYTES` at a time (`lora.tiled_quantized_matmul`).
     """
@@ -210,6 +216,8 @@ class CausalLM(nnx.Module):
         self.scan_layers = scan_layers
         self.attention = attention
         self.seq_mesh = None
+        self.mlp_chunk = 0
+        self.offload_residual = False
         self.memory = memory
         self.head_quant = head_quant
         self.head_block_rows = HEAD_BLOCK_ROWS  # (a plain attribute: vocabulary rows a quantized head reads at once)
@@ -311,17 +319,21 @@ class CausalLM(nnx.Module):
 
         def body(h, xs):
             layer_state, window, rope, layer_key = xs
+            if offload:
+                h = checkpoint_name(h, RESIDUAL)
             parts = (kernels, layer_state) if self.hoist_kernels else (layer_state,)
             layer = nnx.merge(graphdef, *parts)
             if cos_RBSH.shape[0] == 1:  # one RoPE: a static slice, no per-layer selection
                 rope = 0
             w = (window if shared_window is None else shared_window) if windowed else None
             out = layer(h, cos_RBSH[rope], sin_RBSH[rope], seg_BS, w, implementation=self.attention,
-                        deterministic=not use_dropout, key=layer_key, stats_mask_T=stats_mask_T, seq_mesh=seq_mesh)
+                        deterministic=not use_dropout, key=layer_key, stats_mask_T=stats_mask_T, seq_mesh=seq_mesh,
+                        mlp_chunk=self.mlp_chunk)
             return out if want_stats else (out, None)
 
+        offload = self.offload_residual and self.remat != "none"
         if self.remat != "none":
-            body = jax.checkpoint(body, policy=_remat_policy(self.remat), prevent_cse=not self.scan_layers)
+            body = jax.checkpoint(body, policy=_remat_policy(self.remat, offload), prevent_cse=not self.scan_layers)
         xs = (state, jnp.asarray(windows, jnp.int32), jnp.asarray(cfg.layer_ropes, jnp.int32), keys)
         if self.scan_layers:
             h_BSD, stats_L2E = jax.lax.scan(body, h_BSD, xs)

@@ -7,6 +7,12 @@ input dtype and then multiplies by w; Gemma multiplies by (1 + w) in float32 and
 down_proj(act(gate_proj(x)) * up_proj(x)) with act = SiLU (SwiGLU: Llama, Mistral, Qwen) or tanh-approximated GELU
 (GeGLU: Gemma). Phi-3 stores gate and up as one fused ``gate_up_proj`` (gate rows first).
 
+Chunked MLP (``chunk`` = C > 0 tokens): the MLP acts on each token alone, so it is computed over the B·S tokens in
+chunks of C (`jax.lax.map` over a `jax.checkpoint`-ed chunk body, the last chunk zero-padded): the [B, S, F]
+gate / up activations exist for one chunk at a time, in the forward and in the backward, which recomputes them per
+chunk. The result is the unchunked MLP's up to the order of float operations; LoRA dropout is drawn per chunk
+(``fold_in(key, chunk index)``), so with dropout the masks differ from the unchunked ones.
+
 LoRA on the embedding and the LM head (``lora.targets`` naming ``embed_tokens`` / ``lm_head``), as peft's
 ``lora.Embedding`` and ``lora.Linear`` compute them:
 
@@ -273,7 +279,26 @@ class MLP(nnx.Module):
         self.down_proj = linear(lora, "mlp.down_proj", F, D, **kw)
         self.act = cfg.hidden_act
 
-    def __call__(self, x_BSD, *, deterministic: bool, keys) -> jax.Array:
+    def __call__(self, x_BSD, *, deterministic: bool, keys, chunk: int = 0) -> jax.Array:
+        B, S, D = x_BSD.shape
+        if not chunk or chunk >= B * S:
+            return self._dense(x_BSD, deterministic=deterministic, keys=keys)
+        T = B * S
+        n = -(-T // chunk)
+        x_TD = x_BSD.reshape(T, D)
+        if n * chunk != T:
+            x_TD = jnp.pad(x_TD, ((0, n * chunk - T), (0, 0)))
+
+        @jax.checkpoint
+        def one(xs):
+            x_CD, i = xs
+            ks = None if keys is None else [jax.random.fold_in(k, i) for k in keys]
+            return self._dense(x_CD[None], deterministic=deterministic, keys=ks)[0]
+
+        y_NCD = jax.lax.map(one, (x_TD.reshape(n, chunk, D), jnp.arange(n, dtype=jnp.int32)))
+        return y_NCD.reshape(n * chunk, -1)[:T].reshape(B, S, -1)
+
+    def _dense(self, x_BSD, *, deterministic: bool, keys) -> jax.Array:
         kw = lambda i: dict(deterministic=deterministic, key=None if keys is None else keys[i])  # noqa: E731
         if self.gate_up_proj is not None:
             gate_BSF, up_BSF = jnp.split(self.gate_up_proj(x_BSD, **kw(0)), 2, axis=-1)

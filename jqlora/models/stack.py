@@ -3,6 +3,10 @@ rows.
 
 Layers are stacked (every layer variable has a leading axis L) and run by `jax.lax.scan` over one layer body wrapped
 in `jax.checkpoint` with a named remat policy (`REMAT_POLICIES`), or unrolled.
+
+With ``offload_residual`` the residual stream entering each layer (named `RESIDUAL` inside the body) is saved in
+pinned host memory instead of on the device: under scan that is the [L, B, S, D] stack of layer inputs, the one
+activation that grows with the depth, and the backward brings back one layer's slice at a time.
 """
 
 from __future__ import annotations
@@ -13,9 +17,28 @@ import jax.numpy as jnp
 from jqlora.lora import FROZEN_MATMUL
 
 REMAT_POLICIES = ("none", "full", "save_dots", "save_dots_no_batch", "offload")
+RESIDUAL = "layer_residual"  # checkpoint name of the residual stream entering a scanned layer body
 
 
-def _remat_policy(name: str):
+def _remat_policy(name: str, offload_residual: bool = False):
+    """The `jax.checkpoint` policy of the layer body; with ``offload_residual`` (and a pinned host memory) the
+    `RESIDUAL` input is offloaded to the host, everything else as ``name`` says."""
+    base = _base_policy(name)
+    if not offload_residual or not _has_pinned_host():
+        return base
+    residual = jax.checkpoint_policies.save_and_offload_only_these_names(
+        names_which_can_be_saved=[], names_which_can_be_offloaded=[RESIDUAL], offload_src="device",
+        offload_dst="pinned_host")
+
+    def policy(prim, *args, **params):
+        if prim.name == "name" and params.get("name") == RESIDUAL:
+            return residual(prim, *args, **params)
+        return base(prim, *args, **params)
+
+    return policy
+
+
+def _base_policy(name: str):
     cp = jax.checkpoint_policies
     frozen = cp.save_only_these_names(FROZEN_MATMUL)  # the 4-bit matmuls: a dot inside a custom_vjp, named
     if name == "full":

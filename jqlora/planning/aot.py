@@ -151,10 +151,13 @@ def abstract_model(shape, cfg, *, remat: str, attention: str = "cudnn", scan_lay
 
     qspec = QuantSpec(cfg.model.quant, cfg.model.double_quant and cfg.model.quant != "none", cfg.model.block_size,
                       cfg.model.quantize_experts)
-    return nnx.eval_shape(lambda: LlamaForCausalLM(
+    model = nnx.eval_shape(lambda: LlamaForCausalLM(
         shape, LoraConfig.from_config(cfg.lora), qspec, compute_dtype(cfg.model.dtype), rngs=nnx.Rngs(cfg.train.seed),
         remat=remat, scan_layers=scan_layers, attention=attention,
         memory=getattr(cfg.train, "memory", "default")))
+    model.mlp_chunk = getattr(cfg.train, "mlp_chunk", 0)  # the long-context savings (as jqlora.run sets them)
+    model.offload_residual = getattr(cfg.train, "offload_residual", False)
+    return model
 
 
 def step_arguments(split, tx, *, batch: int, seq: int, sharding) -> tuple:

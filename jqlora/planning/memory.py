@@ -16,7 +16,8 @@ of size H, L layers, V vocabulary, r LoRA rank, c = bytes of the compute dtype, 
     LoRA + AdamW        fp32 adapters + gradient + accumulated gradient (optax.MultiSteps) + 2 moments = 20 B/param
                         (train.optimizer_state bfloat16: 16; 8bit: 14 + 8/256),
                         split over fsdp
-    residual stream     every remat policy but none: the scanned layer input, L · T·D·c
+    residual stream     every remat policy but none: the scanned layer input, L · T·D·c (in host memory with
+                        train.offload_residual)
     saved matmuls       save_dots: every dot output of every layer (base, LoRA A and B; with XLA attention also its
                         scores and values, a cuDNN attention call is no dot);
                         save_dots_no_batch: the same without attention's (batched) dots; offload: those of
@@ -24,8 +25,9 @@ of size H, L layers, V vocabulary, r LoRA rank, c = bytes of the compute dtype, 
     layer working set   one layer recomputed for its backward: activations T·(6D + 2NH + 2KH + 3F)·c, attention
                         scores and probabilities B·N·S²·(2c) with XLA attention, or cuDNN flash attention's float32
                         softmax statistics B·64·N·S·4 (its packed layout has room for 64 segments a row), and the layer's
-                        kernels dequantized to c; with remat none every layer keeps its activations (× L) but not its
-                        dequantized kernels (the 4-bit matmul's backward dequantizes again, `lora.quantized_matmul`)
+                        kernels dequantized to c (the 3F term for one chunk of train.mlp_chunk tokens when set);
+                        with remat none every layer keeps its activations (× L) but not its dequantized kernels
+                        (the 4-bit matmul's backward dequantizes again, `lora.quantized_matmul`)
     cross-entropy       one chunk of 1024 tokens of float32 logits and their gradient, 2 · 1024·V·4, plus the final
                         hidden states and their gradient 2·T·D·c
 
@@ -173,7 +175,8 @@ def memory_plan(shape: ModelConfig, *, seq: int, batch: int = 1, data: int = 1, 
                 ce_chunk: int = CE_CHUNK, name: str = "model", attention: str = "xla",
                 dropout: float = 0.0, experts: bool = False, quantize_experts: bool = True, objective: str = "sft",
                 new_tokens: int = 0, rollout_rows: int = 0, optimizer_state: str = "auto",
-                seq_parallel: int = 1, memory: str = "default") -> Plan:
+                seq_parallel: int = 1, memory: str = "default", mlp_chunk: int = 0,
+                offload_residual: bool = False) -> Plan:
     """Bytes per device; ``batch`` is rows per device (each device of the data × fsdp axes sees its own rows).
     ``seq_parallel`` = mesh.seq: every row's tokens split over that many devices (Ulysses: the attention of a device
     covers the whole row for N / seq_parallel heads), so every activation row divides by it, and the weights,
@@ -215,6 +218,8 @@ def memory_plan(shape: ModelConfig, *, seq: int, batch: int = 1, data: int = 1, 
     rows[lora_row(optimizer_state)] = per_parameter * n_lora / (fsdp * seq_parallel)
     residual = L * T * D * c
     acts = T * (6 * D + 2 * N * H + 2 * K * H + 3 * F) * c / tensor
+    if mlp_chunk and mlp_chunk < T:  # train.mlp_chunk: the F-wide activations of one chunk at a time
+        acts -= (T - mlp_chunk) * 3 * F * c / tensor
     if dropout > 0 and remat == "none":
         # what the compiler keeps per layer with LoRA dropout and no remat (read off the compiled Llama-3-8B step,
         # h100-sxm, seq 2048): each adapter's dropped input and its mask, both float32 RMSNorm inputs, 6 F-wide
@@ -235,7 +240,10 @@ def memory_plan(shape: ModelConfig, *, seq: int, batch: int = 1, data: int = 1, 
         rows["all layers' activations (no remat)"] = L * (acts + scores)
         rows["one layer's dequantized kernels"] = kernels
     else:
-        rows["residual stream checkpoints"] = residual
+        if offload_residual:  # train.offload_residual: in pinned host memory
+            host["residual stream checkpoints"] = residual
+        else:
+            rows["residual stream checkpoints"] = residual
         if remat == "save_dots":
             rows["saved matmul outputs"] = L * dots
         elif remat == "save_dots_no_batch":

@@ -83,11 +83,13 @@ def build_model(cfg, check: Callable[[Any], None] | None = None, mesh=None, run_
             log.info(why)
         streamed = mesh is not None and mesh.size > 1 and jax.process_count() == 1
         try:
-            return load_initialized(cfg, lambda quant, **kw: load_checkpoint(
+            model = load_initialized(cfg, lambda quant, **kw: load_checkpoint(
                 path, quant=quant, double_quant=cfg.model.double_quant, block_size=cfg.model.block_size,
                 dtype=cfg.model.dtype, lora=LoraConfig.from_config(cfg.lora), seed=cfg.train.seed, remat=remat,
                 mesh=mesh if streamed and kw.get("streamed", True) else None,
                 quantize_experts=cfg.model.quantize_experts, memory=cfg.train.memory), run_dir=run_dir)
+            model.mlp_chunk, model.offload_residual = cfg.train.mlp_chunk, cfg.train.offload_residual
+            return model
         except (InitError, LoraError) as e:
             raise UserError(str(e).splitlines()[0]) from None
     except (ConvertError, FileNotFoundError) as e:
