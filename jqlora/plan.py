@@ -182,10 +182,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-seq", action="store_true", help="search the longest sequence whose plan (with --compile: "
                     "deviceless compiled peak) fits --memory / --gpu, with the long-context savings on; prints "
                     "'max seq: N tokens' (jqlora.planning.max_seq)")
-    ap.add_argument("--mlp-chunk", type=int, default=None, help="--max-seq: train.mlp_chunk (tokens; default 4096, "
-                                                                "0: off)")
+    ap.add_argument("--mlp-chunk", type=int, default=None, help="train.mlp_chunk (tokens; default 0: off, with "
+                                                                "--max-seq 4096)")
     ap.add_argument("--offload-residual", action=argparse.BooleanOptionalAction, default=None,
-                    help="--max-seq: train.offload_residual (default on)")
+                    help="train.offload_residual (default off, with --max-seq on; --mode min takes it)")
     args = ap.parse_intermixed_args(argv)  # (flags anywhere among the arguments)
     from jqlora import planning as M  # (after parsing: --help and usage errors need no JAX)
 
@@ -236,6 +236,10 @@ def main(argv: list[str] | None = None) -> int:
                 settings[key] = getattr(args, key)
         if args.mode is not None:  # train.memory
             settings["memory"] = args.mode
+        if args.offload_residual is not None and not args.max_seq:  # (--max-seq sets both itself)
+            settings["offload_residual"] = args.offload_residual
+        if args.mlp_chunk is not None and not args.max_seq:
+            settings["mlp_chunk"] = args.mlp_chunk
         if settings.get("memory", "default") == "min" and settings["remat"] not in ("full", "offload"):
             raise _Usage(f"--mode min takes --remat full (or offload), not {settings['remat']}")
         _grpo_settings(args, settings, cfg if args.config else None)
@@ -397,7 +401,9 @@ def _compile_run_config(settings: dict[str, Any], cfg: Any | None) -> Any:
         cfg, data=dc.replace(cfg.data, max_length=settings["seq"]),
         train=dc.replace(cfg.train, batch_size=batch, memory=settings.get("memory", "default"),
                          remat="full" if settings.get("memory") == "min" else cfg.train.remat,
-                         optimizer_state=settings.get("optimizer_state", cfg.train.optimizer_state)),
+                         optimizer_state=settings.get("optimizer_state", cfg.train.optimizer_state),
+                         offload_residual=bool(settings.get("offload_residual", cfg.train.offload_residual)),
+                         mlp_chunk=int(settings.get("mlp_chunk", cfg.train.mlp_chunk))),
         lora=dc.replace(cfg.lora, r=settings["r"], targets=lora_targets, dropout=settings["dropout"]),
         model=dc.replace(cfg.model, dtype=settings["dtype"], quant=settings["quant"],
                          double_quant=settings["double_quant"], block_size=settings["block_size"]))

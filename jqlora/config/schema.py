@@ -267,7 +267,9 @@ class TrainConfig:
     # (jqlora.planning.remat)
     remat: str = "full"
     # default | min: min holds the embedding and lm_head 4-bit too (NF4 + double quant, model.block_size; the
-    # cross-entropy dequantizes the head a block of vocabulary rows at a time) and needs train.remat full or offload
+    # cross-entropy dequantizes the head a block of vocabulary rows at a time), the AdamW moments 8-bit
+    # (train.optimizer_state=auto) and the residual checkpoints in host memory (as train.offload_residual);
+    # needs train.remat full or offload
     memory: str = "default"
     # long context: the dense MLP computed over chunks of this many tokens (0: one pass), so its [tokens,
     # intermediate] activations live one chunk at a time (jqlora/models/layers.py)
@@ -275,6 +277,11 @@ class TrainConfig:
     # long context: the residual stream entering each layer kept in pinned host memory for the backward instead of
     # on the device (needs train.remat other than none; jqlora/models/stack.py)
     offload_residual: bool = False
+
+    @property
+    def residual_offloaded(self) -> bool:
+        """train.offload_residual, or train.memory=min (which takes every saving)."""
+        return self.offload_residual or self.memory == "min"
     log_every: int = 10  # optimizer steps between metric lines
     eval_every: int = 25  # optimizer steps between evaluations; 0: only at the end
     eval_batches: Optional[int] = None  # micro-batches per evaluation; null: the whole eval set

@@ -156,7 +156,7 @@ def abstract_model(shape, cfg, *, remat: str, attention: str = "cudnn", scan_lay
         remat=remat, scan_layers=scan_layers, attention=attention,
         memory=getattr(cfg.train, "memory", "default")))
     model.mlp_chunk = getattr(cfg.train, "mlp_chunk", 0)  # the long-context savings (as jqlora.run sets them)
-    model.offload_residual = getattr(cfg.train, "offload_residual", False)
+    model.offload_residual = getattr(cfg.train, "residual_offloaded", False)
     return model
 
 

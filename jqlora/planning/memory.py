@@ -176,7 +176,7 @@ def memory_plan(shape: ModelConfig, *, seq: int, batch: int = 1, data: int = 1, 
                 dropout: float = 0.0, experts: bool = False, quantize_experts: bool = True, objective: str = "sft",
                 new_tokens: int = 0, rollout_rows: int = 0, optimizer_state: str = "auto",
                 seq_parallel: int = 1, memory: str = "default", mlp_chunk: int = 0,
-                offload_residual: bool = False) -> Plan:
+                offload_residual: bool = False, grad_accum: int = 1) -> Plan:
     """Bytes per device; ``batch`` is rows per device (each device of the data × fsdp axes sees its own rows).
     ``seq_parallel`` = mesh.seq: every row's tokens split over that many devices (Ulysses: the attention of a device
     covers the whole row for N / seq_parallel heads), so every activation row divides by it, and the weights,
@@ -188,6 +188,7 @@ def memory_plan(shape: ModelConfig, *, seq: int, batch: int = 1, data: int = 1, 
     if memory == "min" and objective == "grpo":
         raise ValueError("memory mode min is not available with objective grpo (train.memory=min)")
     optimizer_state = resolve_state(optimizer_state, memory)
+    offload_residual = offload_residual or memory == "min"  # (min takes every saving)
     if objective == "grpo":
         return grpo_plan(shape, prompt=seq, new_tokens=new_tokens, rows=batch, rollout_rows=rollout_rows,
                          data=data, fsdp=fsdp, tensor=tensor, remat=remat, r=r, targets=targets, quant=quant,
@@ -214,8 +215,9 @@ def memory_plan(shape: ModelConfig, *, seq: int, batch: int = 1, data: int = 1, 
         layer = w["per_layer_quantized"] + (w["experts"] / L if float_experts else 0)
         rows["gathered layer (fsdp prefetch, x2)"] = 2 * layer * (1 - 1 / P)
     n_lora = lora_param_count(shape, r, targets, experts)
-    per_parameter = 12 + state_bytes_per_parameter(optimizer_state)
-    rows[lora_row(optimizer_state)] = per_parameter * n_lora / (fsdp * seq_parallel)
+    accumulates = not (memory == "min" and grad_accum == 1)  # (min without accumulation: no MultiSteps buffer)
+    per_parameter = (12 if accumulates else 8) + state_bytes_per_parameter(optimizer_state)
+    rows[lora_row(optimizer_state, accumulates)] = per_parameter * n_lora / (fsdp * seq_parallel)
     residual = L * T * D * c
     acts = T * (6 * D + 2 * N * H + 2 * K * H + 3 * F) * c / tensor
     if mlp_chunk and mlp_chunk < T:  # train.mlp_chunk: the F-wide activations of one chunk at a time
@@ -278,9 +280,10 @@ def memory_plan(shape: ModelConfig, *, seq: int, batch: int = 1, data: int = 1, 
     return Plan(title, rows, w["total"], notes, host)
 
 
-def lora_row(optimizer_state: str = "float32") -> str:
-    """The plan's row of the adapters, their gradients and AdamW state (train.optimizer_state)."""
-    return "LoRA params+grad+acc+AdamW (" + {"float32": "fp32", "bfloat16": "fp32, bf16 moments",
+def lora_row(optimizer_state: str = "float32", accumulates: bool = True) -> str:
+    """The plan's row of the adapters, their gradients, the accumulated gradient (MultiSteps; not with
+    train.memory=min at grad_accum_steps 1) and AdamW state (train.optimizer_state)."""
+    return f"LoRA params+grad+{'acc+' if accumulates else ''}AdamW (" + {"float32": "fp32", "bfloat16": "fp32, bf16 moments",
                                              "8bit": "fp32, 8-bit moments"}[optimizer_state] + ")"
 
 
@@ -310,7 +313,9 @@ def settings_from_config(cfg: Any, axes: dict[str, int] | None = None) -> dict[s
                 quantize_experts=bool(getattr(cfg.model, "quantize_experts", True)),
                 optimizer_state=resolve_state(getattr(cfg.train, "optimizer_state", "float32"),
                                               getattr(cfg.train, "memory", "default")),
-                memory=getattr(cfg.train, "memory", "default"),
+                memory=getattr(cfg.train, "memory", "default"), mlp_chunk=int(getattr(cfg.train, "mlp_chunk", 0)),
+                offload_residual=bool(getattr(cfg.train, "offload_residual", False)),
+                grad_accum=int(getattr(cfg.train, "grad_accum_steps", 1)),
                 targets=LINEARS if cfg.lora.targets == "all-linear" else tuple(cfg.lora.target_modules))
 
 

@@ -88,7 +88,7 @@ def build_model(cfg, check: Callable[[Any], None] | None = None, mesh=None, run_
                 dtype=cfg.model.dtype, lora=LoraConfig.from_config(cfg.lora), seed=cfg.train.seed, remat=remat,
                 mesh=mesh if streamed and kw.get("streamed", True) else None,
                 quantize_experts=cfg.model.quantize_experts, memory=cfg.train.memory), run_dir=run_dir)
-            model.mlp_chunk, model.offload_residual = cfg.train.mlp_chunk, cfg.train.offload_residual
+            model.mlp_chunk, model.offload_residual = cfg.train.mlp_chunk, cfg.train.residual_offloaded
             return model
         except (InitError, LoraError) as e:
             raise UserError(str(e).splitlines()[0]) from None

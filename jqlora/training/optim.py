@@ -94,10 +94,11 @@ def loraplus_labels(params) -> object:
 
 
 def make_optimizer(train_cfg, total_steps: int, plus_ratio: float | None = None
-                   ) -> tuple[optax.MultiSteps, optax.Schedule]:
+                   ) -> tuple[optax.GradientTransformation, optax.Schedule]:
     """``MultiSteps(record norm ∘ clip ∘ AdamW, every_k_schedule=grad_accum_steps)`` and its learning-rate
     schedule; with ``plus_ratio`` (LoRA+, None or 0 = off) the AdamW is a multi-transform whose "b" leaves have
-    ``plus_ratio`` times the learning rate."""
+    ``plus_ratio`` times the learning rate. With train.memory=min and no accumulation (grad_accum_steps 1) the
+    wrapper is `single_step`: the same updates without MultiSteps' float32 accumulator."""
     schedule = make_schedule(train_cfg, total_steps)
     parts = [record_grad_norm()]
     if train_cfg.max_grad_norm > 0:
@@ -116,7 +117,24 @@ def make_optimizer(train_cfg, total_steps: int, plus_ratio: float | None = None
     else:
         parts.append(adamw(schedule))
     inner = optax.chain(*parts)
+    if int(train_cfg.grad_accum_steps) == 1 and getattr(train_cfg, "memory", "default") == "min":
+        return single_step(inner), schedule  # (no accumulator: a float32 copy of the adapters saved)
     return optax.MultiSteps(inner, every_k_schedule=int(train_cfg.grad_accum_steps)), schedule
+
+
+def single_step(inner: optax.GradientTransformation) -> optax.GradientTransformation:
+    """``MultiSteps(inner, every_k_schedule=1)`` without its accumulated gradient: every call is an optimizer step,
+    the state a `optax.MultiStepsState` with empty ``acc_grads`` (train.memory=min at train.grad_accum_steps=1)."""
+    def init(params):
+        zero = jnp.zeros([], jnp.int32)
+        return optax.MultiStepsState(mini_step=zero, gradient_step=zero, inner_opt_state=inner.init(params),
+                                     acc_grads=(), skip_state=())
+
+    def update(grads, state, params=None):
+        updates, inner_state = inner.update(grads, state.inner_opt_state, params)
+        return updates, state._replace(inner_opt_state=inner_state, gradient_step=state.gradient_step + 1)
+
+    return optax.GradientTransformation(init, update)
 
 
 def total_optimizer_steps(train_cfg, batches_per_epoch: int) -> int:
@@ -130,7 +148,8 @@ def total_optimizer_steps(train_cfg, batches_per_epoch: int) -> int:
 def check_state_is_lora_only(opt_state, params) -> int:
     """Assert that every non-scalar optimizer leaf has the shape of a trained parameter; returns how many there are.
 
-    With MultiSteps ∘ (clip, AdamW) that is 3 per parameter: the accumulated gradient, Adam's mu and nu. An 8-bit
+    With MultiSteps ∘ (clip, AdamW) that is 3 per parameter: the accumulated gradient, Adam's mu and nu (2 with
+    `single_step`, which accumulates nothing). An 8-bit
     moment (train.optimizer_state=8bit) counts as one: its codes have the parameter's shape, beside them one absmax
     per block of 256 of them.
     """
@@ -146,6 +165,7 @@ def check_state_is_lora_only(opt_state, params) -> int:
             state_shapes.append(tuple(np.shape(x)))
     stray = [s for s in state_shapes if s not in allowed]
     assert not stray, f"optimizer state holds non-LoRA leaves of shapes {stray[:5]}"
-    expected = 3 * len(param_shapes)
+    accumulates = bool(jax.tree.leaves(getattr(opt_state, "acc_grads", None)))
+    expected = (3 if accumulates else 2) * len(param_shapes)
     assert len(state_shapes) == expected, (len(state_shapes), expected)
     return len(state_shapes)
