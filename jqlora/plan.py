@@ -21,95 +21,13 @@ import sys
 from typing import TYPE_CHECKING, Any
 
 from jqlora.config.schema import DTYPES, MEMORY_MODES, REMAT_POLICIES as REMATS
-from jqlora.planning.model_shapes import HUB_IDS, NAMES, PUBLISHED
+from jqlora.planning.lookup import UsageError as _Usage, cached_shape as _cached_shape, lookup_shape  # noqa: F401
+from jqlora.planning.lookup import model_config_file as _model_config, model_json as _model_json
+from jqlora.planning.model_shapes import PUBLISHED
 
 if TYPE_CHECKING:
     from jqlora.models import ModelConfig
     from jqlora.planning import Plan
-
-
-# Mistral-7B v0.3 (the mistral-7b recipe's checkpoint): v0.1's shape with a 32768 vocabulary and no sliding window
-_CLI_SHAPES = {"mistral-7b-v0.3": {
-    **{k: v for k, v in PUBLISHED["mistral-7b"].items() if k != "sliding_window"}, "vocab_size": 32768,
-    "rope_theta": 1000000.0}}
-_CLI_NAMES = {"mistral-7b-v0.3": "Mistral-7B-v0.3"}
-
-
-def _model_config(path: str) -> ModelConfig:
-    from jqlora.models import ModelConfig
-
-    try:
-        return ModelConfig.from_hf(path)
-    except (ValueError, TypeError, KeyError, OSError) as e:
-        raise _Usage(f"{path}: not a usable config.json ({e})") from None
-
-
-def lookup_shape(name: str) -> tuple[ModelConfig, str] | None:
-    """(shape, display name) for a built-in name, a hub id, a checkpoint directory's name or a recipe's name."""
-    from jqlora import planning as M
-    from jqlora.models import ModelConfig
-
-    key = name.strip().rstrip("/").lower()
-    if key in M.BUILTIN:
-        return M.BUILTIN[key], NAMES[key]
-    short = {hub.rsplit("/", 1)[-1]: v for hub, v in HUB_IDS.items()}
-    found = HUB_IDS.get(key) or short.get(key.rsplit("/", 1)[-1])
-    if found is None:
-        from jqlora.config import REPO_ROOT
-
-        recipe = REPO_ROOT / "configs" / f"{key}.yaml"
-        if recipe.is_file() and key != "demo":
-            from jqlora.config import load_config
-
-            path = load_config(str(recipe), []).model.path or ""
-            return lookup_shape(os.path.basename(path.rstrip("/"))) if path else None
-        return None
-    if found in M.BUILTIN:
-        return M.BUILTIN[found], NAMES[found]
-    return ModelConfig.from_hf(_CLI_SHAPES[found]), _CLI_NAMES[found]
-
-
-def _model_json(text: str) -> tuple[ModelConfig, str]:
-    """--model-config: a config.json, its directory, or the JSON itself (``'{"model_type": "llama", ...}'``)."""
-    from jqlora.models import ModelConfig
-
-    import json
-
-    if text.lstrip().startswith("{"):
-        try:
-            d = json.loads(text)
-        except ValueError as e:
-            raise _Usage(f"--model-config: not valid JSON ({e})") from None
-        try:
-            return ModelConfig.from_hf(d), "model"
-        except (ValueError, TypeError, KeyError) as e:
-            raise _Usage(f"--model-config: not a usable config ({e})") from None
-    path = os.path.join(text, "config.json") if os.path.isdir(text) else text
-    if not os.path.isfile(path):
-        raise _Usage(f"--model-config {text}: no such file")
-    return _model_config(path), os.path.basename(os.path.dirname(os.path.abspath(path)))
-
-
-def _cached_shape(hub_id: str | None) -> tuple[ModelConfig, str] | None:
-    """A hub id's config.json from the local Hugging Face cache (``HF_HUB_CACHE``), when it was downloaded once;
-    nothing is fetched."""
-    if not hub_id or hub_id.count("/") != 1 or os.path.exists(hub_id):
-        return None
-    try:
-        from huggingface_hub import try_to_load_from_cache
-    except ImportError:
-        return None
-    try:
-        found = try_to_load_from_cache(hub_id, "config.json")
-    except ValueError:  # (not a valid repo id)
-        return None
-    if not isinstance(found, str):
-        return None
-    return _model_config(found), hub_id.rsplit("/", 1)[-1]
-
-
-class _Usage(Exception):
-    pass
 
 
 def _estimate_gpu(gpu: str | None) -> str:
@@ -182,6 +100,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-seq", action="store_true", help="search the longest sequence whose plan (with --compile: "
                     "deviceless compiled peak) fits --memory / --gpu, with the long-context savings on; prints "
                     "'max seq: N tokens' (jqlora.planning.max_seq)")
+    ap.add_argument("--grad-accum", type=int, default=None, dest="grad_accum",
+                    help="train.grad_accum_steps (default 2, or the --config's); --mode min at 1 keeps no accumulator")
     ap.add_argument("--mlp-chunk", type=int, default=None, help="train.mlp_chunk (tokens; default 0: off, with "
                                                                 "--max-seq 4096)")
     ap.add_argument("--offload-residual", action=argparse.BooleanOptionalAction, default=None,
@@ -231,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
                              "model directory, or the shape with --model-config")
             shape, name = found
         for key in ("seq", "batch", "remat", "r", "dtype", "quant", "data", "fsdp", "tensor", "dropout",
-                    "optimizer_state", "seq_parallel"):
+                    "optimizer_state", "seq_parallel", "grad_accum"):
             if getattr(args, key) is not None:
                 settings[key] = getattr(args, key)
         if args.mode is not None:  # train.memory
@@ -253,6 +173,8 @@ def main(argv: list[str] | None = None) -> int:
             if v == "auto":
                 axes[axis] = _resolve_axis("auto", axis, devices, fixed)
         settings.update(axes)
+        if int(settings.get("grad_accum", 1)) < 1:
+            raise _Usage(f"--grad-accum {settings['grad_accum']}: must be >= 1")
         n_seq = int(settings["seq_parallel"])
         if n_seq < 1:
             raise _Usage(f"--seq-parallel {n_seq}: must be >= 1")
@@ -403,7 +325,9 @@ def _compile_run_config(settings: dict[str, Any], cfg: Any | None) -> Any:
                          remat="full" if settings.get("memory") == "min" else cfg.train.remat,
                          optimizer_state=settings.get("optimizer_state", cfg.train.optimizer_state),
                          offload_residual=bool(settings.get("offload_residual", cfg.train.offload_residual)),
-                         mlp_chunk=int(settings.get("mlp_chunk", cfg.train.mlp_chunk))),
+                         mlp_chunk=int(settings.get("mlp_chunk", cfg.train.mlp_chunk)),
+                         grad_accum_steps=cfg.train.grad_accum_steps if settings.get("objective") == "grpo"
+                         else int(settings.get("grad_accum", cfg.train.grad_accum_steps))),
         lora=dc.replace(cfg.lora, r=settings["r"], targets=lora_targets, dropout=settings["dropout"]),
         model=dc.replace(cfg.model, dtype=settings["dtype"], quant=settings["quant"],
                          double_quant=settings["double_quant"], block_size=settings["block_size"]))

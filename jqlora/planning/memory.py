@@ -176,7 +176,7 @@ def memory_plan(shape: ModelConfig, *, seq: int, batch: int = 1, data: int = 1, 
                 dropout: float = 0.0, experts: bool = False, quantize_experts: bool = True, objective: str = "sft",
                 new_tokens: int = 0, rollout_rows: int = 0, optimizer_state: str = "auto",
                 seq_parallel: int = 1, memory: str = "default", mlp_chunk: int = 0,
-                offload_residual: bool = False, grad_accum: int = 1) -> Plan:
+                offload_residual: bool = False, grad_accum: int = 2) -> Plan:
     """Bytes per device; ``batch`` is rows per device (each device of the data × fsdp axes sees its own rows).
     ``seq_parallel`` = mesh.seq: every row's tokens split over that many devices (Ulysses: the attention of a device
     covers the whole row for N / seq_parallel heads), so every activation row divides by it, and the weights,

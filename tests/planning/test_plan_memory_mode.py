@@ -35,7 +35,11 @@ def test_min_rows_smaller_by_the_layout_bytes(name):
     layer = M.linear_shapes(shape).values()
     assert default[work] - low[work] == sum(O * I * 2 for O, I in layer) - (
         sum(_nf4_dq_bytes(O * I) for O, I in layer) + 2 * 16 * 2**20)
-    assert {k: v for k, v in default.items() if k not in (weights, ce, work)} == \
+    # min takes the residual checkpoints to host memory (as train.offload_residual), byte for byte
+    residual = "residual stream checkpoints"
+    host = M.memory_plan(shape, seq=2048, batch=1, remat="full", memory="min", optimizer_state="float32").host_rows
+    assert residual not in low and host[residual] == default[residual] == shape.num_hidden_layers * 2048 * D * 2
+    assert {k: v for k, v in default.items() if k not in (weights, ce, work, residual)} == \
         {k: v for k, v in low.items() if k not in (weights, ce, work)}
 
 
