@@ -66,7 +66,9 @@ def check_adapter(model_dir: str, adapter_dir: str) -> None:
         with open(config, encoding="utf-8") as f:
             cfg = json.load(f)
     except FileNotFoundError:
-        raise UsageError(f"{config}: missing; {adapter_dir} is not a peft adapter directory") from None
+        inner = os.path.join(adapter_dir, "adapter")  # (a run directory: its final adapter is there)
+        hint = f"; its run's adapter is {inner}" if os.path.isfile(os.path.join(inner, "adapter_config.json")) else ""
+        raise UsageError(f"{config}: missing; {adapter_dir} is not a peft adapter directory{hint}") from None
     except (OSError, ValueError) as e:
         raise UsageError(f"{config}: cannot read JSON ({e})") from None
     if not isinstance(cfg, dict) or cfg.get("peft_type") != "LORA":

@@ -44,7 +44,9 @@ def _read_config(adapter_dir: Path) -> dict:
     if not adapter_dir.is_dir():
         raise AdapterError(f"{adapter_dir}: not a directory (expected a peft adapter directory)")
     if not path.is_file():
-        raise AdapterError(f"{path}: missing; {adapter_dir} is not a peft adapter directory")
+        inner = adapter_dir / "adapter"  # (a run directory: its final adapter is there)
+        hint = f"; its run's adapter is {inner}" if (inner / CONFIG_NAME).is_file() else ""
+        raise AdapterError(f"{path}: missing; {adapter_dir} is not a peft adapter directory{hint}")
     try:
         cfg = json.loads(path.read_text())
     except (OSError, ValueError) as e:

@@ -50,6 +50,12 @@ class RunLock:
         self._file = None  # (a file object: if it is dropped unreleased, closing it drops the lock too)
 
     def acquire(self) -> None:
+        above = os.path.dirname(os.path.abspath(self.out))
+        while above and not os.path.lexists(above):  # the nearest existing folder above output_dir
+            above = os.path.dirname(above)
+        if above and not os.path.isdir(above):
+            shown = os.path.relpath(above) if not os.path.isabs(self.out) else above
+            raise LockError(f"output_dir {self.out}: {shown} is a file, not a directory; choose another output_dir")
         try:
             os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
             f = open(self.path, "a+")

@@ -185,6 +185,27 @@ def test_generate_refuses_a_wrong_adapter_before_jax(assets, adapters, tmp_path,
     assert rc == 2 and err.splitlines() == [err] and message in err and not jax_imported, err
 
 
+def test_a_run_directory_given_as_adapter_points_to_its_adapter(assets, adapters, tmp_path):
+    """The third newcomer trial's `generate --adapter runs/demo`: the line names the run's own adapter directory
+    (for generate's early check and for jqlora.adapters' loader alike)."""
+    import shutil
+
+    from jqlora.adapters.errors import AdapterError
+    from jqlora.adapters.load import _read_config
+    from jqlora.generate import UsageError, check_adapter
+
+    run = tmp_path / "run"
+    shutil.copytree(adapters["ok"], run / "adapter")
+    with pytest.raises(UsageError) as e:
+        check_adapter(str(assets / "model"), str(run))
+    assert str(e.value).endswith(f"is not a peft adapter directory; its run's adapter is {run / 'adapter'}")
+    with pytest.raises(AdapterError, match="its run's adapter is"):
+        _read_config(run)
+    with pytest.raises(UsageError) as e:  # no hint where there is no adapter inside
+        check_adapter(str(assets / "model"), str(tmp_path))
+    assert str(e.value).endswith("is not a peft adapter directory")
+
+
 @pytest.mark.parametrize("key,value", [("r", "Infinity"), ("r", "4.5"), ("lora_alpha", "Infinity"),
                                        ("lora_alpha", "NaN"), ("lora_alpha", "0")])
 def test_generate_names_an_absurd_rank_or_alpha_before_the_weights(assets, tmp_path, key, value):

@@ -101,3 +101,8 @@ def test_output_dir_that_is_a_file_is_one_line(assets, tmp_path, capsys, monkeyp
     err = capsys.readouterr().err.strip()
     assert rc == 2 and err == "error: output_dir out: is a file, not a directory; choose another output_dir", err
     assert (tmp_path / "out").read_text() == "mine"
+    # a file above output_dir (the third trial: "not writable (its lock ...: File exists)" before)
+    rc = T.main(["--no-progress", f"model.path={assets / 'model'}", "data.path=chat.jsonl", "output_dir=out/sub/run"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and err == "error: output_dir out/sub/run: out is a file, not a directory; choose another output_dir", err
+    assert (tmp_path / "out").read_text() == "mine"
