@@ -54,7 +54,8 @@ def resolve_mesh_shape(data: int | str = 1, fsdp: int | str = "auto", tensor: in
     if len(autos) > 1:
         raise ValueError(f"mesh: at most one axis may be 'auto', got {', '.join(f'{a}=auto' for a in autos)}")
     fixed = math.prod(v for v in sizes.values() if v != "auto")
-    desc = " × ".join(f"{k}={v}" for k, v in sizes.items() if v != "auto")
+    # (the seq axis named only when it is used: most runs never set mesh.seq)
+    desc = " × ".join(f"{k}={v}" for k, v in sizes.items() if v != "auto" and (k != "seq" or v != 1))
     if n % fixed:
         bad = next((k for k, v in sizes.items() if v != "auto" and v > 1 and n % v), None)
         bad = bad or next(k for k, v in sizes.items() if v != "auto" and v > 1)
