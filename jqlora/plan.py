@@ -357,8 +357,9 @@ def _print_compiled(args, shape: ModelConfig, name: str, settings: dict[str, Any
         import dataclasses as dc
 
         run = dc.replace(run, train=dc.replace(run.train, batch_size=run.train.batch_size * axes["data"] * axes["fsdp"]))
+        seq_axis = f" x seq {seq_parallel}" if seq_parallel > 1 else ""  # (named only when it is used)
         where = (f"{math.prod(axes.values()) * seq_parallel} x {args.gpu} (data {axes['data']} x fsdp "
-                 f"{axes['fsdp']} x seq {seq_parallel} x tensor {axes['tensor']}), per device")
+                 f"{axes['fsdp']}{seq_axis} x tensor {axes['tensor']}), per device")
         if auto:
             print(f"remat auto on a mesh: {remat} from the analytic plan (the compiled ranking covers one device)")
     try:
