@@ -199,14 +199,9 @@ def worker() -> dict:
 
 @pytest.fixture(scope="module")
 def multi():
-    flags = (f"--xla_force_host_platform_device_count={N_DEVICES} --xla_backend_optimization_level=0 "
-             "--xla_llvm_disable_expensive_passes=true")
-    env = dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu")
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
-    proc = subprocess.run([sys.executable, __file__, "--worker"], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    from multidevice import run_worker
+
+    return run_worker(__file__, N_DEVICES, timeout=600)
 
 
 @pytest.mark.parametrize("mesh", list(MESHES))

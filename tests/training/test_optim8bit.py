@@ -23,6 +23,7 @@ from jqlora import quant
 from jqlora.config import ConfigError, load_config
 from jqlora.training import optim
 from jqlora.training.optim8bit import Quantized8bit, adamw_lowp
+from test_train import interrupt_at
 
 LR, B1, B2, EPS, WD = 1e-2, 0.9, 0.999, 1e-8, 0.01
 SHAPES = {"big": (40, 150), "small": (16, 100)}  # 6000 elements (23.4 blocks of 256: a partial last one) and 1600
@@ -270,15 +271,7 @@ def test_resume_with_low_precision_state_equals_uninterrupted(assets, tmp_path, 
         assert sum(getattr(x, "dtype", None) == jnp.bfloat16 for x in leaves) == 2 * 14
 
     first = Trainer(cfg(tmp_path / "b"), export=False)
-    one_step = first.one_step
-
-    def interrupted():  # a SIGINT arriving during step 3
-        out = one_step()
-        if first.step == 3:
-            first._stop_signal = 2
-        return out
-
-    first.one_step = interrupted
+    interrupt_at(first, 3)  # a SIGINT arriving during step 3
     assert first.run() == 130 and first.run_dir.latest_step() == 3
     second = Trainer(cfg(tmp_path / "b"), export=False)
     assert second.run() == 0

@@ -146,6 +146,19 @@ def test_remat_policies_same_gradients(assets, tmp_path):
         assert err < 5e-6, (policy, err)
 
 
+def interrupt_at(trainer, step: int) -> None:
+    """A SIGINT arriving during ``step``: the trainer stops after it as its signal handler makes it."""
+    one_step = trainer.one_step
+
+    def interrupted():
+        out = one_step()
+        if trainer.step == step:
+            trainer._stop_signal = 2
+        return out
+
+    trainer.one_step = interrupted
+
+
 def test_optimizer_state_is_lora_only(assets, tmp_path):
     trainer = Trainer(_cfg(assets, tmp_path / "opt"), export=False)
     n_lora = len(jax.tree.leaves(trainer.lora))
@@ -171,15 +184,7 @@ def test_resume_equals_uninterrupted(assets, tmp_path):
     assert straight.run() == 0
 
     first = Trainer(_cfg(assets, tmp_path / "b", *args), export=False)
-    one_step = first.one_step
-
-    def interrupted():  # a SIGINT arriving during step 3
-        out = one_step()
-        if first.step == 3:
-            first._stop_signal = 2
-        return out
-
-    first.one_step = interrupted
+    interrupt_at(first, 3)
     assert first.run() == 130  # stopped by SIGINT: 128 + 2, as a shell reports it
     assert first.run_dir.latest_step() == 3
     assert max(s for s, _, _ in _losses(tmp_path / "b")) == 3
